@@ -1,0 +1,60 @@
+//! CPU benchmarks: the f32 GEMM behind every linear layer (compare with numpy through
+//! `tools/numpy-gemm.py`), and one `flux-small` transformer forward.
+//!
+//! `cargo bench -p engine --bench cpu`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use engine::backend::cpu::matmul::{matmul, Rhs};
+use engine::model::positions::image_ids;
+use engine::model::weights::WeightLoader;
+use engine::model::{Flux, FluxInputs, FluxParams};
+use engine::CpuBackend;
+use loaders::HostTensor;
+use std::hint::black_box;
+
+fn gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm_f32");
+    g.sample_size(10);
+    // (m, n, k): a FLUX-like linear (tokens x out x in) and the numpy comparison shape.
+    for (m, n, k) in [(1024, 3072, 3072), (256, 768, 768)] {
+        let lhs: Vec<f32> = (0..m * k).map(|i| ((i % 251) as f32 - 125.0) / 125.0).collect();
+        let rhs: Vec<f32> = (0..n * k).map(|i| ((i % 241) as f32 - 120.0) / 120.0).collect();
+        let mut dst = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("{m}x{n}x{k}")), |bch| {
+            bch.iter(|| matmul(black_box(&mut dst), &lhs, &rhs, m, n, k, Rhs::Transposed, false, true))
+        });
+    }
+    g.finish();
+}
+
+fn flux_small_forward(c: &mut Criterion) {
+    let b = CpuBackend::new();
+    let params = FluxParams::preset("flux-small").unwrap();
+    let mut w = WeightLoader::random(&b, 0);
+    let model = Flux::build(&params, &mut w).unwrap();
+    // A 16x16 grid of packed latent patches (a 512x512 image through FLUX's autoencoder) and
+    // 32 text tokens.
+    let (batch, rows, cols, lt) = (1, 16, 16, 32);
+    let l = rows * cols;
+    let fill = |shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        HostTensor::from_f32(shape, (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect())
+    };
+    let inputs = FluxInputs {
+        img: fill(vec![batch, l, params.in_channels]),
+        img_ids: HostTensor::from_f32(vec![batch, l, 3], image_ids(rows, cols)),
+        txt: fill(vec![batch, lt, params.context_in_dim]),
+        txt_ids: HostTensor::from_f32(vec![batch, lt, 3], vec![0.0; lt * 3]),
+        timesteps: HostTensor::from_f32(vec![batch], vec![0.7]),
+        y: fill(vec![batch, params.vec_in_dim]),
+        guidance: Some(HostTensor::from_f32(vec![batch], vec![3.5])),
+    };
+    let mut g = c.benchmark_group("flux_small_forward");
+    g.sample_size(10);
+    g.bench_function(format!("{l}img+{lt}txt_tokens"), |bch| bch.iter(|| model.forward_host(&b, black_box(&inputs)).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, gemm, flux_small_forward);
+criterion_main!(benches);

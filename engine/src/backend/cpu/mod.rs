@@ -1,0 +1,222 @@
+//! The CPU reference backend: f32 compute, weights stored as f32, f16 or bf16 (widened per op),
+//! activations in f32. Every op is a plain function over slices in the files beside this one.
+
+pub mod attention;
+pub mod elementwise;
+pub mod embed;
+pub mod layout;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+use super::{expect_shape, Backend};
+use crate::tensor::Tensor;
+use anyhow::{bail, ensure, Result};
+use loaders::{DType, HostData, HostTensor};
+use matmul::Rhs;
+use std::borrow::Cow;
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+type T = Tensor<CpuBackend>;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+/// An activation's f32 elements; activations are always f32 on this backend.
+fn act<'a>(op: &str, t: &'a T) -> Result<&'a [f32]> {
+    match t.storage() {
+        HostData::F32(v) => Ok(v),
+        other => bail!("{op}: activation stored as {} (expected F32)", dtype_of(other)),
+    }
+}
+
+/// Any tensor's elements widened to f32: free for f32, a converted copy for f16/bf16 weights.
+fn widen(t: &T) -> Cow<'_, [f32]> {
+    match t.storage() {
+        HostData::F32(v) => Cow::Borrowed(v.as_slice()),
+        HostData::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        HostData::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+    }
+}
+
+fn dtype_of(d: &HostData) -> DType {
+    match d {
+        HostData::F32(_) => DType::F32,
+        HostData::F16(_) => DType::F16,
+        HostData::BF16(_) => DType::BF16,
+    }
+}
+
+fn f32_tensor(data: Vec<f32>, shape: Vec<usize>) -> T {
+    debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+    Tensor::from_storage(HostData::F32(data), shape)
+}
+
+/// `[B, L, D]` activation with `[B, D]` per-sample operands: returns (B, L, D).
+fn per_sample_dims(op: &str, x: &T, vecs: &[(&str, &T)]) -> Result<(usize, usize, usize)> {
+    ensure!(x.rank() == 3, "{op}: x has shape {:?}, expected [batch, tokens, dim]", x.shape());
+    let (b, l, d) = (x.dim(0), x.dim(1), x.dim(2));
+    for (name, v) in vecs {
+        expect_shape(name, op, v.shape(), &[b, d])?;
+    }
+    Ok((b, l, d))
+}
+
+impl Backend for CpuBackend {
+    type Storage = HostData;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn storage_dtype(storage: &HostData) -> DType {
+        dtype_of(storage)
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<T> {
+        Ok(Tensor::from_storage(t.data.clone(), t.shape.clone()))
+    }
+
+    fn input(&self, t: &HostTensor) -> Result<T> {
+        Ok(f32_tensor(t.to_f32(), t.shape.clone()))
+    }
+
+    fn download(&self, t: &T) -> Result<HostTensor> {
+        Ok(HostTensor::from_f32(t.shape().to_vec(), widen(t).into_owned()))
+    }
+
+    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        ensure!(w.rank() == 2, "linear: weight has shape {:?}, expected [out, in]", w.shape());
+        let (out_f, in_f) = (w.dim(0), w.dim(1));
+        ensure!(x.rank() >= 1 && x.dim(-1) == in_f, "linear: input has shape {:?}, weight expects {in_f} input features", x.shape());
+        let rows = x.elem_count() / in_f;
+        let mut y = vec![0f32; rows * out_f];
+        if let Some(b) = bias {
+            expect_shape("bias", "linear", b.shape(), &[out_f])?;
+            let b = widen(b);
+            y.chunks_mut(out_f).for_each(|r| r.copy_from_slice(&b));
+        }
+        matmul::matmul(&mut y, act("linear", x)?, &widen(w), rows, out_f, in_f, Rhs::Transposed, bias.is_some(), true);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = out_f;
+        Ok(f32_tensor(y, shape))
+    }
+
+    fn lora_add(&self, y: T, x: &T, down: &T, up: &T, up_bias: Option<&T>, scale: f32, offset: usize) -> Result<T> {
+        ensure!(down.rank() == 2 && up.rank() == 2, "lora: down {:?} and up {:?} must be matrices", down.shape(), up.shape());
+        let (rank, in_f, out_len) = (down.dim(0), down.dim(1), up.dim(0));
+        expect_shape("up", "lora", up.shape(), &[out_len, rank])?;
+        ensure!(x.dim(-1) == in_f, "lora: input has shape {:?}, down expects {in_f} features", x.shape());
+        let (rows, width) = (x.elem_count() / in_f, y.dim(-1));
+        ensure!(y.elem_count() == rows * width && offset + out_len <= width, "lora: update of {out_len} rows at {offset} does not fit output {:?}", y.shape());
+        let mut h = vec![0f32; rows * rank];
+        matmul::matmul(&mut h, act("lora", x)?, &widen(down), rows, rank, in_f, Rhs::Transposed, false, true);
+        let mut d = vec![0f32; rows * out_len];
+        if let Some(b) = up_bias {
+            expect_shape("up bias", "lora", b.shape(), &[out_len])?;
+            let b = widen(b);
+            d.chunks_mut(out_len).for_each(|r| r.copy_from_slice(&b));
+        }
+        matmul::matmul(&mut d, &h, &widen(up), rows, out_len, rank, Rhs::Transposed, up_bias.is_some(), true);
+        let shape = y.shape().to_vec();
+        let mut yv = match y.into_storage() {
+            HostData::F32(v) => v,
+            other => bail!("lora: output stored as {}", dtype_of(&other)),
+        };
+        for (yr, dr) in yv.chunks_mut(width).zip(d.chunks(out_len)) {
+            for (a, b) in yr[offset..offset + out_len].iter_mut().zip(dr) {
+                *a += scale * b;
+            }
+        }
+        Ok(f32_tensor(yv, shape))
+    }
+
+    fn layer_norm_modulate(&self, x: &T, shift: &T, scale: &T, eps: f32) -> Result<T> {
+        let (_, l, d) = per_sample_dims("layer_norm_modulate", x, &[("shift", shift), ("scale", scale)])?;
+        let mut out = vec![0f32; x.elem_count()];
+        norm::layer_norm_modulate(&mut out, act("layer_norm_modulate", x)?, &widen(shift), &widen(scale), l, d, eps);
+        Ok(f32_tensor(out, x.shape().to_vec()))
+    }
+
+    fn qk_norm_rope(&self, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, eps: f32) -> Result<[T; 3]> {
+        ensure!(x.rank() == 3, "qk_norm_rope: x has shape {:?}, expected [batch, tokens, width]", x.shape());
+        let (b, l, w) = (x.dim(0), x.dim(1), x.dim(2));
+        ensure!(q_scale.rank() == 1, "qk_norm_rope: query scale has shape {:?}", q_scale.shape());
+        let hd = q_scale.dim(0);
+        expect_shape("key scale", "qk_norm_rope", k_scale.shape(), &[hd])?;
+        ensure!(w >= 3 * heads * hd && hd % 2 == 0, "qk_norm_rope: width {w} cannot hold q, k, v of {heads} heads x {hd}");
+        expect_shape("pe", "qk_norm_rope", pe.shape(), &[b, l, hd / 2, 2])?;
+        let [q, k, v] = rope::qk_norm_rope(act("qk_norm_rope", x)?, b, l, w, heads, hd, &widen(q_scale), &widen(k_scale), &widen(pe), eps);
+        let shape = vec![b, heads, l, hd];
+        Ok([f32_tensor(q, shape.clone()), f32_tensor(k, shape.clone()), f32_tensor(v, shape)])
+    }
+
+    fn attention(&self, q: &T, k: &T, v: &T) -> Result<T> {
+        ensure!(q.rank() == 4, "attention: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
+        let (b, h, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+        ensure!(k.rank() == 4, "attention: k has shape {:?}", k.shape());
+        let lk = k.dim(2);
+        expect_shape("k", "attention", k.shape(), &[b, h, lk, d])?;
+        expect_shape("v", "attention", v.shape(), &[b, h, lk, d])?;
+        let out = attention::attention(act("attention", q)?, act("attention", k)?, act("attention", v)?, b, h, lq, lk, d);
+        Ok(f32_tensor(out, vec![b, lq, h * d]))
+    }
+
+    fn gelu_tanh(&self, x: &T) -> Result<T> {
+        Ok(f32_tensor(elementwise::map(act("gelu", x)?, elementwise::gelu_tanh), x.shape().to_vec()))
+    }
+
+    fn silu(&self, x: &T) -> Result<T> {
+        Ok(f32_tensor(elementwise::map(act("silu", x)?, elementwise::silu), x.shape().to_vec()))
+    }
+
+    fn add(&self, a: &T, b: &T) -> Result<T> {
+        expect_shape("b", "add", b.shape(), a.shape())?;
+        Ok(f32_tensor(elementwise::add(act("add", a)?, act("add", b)?), a.shape().to_vec()))
+    }
+
+    fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {
+        let (_, l, d) = per_sample_dims("gated_residual", x, &[("gate", gate)])?;
+        expect_shape("y", "gated_residual", y.shape(), x.shape())?;
+        let out = elementwise::gated_residual(act("gated_residual", x)?, &widen(gate), act("gated_residual", y)?, l, d);
+        Ok(f32_tensor(out, x.shape().to_vec()))
+    }
+
+    fn concat(&self, xs: &[&T], dim: usize) -> Result<T> {
+        ensure!(!xs.is_empty(), "concat: no tensors");
+        let first = xs[0].shape();
+        ensure!(dim < first.len(), "concat: dim {dim} out of range for {first:?}");
+        for x in xs {
+            let s = x.shape();
+            ensure!(
+                s.len() == first.len() && s.iter().zip(first).enumerate().all(|(i, (a, b))| i == dim || a == b),
+                "concat along {dim}: shapes {first:?} and {s:?} disagree"
+            );
+        }
+        let (outer, inner) = layout::outer_inner(first, dim);
+        let sizes: Vec<usize> = xs.iter().map(|x| x.dim(dim as isize)).collect();
+        let parts = xs.iter().map(|x| act("concat", x)).collect::<Result<Vec<_>>>()?;
+        let mut shape = first.to_vec();
+        shape[dim] = sizes.iter().sum();
+        Ok(f32_tensor(layout::concat(&parts, &sizes, outer, inner), shape))
+    }
+
+    fn narrow(&self, x: &T, dim: usize, start: usize, len: usize) -> Result<T> {
+        ensure!(dim < x.rank() && start + len <= x.dim(dim as isize), "narrow: {start}..{} out of range for dim {dim} of {:?}", start + len, x.shape());
+        let (outer, inner) = layout::outer_inner(x.shape(), dim);
+        let out = layout::narrow(&widen(x), x.dim(dim as isize), start, len, outer, inner);
+        let mut shape = x.shape().to_vec();
+        shape[dim] = len;
+        Ok(f32_tensor(out, shape))
+    }
+
+    fn timestep_embedding(&self, t: &T, dim: usize, max_period: f32, time_factor: f32) -> Result<T> {
+        ensure!(t.rank() == 1, "timestep_embedding: t has shape {:?}, expected [batch]", t.shape());
+        Ok(f32_tensor(embed::timestep_embedding(&widen(t), dim, max_period, time_factor), vec![t.dim(0), dim]))
+    }
+}

@@ -1,0 +1,113 @@
+//! The backend trait: every op the FLUX forward needs, at the granularity a GPU wants to fuse them
+//! (LayerNorm with modulation, QK-RMSNorm with RoPE, linear with a GELU epilogue). Model code is
+//! written once against this trait; the CPU reference and the CUDA backend implement it with the
+//! same signatures and the same semantics, documented here.
+//!
+//! Conventions: activations are `[batch, tokens, features]` row-major; per-sample vectors
+//! (modulation chunks, gates) are `[batch, features]` and broadcast over tokens; linear weights are
+//! `[out, in]` as in PyTorch. Activations are computed in f32 (the CPU stores them in f32); weights
+//! keep the dtype they were uploaded with.
+
+pub mod cpu;
+
+use crate::tensor::Tensor;
+use anyhow::Result;
+use loaders::{DType, HostTensor};
+
+pub trait Backend: Sized + Send + Sync {
+    type Storage: Send + Sync;
+
+    /// A short human-readable name, e.g. "cpu (2 threads)".
+    fn name(&self) -> String;
+
+    fn storage_dtype(storage: &Self::Storage) -> DType;
+
+    /// Uploads host data keeping its dtype exactly (weights, position tables).
+    fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>>;
+
+    /// Uploads model inputs as activations, in the backend's activation dtype.
+    fn input(&self, t: &HostTensor) -> Result<Tensor<Self>>;
+
+    /// Copies a tensor back to the host as f32.
+    fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
+
+    /// `x @ w^T + bias` over the last dimension: x `[.., in]`, w `[out, in]`, bias `[out]`.
+    fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>>;
+
+    /// `gelu_tanh(linear(x, w, bias))`; the CUDA backend fuses the activation into the GEMM epilogue.
+    fn linear_gelu(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>> {
+        let y = self.linear(x, w, bias)?;
+        self.gelu_tanh(&y)
+    }
+
+    /// Adds a low-rank update to columns `[offset, offset + up.rows)` of `y`:
+    /// `y[.., offset..] += scale * (x @ down^T @ up^T + up_bias)`, with x `[.., in]`,
+    /// down `[rank, in]`, up `[out_len, rank]`, up_bias `[out_len]`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_add(
+        &self,
+        y: Tensor<Self>,
+        x: &Tensor<Self>,
+        down: &Tensor<Self>,
+        up: &Tensor<Self>,
+        up_bias: Option<&Tensor<Self>>,
+        scale: f32,
+        offset: usize,
+    ) -> Result<Tensor<Self>>;
+
+    /// `(1 + scale) * LayerNorm(x) + shift`, LayerNorm without affine over the last dim;
+    /// x `[B, L, D]`, shift and scale `[B, D]`.
+    fn layer_norm_modulate(
+        &self,
+        x: &Tensor<Self>,
+        shift: &Tensor<Self>,
+        scale: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<Tensor<Self>>;
+
+    /// Splits the first `3 * heads * head_dim` columns of `x` `[B, L, W]` into q, k, v
+    /// `[B, heads, L, head_dim]` (BFL's `B L (K H D) -> K B H L D`), RMS-normalises q and k per
+    /// head with their learned scales `[head_dim]`, then rotates q and k by `pe`
+    /// `[B, L, head_dim / 2, 2]` holding (cos, sin) per interleaved pair.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope(
+        &self,
+        x: &Tensor<Self>,
+        heads: usize,
+        q_scale: &Tensor<Self>,
+        k_scale: &Tensor<Self>,
+        pe: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<[Tensor<Self>; 3]>;
+
+    /// Softmax attention with scale `1/sqrt(head_dim)`: q, k, v `[B, H, L, D]` (k and v may be
+    /// longer than q) -> `[B, Lq, H * D]` (heads merged, BFL's `B H L D -> B L (H D)`).
+    fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// GELU, tanh approximation.
+    fn gelu_tanh(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    fn silu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Elementwise sum of two tensors of the same shape.
+    fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// `x + gate * y` with x, y `[B, L, D]` and gate `[B, D]`.
+    fn gated_residual(&self, x: &Tensor<Self>, gate: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Concatenation along `dim`; all other dimensions must agree.
+    fn concat(&self, xs: &[&Tensor<Self>], dim: usize) -> Result<Tensor<Self>>;
+
+    /// The slice `start..start + len` of dimension `dim`.
+    fn narrow(&self, x: &Tensor<Self>, dim: usize, start: usize, len: usize) -> Result<Tensor<Self>>;
+
+    /// Sinusoidal embedding of `t * time_factor`, `[B] -> [B, dim]`, laid out `cat(cos, sin)` with
+    /// frequencies `exp(-ln(max_period) * i / (dim / 2))`.
+    fn timestep_embedding(&self, t: &Tensor<Self>, dim: usize, max_period: f32, time_factor: f32) -> Result<Tensor<Self>>;
+}
+
+/// Checks a shape and names the operand, so that a wiring bug reads as one line.
+pub(crate) fn expect_shape(what: &str, op: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+    anyhow::ensure!(found == expected, "{op}: {what} has shape {found:?}, expected {expected:?}");
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! The FLUX transformer (BFL `flux/model.py`): embeddings, double-stream blocks over separate
+//! image and text streams, single-stream blocks over the joint sequence, and the final layer.
+
+use super::config::{FluxParams, TIME_EMBED_DIM};
+use super::layers::*;
+use super::positions::rope_table;
+use super::weights::WeightLoader;
+use crate::backend::Backend;
+use crate::tensor::Tensor;
+use anyhow::{ensure, Context, Result};
+use loaders::safetensors::Checkpoint;
+use loaders::HostTensor;
+
+pub struct Flux<B: Backend> {
+    pub params: FluxParams,
+    pub img_in: Linear<B>,
+    pub time_in: MlpEmbedder<B>,
+    pub vector_in: MlpEmbedder<B>,
+    pub guidance_in: Option<MlpEmbedder<B>>,
+    pub txt_in: Linear<B>,
+    pub double_blocks: Vec<DoubleStreamBlock<B>>,
+    pub single_blocks: Vec<SingleStreamBlock<B>>,
+    pub final_layer: LastLayer<B>,
+}
+
+impl<B: Backend> Flux<B> {
+    /// Builds the model from `w`, which checks every tensor's presence and shape.
+    pub fn build(p: &FluxParams, w: &mut WeightLoader<'_, B>) -> Result<Self> {
+        p.validate()?;
+        let h = p.hidden_size;
+        let (mlp, hd, heads) = (p.mlp_hidden(), p.head_dim(), p.num_heads);
+        let embedder = |w: &mut WeightLoader<'_, B>, name: &str, input: usize| -> Result<MlpEmbedder<B>> {
+            Ok(MlpEmbedder { in_layer: w.linear(&format!("{name}.in_layer"), input, h, true)?, out_layer: w.linear(&format!("{name}.out_layer"), h, h, true)? })
+        };
+        let qk_norm = |w: &mut WeightLoader<'_, B>, prefix: &str| -> Result<QkNorm<B>> {
+            Ok(QkNorm { query_norm: w.tensor(&format!("{prefix}.query_norm.scale"), &[hd])?, key_norm: w.tensor(&format!("{prefix}.key_norm.scale"), &[hd])? })
+        };
+        let stream = |w: &mut WeightLoader<'_, B>, prefix: &str| -> Result<Stream<B>> {
+            Ok(Stream {
+                modulation: Modulation { lin: w.linear(&format!("{prefix}_mod.lin"), h, 6 * h, true)? },
+                attn: SelfAttention {
+                    qkv: w.linear(&format!("{prefix}_attn.qkv"), h, 3 * h, p.qkv_bias)?,
+                    norm: qk_norm(w, &format!("{prefix}_attn.norm"))?,
+                    proj: w.linear(&format!("{prefix}_attn.proj"), h, h, true)?,
+                },
+                mlp: Mlp { fc1: w.linear(&format!("{prefix}_mlp.0"), h, mlp, true)?, fc2: w.linear(&format!("{prefix}_mlp.2"), mlp, h, true)? },
+            })
+        };
+        Ok(Flux {
+            img_in: w.linear("img_in", p.in_channels, h, true)?,
+            time_in: embedder(w, "time_in", TIME_EMBED_DIM)?,
+            vector_in: embedder(w, "vector_in", p.vec_in_dim)?,
+            guidance_in: if p.guidance_embed { Some(embedder(w, "guidance_in", TIME_EMBED_DIM)?) } else { None },
+            txt_in: w.linear("txt_in", p.context_in_dim, h, true)?,
+            double_blocks: (0..p.depth)
+                .map(|i| {
+                    let pre = format!("double_blocks.{i}");
+                    Ok(DoubleStreamBlock { img: stream(w, &format!("{pre}.img"))?, txt: stream(w, &format!("{pre}.txt"))?, num_heads: heads })
+                })
+                .collect::<Result<_>>()?,
+            single_blocks: (0..p.depth_single_blocks)
+                .map(|i| {
+                    let pre = format!("single_blocks.{i}");
+                    Ok(SingleStreamBlock {
+                        linear1: w.linear(&format!("{pre}.linear1"), h, 3 * h + mlp, p.qkv_bias)?,
+                        linear2: w.linear(&format!("{pre}.linear2"), h + mlp, h, true)?,
+                        norm: qk_norm(w, &format!("{pre}.norm"))?,
+                        modulation: Modulation { lin: w.linear(&format!("{pre}.modulation.lin"), h, 3 * h, true)? },
+                        num_heads: heads,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            final_layer: LastLayer {
+                ada_ln_modulation: w.linear("final_layer.adaLN_modulation.1", h, 2 * h, true)?,
+                linear: w.linear("final_layer.linear", h, p.out_channels, true)?,
+            },
+            params: p.clone(),
+        })
+    }
+
+    /// Rotary tables for the joint sequence `[txt; img]` from host ids `[B, L, 3]`.
+    pub fn positions(&self, b: &B, txt_ids: &HostTensor, img_ids: &HostTensor) -> Result<Positions<B>> {
+        let (batch, lt, li) = (txt_ids.shape[0], txt_ids.shape[1], img_ids.shape[1]);
+        let p = &self.params;
+        let txt = rope_table(&txt_ids.to_f32(), batch, lt, &p.axes_dim, p.theta);
+        let img = rope_table(&img_ids.to_f32(), batch, li, &p.axes_dim, p.theta);
+        let (txt, img) = (b.upload(&txt)?, b.upload(&img)?);
+        Ok(Positions { joint: b.concat(&[&txt, &img], 1)?, txt, img })
+    }
+
+    /// One transformer evaluation: img `[B, L, in]`, txt `[B, Lt, ctx]`, timesteps `[B]` in [0, 1],
+    /// y `[B, vec]`, guidance `[B]` -> velocity `[B, L, out]`.
+    pub fn forward(
+        &self,
+        b: &B,
+        img: &Tensor<B>,
+        txt: &Tensor<B>,
+        pe: &Positions<B>,
+        timesteps: &Tensor<B>,
+        y: &Tensor<B>,
+        guidance: Option<&Tensor<B>>,
+    ) -> Result<Tensor<B>> {
+        let embed_time = |t: &Tensor<B>| b.timestep_embedding(t, TIME_EMBED_DIM, 10_000.0, 1000.0);
+        let mut vec = self.time_in.forward(b, &embed_time(timesteps)?)?;
+        if let Some(g_in) = &self.guidance_in {
+            let g = guidance.context("this model has a guidance embedding and needs a guidance value")?;
+            vec = b.add(&vec, &g_in.forward(b, &embed_time(g)?)?)?;
+        }
+        vec = b.add(&vec, &self.vector_in.forward(b, y)?)?;
+        let vec_silu = b.silu(&vec)?;
+
+        let mut img = self.img_in.forward(b, img)?;
+        let mut txt = self.txt_in.forward(b, txt)?;
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(b, &img, &txt, &vec_silu, pe)?;
+        }
+        let lt = txt.dim(1);
+        let mut x = b.concat(&[&txt, &img], 1)?;
+        for block in &self.single_blocks {
+            x = block.forward(b, &x, &vec_silu, pe)?;
+        }
+        let img = b.narrow(&x, 1, lt, x.dim(1) - lt)?;
+        self.final_layer.forward(b, &img, &vec_silu)
+    }
+
+    /// Validates host inputs against the model, runs one forward, returns `out` in f32.
+    pub fn forward_host(&self, b: &B, inputs: &FluxInputs) -> Result<HostTensor> {
+        inputs.validate(&self.params)?;
+        let pe = self.positions(b, &inputs.txt_ids, &inputs.img_ids)?;
+        let guidance = inputs.guidance.as_ref().map(|g| b.input(g)).transpose()?;
+        let out = self.forward(b, &b.input(&inputs.img)?, &b.input(&inputs.txt)?, &pe, &b.input(&inputs.timesteps)?, &b.input(&inputs.y)?, guidance.as_ref())?;
+        b.download(&out)
+    }
+}
+
+/// BFL's forward arguments, by name, as host tensors.
+#[derive(Debug, Clone)]
+pub struct FluxInputs {
+    pub img: HostTensor,
+    pub img_ids: HostTensor,
+    pub txt: HostTensor,
+    pub txt_ids: HostTensor,
+    pub timesteps: HostTensor,
+    pub y: HostTensor,
+    pub guidance: Option<HostTensor>,
+}
+
+impl FluxInputs {
+    pub const REQUIRED: [&'static str; 6] = ["img", "img_ids", "txt", "txt_ids", "timesteps", "y"];
+
+    /// Reads the inputs from a safetensors file, naming the file and key on any problem.
+    pub fn read(ckpt: &Checkpoint) -> Result<Self> {
+        let path = ckpt.path().display().to_string();
+        for name in ckpt.names() {
+            ensure!(Self::REQUIRED.contains(&name) || name == "guidance", "{path}: unexpected tensor '{name}' (inputs are {} and optional guidance)", Self::REQUIRED.join(", "));
+        }
+        let get = |name: &str| -> Result<HostTensor> {
+            ensure!(ckpt.info(name).is_some(), "{path}: missing input tensor '{name}'");
+            Ok(ckpt.read(name)?)
+        };
+        Ok(FluxInputs {
+            img: get("img")?,
+            img_ids: get("img_ids")?,
+            txt: get("txt")?,
+            txt_ids: get("txt_ids")?,
+            timesteps: get("timesteps")?,
+            y: get("y")?,
+            guidance: ckpt.info("guidance").map(|_| get("guidance")).transpose()?,
+        })
+    }
+
+    /// Checks every input's shape against the model; errors name the input, expected and found.
+    pub fn validate(&self, p: &FluxParams) -> Result<()> {
+        let rank = |name: &str, t: &HostTensor, r: usize, what: &str| -> Result<()> {
+            ensure!(t.shape.len() == r, "input '{name}' has shape {:?}, expected {what}", t.shape);
+            Ok(())
+        };
+        rank("img", &self.img, 3, "[batch, tokens, in_channels]")?;
+        rank("txt", &self.txt, 3, "[batch, txt_tokens, context_in_dim]")?;
+        let (batch, l, lt) = (self.img.shape[0], self.img.shape[1], self.txt.shape[1]);
+        ensure!(batch > 0 && l > 0, "input 'img' has shape {:?}: needs at least one sample and one token", self.img.shape);
+        let n_axes = p.axes_dim.len();
+        let expect: [(&str, Option<&HostTensor>, Vec<usize>); 7] = [
+            ("img", Some(&self.img), vec![batch, l, p.in_channels]),
+            ("img_ids", Some(&self.img_ids), vec![batch, l, n_axes]),
+            ("txt", Some(&self.txt), vec![batch, lt, p.context_in_dim]),
+            ("txt_ids", Some(&self.txt_ids), vec![batch, lt, n_axes]),
+            ("timesteps", Some(&self.timesteps), vec![batch]),
+            ("y", Some(&self.y), vec![batch, p.vec_in_dim]),
+            ("guidance", self.guidance.as_ref(), vec![batch]),
+        ];
+        for (name, t, shape) in expect {
+            if let Some(t) = t {
+                ensure!(t.shape == shape, "input '{name}' has shape {:?}, the model expects {shape:?}", t.shape);
+                ensure!(t.to_f32().iter().all(|v| v.is_finite()), "input '{name}' contains NaN or infinite values");
+            }
+        }
+        match (&self.guidance, p.guidance_embed) {
+            (None, true) => anyhow::bail!("input 'guidance' [batch] is missing: this model has a guidance embedding"),
+            (Some(_), false) => anyhow::bail!("input 'guidance' given, but this model has no guidance embedding (guidance_embed = false)"),
+            _ => Ok(()),
+        }
+    }
+}

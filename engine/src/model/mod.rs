@@ -1,0 +1,30 @@
+//! The FLUX transformer: config, blocks, weights and the forward pass.
+
+pub mod config;
+pub mod flux;
+pub mod layers;
+pub mod positions;
+pub mod weights;
+
+pub use config::FluxParams;
+pub use flux::{Flux, FluxInputs};
+pub use weights::{LoraMode, WeightSource};
+
+use crate::backend::Backend;
+use anyhow::Result;
+use loaders::flux::FluxCheckpoint;
+use loaders::lora::LoraAdapter;
+use std::path::Path;
+
+/// Opens a FLUX checkpoint (either layout), infers its config (completed or checked by the
+/// optional JSON config), and builds the model with the given LoRA adapters.
+pub fn load_flux<B: Backend>(b: &B, checkpoint: &Path, config: Option<&Path>, loras: &[&Path], mode: LoraMode) -> Result<Flux<B>> {
+    let ckpt = FluxCheckpoint::open(checkpoint)?;
+    let given = config.map(FluxParams::read_partial).transpose()?.unwrap_or_default();
+    let params = FluxParams::infer(&ckpt.shapes(), &given).map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.origin()))?;
+    let adapters = loras.iter().map(|p| LoraAdapter::open(p, params.hidden_size)).collect::<Result<Vec<_>, _>>()?;
+    let mut w = weights::WeightLoader::new(b, &ckpt).with_lora(adapters, mode);
+    let model = Flux::build(&params, &mut w)?;
+    w.finish()?;
+    Ok(model)
+}

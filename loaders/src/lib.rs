@@ -1,0 +1,13 @@
+//! Everything that reads or writes model files: safetensors through mmap, FLUX's two key
+//! layouts mapped onto one internal (BFL) naming, and LoRA adapters in the layouts found in the
+//! wild. Knows nothing of the engine; every error names the file and the key it is about.
+
+pub mod error;
+pub mod flux;
+mod keymap;
+pub mod lora;
+pub mod safetensors;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use tensor::{DType, HostData, HostTensor};

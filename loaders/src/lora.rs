@@ -1,0 +1,416 @@
+//! LoRA adapters for FLUX in the three layouts found in the wild, turned into parts that each
+//! update a row range of one BFL linear: `W[out_offset..out_offset+out_len] += scale * up @ down`
+//! (plus `up_bias` on those rows).
+//!
+//! - diffusers/peft: `transformer.transformer_blocks.N.attn.to_q.lora_A.weight` / `lora_B`, names
+//!   mapped through the same table as checkpoints (`keymap`), so split q/k/v(/proj_mlp) become
+//!   row ranges of BFL's fused qkv / linear1, and `norm_out.linear` has its halves swapped.
+//! - kohya: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` / `lora_up` / `alpha`.
+//! - BFL: `double_blocks.0.img_attn.qkv.lora_A.weight` / `lora_B.weight` / `lora_B.bias`.
+//!
+//! Scale: a per-module `alpha` tensor gives alpha / rank; failing that, diffusers' saved peft
+//! config (`lora_adapter_metadata` in the header) gives lora_alpha / r with its patterns applied
+//! (alpha / sqrt(r) under rsLoRA); failing that, 1.0. Whether a target exists in the model and
+//! its dims fit is the engine's check: it knows the config.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+use crate::keymap::{self, Kind, Place};
+use crate::safetensors::{Checkpoint, OrderedMap};
+use crate::tensor::HostTensor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraLayout {
+    Peft,
+    Kohya,
+    Bfl,
+}
+
+impl fmt::Display for LoraLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoraLayout::Peft => "diffusers/peft",
+            LoraLayout::Kohya => "kohya",
+            LoraLayout::Bfl => "BFL",
+        })
+    }
+}
+
+/// One low-rank update of a row range of one BFL linear.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPart {
+    /// BFL linear path without `.weight`: `double_blocks.0.img_attn.qkv`.
+    pub target: String,
+    /// First output row of the target this part updates (to_k inside a fused qkv: hidden).
+    pub out_offset: usize,
+    /// A: [rank, in].
+    pub down: HostTensor,
+    /// B: [out_len, rank].
+    pub up: HostTensor,
+    /// [out_len], added to the same rows.
+    pub up_bias: Option<HostTensor>,
+    pub scale: f32,
+    /// The module name in the file (key without the lora suffix), for messages.
+    pub source: String,
+}
+
+impl LoraPart {
+    pub fn rank(&self) -> usize {
+        self.down.shape[0]
+    }
+
+    pub fn out_len(&self) -> usize {
+        self.up.shape[0]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub path: PathBuf,
+    pub layout: LoraLayout,
+    pub parts: Vec<LoraPart>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// peft and BFL: `lora_A` / `lora_B`.
+    AB,
+    /// kohya: `lora_down` / `lora_up`.
+    DownUp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Down,
+    Up,
+    UpBias,
+    Alpha,
+}
+
+/// Tensor suffixes and what they hold; `alpha` belongs to both families.
+const SUFFIXES: [(&str, Option<Family>, Role); 6] = [
+    (".lora_A.weight", Some(Family::AB), Role::Down),
+    (".lora_B.weight", Some(Family::AB), Role::Up),
+    (".lora_B.bias", Some(Family::AB), Role::UpBias),
+    (".lora_down.weight", Some(Family::DownUp), Role::Down),
+    (".lora_up.weight", Some(Family::DownUp), Role::Up),
+    (".alpha", None, Role::Alpha),
+];
+
+fn split_key(key: &str) -> Option<(&str, Option<Family>, Role)> {
+    SUFFIXES.iter().find_map(|&(suffix, family, role)| Some((key.strip_suffix(suffix)?, family, role)))
+}
+
+fn suffix(family: Family, role: Role) -> &'static str {
+    let found = SUFFIXES.iter().find(|&&(_, f, r)| r == role && f.is_none_or(|f| f == family));
+    found.expect("every family has down and up suffixes").0
+}
+
+/// Whether a key is a LoRA down/up tensor (used to refuse adapters given as a checkpoint).
+pub(crate) fn is_lora_key(key: &str) -> bool {
+    matches!(split_key(key), Some((_, Some(_), _)))
+}
+
+/// The keys found for one module.
+#[derive(Default)]
+struct Slots<'a> {
+    down: Option<&'a str>,
+    up: Option<&'a str>,
+    up_bias: Option<&'a str>,
+    alpha: Option<&'a str>,
+}
+
+impl<'a> Slots<'a> {
+    fn any_key(&self) -> &'a str {
+        [self.down, self.up, self.up_bias, self.alpha].into_iter().flatten().next().expect("a module exists because one of its keys was seen")
+    }
+}
+
+impl LoraAdapter {
+    /// `hidden_size` places split projections inside fused targets: diffusers' to_q/to_k/to_v/
+    /// proj_mlp land at row offsets 0, h, 2h, 3h of qkv / linear1.
+    pub fn open(path: &Path, hidden_size: usize) -> Result<LoraAdapter> {
+        LoraAdapter::from_checkpoint(&Checkpoint::open(path)?, hidden_size)
+    }
+
+    pub fn from_checkpoint(ckpt: &Checkpoint, hidden_size: usize) -> Result<LoraAdapter> {
+        let path = ckpt.path();
+        if !ckpt.names().any(is_lora_key) {
+            return Err(Error::invalid(path, "no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)"));
+        }
+        let mut family: Option<(Family, &str)> = None;
+        let mut modules: BTreeMap<&str, Slots> = BTreeMap::new();
+        for key in ckpt.names() {
+            let Some((module, key_family, role)) = split_key(key) else {
+                return Err(Error::invalid(
+                    path,
+                    format!("unexpected tensor '{key}' in a LoRA adapter (expected *.lora_A/lora_B/lora_down/lora_up.weight, *.lora_B.bias or *.alpha)"),
+                ));
+            };
+            match (family, key_family) {
+                (None, Some(f)) => family = Some((f, key)),
+                (Some((f, first)), Some(g)) if f != g => {
+                    return Err(Error::invalid(
+                        path,
+                        format!("mixes lora_A/lora_B and lora_down/lora_up keys ('{first}' and '{key}')"),
+                    ))
+                }
+                _ => {}
+            }
+            let slots = modules.entry(module).or_default();
+            let slot = match role {
+                Role::Down => &mut slots.down,
+                Role::Up => &mut slots.up,
+                Role::UpBias => &mut slots.up_bias,
+                Role::Alpha => &mut slots.alpha,
+            };
+            *slot = Some(key);
+        }
+        let (family, _) = family.expect("a LoRA key was found above");
+        let layout = match family {
+            Family::DownUp => LoraLayout::Kohya,
+            Family::AB => detect_ab(ckpt, &modules)?,
+        };
+        let config = match layout {
+            LoraLayout::Peft => AdapterConfig::from_metadata(ckpt)?,
+            LoraLayout::Kohya | LoraLayout::Bfl => None,
+        };
+        let reader = PartReader { ckpt, layout, family, config, hidden_size };
+        let parts = modules.iter().map(|(module, slots)| reader.part(module, slots)).collect::<Result<Vec<_>>>()?;
+        Ok(LoraAdapter { path: path.to_path_buf(), layout, parts })
+    }
+
+    /// The largest rank over the parts.
+    pub fn rank(&self) -> usize {
+        self.parts.iter().map(LoraPart::rank).max().unwrap_or(0)
+    }
+
+    /// Trainable parameters: every element of every down, up and bias.
+    pub fn parameter_count(&self) -> usize {
+        self.parts.iter().map(|p| p.down.len() + p.up.len() + p.up_bias.as_ref().map_or(0, HostTensor::len)).sum()
+    }
+}
+
+/// lora_A/lora_B files name modules either BFL's way or diffusers' way; the names decide.
+fn detect_ab(ckpt: &Checkpoint, modules: &BTreeMap<&str, Slots>) -> Result<LoraLayout> {
+    let first = |is: fn(&str) -> bool| modules.iter().find(|(m, _)| is(keymap::strip_prefix(m))).map(|(_, s)| s.any_key());
+    let bfl = first(|m| keymap::bfl_module(m).is_some());
+    let diffusers = first(|m| keymap::diffusers_module(m).is_some());
+    match (bfl, diffusers) {
+        (Some(a), Some(b)) => Err(Error::invalid(
+            ckpt.path(),
+            format!("mixes BFL ('{a}') and diffusers ('{b}') module names"),
+        )),
+        (Some(_), None) => Ok(LoraLayout::Bfl),
+        (None, Some(_)) => Ok(LoraLayout::Peft),
+        (None, None) => {
+            let key = modules.values().next().expect("at least one LoRA key was seen").any_key();
+            Err(Error::invalid(ckpt.path(), format!("'{key}' adapts no FLUX transformer module (neither a BFL nor a diffusers name)")))
+        }
+    }
+}
+
+/// Where a module's update lands, or why it cannot.
+fn target(layout: LoraLayout, module: &str) -> std::result::Result<(String, Place), String> {
+    let not_flux = || format!("'{module}' is not a FLUX transformer module ({layout} layout)");
+    let linear = |kind: Kind, bfl: String, place: Place| match kind {
+        Kind::Linear => Ok((bfl, place)),
+        Kind::Norm => Err(format!("'{module}' is a norm, not a linear layer; LoRA cannot adapt it")),
+    };
+    match layout {
+        LoraLayout::Kohya => {
+            if module.starts_with("lora_te") {
+                return Err(format!("'{module}' adapts a text encoder; this engine runs none (its text embedding is fixed)"));
+            }
+            let bfl = module.strip_prefix("lora_unet_").and_then(keymap::bfl_linear_from_flat).ok_or_else(not_flux)?;
+            Ok((bfl, Place::Whole))
+        }
+        LoraLayout::Bfl => {
+            let name = keymap::strip_prefix(module);
+            let kind = keymap::bfl_module(name).ok_or_else(not_flux)?;
+            linear(kind, name.to_string(), Place::Whole)
+        }
+        LoraLayout::Peft => {
+            let m = keymap::diffusers_module(keymap::strip_prefix(module)).ok_or_else(not_flux)?;
+            linear(m.kind, m.bfl, m.place)
+        }
+    }
+}
+
+struct PartReader<'a> {
+    ckpt: &'a Checkpoint,
+    layout: LoraLayout,
+    family: Family,
+    config: Option<AdapterConfig>,
+    hidden_size: usize,
+}
+
+impl PartReader<'_> {
+    fn part(&self, module: &str, slots: &Slots) -> Result<LoraPart> {
+        let path = self.ckpt.path();
+        let fail = |reason: String| Error::invalid(path, reason);
+        let require = |slot: Option<&str>, role: Role| {
+            slot.map(str::to_string).ok_or_else(|| {
+                fail(format!("'{module}{}' is missing (found '{}')", suffix(self.family, role), slots.any_key()))
+            })
+        };
+        let down_key = require(slots.down, Role::Down)?;
+        let up_key = require(slots.up, Role::Up)?;
+        let (bfl, place) = target(self.layout, module).map_err(|reason| fail(format!("{reason} (key '{}')", slots.any_key())))?;
+
+        let down = self.ckpt.read(&down_key)?;
+        let mut up = self.ckpt.read(&up_key)?;
+        let (rank, out_len) = match (&down.shape[..], &up.shape[..]) {
+            (&[r, _], &[out, r2]) if r == r2 && r > 0 => (r, out),
+            _ => {
+                return Err(fail(format!(
+                    "'{down_key}' is {:?} and '{up_key}' is {:?}; expected [rank, in] and [out, rank] with one non-zero rank",
+                    down.shape, up.shape
+                )))
+            }
+        };
+        let mut up_bias = match slots.up_bias {
+            Some(key) => {
+                let bias = self.ckpt.read(key)?;
+                if bias.shape != [out_len] {
+                    return Err(fail(format!("'{key}' is {:?}; expected [{out_len}] to match '{up_key}'", bias.shape)));
+                }
+                Some(bias)
+            }
+            None => None,
+        };
+        let scale = match slots.alpha {
+            Some(key) => self.alpha(key)? / rank as f32,
+            None => match &self.config {
+                Some(config) => config.scale(keymap::strip_prefix(module), rank).map_err(|reason| fail(format!("{reason} (key '{down_key}')")))?,
+                None => 1.0,
+            },
+        };
+        let out_offset = match place {
+            Place::Whole => 0,
+            Place::Rows { index, .. } => index
+                .checked_mul(self.hidden_size)
+                .ok_or_else(|| fail(format!("hidden size {} is too large to place '{module}'", self.hidden_size)))?,
+            Place::SwapHalves => {
+                let swapped = up.swap_row_halves() && up_bias.as_mut().is_none_or(HostTensor::swap_row_halves);
+                if !swapped {
+                    return Err(fail(format!("'{up_key}' has {out_len} rows; they must split into (scale, shift) halves")));
+                }
+                0
+            }
+        };
+        Ok(LoraPart { target: bfl, out_offset, down, up, up_bias, scale, source: module.to_string() })
+    }
+
+    fn alpha(&self, key: &str) -> Result<f32> {
+        let t = self.ckpt.read(key)?;
+        match t.to_f32()[..] {
+            [alpha] if alpha.is_finite() => Ok(alpha),
+            [alpha] => Err(Error::invalid(self.ckpt.path(), format!("'{key}' is {alpha}; alpha must be finite"))),
+            _ => Err(Error::invalid(self.ckpt.path(), format!("'{key}' has shape {:?}; alpha must be a scalar", t.shape))),
+        }
+    }
+}
+
+/// The peft `LoraConfig` fields that decide the scale, from diffusers' `lora_adapter_metadata`.
+#[derive(Debug)]
+struct AdapterConfig {
+    r: usize,
+    alpha: f64,
+    rank_pattern: Vec<(String, usize)>,
+    alpha_pattern: Vec<(String, f64)>,
+    rslora: bool,
+}
+
+const ADAPTER_METADATA: &str = "lora_adapter_metadata";
+
+impl AdapterConfig {
+    /// `None` when the file carries no config. diffusers writes either the bare config
+    /// (`save_lora_adapter`) or one prefixed per component (`transformer.r`, from a pipeline's
+    /// `save_lora_weights`); other components' fields are ignored.
+    fn from_metadata(ckpt: &Checkpoint) -> Result<Option<AdapterConfig>> {
+        let Some(text) = ckpt.metadata().get(ADAPTER_METADATA) else { return Ok(None) };
+        let bad = |reason: String| Error::invalid(ckpt.path(), format!("__metadata__ '{ADAPTER_METADATA}': {reason}"));
+        let fields: OrderedMap<&RawValue> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // peft's defaults, which is what diffusers would instantiate for absent fields.
+        let mut config = AdapterConfig { r: 8, alpha: 8.0, rank_pattern: vec![], alpha_pattern: vec![], rslora: false };
+        for (key, raw) in &fields.0 {
+            let field = key.strip_prefix("transformer.").unwrap_or(key);
+            let parse_err = |e: serde_json::Error| bad(format!("field '{key}': {e}"));
+            match field {
+                "r" => config.r = serde_json::from_str(raw.get()).map_err(parse_err)?,
+                "lora_alpha" => config.alpha = serde_json::from_str(raw.get()).map_err(parse_err)?,
+                "rank_pattern" => config.rank_pattern = patterns(raw).map_err(parse_err)?,
+                "alpha_pattern" => config.alpha_pattern = patterns(raw).map_err(parse_err)?,
+                "use_rslora" => config.rslora = serde_json::from_str(raw.get()).map_err(parse_err)?,
+                "use_dora" => {
+                    if serde_json::from_str(raw.get()).map_err(parse_err)? {
+                        return Err(bad("DoRA adapters are not supported".into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let named = config.rank_pattern.iter().map(|(p, _)| p).chain(config.alpha_pattern.iter().map(|(p, _)| p));
+        if let Some(p) = named.into_iter().find(|p| !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')) {
+            return Err(bad(format!("pattern '{p}' is a regular expression; only module names are supported")));
+        }
+        if config.r == 0 || config.rank_pattern.iter().any(|(_, r)| *r == 0) {
+            return Err(bad("a rank of 0".into()));
+        }
+        Ok(Some(config))
+    }
+
+    /// The scale of `module` (a diffusers module name) with `rank` rows in its lora_A.
+    fn scale(&self, module: &str, rank: usize) -> std::result::Result<f32, String> {
+        let r = pattern_value(&self.rank_pattern, module).copied().unwrap_or(self.r);
+        if r != rank {
+            return Err(format!("'{module}' has rank {rank} but {ADAPTER_METADATA} gives r = {r}"));
+        }
+        let alpha = pattern_value(&self.alpha_pattern, module).copied().unwrap_or(self.alpha);
+        let r = r as f64;
+        Ok((if self.rslora { alpha / r.sqrt() } else { alpha / r }) as f32)
+    }
+}
+
+fn patterns<V: for<'de> serde::Deserialize<'de>>(raw: &RawValue) -> serde_json::Result<Vec<(String, V)>> {
+    serde_json::from_str::<OrderedMap<V>>(raw.get()).map(|m| m.0)
+}
+
+/// peft's rule (`re.match(rf"(.*\.)?({pattern})$", module)`) for literal patterns: the pattern is
+/// the module name or a dotted suffix of it. An exact name wins; otherwise the first in file order.
+fn pattern_value<'a, V>(patterns: &'a [(String, V)], module: &str) -> Option<&'a V> {
+    let exact = patterns.iter().find(|(p, _)| p == module);
+    let suffix = || {
+        patterns.iter().find(|(p, _)| module.strip_suffix(p.as_str()).is_some_and(|head| head.ends_with('.')))
+    };
+    exact.or_else(suffix).map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_whole_dotted_suffixes_only() {
+        let p = vec![("to_q".to_string(), 1), ("transformer_blocks.0.attn.to_q".to_string(), 2), ("attn.to_k".to_string(), 3)];
+        assert_eq!(pattern_value(&p, "transformer_blocks.0.attn.to_q"), Some(&2));
+        assert_eq!(pattern_value(&p, "transformer_blocks.1.attn.to_q"), Some(&1));
+        assert_eq!(pattern_value(&p, "single_transformer_blocks.1.attn.to_k"), Some(&3));
+        assert_eq!(pattern_value(&p, "transformer_blocks.1.attn.add_to_q"), None);
+        assert_eq!(pattern_value(&p, "transformer_blocks.1.attn.to_v"), None);
+    }
+
+    #[test]
+    fn lora_keys_are_recognised_by_suffix() {
+        assert!(is_lora_key("transformer.x_embedder.lora_A.weight"));
+        assert!(is_lora_key("lora_unet_img_in.lora_up.weight"));
+        assert!(!is_lora_key("lora_unet_img_in.alpha"));
+        assert!(!is_lora_key("x_embedder.weight"));
+    }
+}
