@@ -452,7 +452,7 @@ def make_lora_bfl(case, base_bfl, gen):
     # a module without one is left with an un-materialised (meta) bias. So: a bias on every module.
     for name in linears:
         w = base_bfl[f"{name}.weight"]
-        a, b = lora_pair(gen, w.shape[0], w.shape[1], b_std=0.02)
+        a, b = lora_pair(gen, w.shape[0], w.shape[1], b_std=0.015)
         if name == "final_layer.adaLN_modulation.1":
             # diffusers' converter applies its (shift, scale) -> (scale, shift) row swap to lora_A as
             # well as to lora_B; on lora_A that permutes the rank rows (A[0:r/2] <-> A[r/2:r])
@@ -463,7 +463,7 @@ def make_lora_bfl(case, base_bfl, gen):
         tensors[f"{name}.lora_A.weight"] = a
         tensors[f"{name}.lora_B.weight"] = b
         deltas[f"{name}.weight"] = b @ a  # no alpha in this layout: scale 1
-        bb = torch.randn(w.shape[0], generator=gen) * 0.02
+        bb = torch.randn(w.shape[0], generator=gen) * 0.015
         tensors[f"{name}.lora_B.bias"] = bb
         deltas[f"{name}.bias"] = bb
     for k, v in base_bfl.items():

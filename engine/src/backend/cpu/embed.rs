@@ -19,3 +19,21 @@ pub fn timestep_embedding(t: &[f32], dim: usize, max_period: f32, time_factor: f
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedding_matches_the_formula_in_f64() {
+        let t = [0.0f32, 0.25, 1.0];
+        let e = timestep_embedding(&t, 8, 10_000.0, 1000.0);
+        for (b, &tb) in t.iter().enumerate() {
+            for i in 0..4 {
+                let arg = tb as f64 * 1000.0 * (-(10_000f64).ln() * i as f64 / 4.0).exp();
+                assert!((e[b * 8 + i] as f64 - arg.cos()).abs() < 2e-4, "cos t={tb} i={i}");
+                assert!((e[b * 8 + 4 + i] as f64 - arg.sin()).abs() < 2e-4, "sin t={tb} i={i}");
+            }
+        }
+    }
+}
