@@ -39,6 +39,7 @@ fn check(case: &str, model: &str, config: bool, loras: &[&str], mode: LoraMode, 
     let want = Checkpoint::open(&dir.join(expected)).unwrap().read("out").unwrap();
     assert_eq!(out.shape, want.shape, "{case}/{model}: output shape");
     let err = max_rel_err(&out.to_f32(), &want.to_f32());
+    eprintln!("{case}/{model} loras {loras:?} {mode:?}: max relative error {err:.2e}");
     assert!(err < TOLERANCE, "{case}/{model} loras {loras:?} {mode:?}: max relative error {err:.3e} >= {TOLERANCE:e}");
 }
 

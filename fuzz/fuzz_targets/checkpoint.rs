@@ -9,7 +9,9 @@ use loaders::lora::LoraAdapter;
 use loaders::safetensors::Checkpoint;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(ckpt) = Checkpoint::from_bytes("fuzz.safetensors", data.to_vec()) else { return };
+    let Ok(ckpt) = Checkpoint::from_bytes("fuzz.safetensors", data.to_vec()) else {
+        return;
+    };
     for name in ckpt.names() {
         let _ = ckpt.read(name);
     }
@@ -18,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
         for name in flux.names() {
             let _ = flux.source(name);
             if let Ok(t) = flux.load(name) {
-                assert_eq!(Some(t.shape), flux.shape(name), "load disagrees with shape for {name}");
+                assert_eq!(
+                    Some(t.shape),
+                    flux.shape(name),
+                    "load disagrees with shape for {name}"
+                );
             }
         }
     }

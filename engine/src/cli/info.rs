@@ -63,5 +63,8 @@ fn lora_info(ckpt: &Checkpoint, size: u64, a: &Args) -> Result<()> {
     println!("rank        {}", lora.rank());
     println!("parameters  {} ({})", human_count(lora.parameter_count()), lora.parameter_count());
     println!("targets     {} linear layers ({} parts)", targets.len(), lora.parts.len());
+    if !lora.replacements.is_empty() {
+        println!("replaces    {} base tensors outright (QK-norm scales of a BFL control LoRA)", lora.replacements.len());
+    }
     Ok(())
 }

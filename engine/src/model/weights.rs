@@ -70,6 +70,8 @@ pub struct WeightLoader<'a, B: Backend> {
     shapes: BTreeMap<String, Vec<usize>>,
     used: BTreeSet<String>,
     lora: BTreeMap<String, Vec<PendingLora>>,
+    /// Base tensors replaced outright by an adapter (BFL control LoRAs' QK-norm scales).
+    replacements: BTreeMap<String, (String, HostTensor)>,
     lora_mode: LoraMode,
     dtype: Option<DType>,
 }
@@ -87,7 +89,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     }
 
     fn with_source(backend: &'a B, source: Source<'a>, shapes: BTreeMap<String, Vec<usize>>) -> Self {
-        WeightLoader { backend, source, shapes, used: BTreeSet::new(), lora: BTreeMap::new(), lora_mode: LoraMode::Merged, dtype: None }
+        WeightLoader { backend, source, shapes, used: BTreeSet::new(), lora: BTreeMap::new(), replacements: BTreeMap::new(), lora_mode: LoraMode::Merged, dtype: None }
     }
 
     /// Stores every weight as `dtype` (None: as the source has it).
@@ -102,6 +104,9 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             for part in a.parts {
                 self.lora.entry(part.target.clone()).or_default().push(PendingLora { adapter: name.clone(), part });
             }
+            for (target, t) in a.replacements {
+                self.replacements.insert(target, (name.clone(), t));
+            }
         }
         self.lora_mode = mode;
         self
@@ -115,6 +120,13 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
                 src.load(name)?
             }
             Source::Random { seed } => random_tensor(name, shape, *seed),
+        };
+        let t = match self.replacements.remove(name) {
+            Some((adapter, r)) => {
+                ensure!(r.shape == shape, "{adapter}: replacement for '{name}' has shape {:?}, expected {shape:?}", r.shape);
+                r
+            }
+            None => t,
         };
         self.used.insert(name.to_string());
         Ok(match self.dtype {
@@ -170,6 +182,9 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
                 let extra = self.shapes.keys().filter(|n| !self.used.contains(*n)).count();
                 bail!("{}: unexpected tensor '{}' ({extra} unused in all): the checkpoint does not match the config", src.origin(), src.describe(name));
             }
+        }
+        if let Some((name, (adapter, _))) = self.replacements.iter().next() {
+            bail!("{adapter}: replaces '{name}', which this model does not have");
         }
         if let Some(p) = self.lora.values().flatten().next() {
             bail!("{}: '{}' targets '{}', which this model does not have", p.adapter, p.part.source, p.part.target);
