@@ -95,7 +95,10 @@ fn unreadable_files_are_named() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let out = dir.path().join("o.safetensors");
     let inputs = golden("inputs.safetensors");
-    assert_fails_with(&engine(&forward_args(truncated.to_str().unwrap(), inputs.to_str().unwrap(), out.to_str().unwrap())), &["truncated.safetensors"]);
+    assert_fails_with(
+        &engine(&forward_args(truncated.to_str().unwrap(), inputs.to_str().unwrap(), out.to_str().unwrap())),
+        &["truncated.safetensors"],
+    );
     assert!(!out.exists(), "no output may be written on failure");
 }
 
@@ -206,6 +209,9 @@ fn lora_that_does_not_fit_is_named() {
 
     // A checkpoint passed as a LoRA and a LoRA passed as a checkpoint.
     assert_fails_with(&run(&model), &["transformer.bfl.safetensors"]);
-    assert_fails_with(&engine(&forward_args(src.to_str().unwrap(), inputs.to_str().unwrap(), out.to_str().unwrap())), &["lora.kohya.safetensors", "--lora"]);
+    assert_fails_with(
+        &engine(&forward_args(src.to_str().unwrap(), inputs.to_str().unwrap(), out.to_str().unwrap())),
+        &["lora.kohya.safetensors", "--lora"],
+    );
     assert!(!out.exists());
 }

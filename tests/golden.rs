@@ -32,8 +32,9 @@ fn check(case: &str, model: &str, config: bool, loras: &[&str], mode: LoraMode, 
     let lora_paths: Vec<PathBuf> = loras.iter().map(|l| dir.join(l)).collect();
     let lora_refs: Vec<&Path> = lora_paths.iter().map(|p| p.as_path()).collect();
     let config_path = dir.join("config.json");
-    let flux = load_flux(&b, &dir.join(model), config.then_some(config_path.as_path()), &lora_refs, mode)
+    let (flux, warnings) = load_flux(&b, &dir.join(model), config.then_some(config_path.as_path()), &lora_refs, mode)
         .unwrap_or_else(|e| panic!("{case}/{model}: {e:#}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
     let inputs = FluxInputs::read(&Checkpoint::open(&dir.join("inputs.safetensors")).unwrap()).unwrap();
     let out = flux.forward_host(&b, &inputs).unwrap_or_else(|e| panic!("{case}/{model}: {e:#}"));
     let want = Checkpoint::open(&dir.join(expected)).unwrap().read("out").unwrap();

@@ -45,6 +45,7 @@ fn adapter(h: usize, up_scale: f32) -> LoraAdapter {
         path: "synthetic".into(),
         layout: LoraLayout::Peft,
         replacements: Vec::new(),
+        skipped: Vec::new(),
         parts: vec![
             part("double_blocks.0.img_attn.qkv", h, h, h, 10),
             part("double_blocks.0.txt_mlp.2", 0, 4 * h, h, 20),

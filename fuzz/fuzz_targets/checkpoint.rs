@@ -20,11 +20,7 @@ fuzz_target!(|data: &[u8]| {
         for name in flux.names() {
             let _ = flux.source(name);
             if let Ok(t) = flux.load(name) {
-                assert_eq!(
-                    Some(t.shape),
-                    flux.shape(name),
-                    "load disagrees with shape for {name}"
-                );
+                assert_eq!(Some(t.shape), flux.shape(name), "load disagrees with shape for {name}");
             }
         }
     }

@@ -7,11 +7,7 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// The operating system refused: `action` says what we were doing ("open", "rename onto").
     #[error("{}: cannot {action}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        action: &'static str,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, action: &'static str, source: std::io::Error },
 
     /// The bytes are not a well-formed safetensors file (bad header, offsets, sizes).
     #[error("{}: not a safetensors file: {reason}", path.display())]
@@ -31,24 +27,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: &Path, action: &'static str, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.to_path_buf(),
-            action,
-            source,
-        }
+        Error::Io { path: path.to_path_buf(), action, source }
     }
 
     pub(crate) fn malformed(path: &Path, reason: impl Into<String>) -> Error {
-        Error::Malformed {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        Error::Malformed { path: path.to_path_buf(), reason: reason.into() }
     }
 
     pub(crate) fn invalid(path: &Path, reason: impl Into<String>) -> Error {
-        Error::Invalid {
-            path: path.to_path_buf(),
-            reason: reason.into(),
-        }
+        Error::Invalid { path: path.to_path_buf(), reason: reason.into() }
     }
 }

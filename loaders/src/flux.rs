@@ -68,21 +68,14 @@ impl FluxCheckpoint {
     pub fn from_checkpoint(ckpt: Checkpoint) -> Result<FluxCheckpoint> {
         let path = ckpt.path();
         if let Some(key) = ckpt.names().find(|k| lora::is_lora_key(k)) {
-            return Err(Error::invalid(
-                path,
-                format!("holds LoRA tensors ('{key}'), not a transformer; pass it with --lora"),
-            ));
+            return Err(Error::invalid(path, format!("holds LoRA tensors ('{key}'), not a transformer; pass it with --lora")));
         }
         let layout = detect(&ckpt)?;
         let tensors = match layout {
             Layout::Bfl => map_bfl(&ckpt)?,
             Layout::Diffusers => map_diffusers(&ckpt)?,
         };
-        Ok(FluxCheckpoint {
-            ckpt,
-            layout,
-            tensors,
-        })
+        Ok(FluxCheckpoint { ckpt, layout, tensors })
     }
 
     pub fn checkpoint(&self) -> &Checkpoint {
@@ -127,9 +120,7 @@ impl FluxCheckpoint {
     /// Materialises one internal tensor in the file's dtype.
     pub fn load(&self, name: &str) -> Result<HostTensor> {
         let path = self.ckpt.path();
-        let entry = self.tensors.get(name).ok_or_else(|| {
-            Error::invalid(path, format!("no tensor '{name}' ({} layout)", self.layout))
-        })?;
+        let entry = self.tensors.get(name).ok_or_else(|| Error::invalid(path, format!("no tensor '{name}' ({} layout)", self.layout)))?;
         match &entry.source {
             Source::Key(key) => self.ckpt.read(key),
             Source::SwapHalves(key) => {
@@ -153,11 +144,7 @@ impl FluxCheckpoint {
 }
 
 const BFL_MARKERS: [&str; 3] = ["double_blocks.", "single_blocks.", "img_in."];
-const DIFFUSERS_MARKERS: [&str; 3] = [
-    "transformer_blocks.",
-    "single_transformer_blocks.",
-    "x_embedder.",
-];
+const DIFFUSERS_MARKERS: [&str; 3] = ["transformer_blocks.", "single_transformer_blocks.", "x_embedder."];
 
 fn detect(ckpt: &Checkpoint) -> Result<Layout> {
     let first_with = |markers: &[&str]| {
@@ -185,33 +172,18 @@ fn detect(ckpt: &Checkpoint) -> Result<Layout> {
 }
 
 fn unexpected(ckpt: &Checkpoint, key: &str, layout: Layout) -> Error {
-    Error::invalid(
-        ckpt.path(),
-        format!("unexpected tensor '{key}' ({layout} layout)"),
-    )
+    Error::invalid(ckpt.path(), format!("unexpected tensor '{key}' ({layout} layout)"))
 }
 
 /// Adds `internal` once; two file keys landing on one name (say `img_in.weight` beside
 /// `model.diffusion_model.img_in.weight`) would make the choice arbitrary.
-fn insert(
-    ckpt: &Checkpoint,
-    map: &mut BTreeMap<String, Entry>,
-    internal: String,
-    entry: Entry,
-) -> Result<()> {
+fn insert(ckpt: &Checkpoint, map: &mut BTreeMap<String, Entry>, internal: String, entry: Entry) -> Result<()> {
     if let Some(old) = map.get(&internal) {
         let keys = |e: &Entry| match &e.source {
             Source::Key(k) | Source::SwapHalves(k) => k.clone(),
             Source::Rows { keys, .. } => keys[0].clone(),
         };
-        return Err(Error::invalid(
-            ckpt.path(),
-            format!(
-                "tensors '{}' and '{}' both map to '{internal}'",
-                keys(old),
-                keys(&entry)
-            ),
-        ));
+        return Err(Error::invalid(ckpt.path(), format!("tensors '{}' and '{}' both map to '{internal}'", keys(old), keys(&entry))));
     }
     map.insert(internal, entry);
     Ok(())
@@ -225,11 +197,7 @@ fn map_bfl(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
             return Err(unexpected(ckpt, key, Layout::Bfl));
         }
         let info = ckpt.info(key).expect("names come from the checkpoint");
-        let entry = Entry {
-            source: Source::Key(key.to_string()),
-            shape: info.shape.clone(),
-            dtype: info.dtype,
-        };
+        let entry = Entry { source: Source::Key(key.to_string()), shape: info.shape.clone(), dtype: info.dtype };
         insert(ckpt, &mut map, internal.to_string(), entry)?;
     }
     Ok(map)
@@ -262,11 +230,7 @@ fn map_diffusers(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
         let info = ckpt.info(key).expect("names come from the checkpoint");
         match m.place {
             Place::Whole => {
-                let entry = Entry {
-                    source: Source::Key(key.to_string()),
-                    shape: info.shape.clone(),
-                    dtype: info.dtype,
-                };
+                let entry = Entry { source: Source::Key(key.to_string()), shape: info.shape.clone(), dtype: info.dtype };
                 insert(ckpt, &mut map, internal, entry)?;
             }
             Place::SwapHalves => {
@@ -276,11 +240,7 @@ fn map_diffusers(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
                         format!("'{key}' has shape {:?}; its rows must split into (scale, shift) halves", info.shape),
                     ));
                 }
-                let entry = Entry {
-                    source: Source::SwapHalves(key.to_string()),
-                    shape: info.shape.clone(),
-                    dtype: info.dtype,
-                };
+                let entry = Entry { source: Source::SwapHalves(key.to_string()), shape: info.shape.clone(), dtype: info.dtype };
                 insert(ckpt, &mut map, internal, entry)?;
             }
             Place::Rows { index, group } => {
@@ -292,10 +252,7 @@ fn map_diffusers(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
                     param: param.to_string(),
                 });
                 if let Some(other) = g.keys[index].replace(key.to_string()) {
-                    return Err(Error::invalid(
-                        path,
-                        format!("tensors '{other}' and '{key}' both map to '{internal}'"),
-                    ));
+                    return Err(Error::invalid(path, format!("tensors '{other}' and '{key}' both map to '{internal}'")));
                 }
             }
         }
@@ -310,12 +267,7 @@ fn map_diffusers(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
 /// Checks that a group's members are all present and stack: same dtype, same trailing dims.
 fn fuse(ckpt: &Checkpoint, internal: &str, group: Group) -> Result<Entry> {
     let path = ckpt.path();
-    let present = group
-        .keys
-        .iter()
-        .flatten()
-        .next()
-        .expect("a group exists because one member was seen");
+    let present = group.keys.iter().flatten().next().expect("a group exists because one member was seen");
     let mut keys = Vec::with_capacity(group.keys.len());
     for (member, key) in group.members.iter().zip(&group.keys) {
         match key {
@@ -323,10 +275,7 @@ fn fuse(ckpt: &Checkpoint, internal: &str, group: Group) -> Result<Entry> {
             None => {
                 return Err(Error::invalid(
                     path,
-                    format!(
-                        "'{}{member}.{}' is missing; '{internal}' is fused from it and '{present}'",
-                        group.stem, group.param
-                    ),
+                    format!("'{}{member}.{}' is missing; '{internal}' is fused from it and '{present}'", group.stem, group.param),
                 ))
             }
         }
@@ -335,9 +284,7 @@ fn fuse(ckpt: &Checkpoint, internal: &str, group: Group) -> Result<Entry> {
     let mut shape = first.shape.clone();
     for key in &keys[1..] {
         let info = ckpt.info(key).expect("names come from the checkpoint");
-        let stacks = !shape.is_empty()
-            && info.shape.get(1..) == Some(&shape[1..])
-            && info.dtype == first.dtype;
+        let stacks = !shape.is_empty() && info.shape.get(1..) == Some(&shape[1..]) && info.dtype == first.dtype;
         let rows = match (shape.first(), info.shape.first()) {
             (Some(a), Some(b)) if stacks => a.checked_add(*b),
             _ => None,
@@ -356,17 +303,7 @@ fn fuse(ckpt: &Checkpoint, internal: &str, group: Group) -> Result<Entry> {
         }
     }
     if !shape_fits(&shape) {
-        return Err(Error::invalid(
-            path,
-            format!("'{internal}' would have shape {shape:?}, too large to address"),
-        ));
+        return Err(Error::invalid(path, format!("'{internal}' would have shape {shape:?}, too large to address")));
     }
-    Ok(Entry {
-        source: Source::Rows {
-            keys,
-            members: group.members,
-        },
-        shape,
-        dtype: first.dtype,
-    })
+    Ok(Entry { source: Source::Rows { keys, members: group.members }, shape, dtype: first.dtype })
 }

@@ -4,18 +4,10 @@
 
 /// Prefixes that wrap the transformer's own names in files from other tools: ComfyUI's BFL
 /// checkpoints, ComfyUI-saved LoRAs, diffusers pipelines, peft's `get_peft_model_state_dict`.
-const PREFIXES: [&str; 4] = [
-    "model.diffusion_model.",
-    "diffusion_model.",
-    "base_model.model.",
-    "transformer.",
-];
+const PREFIXES: [&str; 4] = ["model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer."];
 
 pub(crate) fn strip_prefix(key: &str) -> &str {
-    PREFIXES
-        .iter()
-        .find_map(|p| key.strip_prefix(p))
-        .unwrap_or(key)
+    PREFIXES.iter().find_map(|p| key.strip_prefix(p)).unwrap_or(key)
 }
 
 /// What a BFL module is: linears carry `weight` (+ `bias`), QK-RMSNorms a `scale`.
@@ -49,12 +41,8 @@ const DOUBLE_LINEARS: [&str; 10] = [
     "txt_mlp.0",
     "txt_mlp.2",
 ];
-const DOUBLE_NORMS: [&str; 4] = [
-    "img_attn.norm.query_norm",
-    "img_attn.norm.key_norm",
-    "txt_attn.norm.query_norm",
-    "txt_attn.norm.key_norm",
-];
+const DOUBLE_NORMS: [&str; 4] =
+    ["img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.norm.query_norm", "txt_attn.norm.key_norm"];
 const SINGLE_LINEARS: [&str; 3] = ["linear1", "linear2", "modulation.lin"];
 const SINGLE_NORMS: [&str; 2] = ["norm.query_norm", "norm.key_norm"];
 
@@ -65,23 +53,20 @@ const SINGLE: &str = "single_blocks.";
 /// the same block twice).
 fn block<'a>(prefix: &str, module: &'a str) -> Option<(&'a str, &'a str)> {
     let (index, rest) = module.strip_prefix(prefix)?.split_once('.')?;
-    let canonical = !index.is_empty()
-        && index.bytes().all(|b| b.is_ascii_digit())
-        && (index == "0" || !index.starts_with('0'));
+    let canonical = !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) && (index == "0" || !index.starts_with('0'));
     canonical.then_some((index, rest))
 }
 
 /// The kind of a BFL module path (`double_blocks.3.img_attn.qkv`), or `None` if FLUX has no such
 /// module.
 pub(crate) fn bfl_module(module: &str) -> Option<Kind> {
-    let (linears, norms, rest): (&[&str], &[&str], &str) =
-        if let Some((_, rest)) = block(DOUBLE, module) {
-            (&DOUBLE_LINEARS, &DOUBLE_NORMS, rest)
-        } else if let Some((_, rest)) = block(SINGLE, module) {
-            (&SINGLE_LINEARS, &SINGLE_NORMS, rest)
-        } else {
-            (&TOP_LINEARS, &[], module)
-        };
+    let (linears, norms, rest): (&[&str], &[&str], &str) = if let Some((_, rest)) = block(DOUBLE, module) {
+        (&DOUBLE_LINEARS, &DOUBLE_NORMS, rest)
+    } else if let Some((_, rest)) = block(SINGLE, module) {
+        (&SINGLE_LINEARS, &SINGLE_NORMS, rest)
+    } else {
+        (&TOP_LINEARS, &[], module)
+    };
     if linears.contains(&rest) {
         Some(Kind::Linear)
     } else if norms.contains(&rest) {
@@ -130,10 +115,7 @@ pub(crate) enum Place {
     /// Rows `index` of the BFL module, which stacks the rows of `group` (diffusers module names
     /// relative to the block) in that order. Every member but a trailing `proj_mlp` has
     /// `hidden` rows, so member `index` starts at row `index * hidden`.
-    Rows {
-        index: usize,
-        group: &'static [&'static str],
-    },
+    Rows { index: usize, group: &'static [&'static str] },
     /// The same rows with their two halves exchanged: diffusers' final modulation is
     /// (scale, shift), BFL's (shift, scale).
     SwapHalves,
@@ -146,20 +128,12 @@ struct Rule {
 }
 
 const fn rule(diffusers: &'static str, bfl: &'static str) -> Rule {
-    Rule {
-        diffusers,
-        bfl,
-        place: Place::Whole,
-    }
+    Rule { diffusers, bfl, place: Place::Whole }
 }
 
 /// Every member of a fused group maps to the same BFL module at its own row position.
 const fn rows(group: &'static [&'static str], index: usize, bfl: &'static str) -> Rule {
-    Rule {
-        diffusers: group[index],
-        bfl,
-        place: Place::Rows { index, group },
-    }
+    Rule { diffusers: group[index], bfl, place: Place::Rows { index, group } }
 }
 
 const QKV: &[&str] = &["attn.to_q", "attn.to_k", "attn.to_v"];
@@ -169,35 +143,13 @@ const LINEAR1: &[&str] = &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"];
 const TOP_RULES: &[Rule] = &[
     rule("x_embedder", "img_in"),
     rule("context_embedder", "txt_in"),
-    rule(
-        "time_text_embed.timestep_embedder.linear_1",
-        "time_in.in_layer",
-    ),
-    rule(
-        "time_text_embed.timestep_embedder.linear_2",
-        "time_in.out_layer",
-    ),
-    rule(
-        "time_text_embed.guidance_embedder.linear_1",
-        "guidance_in.in_layer",
-    ),
-    rule(
-        "time_text_embed.guidance_embedder.linear_2",
-        "guidance_in.out_layer",
-    ),
-    rule(
-        "time_text_embed.text_embedder.linear_1",
-        "vector_in.in_layer",
-    ),
-    rule(
-        "time_text_embed.text_embedder.linear_2",
-        "vector_in.out_layer",
-    ),
-    Rule {
-        diffusers: "norm_out.linear",
-        bfl: "final_layer.adaLN_modulation.1",
-        place: Place::SwapHalves,
-    },
+    rule("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+    rule("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+    rule("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+    rule("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    rule("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    rule("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    Rule { diffusers: "norm_out.linear", bfl: "final_layer.adaLN_modulation.1", place: Place::SwapHalves },
     rule("proj_out", "final_layer.linear"),
 ];
 
@@ -246,8 +198,7 @@ pub(crate) struct Mapped {
 
 /// Maps a diffusers `FluxTransformer2DModel` module path (no parameter suffix, no prefix).
 pub(crate) fn diffusers_module(module: &str) -> Option<Mapped> {
-    let (rules, bfl_block, rest) = if let Some((index, rest)) = block("transformer_blocks.", module)
-    {
+    let (rules, bfl_block, rest) = if let Some((index, rest)) = block("transformer_blocks.", module) {
         (DOUBLE_RULES, format!("{DOUBLE}{index}."), rest)
     } else if let Some((index, rest)) = block("single_transformer_blocks.", module) {
         (SINGLE_RULES, format!("{SINGLE}{index}."), rest)
@@ -257,12 +208,7 @@ pub(crate) fn diffusers_module(module: &str) -> Option<Mapped> {
     let rule = rules.iter().find(|r| r.diffusers == rest)?;
     let bfl = format!("{bfl_block}{}", rule.bfl);
     let kind = bfl_module(&bfl).expect("every rule targets a module in the BFL tables");
-    Some(Mapped {
-        bfl,
-        kind,
-        place: rule.place,
-        member: rule.diffusers,
-    })
+    Some(Mapped { bfl, kind, place: rule.place, member: rule.diffusers })
 }
 
 /// Maps a diffusers parameter name to BFL's: norms call their weight `scale`.
@@ -282,63 +228,30 @@ mod tests {
     #[test]
     fn every_rule_targets_a_bfl_module() {
         // diffusers_module panics on a rule whose target is missing from the BFL tables.
-        for (prefix, rules) in [
-            ("", TOP_RULES),
-            ("transformer_blocks.7.", DOUBLE_RULES),
-            ("single_transformer_blocks.7.", SINGLE_RULES),
-        ] {
+        for (prefix, rules) in [("", TOP_RULES), ("transformer_blocks.7.", DOUBLE_RULES), ("single_transformer_blocks.7.", SINGLE_RULES)] {
             for r in rules {
-                assert!(
-                    diffusers_module(&format!("{prefix}{}", r.diffusers)).is_some(),
-                    "{}",
-                    r.diffusers
-                );
+                assert!(diffusers_module(&format!("{prefix}{}", r.diffusers)).is_some(), "{}", r.diffusers);
             }
         }
     }
 
     #[test]
     fn block_indices_must_be_canonical() {
-        assert_eq!(
-            bfl_module("double_blocks.10.img_attn.qkv"),
-            Some(Kind::Linear)
-        );
-        assert_eq!(
-            bfl_module("double_blocks.0.img_attn.norm.key_norm"),
-            Some(Kind::Norm)
-        );
-        for bad in [
-            "double_blocks.01.img_attn.qkv",
-            "double_blocks.+1.img_attn.qkv",
-            "double_blocks..img_attn.qkv",
-            "single_blocks.1.qkv",
-        ] {
+        assert_eq!(bfl_module("double_blocks.10.img_attn.qkv"), Some(Kind::Linear));
+        assert_eq!(bfl_module("double_blocks.0.img_attn.norm.key_norm"), Some(Kind::Norm));
+        for bad in ["double_blocks.01.img_attn.qkv", "double_blocks.+1.img_attn.qkv", "double_blocks..img_attn.qkv", "single_blocks.1.qkv"]
+        {
             assert_eq!(bfl_module(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn flat_kohya_names_resolve() {
-        assert_eq!(
-            bfl_linear_from_flat("double_blocks_12_txt_mod_lin").as_deref(),
-            Some("double_blocks.12.txt_mod.lin")
-        );
-        assert_eq!(
-            bfl_linear_from_flat("single_blocks_3_modulation_lin").as_deref(),
-            Some("single_blocks.3.modulation.lin")
-        );
-        assert_eq!(
-            bfl_linear_from_flat("final_layer_adaLN_modulation_1").as_deref(),
-            Some("final_layer.adaLN_modulation.1")
-        );
-        assert_eq!(
-            bfl_linear_from_flat("time_in_out_layer").as_deref(),
-            Some("time_in.out_layer")
-        );
+        assert_eq!(bfl_linear_from_flat("double_blocks_12_txt_mod_lin").as_deref(), Some("double_blocks.12.txt_mod.lin"));
+        assert_eq!(bfl_linear_from_flat("single_blocks_3_modulation_lin").as_deref(), Some("single_blocks.3.modulation.lin"));
+        assert_eq!(bfl_linear_from_flat("final_layer_adaLN_modulation_1").as_deref(), Some("final_layer.adaLN_modulation.1"));
+        assert_eq!(bfl_linear_from_flat("time_in_out_layer").as_deref(), Some("time_in.out_layer"));
         assert_eq!(bfl_linear_from_flat("double_blocks_01_img_attn_qkv"), None);
-        assert_eq!(
-            bfl_linear_from_flat("single_blocks_3_norm_query_norm"),
-            None
-        );
+        assert_eq!(bfl_linear_from_flat("single_blocks_3_norm_query_norm"), None);
     }
 }

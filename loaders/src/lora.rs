@@ -78,6 +78,9 @@ pub struct LoraAdapter {
     /// Base tensors the adapter replaces outright, by internal (BFL) name: BFL control LoRAs
     /// carry new `*.norm.{query,key}_norm.scale` values. Empty for the other layouts.
     pub replacements: Vec<(String, HostTensor)>,
+    /// Modules left out because the engine has nothing to apply them to: the text-encoder parts
+    /// (`lora_te*`) of kohya adapters, since the engine's text embedding is fixed.
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,15 +110,11 @@ const SUFFIXES: [(&str, Option<Family>, Role); 6] = [
 ];
 
 fn split_key(key: &str) -> Option<(&str, Option<Family>, Role)> {
-    SUFFIXES
-        .iter()
-        .find_map(|&(suffix, family, role)| Some((key.strip_suffix(suffix)?, family, role)))
+    SUFFIXES.iter().find_map(|&(suffix, family, role)| Some((key.strip_suffix(suffix)?, family, role)))
 }
 
 fn suffix(family: Family, role: Role) -> &'static str {
-    let found = SUFFIXES
-        .iter()
-        .find(|&&(_, f, r)| r == role && f.is_none_or(|f| f == family));
+    let found = SUFFIXES.iter().find(|&&(_, f, r)| r == role && f.is_none_or(|f| f == family));
     found.expect("every family has down and up suffixes").0
 }
 
@@ -153,10 +152,7 @@ impl LoraAdapter {
     pub fn from_checkpoint(ckpt: &Checkpoint, hidden_size: usize) -> Result<LoraAdapter> {
         let path = ckpt.path();
         if !ckpt.names().any(is_lora_key) {
-            return Err(Error::invalid(
-                path,
-                "no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)",
-            ));
+            return Err(Error::invalid(path, "no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)"));
         }
         let mut family: Option<(Family, &str)> = None;
         let mut others = Vec::new();
@@ -169,12 +165,7 @@ impl LoraAdapter {
             match (family, key_family) {
                 (None, Some(f)) => family = Some((f, key)),
                 (Some((f, first)), Some(g)) if f != g => {
-                    return Err(Error::invalid(
-                        path,
-                        format!(
-                        "mixes lora_A/lora_B and lora_down/lora_up keys ('{first}' and '{key}')"
-                    ),
-                    ))
+                    return Err(Error::invalid(path, format!("mixes lora_A/lora_B and lora_down/lora_up keys ('{first}' and '{key}')")))
                 }
                 _ => {}
             }
@@ -192,31 +183,25 @@ impl LoraAdapter {
             Family::DownUp => LoraLayout::Kohya,
             Family::AB => detect_ab(ckpt, &modules)?,
         };
+        let skipped: Vec<String> = match layout {
+            LoraLayout::Kohya => modules.keys().filter(|m| m.starts_with("lora_te")).map(|m| m.to_string()).collect(),
+            LoraLayout::Peft | LoraLayout::Bfl => Vec::new(),
+        };
+        if skipped.len() == modules.len() {
+            return Err(Error::invalid(
+                path,
+                format!("adapts only text encoders ('{}', ...); this engine runs none (its text embedding is fixed)", skipped[0]),
+            ));
+        }
+        modules.retain(|m, _| !m.starts_with("lora_te") || layout != LoraLayout::Kohya);
         let config = match layout {
             LoraLayout::Peft => AdapterConfig::from_metadata(ckpt)?,
             LoraLayout::Kohya | LoraLayout::Bfl => None,
         };
-        let reader = PartReader {
-            ckpt,
-            layout,
-            family,
-            config,
-            hidden_size,
-        };
-        let parts = modules
-            .iter()
-            .map(|(module, slots)| reader.part(module, slots))
-            .collect::<Result<Vec<_>>>()?;
-        let replacements = others
-            .into_iter()
-            .map(|key| replacement(ckpt, layout, key))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LoraAdapter {
-            path: path.to_path_buf(),
-            layout,
-            parts,
-            replacements,
-        })
+        let reader = PartReader { ckpt, layout, family, config, hidden_size };
+        let parts = modules.iter().map(|(module, slots)| reader.part(module, slots)).collect::<Result<Vec<_>>>()?;
+        let replacements = others.into_iter().map(|key| replacement(ckpt, layout, key)).collect::<Result<Vec<_>>>()?;
+        Ok(LoraAdapter { path: path.to_path_buf(), layout, parts, replacements, skipped })
     }
 
     /// The largest rank over the parts.
@@ -226,10 +211,7 @@ impl LoraAdapter {
 
     /// Trainable parameters: every element of every down, up and bias.
     pub fn parameter_count(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| p.down.len() + p.up.len() + p.up_bias.as_ref().map_or(0, HostTensor::len))
-            .sum()
+        self.parts.iter().map(|p| p.down.len() + p.up.len() + p.up_bias.as_ref().map_or(0, HostTensor::len)).sum()
     }
 }
 
@@ -250,27 +232,15 @@ fn replacement(ckpt: &Checkpoint, layout: LoraLayout, key: &str) -> Result<(Stri
 
 /// lora_A/lora_B files name modules either BFL's way or diffusers' way; the names decide.
 fn detect_ab(ckpt: &Checkpoint, modules: &BTreeMap<&str, Slots>) -> Result<LoraLayout> {
-    let first = |is: fn(&str) -> bool| {
-        modules
-            .iter()
-            .find(|(m, _)| is(keymap::strip_prefix(m)))
-            .map(|(_, s)| s.any_key())
-    };
+    let first = |is: fn(&str) -> bool| modules.iter().find(|(m, _)| is(keymap::strip_prefix(m))).map(|(_, s)| s.any_key());
     let bfl = first(|m| keymap::bfl_module(m).is_some());
     let diffusers = first(|m| keymap::diffusers_module(m).is_some());
     match (bfl, diffusers) {
-        (Some(a), Some(b)) => Err(Error::invalid(
-            ckpt.path(),
-            format!("mixes BFL ('{a}') and diffusers ('{b}') module names"),
-        )),
+        (Some(a), Some(b)) => Err(Error::invalid(ckpt.path(), format!("mixes BFL ('{a}') and diffusers ('{b}') module names"))),
         (Some(_), None) => Ok(LoraLayout::Bfl),
         (None, Some(_)) => Ok(LoraLayout::Peft),
         (None, None) => {
-            let key = modules
-                .values()
-                .next()
-                .expect("at least one LoRA key was seen")
-                .any_key();
+            let key = modules.values().next().expect("at least one LoRA key was seen").any_key();
             Err(Error::invalid(ckpt.path(), format!("'{key}' adapts no FLUX transformer module (neither a BFL nor a diffusers name)")))
         }
     }
@@ -281,19 +251,11 @@ fn target(layout: LoraLayout, module: &str) -> std::result::Result<(String, Plac
     let not_flux = || format!("'{module}' is not a FLUX transformer module ({layout} layout)");
     let linear = |kind: Kind, bfl: String, place: Place| match kind {
         Kind::Linear => Ok((bfl, place)),
-        Kind::Norm => Err(format!(
-            "'{module}' is a norm, not a linear layer; LoRA cannot adapt it"
-        )),
+        Kind::Norm => Err(format!("'{module}' is a norm, not a linear layer; LoRA cannot adapt it")),
     };
     match layout {
         LoraLayout::Kohya => {
-            if module.starts_with("lora_te") {
-                return Err(format!("'{module}' adapts a text encoder; this engine runs none (its text embedding is fixed)"));
-            }
-            let bfl = module
-                .strip_prefix("lora_unet_")
-                .and_then(keymap::bfl_linear_from_flat)
-                .ok_or_else(not_flux)?;
+            let bfl = module.strip_prefix("lora_unet_").and_then(keymap::bfl_linear_from_flat).ok_or_else(not_flux)?;
             Ok((bfl, Place::Whole))
         }
         LoraLayout::Bfl => {
@@ -321,18 +283,12 @@ impl PartReader<'_> {
         let path = self.ckpt.path();
         let fail = |reason: String| Error::invalid(path, reason);
         let require = |slot: Option<&str>, role: Role| {
-            slot.map(str::to_string).ok_or_else(|| {
-                fail(format!(
-                    "'{module}{}' is missing (found '{}')",
-                    suffix(self.family, role),
-                    slots.any_key()
-                ))
-            })
+            slot.map(str::to_string)
+                .ok_or_else(|| fail(format!("'{module}{}' is missing (found '{}')", suffix(self.family, role), slots.any_key())))
         };
         let down_key = require(slots.down, Role::Down)?;
         let up_key = require(slots.up, Role::Up)?;
-        let (bfl, place) = target(self.layout, module)
-            .map_err(|reason| fail(format!("{reason} (key '{}')", slots.any_key())))?;
+        let (bfl, place) = target(self.layout, module).map_err(|reason| fail(format!("{reason} (key '{}')", slots.any_key())))?;
 
         let down = self.ckpt.read(&down_key)?;
         let mut up = self.ckpt.read(&up_key)?;
@@ -349,10 +305,7 @@ impl PartReader<'_> {
             Some(key) => {
                 let bias = self.ckpt.read(key)?;
                 if bias.shape != [out_len] {
-                    return Err(fail(format!(
-                        "'{key}' is {:?}; expected [{out_len}] to match '{up_key}'",
-                        bias.shape
-                    )));
+                    return Err(fail(format!("'{key}' is {:?}; expected [{out_len}] to match '{up_key}'", bias.shape)));
                 }
                 Some(bias)
             }
@@ -361,54 +314,34 @@ impl PartReader<'_> {
         let scale = match slots.alpha {
             Some(key) => self.alpha(key)? / rank as f32,
             None => match &self.config {
-                Some(config) => config
-                    .scale(keymap::strip_prefix(module), rank)
-                    .map_err(|reason| fail(format!("{reason} (key '{down_key}')")))?,
+                Some(config) => {
+                    config.scale(keymap::strip_prefix(module), rank).map_err(|reason| fail(format!("{reason} (key '{down_key}')")))?
+                }
                 None => 1.0,
             },
         };
         let out_offset = match place {
             Place::Whole => 0,
-            Place::Rows { index, .. } => index.checked_mul(self.hidden_size).ok_or_else(|| {
-                fail(format!(
-                    "hidden size {} is too large to place '{module}'",
-                    self.hidden_size
-                ))
-            })?,
+            Place::Rows { index, .. } => index
+                .checked_mul(self.hidden_size)
+                .ok_or_else(|| fail(format!("hidden size {} is too large to place '{module}'", self.hidden_size)))?,
             Place::SwapHalves => {
-                let swapped = up.swap_row_halves()
-                    && up_bias.as_mut().is_none_or(HostTensor::swap_row_halves);
+                let swapped = up.swap_row_halves() && up_bias.as_mut().is_none_or(HostTensor::swap_row_halves);
                 if !swapped {
-                    return Err(fail(format!(
-                        "'{up_key}' has {out_len} rows; they must split into (scale, shift) halves"
-                    )));
+                    return Err(fail(format!("'{up_key}' has {out_len} rows; they must split into (scale, shift) halves")));
                 }
                 0
             }
         };
-        Ok(LoraPart {
-            target: bfl,
-            out_offset,
-            down,
-            up,
-            up_bias,
-            scale,
-            source: module.to_string(),
-        })
+        Ok(LoraPart { target: bfl, out_offset, down, up, up_bias, scale, source: module.to_string() })
     }
 
     fn alpha(&self, key: &str) -> Result<f32> {
         let t = self.ckpt.read(key)?;
         match t.to_f32()[..] {
             [alpha] if alpha.is_finite() => Ok(alpha),
-            [alpha] => Err(Error::invalid(
-                self.ckpt.path(),
-                format!("'{key}' is {alpha}; alpha must be finite"),
-            )),
-            _ => Err(Error::invalid(
-                self.ckpt.path(),
-                format!("'{key}' has shape {:?}; alpha must be a scalar", t.shape),
-            )),
+            [alpha] => Err(Error::invalid(self.ckpt.path(), format!("'{key}' is {alpha}; alpha must be finite"))),
+            _ => Err(Error::invalid(self.ckpt.path(), format!("'{key}' has shape {:?}; alpha must be a scalar", t.shape))),
         }
     }
 }
@@ -433,53 +366,28 @@ impl AdapterConfig {
         let Some(text) = ckpt.metadata().get(ADAPTER_METADATA) else {
             return Ok(None);
         };
-        let bad = |reason: String| {
-            Error::invalid(
-                ckpt.path(),
-                format!("__metadata__ '{ADAPTER_METADATA}': {reason}"),
-            )
-        };
-        let fields: OrderedMap<&RawValue> =
-            serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let bad = |reason: String| Error::invalid(ckpt.path(), format!("__metadata__ '{ADAPTER_METADATA}': {reason}"));
+        let fields: OrderedMap<&RawValue> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         // peft's defaults, which is what diffusers would instantiate for absent fields.
-        let mut config = AdapterConfig {
-            r: 8,
-            alpha: 8.0,
-            rank_pattern: vec![],
-            alpha_pattern: vec![],
-            rslora: false,
-        };
+        let mut config = AdapterConfig { r: 8, alpha: 8.0, rank_pattern: vec![], alpha_pattern: vec![], rslora: false };
         for (key, raw) in &fields.0 {
             let field = key.strip_prefix("transformer.").unwrap_or(key);
             let parse_err = |e: serde_json::Error| bad(format!("field '{key}': {e}"));
             match field {
                 "r" => config.r = serde_json::from_str(raw.get()).map_err(parse_err)?,
-                "lora_alpha" => {
-                    config.alpha = serde_json::from_str(raw.get()).map_err(parse_err)?
-                }
+                "lora_alpha" => config.alpha = serde_json::from_str(raw.get()).map_err(parse_err)?,
                 "rank_pattern" => config.rank_pattern = patterns(raw).map_err(parse_err)?,
                 "alpha_pattern" => config.alpha_pattern = patterns(raw).map_err(parse_err)?,
-                "use_rslora" => {
-                    config.rslora = serde_json::from_str(raw.get()).map_err(parse_err)?
-                }
+                "use_rslora" => config.rslora = serde_json::from_str(raw.get()).map_err(parse_err)?,
                 "use_dora" if serde_json::from_str(raw.get()).map_err(parse_err)? => {
                     return Err(bad("DoRA adapters are not supported".into()));
                 }
                 _ => {}
             }
         }
-        let named = config
-            .rank_pattern
-            .iter()
-            .map(|(p, _)| p)
-            .chain(config.alpha_pattern.iter().map(|(p, _)| p));
-        if let Some(p) = named.into_iter().find(|p| {
-            !p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
-        }) {
-            return Err(bad(format!(
-                "pattern '{p}' is a regular expression; only module names are supported"
-            )));
+        let named = config.rank_pattern.iter().map(|(p, _)| p).chain(config.alpha_pattern.iter().map(|(p, _)| p));
+        if let Some(p) = named.into_iter().find(|p| !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')) {
+            return Err(bad(format!("pattern '{p}' is a regular expression; only module names are supported")));
         }
         if config.r == 0 || config.rank_pattern.iter().any(|(_, r)| *r == 0) {
             return Err(bad("a rank of 0".into()));
@@ -489,29 +397,17 @@ impl AdapterConfig {
 
     /// The scale of `module` (a diffusers module name) with `rank` rows in its lora_A.
     fn scale(&self, module: &str, rank: usize) -> std::result::Result<f32, String> {
-        let r = pattern_value(&self.rank_pattern, module)
-            .copied()
-            .unwrap_or(self.r);
+        let r = pattern_value(&self.rank_pattern, module).copied().unwrap_or(self.r);
         if r != rank {
-            return Err(format!(
-                "'{module}' has rank {rank} but {ADAPTER_METADATA} gives r = {r}"
-            ));
+            return Err(format!("'{module}' has rank {rank} but {ADAPTER_METADATA} gives r = {r}"));
         }
-        let alpha = pattern_value(&self.alpha_pattern, module)
-            .copied()
-            .unwrap_or(self.alpha);
+        let alpha = pattern_value(&self.alpha_pattern, module).copied().unwrap_or(self.alpha);
         let r = r as f64;
-        Ok((if self.rslora {
-            alpha / r.sqrt()
-        } else {
-            alpha / r
-        }) as f32)
+        Ok((if self.rslora { alpha / r.sqrt() } else { alpha / r }) as f32)
     }
 }
 
-fn patterns<V: for<'de> serde::Deserialize<'de>>(
-    raw: &RawValue,
-) -> serde_json::Result<Vec<(String, V)>> {
+fn patterns<V: for<'de> serde::Deserialize<'de>>(raw: &RawValue) -> serde_json::Result<Vec<(String, V)>> {
     serde_json::from_str::<OrderedMap<V>>(raw.get()).map(|m| m.0)
 }
 
@@ -519,13 +415,7 @@ fn patterns<V: for<'de> serde::Deserialize<'de>>(
 /// the module name or a dotted suffix of it. An exact name wins; otherwise the first in file order.
 fn pattern_value<'a, V>(patterns: &'a [(String, V)], module: &str) -> Option<&'a V> {
     let exact = patterns.iter().find(|(p, _)| p == module);
-    let suffix = || {
-        patterns.iter().find(|(p, _)| {
-            module
-                .strip_suffix(p.as_str())
-                .is_some_and(|head| head.ends_with('.'))
-        })
-    };
+    let suffix = || patterns.iter().find(|(p, _)| module.strip_suffix(p.as_str()).is_some_and(|head| head.ends_with('.')));
     exact.or_else(suffix).map(|(_, v)| v)
 }
 
@@ -535,27 +425,11 @@ mod tests {
 
     #[test]
     fn patterns_match_whole_dotted_suffixes_only() {
-        let p = vec![
-            ("to_q".to_string(), 1),
-            ("transformer_blocks.0.attn.to_q".to_string(), 2),
-            ("attn.to_k".to_string(), 3),
-        ];
-        assert_eq!(
-            pattern_value(&p, "transformer_blocks.0.attn.to_q"),
-            Some(&2)
-        );
-        assert_eq!(
-            pattern_value(&p, "transformer_blocks.1.attn.to_q"),
-            Some(&1)
-        );
-        assert_eq!(
-            pattern_value(&p, "single_transformer_blocks.1.attn.to_k"),
-            Some(&3)
-        );
-        assert_eq!(
-            pattern_value(&p, "transformer_blocks.1.attn.add_to_q"),
-            None
-        );
+        let p = vec![("to_q".to_string(), 1), ("transformer_blocks.0.attn.to_q".to_string(), 2), ("attn.to_k".to_string(), 3)];
+        assert_eq!(pattern_value(&p, "transformer_blocks.0.attn.to_q"), Some(&2));
+        assert_eq!(pattern_value(&p, "transformer_blocks.1.attn.to_q"), Some(&1));
+        assert_eq!(pattern_value(&p, "single_transformer_blocks.1.attn.to_k"), Some(&3));
+        assert_eq!(pattern_value(&p, "transformer_blocks.1.attn.add_to_q"), None);
         assert_eq!(pattern_value(&p, "transformer_blocks.1.attn.to_v"), None);
     }
 

@@ -195,11 +195,7 @@ impl TensorInfo {
 /// `true` when the product of the non-zero dimensions fits in `usize`: then the element count
 /// and the product over any subset of dimensions can be computed without overflow.
 pub(crate) fn shape_fits(shape: &[usize]) -> bool {
-    shape
-        .iter()
-        .filter(|&&d| d != 0)
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .is_some()
+    shape.iter().filter(|&&d| d != 0).try_fold(1usize, |acc, &d| acc.checked_mul(d)).is_some()
 }
 
 /// Where the bytes live: a file map, or a buffer handed to `from_bytes`.
@@ -260,15 +256,8 @@ impl Checkpoint {
     }
 
     fn parse(path: PathBuf, bytes: Bytes) -> Result<Checkpoint> {
-        let (data_start, tensors, metadata) =
-            parse_header(&bytes).map_err(|reason| Error::malformed(&path, reason))?;
-        Ok(Checkpoint {
-            path,
-            bytes,
-            data_start,
-            tensors,
-            metadata,
-        })
+        let (data_start, tensors, metadata) = parse_header(&bytes).map_err(|reason| Error::malformed(&path, reason))?;
+        Ok(Checkpoint { path, bytes, data_start, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -304,37 +293,22 @@ impl Checkpoint {
     /// Copies one tensor out of the file in its stored dtype. Only F32, F16 and BF16 can be
     /// read; other dtypes are an error naming the tensor and its dtype.
     pub fn read(&self, name: &str) -> Result<HostTensor> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::invalid(&self.path, format!("no tensor named '{name}'")))?;
+        let info = self.tensors.get(name).ok_or_else(|| Error::invalid(&self.path, format!("no tensor named '{name}'")))?;
         let dtype = info.dtype.stored().ok_or_else(|| {
-            Error::invalid(
-                &self.path,
-                format!(
-                    "tensor '{name}' has dtype {}; only F32, F16 and BF16 can be loaded",
-                    info.dtype
-                ),
-            )
+            Error::invalid(&self.path, format!("tensor '{name}' has dtype {}; only F32, F16 and BF16 can be loaded", info.dtype))
         })?;
-        let bytes =
-            &self.bytes[self.data_start + info.range.start..self.data_start + info.range.end];
+        let bytes = &self.bytes[self.data_start + info.range.start..self.data_start + info.range.end];
         let data = match dtype {
             DType::F32 => HostData::F32(decode(bytes, f32::from_le_bytes)),
             DType::F16 => HostData::F16(decode(bytes, |b| f16::from_bits(u16::from_le_bytes(b)))),
-            DType::BF16 => {
-                HostData::BF16(decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b))))
-            }
+            DType::BF16 => HostData::BF16(decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b)))),
         };
         Ok(HostTensor::new(info.shape.clone(), data))
     }
 }
 
 fn decode<T, const N: usize>(bytes: &[u8], from: impl Fn([u8; N]) -> T) -> Vec<T> {
-    bytes
-        .chunks_exact(N)
-        .map(|c| from(c.try_into().expect("chunks_exact yields N-byte chunks")))
-        .collect()
+    bytes.chunks_exact(N).map(|c| from(c.try_into().expect("chunks_exact yields N-byte chunks"))).collect()
 }
 
 /// The header of one tensor as written; checked against the file by `parse_header`.
@@ -346,46 +320,34 @@ struct RawTensorInfo {
     data_offsets: [usize; 2],
 }
 
-type Header = (
-    usize,
-    BTreeMap<String, TensorInfo>,
-    BTreeMap<String, String>,
-);
+type Header = (usize, BTreeMap<String, TensorInfo>, BTreeMap<String, String>);
 
 /// Validates everything about the file that does not need the tensor values. Returns the data
 /// section's start, the tensors and the metadata, or the reason the bytes are not a file.
 fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
     let file_len = bytes.len();
     let Some(len_bytes) = bytes.first_chunk::<8>() else {
-        return Err(format!(
-            "the file is {file_len} bytes, too short for the 8-byte header length"
-        ));
+        return Err(format!("the file is {file_len} bytes, too short for the 8-byte header length"));
     };
     let header_len = u64::from_le_bytes(*len_bytes);
     let room = (file_len - 8) as u64;
     if header_len > room {
-        return Err(format!(
-            "header length {header_len} exceeds the file ({file_len} bytes)"
-        ));
+        return Err(format!("header length {header_len} exceeds the file ({file_len} bytes)"));
     }
     if header_len > MAX_HEADER_LEN {
-        return Err(format!(
-            "header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes"
-        ));
+        return Err(format!("header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes"));
     }
     // Both fit: header_len <= file_len - 8.
     let data_start = 8 + header_len as usize;
-    let text = std::str::from_utf8(&bytes[8..data_start])
-        .map_err(|e| format!("header is not UTF-8: {e}"))?;
-    let entries: OrderedMap<&RawValue> =
-        serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let text = std::str::from_utf8(&bytes[8..data_start]).map_err(|e| format!("header is not UTF-8: {e}"))?;
+    let entries: OrderedMap<&RawValue> = serde_json::from_str(text).map_err(|e| format!("header is not a JSON object: {e}"))?;
 
     let mut metadata = BTreeMap::new();
     let mut tensors = BTreeMap::new();
     for (key, raw) in entries.0 {
         if key == METADATA_KEY {
-            let map: OrderedMap<String> = serde_json::from_str(raw.get())
-                .map_err(|e| format!("{METADATA_KEY} must map strings to strings: {e}"))?;
+            let map: OrderedMap<String> =
+                serde_json::from_str(raw.get()).map_err(|e| format!("{METADATA_KEY} must map strings to strings: {e}"))?;
             metadata = map.0.into_iter().collect();
             continue;
         }
@@ -411,34 +373,25 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Header, String> {
         end = stop;
     }
     if end != data_len {
-        return Err(format!(
-            "{} bytes of trailing data after the last tensor",
-            data_len - end
-        ));
+        return Err(format!("{} bytes of trailing data after the last tensor", data_len - end));
     }
     Ok((data_start, tensors, metadata))
 }
 
 fn tensor_info(name: &str, raw: &RawValue) -> std::result::Result<TensorInfo, String> {
-    let entry: RawTensorInfo =
-        serde_json::from_str(raw.get()).map_err(|e| format!("tensor '{name}': {e}"))?;
-    let dtype = FileDType::from_name(&entry.dtype)
-        .ok_or_else(|| format!("tensor '{name}' has unknown dtype '{}'", entry.dtype))?;
+    let entry: RawTensorInfo = serde_json::from_str(raw.get()).map_err(|e| format!("tensor '{name}': {e}"))?;
+    let dtype = FileDType::from_name(&entry.dtype).ok_or_else(|| format!("tensor '{name}' has unknown dtype '{}'", entry.dtype))?;
     let [start, stop] = entry.data_offsets;
     let shape = entry.shape;
     if stop < start {
-        return Err(format!(
-            "tensor '{name}' has data_offsets [{start}, {stop}] that end before they begin"
-        ));
+        return Err(format!("tensor '{name}' has data_offsets [{start}, {stop}] that end before they begin"));
     }
     let bits = shape_fits(&shape)
         .then(|| shape.iter().product::<usize>())
         .and_then(|n| n.checked_mul(dtype.bits()))
         .ok_or_else(|| format!("tensor '{name}' has shape {shape:?}, too large to address"))?;
     if bits % 8 != 0 {
-        return Err(format!(
-            "tensor '{name}' ({dtype} {shape:?}) does not fill whole bytes"
-        ));
+        return Err(format!("tensor '{name}' ({dtype} {shape:?}) does not fill whole bytes"));
     }
     if stop - start != bits / 8 {
         return Err(format!(
@@ -447,11 +400,7 @@ fn tensor_info(name: &str, raw: &RawValue) -> std::result::Result<TensorInfo, St
             stop - start
         ));
     }
-    Ok(TensorInfo {
-        dtype,
-        shape,
-        range: start..stop,
-    })
+    Ok(TensorInfo { dtype, shape, range: start..stop })
 }
 
 /// A JSON object in file order, refusing repeated keys (serde_json alone keeps the last).
@@ -465,17 +414,12 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
                 let mut seen = HashSet::new();
                 let mut entries = Vec::new();
                 while let Some(key) = map.next_key::<String>()? {
                     if !seen.insert(key.clone()) {
-                        return Err(serde::de::Error::custom(format_args!(
-                            "duplicate key '{key}'"
-                        )));
+                        return Err(serde::de::Error::custom(format_args!("duplicate key '{key}'")));
                     }
                     entries.push((key, map.next_value()?));
                 }
@@ -489,16 +433,9 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
 /// Writes a safetensors file atomically: into a temp file beside `path`, fsync, rename over
 /// `path`, fsync the directory. A crash leaves either the old file or the new one, never half
 /// of one. An existing `path` is an error unless `overwrite`.
-pub fn write(
-    path: &Path,
-    tensors: &[(&str, &HostTensor)],
-    metadata: &BTreeMap<String, String>,
-    overwrite: bool,
-) -> Result<()> {
+pub fn write(path: &Path, tensors: &[(&str, &HostTensor)], metadata: &BTreeMap<String, String>, overwrite: bool) -> Result<()> {
     if !overwrite && path.exists() {
-        return Err(Error::Exists {
-            path: path.to_path_buf(),
-        });
+        return Err(Error::Exists { path: path.to_path_buf() });
     }
     let header = header_json(tensors, metadata).map_err(|reason| Error::invalid(path, reason))?;
 
@@ -518,31 +455,21 @@ pub fn write(
     })();
     drop(out);
     written.map_err(|e| Error::io(&temp.path, "write", e))?;
-    temp.file
-        .sync_all()
-        .map_err(|e| Error::io(&temp.path, "fsync", e))?;
+    temp.file.sync_all().map_err(|e| Error::io(&temp.path, "fsync", e))?;
     temp.persist(path)
 }
 
 /// The JSON header, padded with spaces to a multiple of 8 bytes so that the data section starts
 /// aligned (as the reference writer does). Errors name the offending tensor.
-fn header_json(
-    tensors: &[(&str, &HostTensor)],
-    metadata: &BTreeMap<String, String>,
-) -> std::result::Result<String, String> {
+fn header_json(tensors: &[(&str, &HostTensor)], metadata: &BTreeMap<String, String>) -> std::result::Result<String, String> {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
-        map.insert(
-            METADATA_KEY.into(),
-            serde_json::to_value(metadata).map_err(|e| e.to_string())?,
-        );
+        map.insert(METADATA_KEY.into(), serde_json::to_value(metadata).map_err(|e| e.to_string())?);
     }
     let mut offset = 0usize;
     for (name, t) in tensors {
         if *name == METADATA_KEY {
-            return Err(format!(
-                "'{METADATA_KEY}' is reserved and cannot name a tensor"
-            ));
+            return Err(format!("'{METADATA_KEY}' is reserved and cannot name a tensor"));
         }
         let end = offset + t.len() * t.dtype().size();
         let entry = serde_json::json!({
@@ -561,11 +488,7 @@ fn header_json(
     Ok(json)
 }
 
-fn write_le<T, const N: usize>(
-    out: &mut impl Write,
-    data: &[T],
-    to_le: impl Fn(&T) -> [u8; N],
-) -> std::io::Result<()> {
+fn write_le<T, const N: usize>(out: &mut impl Write, data: &[T], to_le: impl Fn(&T) -> [u8; N]) -> std::io::Result<()> {
     // Chunked so that a multi-GB tensor is never duplicated as bytes in memory.
     let mut buf = Vec::with_capacity(1 << 16);
     for chunk in data.chunks((1 << 16) / N) {
@@ -586,31 +509,15 @@ struct TempFile {
 impl TempFile {
     fn create(target: &Path) -> Result<TempFile> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::invalid(target, "not a file name"))?
-            .to_string_lossy();
-        let unique = format!(
-            ".{name}.{}.{}.tmp",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = target.file_name().ok_or_else(|| Error::invalid(target, "not a file name"))?.to_string_lossy();
+        let unique = format!(".{name}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let path = target.with_file_name(unique);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(target, "create its temp file", e))?;
-        Ok(TempFile {
-            path,
-            file,
-            persisted: false,
-        })
+        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| Error::io(target, "create its temp file", e))?;
+        Ok(TempFile { path, file, persisted: false })
     }
 
     fn persist(mut self, target: &Path) -> Result<()> {
-        fs::rename(&self.path, target)
-            .map_err(|e| Error::io(target, "rename a temp file onto", e))?;
+        fs::rename(&self.path, target).map_err(|e| Error::io(target, "rename a temp file onto", e))?;
         self.persisted = true;
         // The rename is durable only once the directory entry is on disk.
         #[cfg(unix)]
@@ -619,9 +526,7 @@ impl TempFile {
                 Some(p) if !p.as_os_str().is_empty() => p,
                 _ => Path::new("."),
             };
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(dir, "fsync the directory", e))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, "fsync the directory", e))?;
         }
         Ok(())
     }
@@ -663,14 +568,7 @@ mod tests {
             assert_eq!(FileDType::from_name(d.name()), Some(d));
         }
         assert_eq!(FileDType::from_name("f32"), None);
-        assert_eq!(
-            (
-                FileDType::BF16.bits(),
-                FileDType::F8_E4M3.bits(),
-                FileDType::C64.bits()
-            ),
-            (16, 8, 64)
-        );
+        assert_eq!((FileDType::BF16.bits(), FileDType::F8_E4M3.bits(), FileDType::C64.bits()), (16, 8, 64));
         assert_eq!(FileDType::I32.stored(), None);
         assert_eq!(FileDType::BF16.stored(), Some(DType::BF16));
     }
@@ -681,10 +579,7 @@ mod tests {
         for name in ["a", "ab", "abc", "abcdefgh"] {
             let json = header_json(&[(name, &t)], &BTreeMap::new()).unwrap();
             assert_eq!(json.len() % 8, 0, "{json:?}");
-            assert_eq!(
-                json.trim_end(),
-                format!(r#"{{"{name}":{{"data_offsets":[0,4],"dtype":"F32","shape":[1]}}}}"#)
-            );
+            assert_eq!(json.trim_end(), format!(r#"{{"{name}":{{"data_offsets":[0,4],"dtype":"F32","shape":[1]}}}}"#));
         }
     }
 }

@@ -22,10 +22,7 @@ fn diffusers_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
         ("transformer_blocks.0.attn.to_k.bias", &[H]),
         ("transformer_blocks.0.attn.to_v.bias", &[H]),
         ("transformer_blocks.0.attn.norm_added_k.weight", &[1]),
-        (
-            "transformer_blocks.0.ff_context.net.0.proj.weight",
-            &[4 * H, H],
-        ),
+        ("transformer_blocks.0.ff_context.net.0.proj.weight", &[4 * H, H]),
         ("single_transformer_blocks.0.attn.to_q.weight", &[H, H]),
         ("single_transformer_blocks.0.attn.to_k.weight", &[H, H]),
         ("single_transformer_blocks.0.attn.to_v.weight", &[H, H]),
@@ -37,21 +34,12 @@ fn diffusers_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
     specs
         .iter()
         .enumerate()
-        .map(|(k, (name, shape))| {
-            (
-                format!("transformer.{name}"),
-                shape.to_vec(),
-                iota(shape.iter().product(), 100.0 * k as f32),
-            )
-        })
+        .map(|(k, (name, shape))| (format!("transformer.{name}"), shape.to_vec(), iota(shape.iter().product(), 100.0 * k as f32)))
         .collect()
 }
 
 fn file_of(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
-    let refs: Vec<(&str, &[usize], &[f32])> = tensors
-        .iter()
-        .map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice()))
-        .collect();
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice())).collect();
     f32_file(&refs, &[])
 }
 
@@ -86,10 +74,7 @@ fn split_projections_fuse_in_q_k_v_order() {
     // comes from part r / 2, its own row r % 2.
     let qkv = f.load("double_blocks.0.img_attn.qkv.weight").unwrap();
     assert_eq!(qkv.shape, [3 * H, H]);
-    assert_eq!(
-        f.shape("double_blocks.0.img_attn.qkv.weight").unwrap(),
-        qkv.shape
-    );
+    assert_eq!(f.shape("double_blocks.0.img_attn.qkv.weight").unwrap(), qkv.shape);
     let mut expected = Vec::new();
     for r in 0..3 * H {
         for c in 0..H {
@@ -97,12 +82,7 @@ fn split_projections_fuse_in_q_k_v_order() {
         }
     }
     assert_eq!(qkv.to_f32(), expected);
-    assert_eq!(
-        f.load("double_blocks.0.img_attn.qkv.bias")
-            .unwrap()
-            .to_f32(),
-        [400.0, 401.0, 500.0, 501.0, 600.0, 601.0]
-    );
+    assert_eq!(f.load("double_blocks.0.img_attn.qkv.bias").unwrap().to_f32(), [400.0, 401.0, 500.0, 501.0, 600.0, 601.0]);
     assert_eq!(
         f.source("double_blocks.0.img_attn.qkv.weight").unwrap(),
         "transformer.transformer_blocks.0.attn.to_q.weight + attn.to_k + attn.to_v"
@@ -124,48 +104,22 @@ fn final_modulation_halves_are_swapped() {
     // norm_out.linear is tensor 13: rows (scale0, scale1, shift0, shift1) of 2 values each.
     let w = f.load("final_layer.adaLN_modulation.1.weight").unwrap();
     assert_eq!(w.shape, [2 * H, H]);
-    assert_eq!(
-        w.to_f32(),
-        [1304.0, 1305.0, 1306.0, 1307.0, 1300.0, 1301.0, 1302.0, 1303.0]
-    );
+    assert_eq!(w.to_f32(), [1304.0, 1305.0, 1306.0, 1307.0, 1300.0, 1301.0, 1302.0, 1303.0]);
     let b = f.load("final_layer.adaLN_modulation.1.bias").unwrap();
     assert_eq!(b.to_f32(), [1402.0, 1403.0, 1400.0, 1401.0]);
-    assert_eq!(
-        f.source("final_layer.adaLN_modulation.1.bias").unwrap(),
-        "transformer.norm_out.linear.bias (halves swapped)"
-    );
+    assert_eq!(f.source("final_layer.adaLN_modulation.1.bias").unwrap(), "transformer.norm_out.linear.bias (halves swapped)");
     // Plain renames keep their values.
-    assert_eq!(
-        f.load("final_layer.linear.weight").unwrap().to_f32(),
-        iota(3 * H, 1500.0)
-    );
-    assert_eq!(
-        f.load("double_blocks.0.txt_attn.norm.key_norm.scale")
-            .unwrap()
-            .to_f32(),
-        [700.0]
-    );
+    assert_eq!(f.load("final_layer.linear.weight").unwrap().to_f32(), iota(3 * H, 1500.0));
+    assert_eq!(f.load("double_blocks.0.txt_attn.norm.key_norm.scale").unwrap().to_f32(), [700.0]);
 }
 
 #[test]
 fn bfl_files_keep_their_names_without_the_comfyui_prefix() {
     let bytes = f32_file(
         &[
-            (
-                "model.diffusion_model.double_blocks.3.img_attn.qkv.weight",
-                &[6, 2],
-                &iota(12, 0.0),
-            ),
-            (
-                "model.diffusion_model.double_blocks.3.img_attn.norm.query_norm.scale",
-                &[2],
-                &[1.0, 2.0],
-            ),
-            (
-                "model.diffusion_model.single_blocks.0.modulation.lin.bias",
-                &[6],
-                &iota(6, 50.0),
-            ),
+            ("model.diffusion_model.double_blocks.3.img_attn.qkv.weight", &[6, 2], &iota(12, 0.0)),
+            ("model.diffusion_model.double_blocks.3.img_attn.norm.query_norm.scale", &[2], &[1.0, 2.0]),
+            ("model.diffusion_model.single_blocks.0.modulation.lin.bias", &[6], &iota(6, 50.0)),
         ],
         &[],
     );
@@ -173,157 +127,67 @@ fn bfl_files_keep_their_names_without_the_comfyui_prefix() {
     assert_eq!(f.layout(), Layout::Bfl);
     assert_eq!(
         f.names().collect::<Vec<_>>(),
-        [
-            "double_blocks.3.img_attn.norm.query_norm.scale",
-            "double_blocks.3.img_attn.qkv.weight",
-            "single_blocks.0.modulation.lin.bias"
-        ]
+        ["double_blocks.3.img_attn.norm.query_norm.scale", "double_blocks.3.img_attn.qkv.weight", "single_blocks.0.modulation.lin.bias"]
     );
-    assert_eq!(
-        f.load("double_blocks.3.img_attn.qkv.weight")
-            .unwrap()
-            .to_f32(),
-        iota(12, 0.0)
-    );
-    assert_eq!(
-        f.source("single_blocks.0.modulation.lin.bias").unwrap(),
-        "model.diffusion_model.single_blocks.0.modulation.lin.bias"
-    );
+    assert_eq!(f.load("double_blocks.3.img_attn.qkv.weight").unwrap().to_f32(), iota(12, 0.0));
+    assert_eq!(f.source("single_blocks.0.modulation.lin.bias").unwrap(), "model.diffusion_model.single_blocks.0.modulation.lin.bias");
 }
 
 fn err(tensors: &[(&str, &[usize], &[f32])]) -> String {
-    message(
-        flux("bad.safetensors", f32_file(tensors, &[])),
-        "bad.safetensors",
-    )
+    message(flux("bad.safetensors", f32_file(tensors, &[])), "bad.safetensors")
 }
 
 #[test]
 fn unmappable_keys_are_errors() {
-    let msg = err(&[
-        ("transformer_blocks.0.attn.to_x.weight", &[1], &[0.0]),
-        ("x_embedder.weight", &[1], &[0.0]),
-    ]);
-    assert!(
-        msg.contains(
-            "unexpected tensor 'transformer_blocks.0.attn.to_x.weight' (diffusers layout)"
-        ),
-        "{msg}"
-    );
+    let msg = err(&[("transformer_blocks.0.attn.to_x.weight", &[1], &[0.0]), ("x_embedder.weight", &[1], &[0.0])]);
+    assert!(msg.contains("unexpected tensor 'transformer_blocks.0.attn.to_x.weight' (diffusers layout)"), "{msg}");
     let msg = err(&[("double_blocks.0.img_attn.qkv.scale", &[1], &[0.0])]);
-    assert!(
-        msg.contains("unexpected tensor 'double_blocks.0.img_attn.qkv.scale' (BFL layout)"),
-        "{msg}"
-    );
+    assert!(msg.contains("unexpected tensor 'double_blocks.0.img_attn.qkv.scale' (BFL layout)"), "{msg}");
     let msg = err(&[("transformer_blocks.0.attn.norm_q.bias", &[1], &[0.0])]);
-    assert!(
-        msg.contains("unexpected tensor 'transformer_blocks.0.attn.norm_q.bias'"),
-        "{msg}"
-    );
-    let msg = err(&[
-        ("img_in.weight", &[1], &[0.0]),
-        ("x_embedder.weight", &[1], &[0.0]),
-    ]);
-    assert!(
-        msg.contains("mixes BFL ('img_in.weight') and diffusers ('x_embedder.weight')"),
-        "{msg}"
-    );
+    assert!(msg.contains("unexpected tensor 'transformer_blocks.0.attn.norm_q.bias'"), "{msg}");
+    let msg = err(&[("img_in.weight", &[1], &[0.0]), ("x_embedder.weight", &[1], &[0.0])]);
+    assert!(msg.contains("mixes BFL ('img_in.weight') and diffusers ('x_embedder.weight')"), "{msg}");
     let msg = err(&[("encoder.conv_in.weight", &[1], &[0.0])]);
-    assert!(
-        msg.contains("not a FLUX transformer") && msg.contains("'encoder.conv_in.weight'"),
-        "{msg}"
-    );
-    let msg = err(&[
-        ("img_in.weight", &[1], &[0.0]),
-        ("model.diffusion_model.img_in.weight", &[1], &[0.0]),
-    ]);
+    assert!(msg.contains("not a FLUX transformer") && msg.contains("'encoder.conv_in.weight'"), "{msg}");
+    let msg = err(&[("img_in.weight", &[1], &[0.0]), ("model.diffusion_model.img_in.weight", &[1], &[0.0])]);
     assert!(msg.contains("both map to 'img_in.weight'"), "{msg}");
 }
 
 #[test]
 fn lora_files_are_pointed_to_the_lora_flag() {
-    let msg = err(&[
-        ("transformer.x_embedder.lora_A.weight", &[1, 1], &[0.0]),
-        ("transformer.x_embedder.lora_B.weight", &[1, 1], &[0.0]),
-    ]);
+    let msg = err(&[("transformer.x_embedder.lora_A.weight", &[1, 1], &[0.0]), ("transformer.x_embedder.lora_B.weight", &[1, 1], &[0.0])]);
     assert!(msg.contains("--lora"), "{msg}");
 }
 
 #[test]
 fn incomplete_or_mismatched_groups_name_the_keys() {
     let msg = err(&[
-        (
-            "transformer.transformer_blocks.1.attn.to_q.weight",
-            &[2, 2],
-            &[0.0; 4],
-        ),
-        (
-            "transformer.transformer_blocks.1.attn.to_v.weight",
-            &[2, 2],
-            &[0.0; 4],
-        ),
+        ("transformer.transformer_blocks.1.attn.to_q.weight", &[2, 2], &[0.0; 4]),
+        ("transformer.transformer_blocks.1.attn.to_v.weight", &[2, 2], &[0.0; 4]),
     ]);
-    assert!(
-        msg.contains("'transformer.transformer_blocks.1.attn.to_k.weight' is missing"),
-        "{msg}"
-    );
+    assert!(msg.contains("'transformer.transformer_blocks.1.attn.to_k.weight' is missing"), "{msg}");
     assert!(msg.contains("double_blocks.1.img_attn.qkv.weight"), "{msg}");
 
     let msg = err(&[
-        (
-            "single_transformer_blocks.0.attn.to_q.weight",
-            &[2, 2],
-            &[0.0; 4],
-        ),
-        (
-            "single_transformer_blocks.0.attn.to_k.weight",
-            &[2, 3],
-            &[0.0; 6],
-        ),
-        (
-            "single_transformer_blocks.0.attn.to_v.weight",
-            &[2, 2],
-            &[0.0; 4],
-        ),
-        (
-            "single_transformer_blocks.0.proj_mlp.weight",
-            &[8, 2],
-            &[0.0; 16],
-        ),
+        ("single_transformer_blocks.0.attn.to_q.weight", &[2, 2], &[0.0; 4]),
+        ("single_transformer_blocks.0.attn.to_k.weight", &[2, 3], &[0.0; 6]),
+        ("single_transformer_blocks.0.attn.to_v.weight", &[2, 2], &[0.0; 4]),
+        ("single_transformer_blocks.0.proj_mlp.weight", &[8, 2], &[0.0; 16]),
     ]);
-    assert!(
-        msg.contains("'single_transformer_blocks.0.attn.to_q.weight' (F32 [2, 2])"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("'single_transformer_blocks.0.attn.to_k.weight' (F32 [2, 3])"),
-        "{msg}"
-    );
+    assert!(msg.contains("'single_transformer_blocks.0.attn.to_q.weight' (F32 [2, 2])"), "{msg}");
+    assert!(msg.contains("'single_transformer_blocks.0.attn.to_k.weight' (F32 [2, 3])"), "{msg}");
 
-    let msg = err(&[
-        ("norm_out.linear.weight", &[3, 2], &[0.0; 6]),
-        ("x_embedder.weight", &[1], &[0.0]),
-    ]);
-    assert!(
-        msg.contains("'norm_out.linear.weight' has shape [3, 2]"),
-        "{msg}"
-    );
+    let msg = err(&[("norm_out.linear.weight", &[3, 2], &[0.0; 6]), ("x_embedder.weight", &[1], &[0.0])]);
+    assert!(msg.contains("'norm_out.linear.weight' has shape [3, 2]"), "{msg}");
 }
 
 #[test]
 fn fused_parts_must_share_a_dtype() {
-    let q =
-        r#""transformer_blocks.0.attn.to_q.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
+    let q = r#""transformer_blocks.0.attn.to_q.bias":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}"#;
     let k = r#""transformer_blocks.0.attn.to_k.bias":{"dtype":"BF16","shape":[2],"data_offsets":[8,12]}"#;
     let v = r#""transformer_blocks.0.attn.to_v.bias":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}"#;
-    let msg = message(
-        flux("dt.safetensors", raw(&format!("{{{q},{k},{v}}}"), &[0; 20])),
-        "dt.safetensors",
-    );
-    assert!(
-        msg.contains("(BF16 [2])") && msg.contains("cannot fuse"),
-        "{msg}"
-    );
+    let msg = message(flux("dt.safetensors", raw(&format!("{{{q},{k},{v}}}"), &[0; 20])), "dt.safetensors");
+    assert!(msg.contains("(BF16 [2])") && msg.contains("cannot fuse"), "{msg}");
 }
 
 #[test]
@@ -332,8 +196,5 @@ fn unsupported_dtypes_fail_at_load_naming_the_key() {
     let f = flux("fp8.safetensors", raw(header, &[0, 0])).unwrap();
     assert_eq!(f.dtype("img_in.weight"), Some(FileDType::F8_E4M3));
     let msg = message(f.load("img_in.weight"), "fp8.safetensors");
-    assert!(
-        msg.contains("'img_in.weight'") && msg.contains("F8_E4M3"),
-        "{msg}"
-    );
+    assert!(msg.contains("'img_in.weight'") && msg.contains("F8_E4M3"), "{msg}");
 }

@@ -9,24 +9,9 @@ use loaders::{HostData, HostTensor};
 
 fn sample_tensors() -> Vec<(&'static str, HostTensor)> {
     vec![
-        (
-            "w32",
-            HostTensor::from_f32(vec![2, 3], vec![1.0, -2.5, 3.25, 0.0, 1e-8, -7.0]),
-        ),
-        (
-            "b16",
-            HostTensor::new(
-                vec![3],
-                HostData::BF16([1.5, -2.0, 0.125].map(bf16::from_f32).to_vec()),
-            ),
-        ),
-        (
-            "h16",
-            HostTensor::new(
-                vec![1, 2],
-                HostData::F16([0.5, 65504.0].map(f16::from_f32).to_vec()),
-            ),
-        ),
+        ("w32", HostTensor::from_f32(vec![2, 3], vec![1.0, -2.5, 3.25, 0.0, 1e-8, -7.0])),
+        ("b16", HostTensor::new(vec![3], HostData::BF16([1.5, -2.0, 0.125].map(bf16::from_f32).to_vec()))),
+        ("h16", HostTensor::new(vec![1, 2], HostData::F16([0.5, 65504.0].map(f16::from_f32).to_vec()))),
         ("scalar", HostTensor::from_f32(vec![], vec![42.0])),
         ("empty", HostTensor::from_f32(vec![0, 5], vec![])),
     ]
@@ -38,17 +23,11 @@ fn written_files_read_back_and_match_the_reference_crate() {
     let path = dir.path().join("out.safetensors");
     let tensors = sample_tensors();
     let refs: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let metadata = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("note".to_string(), "\"quoted\" ü".to_string()),
-    ]);
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string()), ("note".to_string(), "\"quoted\" ü".to_string())]);
     safetensors::write(&path, &refs, &metadata, false).unwrap();
 
     let ckpt = Checkpoint::open(&path).unwrap();
-    assert_eq!(
-        ckpt.names().collect::<Vec<_>>(),
-        ["b16", "empty", "h16", "scalar", "w32"]
-    );
+    assert_eq!(ckpt.names().collect::<Vec<_>>(), ["b16", "empty", "h16", "scalar", "w32"]);
     assert_eq!(ckpt.metadata(), &metadata);
     assert_eq!(ckpt.file_size(), std::fs::metadata(&path).unwrap().len());
     for (name, t) in &tensors {
@@ -77,24 +56,14 @@ fn write_refuses_an_existing_file_unless_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_file(dir.path(), "taken.safetensors", b"precious");
     let t = HostTensor::from_f32(vec![1], vec![1.0]);
-    let msg = message(
-        safetensors::write(&path, &[("t", &t)], &BTreeMap::new(), false),
-        &path.display().to_string(),
-    );
+    let msg = message(safetensors::write(&path, &[("t", &t)], &BTreeMap::new(), false), &path.display().to_string());
     assert!(msg.contains("--overwrite"), "{msg}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 
     safetensors::write(&path, &[("t", &t)], &BTreeMap::new(), true).unwrap();
     assert_eq!(Checkpoint::open(&path).unwrap().read("t").unwrap(), t);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(
-        leftovers,
-        ["taken.safetensors"],
-        "the temp file must be gone"
-    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, ["taken.safetensors"], "the temp file must be gone");
 }
 
 #[test]
@@ -103,15 +72,9 @@ fn write_refuses_repeated_or_reserved_names_and_leaves_nothing() {
     let path = dir.path().join("dup.safetensors");
     let t = HostTensor::from_f32(vec![1], vec![1.0]);
     let shown = path.display().to_string();
-    let msg = message(
-        safetensors::write(&path, &[("a", &t), ("a", &t)], &BTreeMap::new(), false),
-        &shown,
-    );
+    let msg = message(safetensors::write(&path, &[("a", &t), ("a", &t)], &BTreeMap::new(), false), &shown);
     assert!(msg.contains("'a'"), "{msg}");
-    let msg = message(
-        safetensors::write(&path, &[("__metadata__", &t)], &BTreeMap::new(), false),
-        &shown,
-    );
+    let msg = message(safetensors::write(&path, &[("__metadata__", &t)], &BTreeMap::new(), false), &shown);
     assert!(msg.contains("reserved"), "{msg}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -161,21 +124,12 @@ fn malformed_files_are_errors_naming_the_file() {
     let valid = f32_file(&[("a", &[2], &[1.0, 2.0]), ("b", &[1], &[3.0])], &[]);
     let mut json_text = br#"{"not": "a safetensors file", "but": "JSON"}"#.to_vec();
     json_text.extend([b' '; 100]);
-    let random: Vec<u8> = (0u32..300)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let mut not_utf8 = raw(
-        r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#,
-        &[],
-    );
+    let random: Vec<u8> = (0u32..300).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let mut not_utf8 = raw(r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}"#, &[]);
     not_utf8[10] = 0xFF;
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("zero bytes", vec![], "the file is 0 bytes"),
-        (
-            "shorter than the length",
-            vec![1, 0, 0],
-            "the file is 3 bytes",
-        ),
+        ("shorter than the length", vec![1, 0, 0], "the file is 3 bytes"),
         ("truncated", valid[..valid.len() - 2].to_vec(), "truncated"),
         (
             "header past the end",
@@ -190,26 +144,12 @@ fn malformed_files_are_errors_naming_the_file() {
         ("random bytes", random, "exceeds the file"),
         (
             "gap",
-            raw(
-                &format!(
-                    "{{{},{}}}",
-                    t("a", "F32", "[1]", 0, 4),
-                    t("b", "F32", "[1]", 8, 12)
-                ),
-                &[0; 12],
-            ),
+            raw(&format!("{{{},{}}}", t("a", "F32", "[1]", 0, 4), t("b", "F32", "[1]", 8, 12)), &[0; 12]),
             "4 bytes of unclaimed data before tensor 'b'",
         ),
         (
             "overlap",
-            raw(
-                &format!(
-                    "{{{},{}}}",
-                    t("a", "F32", "[2]", 0, 8),
-                    t("b", "F32", "[2]", 4, 12)
-                ),
-                &[0; 12],
-            ),
+            raw(&format!("{{{},{}}}", t("a", "F32", "[2]", 0, 8), t("b", "F32", "[2]", 4, 12)), &[0; 12]),
             "tensor 'b' (data_offsets [4, 12]) overlaps",
         ),
         (
@@ -217,93 +157,34 @@ fn malformed_files_are_errors_naming_the_file() {
             raw(&format!("{{{}}}", t("a", "F32", "[3]", 0, 8)), &[0; 8]),
             "tensor 'a' is F32 [3] (12 bytes) but data_offsets [0, 8] hold 8 bytes",
         ),
-        (
-            "reversed offsets",
-            raw(&format!("{{{}}}", t("a", "F32", "[0]", 4, 0)), &[0; 4]),
-            "end before they begin",
-        ),
-        (
-            "duplicate key",
-            raw(
-                &format!(
-                    "{{{},{}}}",
-                    t("a", "F32", "[1]", 0, 4),
-                    t("a", "F32", "[1]", 4, 8)
-                ),
-                &[0; 8],
-            ),
-            "duplicate key 'a'",
-        ),
-        (
-            "duplicate metadata key",
-            raw(r#"{"__metadata__":{"k":"1","k":"2"}}"#, &[]),
-            "duplicate key 'k'",
-        ),
-        (
-            "metadata not strings",
-            raw(r#"{"__metadata__":{"k":1}}"#, &[]),
-            "__metadata__ must map strings to strings",
-        ),
-        (
-            "unknown dtype",
-            raw(&format!("{{{}}}", t("a", "F99", "[1]", 0, 4)), &[0; 4]),
-            "tensor 'a' has unknown dtype 'F99'",
-        ),
+        ("reversed offsets", raw(&format!("{{{}}}", t("a", "F32", "[0]", 4, 0)), &[0; 4]), "end before they begin"),
+        ("duplicate key", raw(&format!("{{{},{}}}", t("a", "F32", "[1]", 0, 4), t("a", "F32", "[1]", 4, 8)), &[0; 8]), "duplicate key 'a'"),
+        ("duplicate metadata key", raw(r#"{"__metadata__":{"k":"1","k":"2"}}"#, &[]), "duplicate key 'k'"),
+        ("metadata not strings", raw(r#"{"__metadata__":{"k":1}}"#, &[]), "__metadata__ must map strings to strings"),
+        ("unknown dtype", raw(&format!("{{{}}}", t("a", "F99", "[1]", 0, 4)), &[0; 4]), "tensor 'a' has unknown dtype 'F99'"),
         (
             "unknown field",
-            raw(
-                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"extra":1}}"#,
-                &[0; 4],
-            ),
+            raw(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"extra":1}}"#, &[0; 4]),
             "tensor 'a': unknown field `extra`",
         ),
-        (
-            "negative dim",
-            raw(&format!("{{{}}}", t("a", "F32", "[-1]", 0, 4)), &[0; 4]),
-            "tensor 'a'",
-        ),
+        ("negative dim", raw(&format!("{{{}}}", t("a", "F32", "[-1]", 0, 4)), &[0; 4]), "tensor 'a'"),
         ("non-UTF-8", not_utf8, "header is not UTF-8"),
-        (
-            "non-object JSON",
-            raw("[1, 2]", &[]),
-            "header is not a JSON object",
-        ),
-        (
-            "trailing garbage",
-            [valid.clone(), vec![9, 9, 9]].concat(),
-            "3 bytes of trailing data after the last tensor",
-        ),
-        (
-            "overflowing shape",
-            raw(
-                &format!("{{{}}}", t("a", "F32", "[4611686018427387904,4]", 0, 0)),
-                &[],
-            ),
-            "too large to address",
-        ),
+        ("non-object JSON", raw("[1, 2]", &[]), "header is not a JSON object"),
+        ("trailing garbage", [valid.clone(), vec![9, 9, 9]].concat(), "3 bytes of trailing data after the last tensor"),
+        ("overflowing shape", raw(&format!("{{{}}}", t("a", "F32", "[4611686018427387904,4]", 0, 0)), &[]), "too large to address"),
         (
             "overflow hidden by a zero dim",
-            raw(
-                &format!("{{{}}}", t("a", "F32", "[4611686018427387904,4,0]", 0, 0)),
-                &[],
-            ),
+            raw(&format!("{{{}}}", t("a", "F32", "[4611686018427387904,4,0]", 0, 0)), &[]),
             "too large to address",
         ),
-        (
-            "sub-byte dtype",
-            raw(&format!("{{{}}}", t("a", "F4", "[3]", 0, 2)), &[0; 2]),
-            "does not fill whole bytes",
-        ),
+        ("sub-byte dtype", raw(&format!("{{{}}}", t("a", "F4", "[3]", 0, 2)), &[0; 2]), "does not fill whole bytes"),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (label, bytes, fragment) in cases {
         let path = write_file(dir.path(), "case.safetensors", &bytes);
         let shown = path.display().to_string();
         let msg = message(Checkpoint::open(&path), &shown);
-        assert!(
-            msg.contains(fragment),
-            "{label}: '{fragment}' not in: {msg}"
-        );
+        assert!(msg.contains(fragment), "{label}: '{fragment}' not in: {msg}");
         // The in-memory path validates identically.
         let msg = message(Checkpoint::from_bytes("mem", bytes), "mem");
         assert!(msg.contains(fragment), "{label} (from_bytes): {msg}");
@@ -319,10 +200,7 @@ fn header_over_the_limit_is_refused_before_parsing() {
     // Sparse: the length fits the file, so only the cap can refuse it.
     file.set_len(8 + 100_000_001).unwrap();
     let msg = message(Checkpoint::open(&path), &path.display().to_string());
-    assert!(
-        msg.contains("header length 100000001 exceeds the limit of 100000000 bytes"),
-        "{msg}"
-    );
+    assert!(msg.contains("header length 100000001 exceeds the limit of 100000000 bytes"), "{msg}");
 }
 
 #[test]
@@ -331,9 +209,6 @@ fn opening_a_missing_file_or_a_directory_names_it() {
     let missing = dir.path().join("missing.safetensors");
     let msg = message(Checkpoint::open(&missing), &missing.display().to_string());
     assert!(msg.contains("cannot open"), "{msg}");
-    let msg = message(
-        Checkpoint::open(dir.path()),
-        &dir.path().display().to_string(),
-    );
+    let msg = message(Checkpoint::open(dir.path()), &dir.path().display().to_string());
     assert!(msg.contains("not a regular file"), "{msg}");
 }

@@ -57,13 +57,7 @@ pub trait Backend: Sized + Send + Sync {
 
     /// `(1 + scale) * LayerNorm(x) + shift`, LayerNorm without affine over the last dim;
     /// x `[B, L, D]`, shift and scale `[B, D]`.
-    fn layer_norm_modulate(
-        &self,
-        x: &Tensor<Self>,
-        shift: &Tensor<Self>,
-        scale: &Tensor<Self>,
-        eps: f32,
-    ) -> Result<Tensor<Self>>;
+    fn layer_norm_modulate(&self, x: &Tensor<Self>, shift: &Tensor<Self>, scale: &Tensor<Self>, eps: f32) -> Result<Tensor<Self>>;
 
     /// Splits the first `3 * heads * head_dim` columns of `x` `[B, L, W]` into q, k, v
     /// `[B, heads, L, head_dim]` (BFL's `B L (K H D) -> K B H L D`), RMS-normalises q and k per

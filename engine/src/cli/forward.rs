@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use engine::model::{load_flux, FluxInputs, LoraMode};
-use engine::CpuBackend;
 use engine::Backend;
+use engine::CpuBackend;
 use loaders::safetensors::{self, Checkpoint};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,7 +48,10 @@ pub fn run(a: Args) -> Result<()> {
     let b = CpuBackend::new();
     let t0 = Instant::now();
     let loras: Vec<&std::path::Path> = a.lora.iter().map(|p| p.as_path()).collect();
-    let model = load_flux(&b, &a.model, a.config.as_deref(), &loras, a.lora_mode)?;
+    let (model, warnings) = load_flux(&b, &a.model, a.config.as_deref(), &loras, a.lora_mode)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
     let inputs = FluxInputs::read(&Checkpoint::open(&a.inputs)?).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     inputs.validate(&model.params).map_err(|e| anyhow::anyhow!("{}: {e}", a.inputs.display()))?;
     let loaded = t0.elapsed();

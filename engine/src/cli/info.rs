@@ -53,7 +53,11 @@ fn lora_info(ckpt: &Checkpoint, size: u64, a: &Args) -> Result<()> {
     // read it from the config when given, else from the adapter's own shapes.
     let hidden = match a.config.as_deref().map(FluxParams::read_partial).transpose()?.and_then(|p| p.hidden_size) {
         Some(h) => h,
-        None => ckpt.names().find(|n| n.contains("lora_A") || n.contains("lora_down")).and_then(|n| ckpt.info(n)).map_or(0, |i| i.shape.get(1).copied().unwrap_or(0)),
+        None => ckpt
+            .names()
+            .find(|n| n.contains("lora_A") || n.contains("lora_down"))
+            .and_then(|n| ckpt.info(n))
+            .map_or(0, |i| i.shape.get(1).copied().unwrap_or(0)),
     };
     let lora = LoraAdapter::from_checkpoint(ckpt, hidden)?;
     let targets: std::collections::BTreeSet<&str> = lora.parts.iter().map(|p| p.target.as_str()).collect();

@@ -6,7 +6,11 @@ mod info;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "engine", version, about = "ASASR image super-resolution engine: a FLUX-architecture rectified-flow transformer on the CPU and NVIDIA GPUs")]
+#[command(
+    name = "engine",
+    version,
+    about = "ASASR image super-resolution engine: a FLUX-architecture rectified-flow transformer on the CPU and NVIDIA GPUs"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,7 +38,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }
 
 /// A count with a metric suffix (parameters).

@@ -74,7 +74,9 @@ impl FluxParams {
             "flux-dev" => dev,
             // Same text interface as FLUX.1-dev, a twentieth of its width x depth: for CPU
             // benchmarks and GPU self-tests at realistic head size.
-            "flux-small" => FluxParams { hidden_size: 768, num_heads: 12, depth: 2, depth_single_blocks: 4, axes_dim: vec![8, 28, 28], ..dev },
+            "flux-small" => {
+                FluxParams { hidden_size: 768, num_heads: 12, depth: 2, depth_single_blocks: 4, axes_dim: vec![8, 28, 28], ..dev }
+            }
             // The smallest model with every kind of block, for tests.
             "flux-tiny" => FluxParams {
                 vec_in_dim: 32,
@@ -100,7 +102,12 @@ impl FluxParams {
 
     /// The consistency BFL's constructor asserts, as errors.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.num_heads > 0 && self.hidden_size % self.num_heads == 0, "config: hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads);
+        ensure!(
+            self.num_heads > 0 && self.hidden_size % self.num_heads == 0,
+            "config: hidden_size {} is not divisible by num_heads {}",
+            self.hidden_size,
+            self.num_heads
+        );
         let pe_dim = self.head_dim();
         ensure!(
             self.axes_dim.iter().sum::<usize>() == pe_dim,
@@ -108,7 +115,11 @@ impl FluxParams {
             self.axes_dim,
             self.axes_dim.iter().sum::<usize>()
         );
-        ensure!(self.axes_dim.iter().all(|d| d % 2 == 0), "config: every axes_dim entry must be even (RoPE rotates pairs), got {:?}", self.axes_dim);
+        ensure!(
+            self.axes_dim.iter().all(|d| d % 2 == 0),
+            "config: every axes_dim entry must be even (RoPE rotates pairs), got {:?}",
+            self.axes_dim
+        );
         for (name, v) in [
             ("in_channels", self.in_channels),
             ("out_channels", self.out_channels),
@@ -132,7 +143,9 @@ impl FluxParams {
     /// from `given` what shapes cannot tell (axes_dim, theta) and checking that what `given` states
     /// agrees with the shapes.
     pub fn infer(shapes: &BTreeMap<String, Vec<usize>>, given: &PartialFluxParams) -> Result<Self> {
-        let shape = |name: &str| -> Result<&Vec<usize>> { shapes.get(name).with_context(|| format!("checkpoint has no '{name}', which every FLUX model has")) };
+        let shape = |name: &str| -> Result<&Vec<usize>> {
+            shapes.get(name).with_context(|| format!("checkpoint has no '{name}', which every FLUX model has"))
+        };
         let matrix = |name: &str| -> Result<(usize, usize)> {
             let s = shape(name)?;
             ensure!(s.len() == 2, "tensor '{name}' has shape {s:?}, expected a matrix");
@@ -142,7 +155,9 @@ impl FluxParams {
         let (out_channels, _) = matrix("final_layer.linear.weight")?;
         let (_, context_in_dim) = matrix("txt_in.weight")?;
         let (_, vec_in_dim) = matrix("vector_in.in_layer.weight")?;
-        let count = |prefix: &str| shapes.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1);
+        let count = |prefix: &str| {
+            shapes.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1)
+        };
         let depth = count("double_blocks.");
         let depth_single = count("single_blocks.");
         let norm_scale = if depth > 0 { "double_blocks.0.img_attn.norm.query_norm.scale" } else { "single_blocks.0.norm.query_norm.scale" };
@@ -188,9 +203,24 @@ impl FluxParams {
                 }
             )*};
         }
-        agree!(in_channels, out_channels, vec_in_dim, context_in_dim, hidden_size, num_heads, depth, depth_single_blocks, qkv_bias, guidance_embed);
+        agree!(
+            in_channels,
+            out_channels,
+            vec_in_dim,
+            context_in_dim,
+            hidden_size,
+            num_heads,
+            depth,
+            depth_single_blocks,
+            qkv_bias,
+            guidance_embed
+        );
         if let Some(r) = given.mlp_ratio {
-            ensure!((self.hidden_size as f64 * r) as usize == self.mlp_hidden(), "config gives mlp_ratio = {r}, but the checkpoint's tensors say {}", self.mlp_ratio);
+            ensure!(
+                (self.hidden_size as f64 * r) as usize == self.mlp_hidden(),
+                "config gives mlp_ratio = {r}, but the checkpoint's tensors say {}",
+                self.mlp_ratio
+            );
         }
         Ok(())
     }

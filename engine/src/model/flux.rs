@@ -30,10 +30,16 @@ impl<B: Backend> Flux<B> {
         let h = p.hidden_size;
         let (mlp, hd, heads) = (p.mlp_hidden(), p.head_dim(), p.num_heads);
         let embedder = |w: &mut WeightLoader<'_, B>, name: &str, input: usize| -> Result<MlpEmbedder<B>> {
-            Ok(MlpEmbedder { in_layer: w.linear(&format!("{name}.in_layer"), input, h, true)?, out_layer: w.linear(&format!("{name}.out_layer"), h, h, true)? })
+            Ok(MlpEmbedder {
+                in_layer: w.linear(&format!("{name}.in_layer"), input, h, true)?,
+                out_layer: w.linear(&format!("{name}.out_layer"), h, h, true)?,
+            })
         };
         let qk_norm = |w: &mut WeightLoader<'_, B>, prefix: &str| -> Result<QkNorm<B>> {
-            Ok(QkNorm { query_norm: w.tensor(&format!("{prefix}.query_norm.scale"), &[hd])?, key_norm: w.tensor(&format!("{prefix}.key_norm.scale"), &[hd])? })
+            Ok(QkNorm {
+                query_norm: w.tensor(&format!("{prefix}.query_norm.scale"), &[hd])?,
+                key_norm: w.tensor(&format!("{prefix}.key_norm.scale"), &[hd])?,
+            })
         };
         let stream = |w: &mut WeightLoader<'_, B>, prefix: &str| -> Result<Stream<B>> {
             Ok(Stream {
@@ -43,7 +49,10 @@ impl<B: Backend> Flux<B> {
                     norm: qk_norm(w, &format!("{prefix}_attn.norm"))?,
                     proj: w.linear(&format!("{prefix}_attn.proj"), h, h, true)?,
                 },
-                mlp: Mlp { fc1: w.linear(&format!("{prefix}_mlp.0"), h, mlp, true)?, fc2: w.linear(&format!("{prefix}_mlp.2"), mlp, h, true)? },
+                mlp: Mlp {
+                    fc1: w.linear(&format!("{prefix}_mlp.0"), h, mlp, true)?,
+                    fc2: w.linear(&format!("{prefix}_mlp.2"), mlp, h, true)?,
+                },
             })
         };
         Ok(Flux {
@@ -55,7 +64,11 @@ impl<B: Backend> Flux<B> {
             double_blocks: (0..p.depth)
                 .map(|i| {
                     let pre = format!("double_blocks.{i}");
-                    Ok(DoubleStreamBlock { img: stream(w, &format!("{pre}.img"))?, txt: stream(w, &format!("{pre}.txt"))?, num_heads: heads })
+                    Ok(DoubleStreamBlock {
+                        img: stream(w, &format!("{pre}.img"))?,
+                        txt: stream(w, &format!("{pre}.txt"))?,
+                        num_heads: heads,
+                    })
                 })
                 .collect::<Result<_>>()?,
             single_blocks: (0..p.depth_single_blocks)
@@ -88,36 +101,27 @@ impl<B: Backend> Flux<B> {
         Ok(Positions { joint: b.concat(&[&txt, &img], 1)?, txt, img })
     }
 
-    /// One transformer evaluation: img `[B, L, in]`, txt `[B, Lt, ctx]`, timesteps `[B]` in [0, 1],
-    /// y `[B, vec]`, guidance `[B]` -> velocity `[B, L, out]`.
-    pub fn forward(
-        &self,
-        b: &B,
-        img: &Tensor<B>,
-        txt: &Tensor<B>,
-        pe: &Positions<B>,
-        timesteps: &Tensor<B>,
-        y: &Tensor<B>,
-        guidance: Option<&Tensor<B>>,
-    ) -> Result<Tensor<B>> {
+    /// One transformer evaluation: img `[B, L, in]` and timesteps `[B]` in [0, 1] under the
+    /// conditioning `c` -> velocity `[B, L, out]`.
+    pub fn forward(&self, b: &B, img: &Tensor<B>, timesteps: &Tensor<B>, c: &Conditioning<B>) -> Result<Tensor<B>> {
         let embed_time = |t: &Tensor<B>| b.timestep_embedding(t, TIME_EMBED_DIM, 10_000.0, 1000.0);
         let mut vec = self.time_in.forward(b, &embed_time(timesteps)?)?;
         if let Some(g_in) = &self.guidance_in {
-            let g = guidance.context("this model has a guidance embedding and needs a guidance value")?;
+            let g = c.guidance.as_ref().context("this model has a guidance embedding and needs a guidance value")?;
             vec = b.add(&vec, &g_in.forward(b, &embed_time(g)?)?)?;
         }
-        vec = b.add(&vec, &self.vector_in.forward(b, y)?)?;
+        vec = b.add(&vec, &self.vector_in.forward(b, &c.y)?)?;
         let vec_silu = b.silu(&vec)?;
 
         let mut img = self.img_in.forward(b, img)?;
-        let mut txt = self.txt_in.forward(b, txt)?;
+        let mut txt = self.txt_in.forward(b, &c.txt)?;
         for block in &self.double_blocks {
-            (img, txt) = block.forward(b, &img, &txt, &vec_silu, pe)?;
+            (img, txt) = block.forward(b, &img, &txt, &vec_silu, &c.pe)?;
         }
         let lt = txt.dim(1);
         let mut x = b.concat(&[&txt, &img], 1)?;
         for block in &self.single_blocks {
-            x = block.forward(b, &x, &vec_silu, pe)?;
+            x = block.forward(b, &x, &vec_silu, &c.pe)?;
         }
         let img = b.narrow(&x, 1, lt, x.dim(1) - lt)?;
         self.final_layer.forward(b, &img, &vec_silu)
@@ -126,11 +130,24 @@ impl<B: Backend> Flux<B> {
     /// Validates host inputs against the model, runs one forward, returns `out` in f32.
     pub fn forward_host(&self, b: &B, inputs: &FluxInputs) -> Result<HostTensor> {
         inputs.validate(&self.params)?;
-        let pe = self.positions(b, &inputs.txt_ids, &inputs.img_ids)?;
-        let guidance = inputs.guidance.as_ref().map(|g| b.input(g)).transpose()?;
-        let out = self.forward(b, &b.input(&inputs.img)?, &b.input(&inputs.txt)?, &pe, &b.input(&inputs.timesteps)?, &b.input(&inputs.y)?, guidance.as_ref())?;
+        let c = Conditioning {
+            txt: b.input(&inputs.txt)?,
+            pe: self.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
+            y: b.input(&inputs.y)?,
+            guidance: inputs.guidance.as_ref().map(|g| b.input(g)).transpose()?,
+        };
+        let out = self.forward(b, &b.input(&inputs.img)?, &b.input(&inputs.timesteps)?, &c)?;
         b.download(&out)
     }
+}
+
+/// What stays fixed over the steps of a sampling run: text tokens `[B, Lt, ctx]`, rotary
+/// positions, the pooled vector `[B, vec]` and the guidance value `[B]` of distilled models.
+pub struct Conditioning<B: Backend> {
+    pub txt: Tensor<B>,
+    pub pe: Positions<B>,
+    pub y: Tensor<B>,
+    pub guidance: Option<Tensor<B>>,
 }
 
 /// BFL's forward arguments, by name, as host tensors.
@@ -152,7 +169,11 @@ impl FluxInputs {
     pub fn read(ckpt: &Checkpoint) -> Result<Self> {
         let path = ckpt.path().display().to_string();
         for name in ckpt.names() {
-            ensure!(Self::REQUIRED.contains(&name) || name == "guidance", "{path}: unexpected tensor '{name}' (inputs are {} and optional guidance)", Self::REQUIRED.join(", "));
+            ensure!(
+                Self::REQUIRED.contains(&name) || name == "guidance",
+                "{path}: unexpected tensor '{name}' (inputs are {} and optional guidance)",
+                Self::REQUIRED.join(", ")
+            );
         }
         let get = |name: &str| -> Result<HostTensor> {
             ensure!(ckpt.info(name).is_some(), "{path}: missing input tensor '{name}'");

@@ -93,7 +93,14 @@ pub struct Positions<B: Backend> {
 }
 
 /// Projects to q, k, v and prepares them for attention (head split, QK-norm, RoPE).
-pub fn qkv_heads<B: Backend>(b: &B, qkv: &Linear<B>, norm: &QkNorm<B>, x: &Tensor<B>, heads: usize, pe: &Tensor<B>) -> Result<[Tensor<B>; 3]> {
+pub fn qkv_heads<B: Backend>(
+    b: &B,
+    qkv: &Linear<B>,
+    norm: &QkNorm<B>,
+    x: &Tensor<B>,
+    heads: usize,
+    pe: &Tensor<B>,
+) -> Result<[Tensor<B>; 3]> {
     b.qk_norm_rope(&qkv.forward(b, x)?, heads, &norm.query_norm, &norm.key_norm, pe, EPS)
 }
 
@@ -130,7 +137,14 @@ pub struct DoubleStreamBlock<B: Backend> {
 }
 
 impl<B: Backend> DoubleStreamBlock<B> {
-    pub fn forward(&self, b: &B, img: &Tensor<B>, txt: &Tensor<B>, vec_silu: &Tensor<B>, pe: &Positions<B>) -> Result<(Tensor<B>, Tensor<B>)> {
+    pub fn forward(
+        &self,
+        b: &B,
+        img: &Tensor<B>,
+        txt: &Tensor<B>,
+        vec_silu: &Tensor<B>,
+        pe: &Positions<B>,
+    ) -> Result<(Tensor<B>, Tensor<B>)> {
         let h = self.num_heads;
         let [img_mod1, img_mod2] = two(self.img.modulation.forward(b, vec_silu)?)?;
         let [txt_mod1, txt_mod2] = two(self.txt.modulation.forward(b, vec_silu)?)?;

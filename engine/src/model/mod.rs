@@ -7,7 +7,7 @@ pub mod positions;
 pub mod weights;
 
 pub use config::FluxParams;
-pub use flux::{Flux, FluxInputs};
+pub use flux::{Conditioning, Flux, FluxInputs};
 pub use weights::{LoraMode, WeightSource};
 
 use crate::backend::Backend;
@@ -17,14 +17,33 @@ use loaders::lora::LoraAdapter;
 use std::path::Path;
 
 /// Opens a FLUX checkpoint (either layout), infers its config (completed or checked by the
-/// optional JSON config), and builds the model with the given LoRA adapters.
-pub fn load_flux<B: Backend>(b: &B, checkpoint: &Path, config: Option<&Path>, loras: &[&Path], mode: LoraMode) -> Result<Flux<B>> {
+/// optional JSON config), and builds the model with the given LoRA adapters. Also returns
+/// warnings for the user (adapter parts left out).
+pub fn load_flux<B: Backend>(
+    b: &B,
+    checkpoint: &Path,
+    config: Option<&Path>,
+    loras: &[&Path],
+    mode: LoraMode,
+) -> Result<(Flux<B>, Vec<String>)> {
     let ckpt = FluxCheckpoint::open(checkpoint)?;
     let given = config.map(FluxParams::read_partial).transpose()?.unwrap_or_default();
     let params = FluxParams::infer(&ckpt.shapes(), &given).map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.origin()))?;
     let adapters = loras.iter().map(|p| LoraAdapter::open(p, params.hidden_size)).collect::<Result<Vec<_>, _>>()?;
+    let warnings = adapters
+        .iter()
+        .filter(|a| !a.skipped.is_empty())
+        .map(|a| {
+            format!(
+                "{}: skipped {} text-encoder modules (the text embedding is fixed), e.g. '{}'",
+                a.path.display(),
+                a.skipped.len(),
+                a.skipped[0]
+            )
+        })
+        .collect();
     let mut w = weights::WeightLoader::new(b, &ckpt).with_lora(adapters, mode);
     let model = Flux::build(&params, &mut w)?;
     w.finish()?;
-    Ok(model)
+    Ok((model, warnings))
 }

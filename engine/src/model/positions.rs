@@ -8,11 +8,8 @@ use loaders::HostTensor;
 pub fn rope_table(ids: &[f32], batch: usize, tokens: usize, axes_dim: &[usize], theta: f64) -> HostTensor {
     let n_axes = axes_dim.len();
     let pairs: usize = axes_dim.iter().sum::<usize>() / 2;
-    let omegas: Vec<(usize, f64)> = axes_dim
-        .iter()
-        .enumerate()
-        .flat_map(|(a, &d)| (0..d / 2).map(move |i| (a, 1.0 / theta.powf((2 * i) as f64 / d as f64))))
-        .collect();
+    let omegas: Vec<(usize, f64)> =
+        axes_dim.iter().enumerate().flat_map(|(a, &d)| (0..d / 2).map(move |i| (a, 1.0 / theta.powf((2 * i) as f64 / d as f64)))).collect();
     let mut out = Vec::with_capacity(batch * tokens * pairs * 2);
     for pos in ids.chunks(n_axes).take(batch * tokens) {
         for &(a, omega) in &omegas {

@@ -53,7 +53,9 @@ pub enum LoraMode {
 enum Source<'a> {
     Weights(&'a dyn WeightSource),
     /// Deterministic per tensor name, so the result does not depend on load order.
-    Random { seed: u64 },
+    Random {
+        seed: u64,
+    },
 }
 
 /// An adapter part waiting for its target linear.
@@ -89,7 +91,16 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     }
 
     fn with_source(backend: &'a B, source: Source<'a>, shapes: BTreeMap<String, Vec<usize>>) -> Self {
-        WeightLoader { backend, source, shapes, used: BTreeSet::new(), lora: BTreeMap::new(), replacements: BTreeMap::new(), lora_mode: LoraMode::Merged, dtype: None }
+        WeightLoader {
+            backend,
+            source,
+            shapes,
+            used: BTreeSet::new(),
+            lora: BTreeMap::new(),
+            replacements: BTreeMap::new(),
+            lora_mode: LoraMode::Merged,
+            dtype: None,
+        }
     }
 
     /// Stores every weight as `dtype` (None: as the source has it).
@@ -180,7 +191,11 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         if let Source::Weights(src) = &self.source {
             if let Some(name) = self.shapes.keys().find(|n| !self.used.contains(*n)) {
                 let extra = self.shapes.keys().filter(|n| !self.used.contains(*n)).count();
-                bail!("{}: unexpected tensor '{}' ({extra} unused in all): the checkpoint does not match the config", src.origin(), src.describe(name));
+                bail!(
+                    "{}: unexpected tensor '{}' ({extra} unused in all): the checkpoint does not match the config",
+                    src.origin(),
+                    src.describe(name)
+                );
             }
         }
         if let Some((name, (adapter, _))) = self.replacements.iter().next() {
@@ -195,7 +210,13 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
 
 fn check_lora_fits(p: &PendingLora, target: &str, in_features: usize, out_features: usize) -> Result<()> {
     let (a, part) = (&p.adapter, &p.part);
-    ensure!(part.down.shape.len() == 2 && part.up.shape.len() == 2, "{a}: '{}' down {:?} and up {:?} must be matrices", part.source, part.down.shape, part.up.shape);
+    ensure!(
+        part.down.shape.len() == 2 && part.up.shape.len() == 2,
+        "{a}: '{}' down {:?} and up {:?} must be matrices",
+        part.source,
+        part.down.shape,
+        part.up.shape
+    );
     let (rank, din, dout) = (part.down.shape[0], part.down.shape[1], part.up.shape[0]);
     ensure!(din == in_features, "{a}: '{}' has {din} input features, but '{target}' takes {in_features}", part.source);
     ensure!(part.up.shape[1] == rank, "{a}: '{}' has down rank {rank} but up {:?}", part.source, part.up.shape);

@@ -25,27 +25,15 @@ pub fn iota(n: usize, base: f32) -> Vec<f32> {
 pub fn f32_file(tensors: &[(&str, &[usize], &[f32])], metadata: &[(&str, &str)]) -> Vec<u8> {
     let mut entries = Vec::new();
     if !metadata.is_empty() {
-        let pairs: Vec<String> = metadata
-            .iter()
-            .map(|(k, v)| format!("{}:{}", json(k), json(v)))
-            .collect();
+        let pairs: Vec<String> = metadata.iter().map(|(k, v)| format!("{}:{}", json(k), json(v))).collect();
         entries.push(format!("\"__metadata__\":{{{}}}", pairs.join(",")));
     }
     let mut data = Vec::new();
     for (name, shape, values) in tensors {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            values.len(),
-            "test bug: {name}"
-        );
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "test bug: {name}");
         let start = data.len();
         data.extend(f32_le(values));
-        entries.push(format!(
-            "{}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{start},{}]}}",
-            json(name),
-            shape,
-            data.len()
-        ));
+        entries.push(format!("{}:{{\"dtype\":\"F32\",\"shape\":{:?},\"data_offsets\":[{start},{}]}}", json(name), shape, data.len()));
     }
     raw(&format!("{{{}}}", entries.join(",")), &data)
 }
@@ -63,10 +51,7 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 /// The error's message, asserting it is one line that starts with `path`.
 pub fn message<T: std::fmt::Debug>(result: loaders::Result<T>, path: &str) -> String {
     let msg = result.expect_err("expected an error").to_string();
-    assert!(
-        msg.starts_with(&format!("{path}: ")),
-        "message does not start with the path: {msg}"
-    );
+    assert!(msg.starts_with(&format!("{path}: ")), "message does not start with the path: {msg}");
     assert!(!msg.contains('\n'), "message is not one line: {msg}");
     msg
 }

@@ -53,6 +53,7 @@ mod tests {
     use super::*;
 
     /// Textbook attention in f64 with the full score matrix.
+    #[allow(clippy::too_many_arguments)]
     fn naive(q: &[f32], k: &[f32], v: &[f32], b: usize, h: usize, lq: usize, lk: usize, d: usize) -> Vec<f64> {
         let mut out = vec![0f64; b * lq * h * d];
         for bi in 0..b {
@@ -61,7 +62,9 @@ mod tests {
                 let base_k = (bi * h + hi) * lk * d;
                 for i in 0..lq {
                     let s: Vec<f64> = (0..lk)
-                        .map(|j| (0..d).map(|t| q[base_q + i * d + t] as f64 * k[base_k + j * d + t] as f64).sum::<f64>() / (d as f64).sqrt())
+                        .map(|j| {
+                            (0..d).map(|t| q[base_q + i * d + t] as f64 * k[base_k + j * d + t] as f64).sum::<f64>() / (d as f64).sqrt()
+                        })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -79,7 +82,9 @@ mod tests {
     fn matches_naive_attention_across_block_tails() {
         let (b, h, d) = (2, 3, 16);
         for &(lq, lk) in &[(1, 1), (5, 9), (64, 64), (130, 70)] {
-            let gen = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 250.0 - 2.0).collect() };
+            let gen = |n: usize, seed: usize| -> Vec<f32> {
+                (0..n).map(|i| (((i + seed) * 2654435761usize) % 1000) as f32 / 250.0 - 2.0).collect()
+            };
             let q = gen(b * h * lq * d, 1);
             let k = gen(b * h * lk * d, 2);
             let v = gen(b * h * lk * d, 3);

@@ -13,17 +13,7 @@ pub enum Rhs {
 
 /// `dst[m, n] = lhs[m, k] @ rhs (+ dst when accumulate)`, all row-major and contiguous.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    dst: &mut [f32],
-    lhs: &[f32],
-    rhs: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    rhs_layout: Rhs,
-    accumulate: bool,
-    parallel: bool,
-) {
+pub fn matmul(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, n: usize, k: usize, rhs_layout: Rhs, accumulate: bool, parallel: bool) {
     assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= n * k, "matmul operands too short for {m}x{n}x{k}");
     let (rhs_cs, rhs_rs) = match rhs_layout {
         Rhs::Transposed => (k as isize, 1),
@@ -93,7 +83,11 @@ mod tests {
                         let want = naive(&lhs, &rhs, m, n, k, layout);
                         for i in 0..m * n {
                             let w = want[i] + if accumulate { init[i] as f64 } else { 0.0 };
-                            assert!((dst[i] as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}x{n}x{k} {layout:?} at {i}: {} vs {w}", dst[i]);
+                            assert!(
+                                (dst[i] as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "{m}x{n}x{k} {layout:?} at {i}: {} vs {w}",
+                                dst[i]
+                            );
                         }
                     }
                 }

@@ -113,7 +113,11 @@ impl Backend for CpuBackend {
         expect_shape("up", "lora", up.shape(), &[out_len, rank])?;
         ensure!(x.dim(-1) == in_f, "lora: input has shape {:?}, down expects {in_f} features", x.shape());
         let (rows, width) = (x.elem_count() / in_f, y.dim(-1));
-        ensure!(y.elem_count() == rows * width && offset + out_len <= width, "lora: update of {out_len} rows at {offset} does not fit output {:?}", y.shape());
+        ensure!(
+            y.elem_count() == rows * width && offset + out_len <= width,
+            "lora: update of {out_len} rows at {offset} does not fit output {:?}",
+            y.shape()
+        );
         let mut h = vec![0f32; rows * rank];
         matmul::matmul(&mut h, act("lora", x)?, &widen(down), rows, rank, in_f, Rhs::Transposed, false, true);
         let mut d = vec![0f32; rows * out_len];
@@ -207,7 +211,12 @@ impl Backend for CpuBackend {
     }
 
     fn narrow(&self, x: &T, dim: usize, start: usize, len: usize) -> Result<T> {
-        ensure!(dim < x.rank() && start + len <= x.dim(dim as isize), "narrow: {start}..{} out of range for dim {dim} of {:?}", start + len, x.shape());
+        ensure!(
+            dim < x.rank() && start + len <= x.dim(dim as isize),
+            "narrow: {start}..{} out of range for dim {dim} of {:?}",
+            start + len,
+            x.shape()
+        );
         let (outer, inner) = layout::outer_inner(x.shape(), dim);
         let out = layout::narrow(&widen(x), x.dim(dim as isize), start, len, outer, inner);
         let mut shape = x.shape().to_vec();

@@ -75,7 +75,12 @@ mod tests {
         // RoPE's defining property: <R(p) q, R(p) k> = <q, k>.
         let q: Vec<f32> = (0..8).map(|i| i as f32 * 0.3 - 1.0).collect();
         let k: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 * 0.2).collect();
-        let pe: Vec<f32> = (0..4).flat_map(|i| { let t = 0.7 * i as f64 + 0.1; [t.cos() as f32, t.sin() as f32] }).collect();
+        let pe: Vec<f32> = (0..4)
+            .flat_map(|i| {
+                let t = 0.7 * i as f64 + 0.1;
+                [t.cos() as f32, t.sin() as f32]
+            })
+            .collect();
         let (mut qr, mut kr) = (q.clone(), k.clone());
         rotate_pairs(&mut qr, &pe);
         rotate_pairs(&mut kr, &pe);
