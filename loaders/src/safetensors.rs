@@ -19,18 +19,18 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::fs::File;
+use std::io::Write;
 use std::marker::PhantomData;
 use std::ops::{Deref, Range};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
 
@@ -438,25 +438,18 @@ pub fn write(path: &Path, tensors: &[(&str, &HostTensor)], metadata: &BTreeMap<S
         return Err(Error::Exists { path: path.to_path_buf() });
     }
     let header = header_json(tensors, metadata).map_err(|reason| Error::invalid(path, reason))?;
-
-    let temp = TempFile::create(path)?;
-    let mut out = BufWriter::with_capacity(1 << 20, &temp.file);
-    let written = (|| {
+    write_atomic(path, overwrite, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(header.as_bytes())?;
         for (_, t) in tensors {
             match &t.data {
-                HostData::F32(v) => write_le(&mut out, v, |x| x.to_le_bytes())?,
-                HostData::F16(v) => write_le(&mut out, v, |x| x.to_bits().to_le_bytes())?,
-                HostData::BF16(v) => write_le(&mut out, v, |x| x.to_bits().to_le_bytes())?,
+                HostData::F32(v) => write_le(out, v, |x| x.to_le_bytes())?,
+                HostData::F16(v) => write_le(out, v, |x| x.to_bits().to_le_bytes())?,
+                HostData::BF16(v) => write_le(out, v, |x| x.to_bits().to_le_bytes())?,
             }
         }
-        out.flush()
-    })();
-    drop(out);
-    written.map_err(|e| Error::io(&temp.path, "write", e))?;
-    temp.file.sync_all().map_err(|e| Error::io(&temp.path, "fsync", e))?;
-    temp.persist(path)
+        Ok(())
+    })
 }
 
 /// The JSON header, padded with spaces to a multiple of 8 bytes so that the data section starts
@@ -497,48 +490,6 @@ fn write_le<T, const N: usize>(out: &mut impl Write, data: &[T], to_le: impl Fn(
         out.write_all(&buf)?;
     }
     Ok(())
-}
-
-/// A temp file beside the target, removed unless `persist` renames it into place.
-struct TempFile {
-    path: PathBuf,
-    file: File,
-    persisted: bool,
-}
-
-impl TempFile {
-    fn create(target: &Path) -> Result<TempFile> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = target.file_name().ok_or_else(|| Error::invalid(target, "not a file name"))?.to_string_lossy();
-        let unique = format!(".{name}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let path = target.with_file_name(unique);
-        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| Error::io(target, "create its temp file", e))?;
-        Ok(TempFile { path, file, persisted: false })
-    }
-
-    fn persist(mut self, target: &Path) -> Result<()> {
-        fs::rename(&self.path, target).map_err(|e| Error::io(target, "rename a temp file onto", e))?;
-        self.persisted = true;
-        // The rename is durable only once the directory entry is on disk.
-        #[cfg(unix)]
-        {
-            let dir = match target.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => Path::new("."),
-            };
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, "fsync the directory", e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.persisted {
-            // Best effort: the error that brought us here is the one worth reporting.
-            let _ = fs::remove_file(&self.path);
-        }
-    }
 }
 
 #[cfg(test)]
