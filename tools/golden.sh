@@ -26,4 +26,5 @@ if [ "$want" != "$have" ]; then
     echo "$want" > "$STAMP"
 fi
 
+"$VENV/bin/python" tools/golden/make_ae_goldens.py --out tests/golden/ae
 exec "$VENV/bin/python" tools/golden/make_goldens.py --out tests/golden "$@"

@@ -2,6 +2,7 @@
 //! layouts mapped onto one internal (BFL) naming, and LoRA adapters in the layouts found in the
 //! wild. Knows nothing of the engine; every error names the file and the key it is about.
 
+pub mod ae;
 pub mod atomic;
 pub mod error;
 pub mod flux;

@@ -98,6 +98,42 @@ pub trait Backend: Sized + Send + Sync {
     /// Sinusoidal embedding of `t * time_factor`, `[B] -> [B, dim]`, laid out `cat(cos, sin)` with
     /// frequencies `exp(-ln(max_period) * i / (dim / 2))`.
     fn timestep_embedding(&self, t: &Tensor<Self>, dim: usize, max_period: f32, time_factor: f32) -> Result<Tensor<Self>>;
+
+    // ---- Image ops (the autoencoder): tensors are NCHW `[B, C, H, W]`. ----
+
+    /// 2-D convolution (PyTorch's cross-correlation): x `[B, C, H, W]`, weight `[O, C, kh, kw]`,
+    /// bias `[O]`, zero padding `pad` = (top, bottom, left, right) given separately because BFL pads
+    /// asymmetrically, (0, 1, 0, 1), before its stride-2 convolutions. Output
+    /// `[B, O, (H + top + bottom - kh) / stride + 1, (W + left + right - kw) / stride + 1]`.
+    fn conv2d(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<Tensor<Self>>;
+
+    /// GroupNorm over `[B, C, ...]`: the C channels split into `groups` contiguous groups, each
+    /// normalised over its channels and all spatial positions (biased variance), then
+    /// `* weight[c] + bias[c]` with weight and bias `[C]`.
+    fn group_norm(&self, x: &Tensor<Self>, groups: usize, weight: &Tensor<Self>, bias: &Tensor<Self>, eps: f32) -> Result<Tensor<Self>>;
+
+    /// Nearest-neighbour upsampling by 2 on both sides: `[B, C, H, W] -> [B, C, 2H, 2W]`.
+    fn upsample_nearest2x(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Swaps the last two dimensions: `[.., M, N] -> [.., N, M]` (channels-first maps to tokens).
+    fn transpose_last2(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Space-to-depth, PyTorch's `pixel_unshuffle`: `[B, C, H, W] -> [B, C f f, H / f, W / f]` with
+    /// `out[b, (c f + i) f + j, y, x] = in[b, c, y f + i, x f + j]`.
+    fn pixel_unshuffle(&self, x: &Tensor<Self>, f: usize) -> Result<Tensor<Self>>;
+
+    /// Depth-to-space, PyTorch's `pixel_shuffle`: the inverse of `pixel_unshuffle`.
+    fn pixel_shuffle(&self, x: &Tensor<Self>, f: usize) -> Result<Tensor<Self>>;
+
+    /// `x * scale + offset` elementwise (the latent's scale and shift).
+    fn affine(&self, x: &Tensor<Self>, scale: f32, offset: f32) -> Result<Tensor<Self>>;
 }
 
 /// Checks a shape and names the operand, so that a wiring bug reads as one line.

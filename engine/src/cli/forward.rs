@@ -52,7 +52,7 @@ pub fn run(a: Args) -> Result<()> {
     for w in warnings {
         eprintln!("warning: {w}");
     }
-    let inputs = FluxInputs::read(&Checkpoint::open(&a.inputs)?).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let inputs = FluxInputs::read(&Checkpoint::open(&a.inputs)?)?;
     inputs.validate(&model.params).map_err(|e| anyhow::anyhow!("{}: {e}", a.inputs.display()))?;
     let loaded = t0.elapsed();
     let t1 = Instant::now();

@@ -1,5 +1,7 @@
 //! Subcommands. Each lives in its own file and returns an error for main to print.
 
+mod ae;
+mod eval;
 mod forward;
 mod info;
 
@@ -18,12 +20,16 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Ae(ae::Args),
+    Eval(eval::Args),
     Forward(forward::Args),
     Info(info::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Ae(a) => ae::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Info(a) => info::run(a),
     }

@@ -126,7 +126,8 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let t = match &self.source {
             Source::Weights(src) => {
-                let found = self.shapes.get(name).ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{name}'", src.origin()))?;
+                let found =
+                    self.shapes.get(name).ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{}'", src.origin(), src.describe(name)))?;
                 ensure!(found == shape, "{}: tensor '{}' has shape {found:?}, expected {shape:?}", src.origin(), src.describe(name));
                 src.load(name)?
             }

@@ -2,12 +2,15 @@
 //! activations in f32. Every op is a plain function over slices in the files beside this one.
 
 pub mod attention;
+pub mod conv;
 pub mod elementwise;
 pub mod embed;
+pub mod group_norm;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod spatial;
 
 use super::{expect_shape, Backend};
 use crate::tensor::Tensor;
@@ -227,5 +230,77 @@ impl Backend for CpuBackend {
     fn timestep_embedding(&self, t: &T, dim: usize, max_period: f32, time_factor: f32) -> Result<T> {
         ensure!(t.rank() == 1, "timestep_embedding: t has shape {:?}, expected [batch]", t.shape());
         Ok(f32_tensor(embed::timestep_embedding(&widen(t), dim, max_period, time_factor), vec![t.dim(0), dim]))
+    }
+
+    fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> Result<T> {
+        ensure!(x.rank() == 4, "conv2d: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
+        ensure!(w.rank() == 4, "conv2d: weight has shape {:?}, expected [out, in, kh, kw]", w.shape());
+        ensure!(w.dim(1) == x.dim(1), "conv2d: input has shape {:?}, weight {:?} expects {} channels", x.shape(), w.shape(), w.dim(1));
+        let g = conv::ConvGeometry {
+            batch: x.dim(0),
+            cin: x.dim(1),
+            h: x.dim(2),
+            w: x.dim(3),
+            cout: w.dim(0),
+            kh: w.dim(2),
+            kw: w.dim(3),
+            stride,
+            pad,
+        };
+        let Some((oh, ow)) = g.out_size() else {
+            bail!("conv2d: kernel {:?} with stride {stride} and padding {pad:?} does not fit input {:?}", w.shape(), x.shape())
+        };
+        let bias = bias.map(|b| expect_shape("bias", "conv2d", b.shape(), &[g.cout]).map(|_| widen(b))).transpose()?;
+        let out = conv::conv2d(act("conv2d", x)?, &widen(w), bias.as_deref(), &g);
+        Ok(f32_tensor(out, vec![g.batch, g.cout, oh, ow]))
+    }
+
+    fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
+        ensure!(x.rank() >= 2, "group_norm: input has shape {:?}, expected [batch, channels, ..]", x.shape());
+        let c = x.dim(1);
+        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels do not split into {groups} groups");
+        expect_shape("weight", "group_norm", weight.shape(), &[c])?;
+        expect_shape("bias", "group_norm", bias.shape(), &[c])?;
+        let spatial = x.shape()[2..].iter().product();
+        let mut out = vec![0f32; x.elem_count()];
+        group_norm::group_norm(&mut out, act("group_norm", x)?, c, spatial, groups, &widen(weight), &widen(bias), eps);
+        Ok(f32_tensor(out, x.shape().to_vec()))
+    }
+
+    fn upsample_nearest2x(&self, x: &T) -> Result<T> {
+        ensure!(x.rank() == 4, "upsample_nearest2x: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
+        let (h, w) = (x.dim(2), x.dim(3));
+        let out = spatial::upsample_nearest2x(act("upsample_nearest2x", x)?, x.dim(0) * x.dim(1), h, w);
+        Ok(f32_tensor(out, vec![x.dim(0), x.dim(1), 2 * h, 2 * w]))
+    }
+
+    fn transpose_last2(&self, x: &T) -> Result<T> {
+        ensure!(x.rank() >= 2, "transpose_last2: input has shape {:?}, expected at least 2 dims", x.shape());
+        let (m, n) = (x.dim(-2), x.dim(-1));
+        let out = spatial::transpose_last2(act("transpose_last2", x)?, x.elem_count() / (m * n).max(1), m, n);
+        let mut shape = x.shape().to_vec();
+        let r = shape.len();
+        shape.swap(r - 2, r - 1);
+        Ok(f32_tensor(out, shape))
+    }
+
+    fn pixel_unshuffle(&self, x: &T, f: usize) -> Result<T> {
+        ensure!(x.rank() == 4, "pixel_unshuffle: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
+        let (b, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        ensure!(f > 0 && h % f == 0 && w % f == 0, "pixel_unshuffle: {h}x{w} is not a multiple of the factor {f}");
+        let out = spatial::pixel_unshuffle(act("pixel_unshuffle", x)?, b, c, h, w, f);
+        Ok(f32_tensor(out, vec![b, c * f * f, h / f, w / f]))
+    }
+
+    fn pixel_shuffle(&self, x: &T, f: usize) -> Result<T> {
+        ensure!(x.rank() == 4, "pixel_shuffle: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
+        let (b, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+        ensure!(f > 0 && c % (f * f) == 0, "pixel_shuffle: {c} channels are not a multiple of {f}x{f}");
+        let out = spatial::pixel_shuffle(act("pixel_shuffle", x)?, b, c, h, w, f);
+        Ok(f32_tensor(out, vec![b, c / (f * f), h * f, w * f]))
+    }
+
+    fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
+        Ok(f32_tensor(spatial::affine(act("affine", x)?, scale, offset), x.shape().to_vec()))
     }
 }

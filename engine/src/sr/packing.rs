@@ -1,0 +1,74 @@
+//! FLUX's 2x2 latent packing: `[B, C, H, W] -> [B, (H/2)(W/2), C*4]` with channels ordered
+//! `c ph pw` (einops `b c (h ph) (w pw) -> b (h w) (c ph pw)`), and its inverse. Image ids for
+//! the packed grid come from `model::positions::image_ids`.
+
+use anyhow::{ensure, Result};
+use loaders::HostTensor;
+
+/// Packs a latent whose height and width are even.
+pub fn pack(latent: &HostTensor) -> Result<HostTensor> {
+    ensure!(latent.shape.len() == 4, "pack: latent has shape {:?}, expected [batch, channels, height, width]", latent.shape);
+    let [b, c, h, w] = [latent.shape[0], latent.shape[1], latent.shape[2], latent.shape[3]];
+    ensure!(h % 2 == 0 && w % 2 == 0, "pack: latent {h}x{w} must have even sides");
+    let x = latent.to_f32();
+    let (gh, gw) = (h / 2, w / 2);
+    let mut out = vec![0f32; x.len()];
+    for bi in 0..b {
+        for ci in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    let token = (y / 2) * gw + xx / 2;
+                    let feature = ci * 4 + (y % 2) * 2 + xx % 2;
+                    out[(bi * gh * gw + token) * c * 4 + feature] = x[((bi * c + ci) * h + y) * w + xx];
+                }
+            }
+        }
+    }
+    Ok(HostTensor::from_f32(vec![b, gh * gw, c * 4], out))
+}
+
+/// Unpacks `[B, (H/2)(W/2), C*4]` back to `[B, C, H, W]`.
+pub fn unpack(packed: &HostTensor, height: usize, width: usize) -> Result<HostTensor> {
+    ensure!(packed.shape.len() == 3, "unpack: tensor has shape {:?}, expected [batch, tokens, features]", packed.shape);
+    let [b, l, f] = [packed.shape[0], packed.shape[1], packed.shape[2]];
+    ensure!(
+        height % 2 == 0 && width % 2 == 0 && l == (height / 2) * (width / 2) && f % 4 == 0,
+        "unpack: {:?} does not hold a {height}x{width} latent",
+        packed.shape
+    );
+    let c = f / 4;
+    let x = packed.to_f32();
+    let mut out = vec![0f32; x.len()];
+    let gw = width / 2;
+    for bi in 0..b {
+        for ci in 0..c {
+            for y in 0..height {
+                for xx in 0..width {
+                    let token = (y / 2) * gw + xx / 2;
+                    let feature = ci * 4 + (y % 2) * 2 + xx % 2;
+                    out[((bi * c + ci) * height + y) * width + xx] = x[(bi * l + token) * f + feature];
+                }
+            }
+        }
+    }
+    Ok(HostTensor::from_f32(vec![b, c, height, width], out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_follows_the_einops_pattern_and_round_trips() {
+        let (b, c, h, w) = (2, 3, 4, 6);
+        let latent = HostTensor::from_f32(vec![b, c, h, w], (0..b * c * h * w).map(|i| i as f32).collect());
+        let p = pack(&latent).unwrap();
+        assert_eq!(p.shape, vec![b, 6, 12]);
+        // Token (row 1, col 2) of batch 1, feature (c=2, ph=1, pw=0) holds x[1, 2, 3, 4].
+        let token = 3 + 2;
+        let v = p.to_f32()[(6 + token) * 12 + 2 * 4 + 2];
+        assert_eq!(v, (((c + 2) * h + 3) * w + 4) as f32, "batch 1, channel 2, row 3, column 4");
+        assert_eq!(unpack(&p, h, w).unwrap(), latent);
+        assert!(pack(&HostTensor::from_f32(vec![1, 1, 3, 4], vec![0.0; 12])).is_err());
+    }
+}
