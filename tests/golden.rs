@@ -2,7 +2,7 @@
 //! and inputs written by `tools/golden.sh` into tests/golden/, in both key layouts, with bf16
 //! weights, and with LoRA adapters in three layouts loaded through diffusers' own converters.
 
-use engine::model::{load_flux, FluxInputs, LoraMode};
+use engine::model::{load_flux, FluxInputs, FluxParams, LoraMode, PartialFluxParams};
 use engine::CpuBackend;
 use loaders::safetensors::Checkpoint;
 use std::path::{Path, PathBuf};
@@ -31,9 +31,8 @@ fn check(case: &str, model: &str, config: bool, loras: &[&str], mode: LoraMode, 
     let b = CpuBackend::new();
     let lora_paths: Vec<PathBuf> = loras.iter().map(|l| dir.join(l)).collect();
     let lora_refs: Vec<&Path> = lora_paths.iter().map(|p| p.as_path()).collect();
-    let config_path = dir.join("config.json");
-    let (flux, warnings) = load_flux(&b, &dir.join(model), config.then_some(config_path.as_path()), &lora_refs, mode)
-        .unwrap_or_else(|e| panic!("{case}/{model}: {e:#}"));
+    let given = if config { FluxParams::read_partial(&dir.join("config.json")).unwrap() } else { PartialFluxParams::default() };
+    let (flux, warnings) = load_flux(&b, &dir.join(model), &given, &lora_refs, mode).unwrap_or_else(|e| panic!("{case}/{model}: {e:#}"));
     assert!(warnings.is_empty(), "{warnings:?}");
     let inputs = FluxInputs::read(&Checkpoint::open(&dir.join("inputs.safetensors")).unwrap()).unwrap();
     let out = flux.forward_host(&b, &inputs).unwrap_or_else(|e| panic!("{case}/{model}: {e:#}"));

@@ -1,7 +1,7 @@
 //! `engine forward`: one transformer evaluation from BFL's forward arguments in a file.
 
 use anyhow::Result;
-use engine::model::{load_flux, FluxInputs, LoraMode};
+use engine::model::{load_flux, FluxInputs, FluxParams, LoraMode};
 use engine::Backend;
 use engine::CpuBackend;
 use loaders::safetensors::{self, Checkpoint};
@@ -47,8 +47,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let b = CpuBackend::new();
     let t0 = Instant::now();
+    let given = a.config.as_deref().map(FluxParams::read_partial).transpose()?.unwrap_or_default();
     let loras: Vec<&std::path::Path> = a.lora.iter().map(|p| p.as_path()).collect();
-    let (model, warnings) = load_flux(&b, &a.model, a.config.as_deref(), &loras, a.lora_mode)?;
+    let (model, warnings) = load_flux(&b, &a.model, &given, &loras, a.lora_mode)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }

@@ -43,6 +43,26 @@ pub struct PartialFluxParams {
     pub guidance_embed: Option<bool>,
 }
 
+impl From<&FluxParams> for PartialFluxParams {
+    fn from(p: &FluxParams) -> Self {
+        PartialFluxParams {
+            in_channels: Some(p.in_channels),
+            out_channels: Some(p.out_channels),
+            vec_in_dim: Some(p.vec_in_dim),
+            context_in_dim: Some(p.context_in_dim),
+            hidden_size: Some(p.hidden_size),
+            mlp_ratio: Some(p.mlp_ratio),
+            num_heads: Some(p.num_heads),
+            depth: Some(p.depth),
+            depth_single_blocks: Some(p.depth_single_blocks),
+            axes_dim: Some(p.axes_dim.clone()),
+            theta: Some(p.theta),
+            qkv_bias: Some(p.qkv_bias),
+            guidance_embed: Some(p.guidance_embed),
+        }
+    }
+}
+
 pub const PRESETS: &[&str] = &["flux-dev", "flux-small", "flux-tiny"];
 
 /// Size of the sinusoidal timestep embedding fed to `time_in` and `guidance_in`.

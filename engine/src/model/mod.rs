@@ -6,7 +6,7 @@ pub mod layers;
 pub mod positions;
 pub mod weights;
 
-pub use config::FluxParams;
+pub use config::{FluxParams, PartialFluxParams};
 pub use flux::{Conditioning, Flux, FluxInputs};
 pub use weights::{LoraMode, WeightSource};
 
@@ -16,19 +16,18 @@ use loaders::flux::FluxCheckpoint;
 use loaders::lora::LoraAdapter;
 use std::path::Path;
 
-/// Opens a FLUX checkpoint (either layout), infers its config (completed or checked by the
-/// optional JSON config), and builds the model with the given LoRA adapters. Also returns
+/// Opens a FLUX checkpoint (either layout), infers its config (completed or checked by what
+/// `given` states), and builds the model with the given LoRA adapters. Also returns
 /// warnings for the user (adapter parts left out).
 pub fn load_flux<B: Backend>(
     b: &B,
     checkpoint: &Path,
-    config: Option<&Path>,
+    given: &PartialFluxParams,
     loras: &[&Path],
     mode: LoraMode,
 ) -> Result<(Flux<B>, Vec<String>)> {
     let ckpt = FluxCheckpoint::open(checkpoint)?;
-    let given = config.map(FluxParams::read_partial).transpose()?.unwrap_or_default();
-    let params = FluxParams::infer(&ckpt.shapes(), &given).map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.origin()))?;
+    let params = FluxParams::infer(&ckpt.shapes(), given).map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.origin()))?;
     let adapters = loras.iter().map(|p| LoraAdapter::open(p, params.hidden_size)).collect::<Result<Vec<_>, _>>()?;
     let warnings = adapters
         .iter()

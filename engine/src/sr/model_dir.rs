@@ -1,0 +1,175 @@
+//! A super-resolution model is a folder (design.md section 4): `model.json` names everything an
+//! upscale needs, beside `transformer.safetensors` (BFL or diffusers layout), `ae.safetensors`
+//! when the autoencoder has weights, and `text.safetensors` with the fixed `txt`/`y` embedding
+//! when it is not zeros.
+
+use crate::ae::{AutoEncoderParams, Autoencoder, FluxAe, PixelShuffle};
+use crate::backend::Backend;
+use crate::model::{load_flux, Flux, FluxParams, LoraMode, PartialFluxParams};
+use anyhow::{ensure, Context, Result};
+use loaders::safetensors::Checkpoint;
+use loaders::HostTensor;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SrConfig {
+    /// Output side / input side.
+    pub scale: usize,
+    #[serde(default)]
+    pub conditioning: ConditioningMode,
+    pub autoencoder: AeConfig,
+    pub transformer: FluxParams,
+    /// Sampling steps when the user gives none.
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// The guidance value fed to guidance-distilled backbones, the same in training and sampling.
+    #[serde(default = "default_guidance")]
+    pub guidance: f32,
+    /// Length of the all-zero text embedding used when the folder has no `text.safetensors`.
+    #[serde(default = "default_text_tokens")]
+    pub text_tokens: usize,
+}
+
+fn default_steps() -> usize {
+    28
+}
+
+fn default_guidance() -> f32 {
+    3.5
+}
+
+fn default_text_tokens() -> usize {
+    1
+}
+
+/// How the low-quality image reaches the transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConditioningMode {
+    /// FLUX control variants' way: the LQ, upsampled bicubically and encoded, is packed and
+    /// concatenated on channels with the noisy latent before `img_in`.
+    #[default]
+    Concat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AeConfig {
+    PixelShuffle {
+        factor: usize,
+    },
+    Flux {
+        #[serde(default)]
+        params: AutoEncoderParams,
+    },
+}
+
+impl SrConfig {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let c: SrConfig = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        c.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Latent channels of the autoencoder.
+    pub fn latent_channels(&self) -> usize {
+        match &self.autoencoder {
+            AeConfig::PixelShuffle { factor } => 3 * factor * factor,
+            AeConfig::Flux { params } => params.z_channels,
+        }
+    }
+
+    /// Image pixels per latent cell along one side.
+    pub fn ae_factor(&self) -> usize {
+        match &self.autoencoder {
+            AeConfig::PixelShuffle { factor } => *factor,
+            AeConfig::Flux { params } => params.downscale(),
+        }
+    }
+
+    /// The transformer's channels must fit the conditioning: packed latent in, twice that in.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.scale >= 1, "scale must be at least 1");
+        ensure!(self.steps >= 1, "steps must be at least 1");
+        ensure!(self.text_tokens >= 1, "text_tokens must be at least 1");
+        if let AeConfig::PixelShuffle { factor } = self.autoencoder {
+            ensure!(factor >= 1, "autoencoder factor must be at least 1");
+        }
+        let packed = 4 * self.latent_channels();
+        let t = &self.transformer;
+        ensure!(
+            t.in_channels == 2 * packed && t.out_channels == packed,
+            "transformer has in_channels {} and out_channels {}, but a {}-channel latent packed 2x2 and concatenated with the LQ needs {} and {packed}",
+            t.in_channels,
+            t.out_channels,
+            self.latent_channels(),
+            2 * packed
+        );
+        t.validate()
+    }
+}
+
+/// Everything an upscale needs, loaded.
+pub struct SrModel<B: Backend> {
+    pub config: SrConfig,
+    pub flux: Flux<B>,
+    pub ae: Box<dyn Autoencoder<B>>,
+    /// `[1, Lt, context_in_dim]` and `[1, vec_in_dim]`.
+    pub txt: HostTensor,
+    pub y: HostTensor,
+}
+
+impl<B: Backend + 'static> SrModel<B> {
+    /// Loads a model folder, with LoRA adapters on the transformer. Also returns warnings.
+    pub fn load(b: &B, dir: &Path, loras: &[&Path], mode: LoraMode) -> Result<(Self, Vec<String>)> {
+        ensure!(dir.is_dir(), "{}: not a model folder (expected model.json and transformer.safetensors inside)", dir.display());
+        let config = SrConfig::read(&dir.join("model.json"))?;
+        let given = PartialFluxParams::from(&config.transformer);
+        let (flux, warnings) = load_flux(b, &dir.join("transformer.safetensors"), &given, loras, mode)?;
+        let ae: Box<dyn Autoencoder<B>> = match &config.autoencoder {
+            AeConfig::PixelShuffle { factor } => Box::new(PixelShuffle::new(*factor)),
+            AeConfig::Flux { params } => Box::new(FluxAe::load(b, &dir.join("ae.safetensors"), params)?),
+        };
+        let text = dir.join("text.safetensors");
+        let (txt, y) = if text.exists() { read_text(&text, &config.transformer)? } else { zero_text(&config) };
+        Ok((SrModel { config, flux, ae, txt, y }, warnings))
+    }
+}
+
+/// The all-zero text conditioning of `config.text_tokens` tokens.
+pub fn zero_text(config: &SrConfig) -> (HostTensor, HostTensor) {
+    let t = &config.transformer;
+    (
+        HostTensor::from_f32(vec![1, config.text_tokens, t.context_in_dim], vec![0.0; config.text_tokens * t.context_in_dim]),
+        HostTensor::from_f32(vec![1, t.vec_in_dim], vec![0.0; t.vec_in_dim]),
+    )
+}
+
+/// `txt` `[Lt, ctx]` or `[1, Lt, ctx]` and `y` `[vec]` or `[1, vec]` from a file.
+fn read_text(path: &Path, t: &FluxParams) -> Result<(HostTensor, HostTensor)> {
+    let ckpt = Checkpoint::open(path)?;
+    let get = |name: &str| -> Result<HostTensor> {
+        ensure!(ckpt.info(name).is_some(), "{}: missing tensor '{name}'", path.display());
+        Ok(ckpt.read(name)?)
+    };
+    let (txt, y) = (get("txt")?, get("y")?);
+    let lt = txt.shape.iter().rev().nth(1).copied().unwrap_or(0);
+    ensure!(
+        matches!(txt.shape.as_slice(), [l, c] | [1, l, c] if *l == lt && *c == t.context_in_dim && lt > 0),
+        "{}: 'txt' has shape {:?}, expected [tokens, {}]",
+        path.display(),
+        txt.shape,
+        t.context_in_dim
+    );
+    ensure!(
+        matches!(y.shape.as_slice(), [v] | [1, v] if *v == t.vec_in_dim),
+        "{}: 'y' has shape {:?}, expected [{}]",
+        path.display(),
+        y.shape,
+        t.vec_in_dim
+    );
+    Ok((HostTensor::from_f32(vec![1, lt, t.context_in_dim], txt.to_f32()), HostTensor::from_f32(vec![1, t.vec_in_dim], y.to_f32())))
+}

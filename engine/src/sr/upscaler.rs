@@ -1,0 +1,114 @@
+//! One image through a super-resolution model: bicubic upsampling of the LQ to the output size,
+//! encoding, tiled flow sampling conditioned on the encoded LQ, decoding (design.md section 4).
+
+use super::model_dir::SrModel;
+use super::packing::{pack, unpack};
+use super::resample::resize;
+use super::sample::{euler_tiled, Grid};
+use crate::backend::Backend;
+use crate::model::Conditioning;
+use crate::sampler::{gaussian_noise, schedule};
+use anyhow::{ensure, Result};
+use loaders::image::Image;
+use loaders::HostTensor;
+
+#[derive(Debug, Clone, Copy)]
+pub struct UpscaleOptions {
+    pub steps: usize,
+    pub seed: u64,
+    /// Tile side in output pixels; images up to this size run in one tile.
+    pub tile: usize,
+}
+
+impl<B: Backend + 'static> SrModel<B> {
+    /// Output pixels per packed latent token along one side.
+    pub fn token_pixels(&self) -> usize {
+        2 * self.config.ae_factor()
+    }
+
+    /// Upscales the colour channels of `lq` by the model's scale. Calls `progress(step, steps)`.
+    pub fn upscale(&self, b: &B, lq: &Image, opts: &UpscaleOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Image> {
+        ensure!(opts.steps >= 1, "steps must be at least 1");
+        let scale = self.config.scale;
+        let (w, h) = (lq.width * scale, lq.height * scale);
+        let unit = self.token_pixels();
+        let (wp, hp) = (w.div_ceil(unit) * unit, h.div_ceil(unit) * unit);
+        // The model sees the bicubic upsample; sides are padded by edge replication to whole
+        // latent tokens, and the padding is cropped off the result.
+        let up = pad_edges(&resize(&lq.to_rgb(), w, h), wp, hp);
+        let latent_lq = b.download(&self.ae.encode(b, &b.input(&to_tensor(&up))?)?)?;
+        let (lh, lw) = (latent_lq.shape[2], latent_lq.shape[3]);
+        let cond = pack(&latent_lq)?;
+        let grid = Grid { rows: lh / 2, cols: lw / 2, features: cond.shape[2] };
+
+        let tile = (opts.tile / unit).max(1);
+        let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
+        let guidance = HostTensor::from_f32(vec![1], vec![self.config.guidance]);
+        let mut velocity = |img: &HostTensor, ids: &HostTensor, t: f32| -> Result<Vec<f32>> {
+            let txt_ids = HostTensor::from_f32(vec![1, self.txt.shape[1], 3], vec![0.0; self.txt.shape[1] * 3]);
+            let c = Conditioning {
+                txt: b.input(&self.txt)?,
+                pe: self.flux.positions(b, &txt_ids, ids)?,
+                y: b.input(&self.y)?,
+                guidance: if self.flux.params.guidance_embed { Some(b.input(&guidance)?) } else { None },
+            };
+            let v = self.flux.forward(b, &b.input(img)?, &b.input(&HostTensor::from_f32(vec![1], vec![t]))?, &c)?;
+            Ok(b.download(&v)?.to_f32())
+        };
+        let x = euler_tiled(
+            gaussian_noise(grid.len(), opts.seed),
+            &cond.to_f32(),
+            grid,
+            grid.features,
+            &times,
+            tile,
+            (tile / 4).max(1),
+            &mut velocity,
+            &mut |s| progress(s, opts.steps),
+        )?;
+        let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
+        let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
+        Ok(from_tensor(&decoded, w, h))
+    }
+}
+
+/// HWC [0, 1] -> `[1, 3, H, W]` in [-1, 1].
+fn to_tensor(img: &Image) -> HostTensor {
+    let (w, h) = (img.width, img.height);
+    let mut out = vec![0f32; 3 * w * h];
+    for (p, px) in img.data.chunks(3).enumerate() {
+        for c in 0..3 {
+            out[c * w * h + p] = px[c] * 2.0 - 1.0;
+        }
+    }
+    HostTensor::from_f32(vec![1, 3, h, w], out)
+}
+
+/// `[1, 3, Hp, Wp]` in [-1, 1] -> the top-left `w x h` as HWC [0, 1].
+fn from_tensor(t: &HostTensor, w: usize, h: usize) -> Image {
+    let (hp, wp) = (t.shape[2], t.shape[3]);
+    let v = t.to_f32();
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                data.push((v[(c * hp + y) * wp + x].clamp(-1.0, 1.0) + 1.0) / 2.0);
+            }
+        }
+    }
+    Image::new(w, h, 3, data)
+}
+
+/// Extends an image to `w x h` by repeating its last row and column.
+fn pad_edges(img: &Image, w: usize, h: usize) -> Image {
+    let c = img.channels;
+    let mut data = Vec::with_capacity(w * h * c);
+    for y in 0..h {
+        let sy = y.min(img.height - 1);
+        for x in 0..w {
+            let sx = x.min(img.width - 1);
+            data.extend_from_slice(&img.data[(sy * img.width + sx) * c..(sy * img.width + sx + 1) * c]);
+        }
+    }
+    Image::new(w, h, c, data)
+}
