@@ -2,6 +2,7 @@
 
 pub mod ae;
 pub mod backend;
+pub mod degrade;
 pub mod metrics;
 pub mod model;
 pub mod sampler;

@@ -11,6 +11,7 @@ mod keymap;
 pub mod lora;
 pub mod safetensors;
 pub mod tensor;
+pub mod walk;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, HostData, HostTensor};

@@ -1,9 +1,11 @@
 //! Subcommands. Each lives in its own file and returns an error for main to print.
 
 mod ae;
+mod degrade;
 mod eval;
 mod forward;
 mod info;
+mod model;
 
 use clap::{Parser, Subcommand};
 
@@ -21,17 +23,21 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Ae(ae::Args),
+    Degrade(degrade::Args),
     Eval(eval::Args),
     Forward(forward::Args),
     Info(info::Args),
+    Model(model::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ae(a) => ae::run(a),
+        Command::Degrade(a) => degrade::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Info(a) => info::run(a),
+        Command::Model(a) => model::run(a),
     }
 }
 

@@ -76,6 +76,8 @@ pub struct WeightLoader<'a, B: Backend> {
     replacements: BTreeMap<String, (String, HostTensor)>,
     lora_mode: LoraMode,
     dtype: Option<DType>,
+    /// Every tensor handed out, by name, when recording (to save what was built).
+    recorded: Option<Vec<(String, HostTensor)>>,
 }
 
 impl<'a, B: Backend> WeightLoader<'a, B> {
@@ -100,6 +102,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             replacements: BTreeMap::new(),
             lora_mode: LoraMode::Merged,
             dtype: None,
+            recorded: None,
         }
     }
 
@@ -107,6 +110,18 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     pub fn with_dtype(mut self, dtype: Option<DType>) -> Self {
         self.dtype = dtype;
         self
+    }
+
+    /// Keeps a copy of every base tensor handed out, for `take_recorded` (e.g. to save random
+    /// weights as a checkpoint).
+    pub fn recording(mut self) -> Self {
+        self.recorded = Some(Vec::new());
+        self
+    }
+
+    /// The tensors handed out since `recording`, under their internal names.
+    pub fn take_recorded(&mut self) -> Vec<(String, HostTensor)> {
+        self.recorded.take().unwrap_or_default()
     }
 
     pub fn with_lora(mut self, adapters: Vec<LoraAdapter>, mode: LoraMode) -> Self {
@@ -141,10 +156,14 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             None => t,
         };
         self.used.insert(name.to_string());
-        Ok(match self.dtype {
+        let t = match self.dtype {
             Some(d) => t.cast(d),
             None => t,
-        })
+        };
+        if let Some(r) = &mut self.recorded {
+            r.push((name.to_string(), t.clone()));
+        }
+        Ok(t)
     }
 
     /// A named tensor of exactly `shape`.
