@@ -6,6 +6,7 @@ mod eval;
 mod forward;
 mod info;
 mod model;
+mod upscale;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,7 @@ enum Command {
     Forward(forward::Args),
     Info(info::Args),
     Model(model::Args),
+    Upscale(upscale::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -38,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Info(a) => info::run(a),
         Command::Model(a) => model::run(a),
+        Command::Upscale(a) => upscale::run(a),
     }
 }
 

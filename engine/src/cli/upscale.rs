@@ -1,0 +1,185 @@
+//! `engine upscale`: images or folders through a super-resolution model, into a mirrored tree.
+
+use anyhow::{ensure, Result};
+use engine::model::LoraMode;
+use engine::sr::colorfix::ColorFix;
+use engine::sr::model_dir::SrModel;
+use engine::sr::resample::resize;
+use engine::sr::upscaler::UpscaleOptions;
+use engine::{Backend, CpuBackend};
+use indicatif::{ProgressBar, ProgressStyle};
+use loaders::image::{self, Image, OutputFormat};
+use loaders::walk::{collect_inputs, parse_shard, shard, Input};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Upscale images (PNG, JPEG, WebP; files or folders, walked recursively) with a super-resolution
+/// model. The output tree mirrors the input folders. Alpha is upscaled (bicubic) beside the
+/// colour, EXIF orientation is applied, ICC profiles, 16-bit depth and grayscale are kept.
+/// A file that fails is reported and skipped; the exit code says whether any failed.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Input images or folders.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Model folder (model.json, transformer.safetensors, ...). No trained model is shipped yet;
+    /// `engine model init` writes a randomly initialised one.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// LoRA adapter for the transformer; repeat to stack several (merged at load).
+    #[arg(long)]
+    lora: Vec<PathBuf>,
+    /// Sampling steps (default: the model's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Seed of the sampling noise: the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Tile side in output pixels; larger images run in overlapping, blended tiles.
+    #[arg(long, default_value_t = 512)]
+    tile: usize,
+    /// Final scale relative to the input, resampled after the model (default: the model's).
+    #[arg(long)]
+    outscale: Option<f64>,
+    /// Colour correction against the upsampled input: wavelet, adain or none.
+    #[arg(long, default_value = "wavelet")]
+    color_fix: ColorFix,
+    /// Output format: png, or the input's own format.
+    #[arg(long, value_enum, default_value = "png")]
+    format: Format,
+    /// Upscale only the i-th of every n inputs (`--shard 2/8`), to split a batch across machines.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Skip inputs whose output file exists.
+    #[arg(long, conflicts_with = "overwrite")]
+    skip_existing: bool,
+    /// Replace existing output files.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Png,
+    Same,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let Some(model_dir) = &a.model else {
+        anyhow::bail!("no default model is shipped yet: pass --model DIR (`engine model init --out DIR` writes an untrained one)");
+    };
+    let mut inputs = collect_inputs(&a.inputs)?;
+    if let Some(spec) = &a.shard {
+        let (i, n) = parse_shard(spec)?;
+        inputs = shard(inputs, i, n);
+    }
+    ensure!(!inputs.is_empty(), "no images found in {}", a.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    if let Some(s) = a.outscale {
+        ensure!(s.is_finite() && s > 0.0, "--outscale must be a positive number, got {s}");
+    }
+
+    let b = CpuBackend::new();
+    let loras: Vec<&Path> = a.lora.iter().map(|p| p.as_path()).collect();
+    let (model, warnings) = SrModel::load(&b, model_dir, &loras, LoraMode::Merged)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let opts = UpscaleOptions { steps: a.steps.unwrap_or(model.config.steps), seed: a.seed, tile: a.tile };
+    ensure!(opts.steps >= 1, "--steps must be at least 1");
+    eprintln!("model {} on {}, {} steps, x{}", model_dir.display(), b.name(), opts.steps, model.config.scale);
+
+    let bar = ProgressBar::new(inputs.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    // The bar hides itself when stderr is not a terminal; the per-image lines must not.
+    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    let (mut failures, mut skipped) = (Vec::new(), 0);
+    for input in &inputs {
+        let format = match a.format {
+            Format::Png => OutputFormat::Png,
+            Format::Same => OutputFormat::for_input(&input.path),
+        };
+        let out = a.out.join(&input.relative).with_extension(format.extension());
+        bar.set_message(input.relative.display().to_string());
+        if out.exists() && a.skip_existing {
+            say(format!("{}  skipped (exists)", input.relative.display()));
+            skipped += 1;
+            bar.inc(1);
+            continue;
+        }
+        let t0 = Instant::now();
+        match upscale_one(&b, &model, input, &out, format, &a, &opts) {
+            Ok((w, h)) => say(format!("{}  -> {}x{}  {:.1} s", input.relative.display(), w, h, t0.elapsed().as_secs_f64())),
+            Err(e) => {
+                say(format!("{}  failed", input.relative.display()));
+                failures.push(format!("{e:#}"));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let done = inputs.len() - failures.len() - skipped;
+    eprintln!("{done} of {} image(s) upscaled into {} ({skipped} skipped, {} failed)", inputs.len(), a.out.display(), failures.len());
+    ensure!(failures.is_empty(), "{} of {} image(s) failed: {}", failures.len(), inputs.len(), failures.join("; "));
+    Ok(())
+}
+
+fn upscale_one<B: Backend + 'static>(
+    b: &B,
+    model: &SrModel<B>,
+    input: &Input,
+    out: &Path,
+    format: OutputFormat,
+    a: &Args,
+    opts: &UpscaleOptions,
+) -> Result<(usize, usize)> {
+    if out.exists() && !a.overwrite {
+        anyhow::bail!("{}: exists; pass --overwrite to replace it or --skip-existing to keep it", out.display());
+    }
+    let lq = image::read(&input.path)?;
+    let scale = model.config.scale;
+    let (w, h) = (lq.width * scale, lq.height * scale);
+    let sr = model.upscale(b, &lq, opts, &mut |_, _| ())?;
+    let sr = a.color_fix.apply(&sr, &resize(&lq.to_rgb(), w, h));
+    let mut result = restore_mode(&lq, sr, w, h);
+    if let Some(s) = a.outscale {
+        let (ow, oh) = (((lq.width as f64 * s).round() as usize).max(1), ((lq.height as f64 * s).round() as usize).max(1));
+        if (ow, oh) != (w, h) {
+            result = resize(&result, ow, oh);
+        }
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", dir.display()))?;
+    }
+    image::write(out, &result, format, a.overwrite)?;
+    Ok((result.width, result.height))
+}
+
+/// Gives the RGB result the input's mode back: gray stays gray (BT.601 luma), alpha is the
+/// input's alpha upscaled bicubically, depth and ICC profile are the input's.
+fn restore_mode(lq: &Image, sr: Image, w: usize, h: usize) -> Image {
+    let gray = lq.channels <= 2;
+    let alpha = lq.has_alpha().then(|| {
+        let a: Vec<f32> = lq.data.chunks(lq.channels).map(|px| px[lq.channels - 1]).collect();
+        resize(&Image::new(lq.width, lq.height, 1, a), w, h).data
+    });
+    let color = if gray { 1 } else { 3 };
+    let channels = color + alpha.is_some() as usize;
+    let mut data = Vec::with_capacity(w * h * channels);
+    for (p, px) in sr.data.chunks(3).enumerate() {
+        if gray {
+            data.push(0.299 * px[0] + 0.587 * px[1] + 0.114 * px[2]);
+        } else {
+            data.extend_from_slice(px);
+        }
+        if let Some(a) = &alpha {
+            data.push(a[p].clamp(0.0, 1.0));
+        }
+    }
+    let mut img = Image::new(w, h, channels, data);
+    img.sixteen_bit = lq.sixteen_bit;
+    img.icc = lq.icc.clone();
+    img
+}

@@ -1,0 +1,84 @@
+//! `engine upscale` end to end on an untrained model written by `engine model init`: sizes,
+//! modes (alpha, 16-bit, gray) kept, determinism, tiling, sharding, and failures contained.
+
+use loaders::image::{self, Image};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().expect("engine runs")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A model folder and a folder of inputs in a fresh tempdir.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    ok(engine(&["model", "init", "--out", model.to_str().unwrap(), "--preset", "flux-tiny", "--init-seed", "3"]));
+    let inputs = dir.path().join("in");
+    std::fs::create_dir_all(inputs.join("sub")).unwrap();
+    let pattern = |w: usize, h: usize, c: usize| (0..w * h * c).map(|i| ((i * 37) % 101) as f32 / 100.0).collect::<Vec<f32>>();
+    let mut rgba16 = Image::new(13, 7, 4, pattern(13, 7, 4));
+    rgba16.sixteen_bit = true;
+    image::write_png(&inputs.join("rgba16.png"), &rgba16, false).unwrap();
+    image::write_png(&inputs.join("sub/gray.png"), &Image::new(9, 6, 1, pattern(9, 6, 1)), false).unwrap();
+    (dir, model, inputs)
+}
+
+fn upscale(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args =
+        vec!["upscale", inputs.to_str().unwrap(), "-o", out.to_str().unwrap(), "--model", model.to_str().unwrap(), "--steps", "2"];
+    args.extend(extra);
+    engine(&args)
+}
+
+#[test]
+fn outputs_are_four_times_larger_keep_their_mode_and_repeat_exactly() {
+    let (dir, model, inputs) = setup();
+    let out = dir.path().join("out");
+    ok(upscale(&model, &inputs, &out, &[]));
+    let rgba = image::read(&out.join("rgba16.png")).unwrap();
+    assert_eq!((rgba.width, rgba.height, rgba.channels, rgba.sixteen_bit), (52, 28, 4, true));
+    let gray = image::read(&out.join("sub/gray.png")).unwrap();
+    assert_eq!((gray.width, gray.height, gray.channels), (36, 24, 1));
+
+    // Same seed: same bytes. Another seed: other bytes. A tile larger than the image: same bytes.
+    let again = dir.path().join("again");
+    ok(upscale(&model, &inputs, &again, &["--tile", "4096"]));
+    assert_eq!(std::fs::read(out.join("rgba16.png")).unwrap(), std::fs::read(again.join("rgba16.png")).unwrap());
+    let other = dir.path().join("other");
+    ok(upscale(&model, &inputs, &other, &["--seed", "1"]));
+    assert_ne!(std::fs::read(out.join("rgba16.png")).unwrap(), std::fs::read(other.join("rgba16.png")).unwrap());
+
+    // Small tiles: same size, every value finite (decoding succeeded), no failure.
+    let tiled = dir.path().join("tiled");
+    ok(upscale(&model, &inputs, &tiled, &["--tile", "16", "--outscale", "2"]));
+    let t = image::read(&tiled.join("rgba16.png")).unwrap();
+    assert_eq!((t.width, t.height), (26, 14));
+}
+
+#[test]
+fn existing_outputs_shards_and_bad_files() {
+    let (dir, model, inputs) = setup();
+    let out = dir.path().join("out");
+    ok(upscale(&model, &inputs, &out, &["--shard", "2/2"]));
+    assert!(!out.join("rgba16.png").exists() && out.join("sub/gray.png").exists(), "shard 2/2 takes the second input only");
+
+    let again = upscale(&model, &inputs, &out, &["--shard", "2/2"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    ok(upscale(&model, &inputs, &out, &["--skip-existing"]));
+
+    std::fs::write(inputs.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let bad = upscale(&model, &inputs, &dir.path().join("out2"), &[]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("broken.png") && !stderr.contains("panicked"), "{stderr}");
+    assert!(dir.path().join("out2/rgba16.png").exists(), "the good images are still written");
+
+    let none = engine(&["upscale", inputs.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(!none.status.success() && String::from_utf8_lossy(&none.stderr).contains("--model"));
+}
