@@ -133,7 +133,7 @@ fn bad_arguments_are_one_error_line() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere");
     let out = dir.path().join("out");
-    assert_fails_with(&engine(&["degrade", s(&missing), "-o", s(&out), "--seed", "1"]), &["nowhere", "cannot list"]);
+    assert_fails_with(&engine(&["degrade", s(&missing), "-o", s(&out), "--seed", "1"]), &["nowhere", "cannot open"]);
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     assert_fails_with(&engine(&["degrade", s(&empty), "-o", s(&out), "--seed", "1"]), &["empty", "no PNG"]);

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The operating system refused: `action` says what we were doing ("open", "rename onto").
-    #[error("{}: cannot {action}: {source}", path.display())]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    #[error("{}: cannot {action}: {err}", path.display())]
+    Io { path: PathBuf, action: &'static str, err: std::io::Error },
 
     /// The bytes are not a well-formed safetensors file (bad header, offsets, sizes).
     #[error("{}: not a safetensors file: {reason}", path.display())]
@@ -27,7 +27,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: &Path, action: &'static str, source: std::io::Error) -> Error {
-        Error::Io { path: path.to_path_buf(), action, source }
+        Error::Io { path: path.to_path_buf(), action, err: source }
     }
 
     pub(crate) fn malformed(path: &Path, reason: impl Into<String>) -> Error {

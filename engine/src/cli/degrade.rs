@@ -5,10 +5,9 @@
 use anyhow::{bail, Context, Result};
 use engine::degrade;
 use loaders::image::Image;
+use loaders::walk::collect_inputs;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 /// Degrade high-quality images into (HQ, LQ) training pairs.
 #[derive(clap::Args)]
@@ -39,9 +38,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.crop == Some(0) {
         bail!("--crop must be at least 1");
     }
-    let mut sources = Vec::new();
-    walk(&a.hq_dir, Path::new(""), &mut sources)?;
-    sources.sort();
+    let sources: Vec<PathBuf> = collect_inputs(std::slice::from_ref(&a.hq_dir))?.into_iter().map(|i| i.relative).collect();
     if sources.is_empty() {
         bail!("{}: no PNG, JPEG or WebP image in the directory or below it", a.hq_dir.display());
     }
@@ -128,24 +125,6 @@ fn pair(a: &Args, path: &Path, rel: &Path) -> Result<Option<(Image, Image)>> {
     let mut lq_img = hq.clone();
     (lq_img.width, lq_img.height, lq_img.channels, lq_img.data, lq_img.sixteen_bit) = (lq.width, lq.height, 3, lq.data, false);
     Ok(Some((hq, lq_img)))
-}
-
-/// The image files under `dir` (joined to `rel`), as paths relative to the walk's root.
-fn walk(dir: &Path, rel: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
-    let list_err = || format!("{}: cannot list the directory", dir.display());
-    for entry in std::fs::read_dir(dir).with_context(list_err)? {
-        let entry = entry.with_context(list_err)?;
-        let path = entry.path();
-        let rel = rel.join(entry.file_name());
-        if path.is_dir() {
-            walk(&path, &rel, found)?;
-        } else if path.is_file()
-            && path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-        {
-            found.push(rel);
-        }
-    }
-    Ok(())
 }
 
 /// The seed of one image: `seed` mixed with the FNV-1a hash of its relative path ('/'-separated,
