@@ -2,6 +2,9 @@
 //! like FLUX's, written by `tools/golden/make_ae_goldens.py` into tests/golden/ae/ in both key
 //! layouts; the weightless pixel shuffle; strict loading; and `engine ae encode|decode`.
 
+mod common;
+use common::{assert_fails_with, engine, max_rel_err};
+
 use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe, PixelShuffle};
 use engine::{Backend, CpuBackend};
 use loaders::image::{self, Image};
@@ -9,7 +12,7 @@ use loaders::safetensors::{self, Checkpoint};
 use loaders::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -23,15 +26,6 @@ fn params() -> AutoEncoderParams {
 
 fn io(name: &str) -> HostTensor {
     Checkpoint::open(&golden("io.safetensors")).unwrap().read(name).unwrap()
-}
-
-/// Largest absolute difference relative to the reference's largest magnitude.
-fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "output sizes differ");
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
-    let diff = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    assert!(scale > 0.0, "reference is all zeros");
-    diff / scale
 }
 
 #[test]
@@ -168,22 +162,8 @@ fn bad_checkpoints_are_named_errors() {
     }
 }
 
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().expect("engine runs")
-}
-
 fn assert_ok(out: &Output) {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn assert_fails_with(out: &Output, fragments: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "expected one line: {stderr}");
-    for f in fragments {
-        assert!(stderr.contains(f), "stderr lacks '{f}': {stderr}");
-    }
 }
 
 #[test]

@@ -1,31 +1,16 @@
 //! The `engine` binary as a user runs it: the golden examples through `forward` and `info`, and
 //! bad input of every kind answered by one clear line and a non-zero exit, never a panic.
 
+mod common;
+use common::{assert_fails_with, engine};
+
 use loaders::safetensors::{self, Checkpoint};
 use loaders::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn golden(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/guidance-b2").join(file)
-}
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().expect("engine runs")
-}
-
-/// Asserts a failure reported as exactly one `error:` line containing every fragment.
-fn assert_fails_with(out: &Output, fragments: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for f in fragments {
-        assert!(stderr.contains(f), "stderr lacks '{f}': {stderr}");
-    }
 }
 
 /// Writes a copy of a golden file with its tensors edited by `edit`.

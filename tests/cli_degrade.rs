@@ -1,35 +1,17 @@
 //! `engine degrade` as a user runs it: seeded, byte-identical pairs of exact sizes, mirrored
 //! subfolders, per-image seeds, and bad inputs reported without stopping the batch.
 
+mod common;
+use common::{assert_fails_with, engine, s};
+
 use loaders::image::Image;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().expect("engine runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::Output;
 
 fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Asserts a failure reported as exactly one `error:` line containing every fragment.
-fn assert_fails_with(out: &Output, fragments: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for f in fragments {
-        assert!(stderr.contains(f), "stderr lacks '{f}': {stderr}");
-    }
 }
 
 /// A textured RGB test image written as PNG.

@@ -1,32 +1,13 @@
 //! `engine eval` as a user runs it: the golden pairs scored into a table, a CSV and a plot that
 //! match the scikit-image reference, and every bad input answered by one `error:` line.
 
+mod common;
+use common::{assert_fails_with, engine, s};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn golden(side: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/metrics").join(side)
-}
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().expect("engine runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Asserts a failure reported as exactly one `error:` line containing every fragment.
-fn assert_fails_with(out: &Output, fragments: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for f in fragments {
-        assert!(stderr.contains(f), "stderr lacks '{f}': {stderr}");
-    }
 }
 
 /// A copy of the golden SR directory, to be edited by a test.

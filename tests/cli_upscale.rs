@@ -1,13 +1,12 @@
 //! `engine upscale` end to end on an untrained model written by `engine model init`: sizes,
 //! modes (alpha, 16-bit, gray) kept, determinism, tiling, sharding, and failures contained.
 
+mod common;
+use common::engine;
+
 use loaders::image::{self, Image};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().expect("engine runs")
-}
+use std::process::Output;
 
 fn ok(out: Output) -> Output {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

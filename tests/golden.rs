@@ -2,6 +2,9 @@
 //! and inputs written by `tools/golden.sh` into tests/golden/, in both key layouts, with bf16
 //! weights, and with LoRA adapters in three layouts loaded through diffusers' own converters.
 
+mod common;
+use common::max_rel_err;
+
 use engine::model::{load_flux, FluxInputs, FluxParams, LoraMode, PartialFluxParams};
 use engine::CpuBackend;
 use loaders::safetensors::Checkpoint;
@@ -15,15 +18,6 @@ fn golden(case: &str) -> PathBuf {
 
 fn cases() -> Vec<&'static str> {
     vec!["guidance-b2", "control-ch128", "noguid-b3"]
-}
-
-/// Largest absolute difference relative to the reference's largest magnitude.
-fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "output sizes differ");
-    let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
-    let diff = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    assert!(scale > 0.0, "reference output is all zeros");
-    diff / scale
 }
 
 fn check(case: &str, model: &str, config: bool, loras: &[&str], mode: LoraMode, expected: &str) {
