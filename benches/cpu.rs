@@ -1,14 +1,19 @@
 //! CPU benchmarks: the f32 GEMM behind every linear layer (compare with numpy through
-//! `tools/numpy-gemm.py`), and one `flux-small` transformer forward.
+//! `tools/numpy-gemm.py`), one `flux-small` transformer forward, and one 128x128 -> 512x512
+//! upscale with a `flux-small` transformer on a pixel-shuffle(8) autoencoder.
 //!
 //! `cargo bench -p engine --bench cpu`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use engine::ae::PixelShuffle;
 use engine::backend::cpu::matmul::{matmul, Rhs};
 use engine::model::positions::image_ids;
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
+use engine::sr::model_dir::{zero_text, AeConfig, ConditioningMode, SrConfig, SrModel};
+use engine::sr::upscaler::UpscaleOptions;
 use engine::CpuBackend;
+use loaders::image::Image;
 use loaders::HostTensor;
 use std::hint::black_box;
 
@@ -56,5 +61,34 @@ fn flux_small_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, flux_small_forward);
+fn upscale_128_to_512(c: &mut Criterion) {
+    let b = CpuBackend::new();
+    // Pixel-shuffle 8: 192 latent channels, 768 packed; a 512x512 output is 32x32 = 1024 tokens.
+    let factor = 8;
+    let latent = 3 * factor * factor;
+    let transformer = FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..FluxParams::preset("flux-small").unwrap() };
+    let config = SrConfig {
+        scale: 4,
+        conditioning: ConditioningMode::Concat,
+        autoencoder: AeConfig::PixelShuffle { factor },
+        transformer,
+        steps: 28,
+        guidance: 3.5,
+        text_tokens: 1,
+    };
+    let mut w = WeightLoader::random(&b, 0);
+    let flux = Flux::build(&config.transformer, &mut w).unwrap();
+    let (txt, y) = zero_text(&config);
+    let model = SrModel { config, flux, ae: Box::new(PixelShuffle::new(factor)), txt, y };
+    let lq = Image::new(128, 128, 3, (0..128 * 128 * 3).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect());
+    let mut g = c.benchmark_group("upscale_128_to_512");
+    g.sample_size(10);
+    for steps in [1, 4] {
+        let opts = UpscaleOptions { steps, seed: 0, tile: 512 };
+        g.bench_function(format!("{steps}_steps"), |bch| bch.iter(|| model.upscale(&b, black_box(&lq), &opts, &mut |_, _| ()).unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm, flux_small_forward, upscale_128_to_512);
 criterion_main!(benches);

@@ -111,7 +111,14 @@ pub fn run(a: Args) -> Result<()> {
         }
         let t0 = Instant::now();
         match upscale_one(&b, &model, input, &out, format, &a, &opts) {
-            Ok((w, h)) => say(format!("{}  -> {}x{}  {:.1} s", input.relative.display(), w, h, t0.elapsed().as_secs_f64())),
+            Ok((w, h, per_step)) => say(format!(
+                "{}  -> {}x{}  {:.1} s{}",
+                input.relative.display(),
+                w,
+                h,
+                t0.elapsed().as_secs_f64(),
+                per_step.map_or(String::new(), |s| format!(" ({s:.2} s/step)"))
+            )),
             Err(e) => {
                 say(format!("{}  failed", input.relative.display()));
                 failures.push(format!("{e:#}"));
@@ -134,14 +141,15 @@ fn upscale_one<B: Backend + 'static>(
     format: OutputFormat,
     a: &Args,
     opts: &UpscaleOptions,
-) -> Result<(usize, usize)> {
+) -> Result<(usize, usize, Option<f64>)> {
     if out.exists() && !a.overwrite {
         anyhow::bail!("{}: exists; pass --overwrite to replace it or --skip-existing to keep it", out.display());
     }
     let lq = image::read(&input.path)?;
     let scale = model.config.scale;
     let (w, h) = (lq.width * scale, lq.height * scale);
-    let sr = model.upscale(b, &lq, opts, &mut |_, _| ())?;
+    let mut step_times = Vec::with_capacity(opts.steps);
+    let sr = model.upscale(b, &lq, opts, &mut |_, _| step_times.push(Instant::now()))?;
     let sr = a.color_fix.apply(&sr, &resize(&lq.to_rgb(), w, h));
     let mut result = restore_mode(&lq, sr, w, h);
     if let Some(s) = a.outscale {
@@ -154,7 +162,12 @@ fn upscale_one<B: Backend + 'static>(
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", dir.display()))?;
     }
     image::write(out, &result, format, a.overwrite)?;
-    Ok((result.width, result.height))
+    // Time per sampling step, from the first step's end to the last's (encode/decode excluded).
+    let per_step = match (step_times.first(), step_times.last()) {
+        (Some(first), Some(last)) if step_times.len() > 1 => Some((*last - *first).as_secs_f64() / (step_times.len() - 1) as f64),
+        _ => None,
+    };
+    Ok((result.width, result.height, per_step))
 }
 
 /// Gives the RGB result the input's mode back: gray stays gray (BT.601 luma), alpha is the
