@@ -8,6 +8,7 @@
 
 use super::kernels::choose;
 use super::Rgb;
+use crate::sr::resample::{apply_separable, bicubic_taps, Taps, CUBIC_A};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -44,51 +45,30 @@ pub fn random_mode(rng: &mut ChaCha8Rng) -> Mode {
     [Mode::Area, Mode::Bilinear, Mode::Bicubic][rng.random_range(0..3)]
 }
 
-/// The taps of one output coordinate: source indices and weights.
-type Taps = Vec<(usize, f32)>;
-
-fn cubic1(x: f64, a: f64) -> f64 {
-    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-}
-
-fn cubic2(x: f64, a: f64) -> f64 {
-    ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
-}
-
-/// PyTorch's bicubic weights for the fractional offset `t` (taps at -1, 0, 1, 2).
-pub fn bicubic_weights(t: f64) -> [f64; 4] {
-    const A: f64 = -0.75;
-    [cubic2(t + 1.0, A), cubic1(t, A), cubic1(1.0 - t, A), cubic2(2.0 - t, A)]
-}
-
 /// The taps of every output index along one axis.
 fn axis_taps(n_in: usize, n_out: usize, mode: Mode, coord_scale: Option<f64>) -> Vec<Taps> {
     // PyTorch `area_pixel_compute_scale`: 1 / scale_factor when given, else in / out.
     let ratio = coord_scale.filter(|s| *s > 0.0).map(|s| 1.0 / s).unwrap_or(n_in as f64 / n_out as f64);
-    (0..n_out)
-        .map(|o| match mode {
-            Mode::Area => {
-                // adaptive_avg_pool: [floor(o * in / out), ceil((o + 1) * in / out)).
-                let start = (o * n_in) / n_out;
-                let end = ((o + 1) * n_in).div_ceil(n_out);
+    match mode {
+        Mode::Bicubic => bicubic_taps(n_in, n_out, ratio, CUBIC_A),
+        // adaptive_avg_pool: [floor(o * in / out), ceil((o + 1) * in / out)).
+        Mode::Area => (0..n_out)
+            .map(|o| {
+                let (start, end) = ((o * n_in) / n_out, ((o + 1) * n_in).div_ceil(n_out));
                 let w = 1.0 / (end - start) as f32;
                 (start..end).map(|i| (i, w)).collect()
-            }
-            Mode::Bilinear => {
+            })
+            .collect(),
+        Mode::Bilinear => (0..n_out)
+            .map(|o| {
                 let src = (ratio * (o as f64 + 0.5) - 0.5).max(0.0);
                 let i0 = (src as usize).min(n_in - 1);
                 let i1 = if i0 < n_in - 1 { i0 + 1 } else { i0 };
                 let l1 = (src - i0 as f64) as f32;
                 vec![(i0, 1.0 - l1), (i1, l1)]
-            }
-            Mode::Bicubic => {
-                let src = ratio * (o as f64 + 0.5) - 0.5;
-                let f = src.floor();
-                let w = bicubic_weights(src - f);
-                (0..4).map(|k| (((f as isize) - 1 + k as isize).clamp(0, n_in as isize - 1) as usize, w[k] as f32)).collect()
-            }
-        })
-        .collect()
+            })
+            .collect(),
+    }
 }
 
 /// `img` resized to `out_w x out_h`. `coord_scale`: the `scale_factor` PyTorch was given, if any.
@@ -99,23 +79,7 @@ pub fn resize(img: &Rgb, out_w: usize, out_h: usize, mode: Mode, coord_scale: Op
     }
     let xt = axis_taps(img.width, out_w, mode, coord_scale);
     let yt = axis_taps(img.height, out_h, mode, coord_scale);
-    // Separable: rows first (width), then columns (height).
-    let mut mid = vec![0.0f32; img.height * out_w * 3];
-    for y in 0..img.height {
-        let src = &img.data[y * img.width * 3..][..img.width * 3];
-        for (x, taps) in xt.iter().enumerate() {
-            for c in 0..3 {
-                mid[(y * out_w + x) * 3 + c] = taps.iter().map(|&(i, w)| w * src[i * 3 + c]).sum();
-            }
-        }
-    }
-    let mut out = vec![0.0f32; out_h * out_w * 3];
-    for (y, taps) in yt.iter().enumerate() {
-        for x in 0..out_w * 3 {
-            out[y * out_w * 3 + x] = taps.iter().map(|&(i, w)| w * mid[i * out_w * 3 + x]).sum();
-        }
-    }
-    Rgb { width: out_w, height: out_h, data: out }
+    Rgb { width: out_w, height: out_h, data: apply_separable(&img.data, img.width, img.height, 3, &xt, &yt) }
 }
 
 #[cfg(test)]
@@ -173,22 +137,16 @@ mod tests {
     }
 
     #[test]
-    fn bicubic_weights_at_half_a_pixel() {
-        // PyTorch (A = -0.75) at t = 0.5: [-0.09375, 0.59375, 0.59375, -0.09375].
-        let w = bicubic_weights(0.5);
-        for (got, want) in w.iter().zip([-0.09375, 0.59375, 0.59375, -0.09375]) {
-            assert!((got - want).abs() < 1e-12, "{w:?}");
-        }
-        assert_eq!(bicubic_weights(0.0), [0.0, 1.0, 0.0, 0.0]);
+    fn bicubic_upscale_of_an_impulse_gives_pytorch_weights() {
         // Upscaling by 2 puts outputs 2, 3, 4 at sources 0.75, 1.25, 1.75: an impulse at source 2
-        // is their last, third and third tap.
+        // is their last, third and third tap. PyTorch's (A = -0.75) taps at t = 0.25 are
+        // [-0.10546875, 0.87890625, 0.26171875, -0.03515625]; t = 0.75 is the mirror image.
         let mut img = Rgb { width: 8, height: 1, data: vec![0.0; 24] };
         img.data[2 * 3] = 1.0;
         let out = resize(&img, 16, 2, Mode::Bicubic, None);
-        let (w75, w25) = (bicubic_weights(0.75), bicubic_weights(0.25));
-        assert!((out.data[2 * 3] as f64 - w75[3]).abs() < 1e-6);
-        assert!((out.data[3 * 3] as f64 - w25[2]).abs() < 1e-6);
-        assert!((out.data[4 * 3] as f64 - w75[2]).abs() < 1e-6);
+        for (x, want) in [(2, -0.10546875), (3, 0.26171875), (4, 0.87890625)] {
+            assert!((out.data[x * 3] as f64 - want).abs() < 1e-6, "output {x}: {}", out.data[x * 3]);
+        }
     }
 
     #[test]

@@ -11,7 +11,8 @@
 use loaders::image::Image;
 
 /// Keys' cubic convolution coefficient, as in PyTorch and OpenCV.
-const A: f64 = -0.75;
+pub(crate) const CUBIC_A: f64 = -0.75;
+const A: f64 = CUBIC_A;
 
 fn cubic(x: f64, a: f64) -> f64 {
     let x = x.abs();
@@ -24,47 +25,46 @@ fn cubic(x: f64, a: f64) -> f64 {
     }
 }
 
-/// For each output index along one axis, the input indices and weights that make it.
-fn taps(n_in: usize, n_out: usize, a: f64) -> Vec<Vec<(usize, f32)>> {
-    let scale = n_in as f64 / n_out as f64;
+/// The input indices and weights that make one output index along one axis.
+pub(crate) type Taps = Vec<(usize, f32)>;
+
+/// Bicubic taps of every output index: source coordinate `ratio * (o + 0.5) - 0.5` (pixel
+/// centres aligned), indices past the border clamped to it.
+pub(crate) fn bicubic_taps(n_in: usize, n_out: usize, ratio: f64, a: f64) -> Vec<Taps> {
     (0..n_out)
-        .map(|j| {
-            if n_out >= n_in {
-                let src = (j as f64 + 0.5) * scale - 0.5;
-                let i0 = src.floor();
-                let t = src - i0;
-                (-1..=2)
-                    .map(|k| {
-                        let i = (i0 as i64 + k).clamp(0, n_in as i64 - 1) as usize;
-                        (i, cubic(t - k as f64, a) as f32)
-                    })
-                    .collect()
-            } else {
-                let (lo, hi) = (j as f64 * scale, (j + 1) as f64 * scale);
-                (lo.floor() as usize..(hi.ceil() as usize).min(n_in))
-                    .map(|i| (i, ((hi.min(i as f64 + 1.0) - lo.max(i as f64)) / scale) as f32))
-                    .filter(|&(_, w)| w > 0.0)
-                    .collect()
-            }
+        .map(|o| {
+            let src = ratio * (o as f64 + 0.5) - 0.5;
+            let i0 = src.floor();
+            let t = src - i0;
+            (-1..=2).map(|k| ((i0 as i64 + k).clamp(0, n_in as i64 - 1) as usize, cubic(t - k as f64, a) as f32)).collect()
         })
         .collect()
 }
 
-/// `img` resized to `width` x `height` (both at least 1), same channels, depth flag and ICC.
-pub fn resize(img: &Image, width: usize, height: usize) -> Image {
-    resize_with(img, width, height, A)
+/// Bicubic taps where the axis grows, footprint-weighted area taps where it shrinks.
+fn taps(n_in: usize, n_out: usize, a: f64) -> Vec<Taps> {
+    let scale = n_in as f64 / n_out as f64;
+    if n_out >= n_in {
+        return bicubic_taps(n_in, n_out, scale, a);
+    }
+    (0..n_out)
+        .map(|j| {
+            let (lo, hi) = (j as f64 * scale, (j + 1) as f64 * scale);
+            (lo.floor() as usize..(hi.ceil() as usize).min(n_in))
+                .map(|i| (i, ((hi.min(i as f64 + 1.0) - lo.max(i as f64)) / scale) as f32))
+                .filter(|&(_, w)| w > 0.0)
+                .collect()
+        })
+        .collect()
 }
 
-/// [`resize`] with the cubic coefficient `a` (tests use -0.5, the one that reproduces ramps).
-fn resize_with(img: &Image, width: usize, height: usize, a: f64) -> Image {
-    assert!(width > 0 && height > 0, "cannot resize to {width}x{height}");
-    let c = img.channels;
-    let (w_in, h_in) = (img.width, img.height);
-    // Rows first (width changes), then columns.
-    let tx = taps(w_in, width, a);
+/// Applies per-axis taps to row-major data of `c` interleaved channels: rows first (width),
+/// then columns (height).
+pub(crate) fn apply_separable(data: &[f32], w_in: usize, h_in: usize, c: usize, tx: &[Taps], ty: &[Taps]) -> Vec<f32> {
+    let width = tx.len();
     let mut rows = vec![0f32; h_in * width * c];
     for y in 0..h_in {
-        let src = &img.data[y * w_in * c..(y + 1) * w_in * c];
+        let src = &data[y * w_in * c..(y + 1) * w_in * c];
         let dst = &mut rows[y * width * c..(y + 1) * width * c];
         for (x, taps) in tx.iter().enumerate() {
             let out = &mut dst[x * c..(x + 1) * c];
@@ -75,18 +75,29 @@ fn resize_with(img: &Image, width: usize, height: usize, a: f64) -> Image {
             }
         }
     }
-    let ty = taps(h_in, height, a);
     let row_len = width * c;
-    let mut data = vec![0f32; height * row_len];
+    let mut out = vec![0f32; ty.len() * row_len];
     for (y, taps) in ty.iter().enumerate() {
-        let dst = &mut data[y * row_len..(y + 1) * row_len];
+        let dst = &mut out[y * row_len..(y + 1) * row_len];
         for &(i, w) in taps {
             for (o, s) in dst.iter_mut().zip(&rows[i * row_len..(i + 1) * row_len]) {
                 *o += w * s;
             }
         }
     }
-    Image { width, height, channels: c, data, sixteen_bit: img.sixteen_bit, icc: img.icc.clone() }
+    out
+}
+
+/// `img` resized to `width` x `height` (both at least 1), same channels, depth flag and ICC.
+pub fn resize(img: &Image, width: usize, height: usize) -> Image {
+    resize_with(img, width, height, A)
+}
+
+/// [`resize`] with the cubic coefficient `a` (tests use -0.5, the one that reproduces ramps).
+fn resize_with(img: &Image, width: usize, height: usize, a: f64) -> Image {
+    assert!(width > 0 && height > 0, "cannot resize to {width}x{height}");
+    let data = apply_separable(&img.data, img.width, img.height, img.channels, &taps(img.width, width, a), &taps(img.height, height, a));
+    Image { width, height, channels: img.channels, data, sixteen_bit: img.sixteen_bit, icc: img.icc.clone() }
 }
 
 #[cfg(test)]
