@@ -3,12 +3,12 @@
 //! layouts; the weightless pixel shuffle; strict loading; and `engine ae encode|decode`.
 
 mod common;
-use common::{assert_fails_with, engine, max_rel_err};
+use common::{assert_fails_with, edited, engine, max_rel_err};
 
 use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe, PixelShuffle};
 use engine::{Backend, CpuBackend};
 use loaders::image::{self, Image};
-use loaders::safetensors::{self, Checkpoint};
+use loaders::safetensors::Checkpoint;
 use loaders::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,17 +78,6 @@ fn wrong_image_size_is_an_error() {
     assert!(err.contains("[1, 5, 2, 2]"), "{err}");
 }
 
-/// Writes a copy of a golden checkpoint with its tensors edited by `edit`.
-fn edited(dir: &Path, name: &str, src: &str, edit: impl FnOnce(&mut BTreeMap<String, HostTensor>)) -> PathBuf {
-    let ckpt = Checkpoint::open(&golden(src)).unwrap();
-    let mut tensors: BTreeMap<String, HostTensor> = ckpt.names().map(|n| (n.to_string(), ckpt.read(n).unwrap())).collect();
-    edit(&mut tensors);
-    let path = dir.join(name);
-    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    safetensors::write(&path, &list, &BTreeMap::new(), false).unwrap();
-    path
-}
-
 /// A change to a checkpoint's tensors.
 type Edit = Box<dyn FnOnce(&mut BTreeMap<String, HostTensor>)>;
 
@@ -153,7 +142,7 @@ fn bad_checkpoints_are_named_errors() {
         ),
     ];
     for (name, src, edit, fragments) in cases {
-        let path = edited(dir.path(), name, src, edit);
+        let path = edited(dir.path(), name, &golden(src), edit);
         let err = load_err(&path);
         assert!(err.starts_with(&path.display().to_string()), "{err}");
         for f in fragments {

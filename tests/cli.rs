@@ -2,26 +2,14 @@
 //! bad input of every kind answered by one clear line and a non-zero exit, never a panic.
 
 mod common;
-use common::{assert_fails_with, engine};
+use common::{assert_fails_with, edited, engine};
 
-use loaders::safetensors::{self, Checkpoint};
+use loaders::safetensors::Checkpoint;
 use loaders::HostTensor;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn golden(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/guidance-b2").join(file)
-}
-
-/// Writes a copy of a golden file with its tensors edited by `edit`.
-fn edited(dir: &Path, name: &str, src: &Path, edit: impl FnOnce(&mut BTreeMap<String, HostTensor>)) -> PathBuf {
-    let ckpt = Checkpoint::open(src).unwrap();
-    let mut tensors: BTreeMap<String, HostTensor> = ckpt.names().map(|n| (n.to_string(), ckpt.read(n).unwrap())).collect();
-    edit(&mut tensors);
-    let path = dir.join(name);
-    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    safetensors::write(&path, &list, &BTreeMap::new(), false).unwrap();
-    path
 }
 
 fn forward_args<'a>(model: &'a str, inputs: &'a str, out: &'a str) -> Vec<&'a str> {

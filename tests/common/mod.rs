@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests (each test file is its own crate and uses a subset).
 #![allow(dead_code)]
 
-use std::path::Path;
+use loaders::safetensors::{self, Checkpoint};
+use loaders::HostTensor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the `engine` binary built for these tests.
@@ -33,4 +36,15 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
     let diff = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
     assert!(scale > 0.0, "reference is all zeros");
     diff / scale
+}
+
+/// Writes a copy of the safetensors file `src` into `dir/name`, its tensors edited by `edit`.
+pub fn edited(dir: &Path, name: &str, src: &Path, edit: impl FnOnce(&mut BTreeMap<String, HostTensor>)) -> PathBuf {
+    let ckpt = Checkpoint::open(src).unwrap();
+    let mut tensors: BTreeMap<String, HostTensor> = ckpt.names().map(|n| (n.to_string(), ckpt.read(n).unwrap())).collect();
+    edit(&mut tensors);
+    let path = dir.join(name);
+    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    safetensors::write(&path, &list, &BTreeMap::new(), false).unwrap();
+    path
 }
