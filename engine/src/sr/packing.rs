@@ -5,26 +5,28 @@
 use anyhow::{ensure, Result};
 use loaders::HostTensor;
 
+/// For every element of a `[b, c, h, w]` latent: (its index there, its index packed).
+fn index_pairs(b: usize, c: usize, h: usize, w: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (tokens, gw) = ((h / 2) * (w / 2), w / 2);
+    (0..b * c * h * w).map(move |i| {
+        let (xx, y, ci, bi) = (i % w, (i / w) % h, (i / (w * h)) % c, i / (w * h * c));
+        let token = (y / 2) * gw + xx / 2;
+        let feature = ci * 4 + (y % 2) * 2 + xx % 2;
+        (i, (bi * tokens + token) * c * 4 + feature)
+    })
+}
+
 /// Packs a latent whose height and width are even.
 pub fn pack(latent: &HostTensor) -> Result<HostTensor> {
     ensure!(latent.shape.len() == 4, "pack: latent has shape {:?}, expected [batch, channels, height, width]", latent.shape);
     let [b, c, h, w] = [latent.shape[0], latent.shape[1], latent.shape[2], latent.shape[3]];
     ensure!(h % 2 == 0 && w % 2 == 0, "pack: latent {h}x{w} must have even sides");
     let x = latent.to_f32();
-    let (gh, gw) = (h / 2, w / 2);
     let mut out = vec![0f32; x.len()];
-    for bi in 0..b {
-        for ci in 0..c {
-            for y in 0..h {
-                for xx in 0..w {
-                    let token = (y / 2) * gw + xx / 2;
-                    let feature = ci * 4 + (y % 2) * 2 + xx % 2;
-                    out[(bi * gh * gw + token) * c * 4 + feature] = x[((bi * c + ci) * h + y) * w + xx];
-                }
-            }
-        }
+    for (i, p) in index_pairs(b, c, h, w) {
+        out[p] = x[i];
     }
-    Ok(HostTensor::from_f32(vec![b, gh * gw, c * 4], out))
+    Ok(HostTensor::from_f32(vec![b, (h / 2) * (w / 2), c * 4], out))
 }
 
 /// Unpacks `[B, (H/2)(W/2), C*4]` back to `[B, C, H, W]`.
@@ -39,17 +41,8 @@ pub fn unpack(packed: &HostTensor, height: usize, width: usize) -> Result<HostTe
     let c = f / 4;
     let x = packed.to_f32();
     let mut out = vec![0f32; x.len()];
-    let gw = width / 2;
-    for bi in 0..b {
-        for ci in 0..c {
-            for y in 0..height {
-                for xx in 0..width {
-                    let token = (y / 2) * gw + xx / 2;
-                    let feature = ci * 4 + (y % 2) * 2 + xx % 2;
-                    out[((bi * c + ci) * height + y) * width + xx] = x[(bi * l + token) * f + feature];
-                }
-            }
-        }
+    for (i, p) in index_pairs(b, c, height, width) {
+        out[i] = x[p];
     }
     Ok(HostTensor::from_f32(vec![b, c, height, width], out))
 }
