@@ -40,21 +40,9 @@ fn flux_small_forward(c: &mut Criterion) {
     let model = Flux::build(&params, &mut w).unwrap();
     // A 16x16 grid of packed latent patches (a 512x512 image through FLUX's autoencoder) and
     // 32 text tokens.
-    let (batch, rows, cols, lt) = (1, 16, 16, 32);
+    let (rows, cols, lt) = (16, 16, 32);
     let l = rows * cols;
-    let fill = |shape: Vec<usize>| {
-        let n = shape.iter().product::<usize>();
-        HostTensor::from_f32(shape, (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect())
-    };
-    let inputs = FluxInputs {
-        img: fill(vec![batch, l, params.in_channels]),
-        img_ids: HostTensor::from_f32(vec![batch, l, 3], image_ids(rows, cols)),
-        txt: fill(vec![batch, lt, params.context_in_dim]),
-        txt_ids: HostTensor::from_f32(vec![batch, lt, 3], vec![0.0; lt * 3]),
-        timesteps: HostTensor::from_f32(vec![batch], vec![0.7]),
-        y: fill(vec![batch, params.vec_in_dim]),
-        guidance: Some(HostTensor::from_f32(vec![batch], vec![3.5])),
-    };
+    let inputs = FluxInputs::random(&params, 1, (rows, cols), lt, 0);
     let mut g = c.benchmark_group("flux_small_forward");
     g.sample_size(10);
     g.bench_function(format!("{l}img+{lt}txt_tokens"), |bch| bch.iter(|| model.forward_host(&b, black_box(&inputs)).unwrap()));

@@ -5,9 +5,12 @@ pub mod backend;
 pub mod degrade;
 pub mod metrics;
 pub mod model;
+pub mod perf;
 pub mod sampler;
+pub mod selftest;
 pub mod sr;
 pub mod tensor;
+pub mod train;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::Backend;

@@ -8,7 +8,11 @@
 //! `[out, in]` as in PyTorch. Activations are computed in f32 (the CPU stores them in f32); weights
 //! keep the dtype they were uploaded with.
 
+pub mod backward;
 pub mod cpu;
+pub mod cuda;
+pub mod device;
+pub mod shapes;
 
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -22,11 +26,29 @@ pub trait Backend: Sized + Send + Sync {
 
     fn storage_dtype(storage: &Self::Storage) -> DType;
 
+    /// The dtype model weights should be loaded in, or None to keep each file's dtype (the CPU
+    /// widens per op; the GPU's GEMMs want bf16).
+    fn weight_dtype(&self) -> Option<DType> {
+        None
+    }
+
+    /// Self-test hook: while on, fill every fresh output with NaN before its kernel writes it, so
+    /// that an element a kernel skips cannot pass for a correct one. A no-op where outputs are
+    /// always fully initialised (the CPU).
+    fn poison_outputs(&self, _on: bool) {}
+
     /// Uploads host data keeping its dtype exactly (weights, position tables).
     fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>>;
 
     /// Uploads model inputs as activations, in the backend's activation dtype.
     fn input(&self, t: &HostTensor) -> Result<Tensor<Self>>;
+
+    /// A tensor of `shape` stored as `dtype` whose contents do not matter: the weights of a model
+    /// built for its shapes only (`WeightLoader::shapes_only`: FLOP counts, memory plans). The
+    /// default uploads zeros; a backend that tracks shapes only allocates nothing.
+    fn placeholder(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        self.upload(&HostTensor::from_f32(shape.to_vec(), vec![0.0; shape.iter().product()]).cast(dtype))
+    }
 
     /// Copies a tensor back to the host as f32.
     fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;

@@ -2,7 +2,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use engine::ae::{load_autoencoder, Autoencoder};
-use engine::{Backend, CpuBackend};
+use engine::backend::device::Device;
+use engine::Backend;
 use loaders::image::{self, Image};
 use loaders::safetensors::{self, Checkpoint};
 use loaders::HostTensor;
@@ -40,25 +41,27 @@ struct Io {
     /// Replace the output file if it exists.
     #[arg(long)]
     overwrite: bool,
+    /// Where to run: auto (a CUDA GPU when usable, else the CPU), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 pub fn run(a: Args) -> Result<()> {
     match a.command {
-        Command::Encode(io) => encode(io),
-        Command::Decode(io) => decode(io),
+        Command::Encode(io) => engine::on_backend!(io.device, b => encode(b, &io)),
+        Command::Decode(io) => engine::on_backend!(io.device, b => decode(b, &io)),
     }
 }
 
-fn open(b: &CpuBackend, io: &Io) -> Result<Box<dyn Autoencoder<CpuBackend>>> {
+fn open<B: Backend + 'static>(b: &B, io: &Io) -> Result<Box<dyn Autoencoder<B>>> {
     if io.out.exists() && !io.overwrite {
         bail!("{}: output exists; pass --overwrite to replace it", io.out.display());
     }
     load_autoencoder(b, &io.model, io.config.as_deref())
 }
 
-fn encode(io: Io) -> Result<()> {
-    let b = CpuBackend::new();
-    let ae = open(&b, &io)?;
+fn encode<B: Backend + 'static>(b: &B, io: &Io) -> Result<()> {
+    let ae = open(b, io)?;
     let img = image::read(&io.input)?.to_rgb();
     let f = ae.downscale();
     ensure!(
@@ -69,15 +72,14 @@ fn encode(io: Io) -> Result<()> {
         img.height
     );
     let x = b.input(&to_nchw(&img))?;
-    let latent = b.download(&ae.encode(&b, &x)?)?;
+    let latent = b.download(&ae.encode(b, &x)?)?;
     safetensors::write(&io.out, &[("latent", &latent)], &BTreeMap::new(), io.overwrite)?;
     println!("latent  {:?} f32 -> {}", latent.shape, io.out.display());
     Ok(())
 }
 
-fn decode(io: Io) -> Result<()> {
-    let b = CpuBackend::new();
-    let ae = open(&b, &io)?;
+fn decode<B: Backend + 'static>(b: &B, io: &Io) -> Result<()> {
+    let ae = open(b, io)?;
     let latent = read_latent(&io.input)?;
     let c = ae.latent_channels();
     ensure!(
@@ -86,7 +88,7 @@ fn decode(io: Io) -> Result<()> {
         io.input.display(),
         latent.shape
     );
-    let y = b.download(&ae.decode(&b, &b.input(&latent)?)?)?;
+    let y = b.download(&ae.decode(b, &b.input(&latent)?)?)?;
     let img = from_nchw(&y);
     image::write_png(&io.out, &img, io.overwrite)?;
     println!("image   {}x{} -> {}", img.width, img.height, io.out.display());

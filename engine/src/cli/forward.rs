@@ -3,7 +3,7 @@
 use anyhow::Result;
 use engine::model::{load_flux, FluxInputs, FluxParams, LoraMode};
 use engine::Backend;
-use engine::CpuBackend;
+use engine::backend::device::Device;
 use loaders::safetensors::{self, Checkpoint};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,17 +39,23 @@ pub struct Args {
     /// Replace the output file if it exists.
     #[arg(long)]
     overwrite: bool,
+    /// Where to run: auto (a CUDA GPU when usable, else the CPU), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.out.exists() && !a.overwrite {
         anyhow::bail!("{}: output exists; pass --overwrite to replace it", a.out.display());
     }
-    let b = CpuBackend::new();
+    engine::on_backend!(a.device, b => forward(b, &a))
+}
+
+fn forward<B: Backend>(b: &B, a: &Args) -> Result<()> {
     let t0 = Instant::now();
     let given = a.config.as_deref().map(FluxParams::read_partial).transpose()?.unwrap_or_default();
     let loras: Vec<&std::path::Path> = a.lora.iter().map(|p| p.as_path()).collect();
-    let (model, warnings) = load_flux(&b, &a.model, &given, &loras, a.lora_mode)?;
+    let (model, warnings) = load_flux(b, &a.model, &given, &loras, a.lora_mode)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
@@ -57,7 +63,7 @@ pub fn run(a: Args) -> Result<()> {
     inputs.validate(&model.params).map_err(|e| anyhow::anyhow!("{}: {e}", a.inputs.display()))?;
     let loaded = t0.elapsed();
     let t1 = Instant::now();
-    let out = model.forward_host(&b, &inputs)?;
+    let out = model.forward_host(b, &inputs)?;
     let ran = t1.elapsed();
     safetensors::write(&a.out, &[("out", &out)], &BTreeMap::new(), a.overwrite)?;
 

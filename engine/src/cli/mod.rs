@@ -6,6 +6,8 @@ mod eval;
 mod forward;
 mod info;
 mod model;
+mod plan;
+mod selftest;
 mod upscale;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +31,8 @@ enum Command {
     Forward(forward::Args),
     Info(info::Args),
     Model(model::Args),
+    Plan(plan::Args),
+    Selftest(selftest::Args),
     Upscale(upscale::Args),
 }
 
@@ -40,6 +44,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Info(a) => info::run(a),
         Command::Model(a) => model::run(a),
+        Command::Plan(a) => plan::run(a),
+        Command::Selftest(a) => selftest::run(a),
         Command::Upscale(a) => upscale::run(a),
     }
 }

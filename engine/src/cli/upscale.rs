@@ -6,7 +6,8 @@ use engine::sr::colorfix::ColorFix;
 use engine::sr::model_dir::SrModel;
 use engine::sr::resample::resize;
 use engine::sr::upscaler::UpscaleOptions;
-use engine::{Backend, CpuBackend};
+use engine::backend::device::Device;
+use engine::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use loaders::image::{self, Image, OutputFormat};
 use loaders::walk::{collect_inputs, parse_shard, shard, Input};
@@ -59,6 +60,9 @@ pub struct Args {
     /// Replace existing output files.
     #[arg(long)]
     overwrite: bool,
+    /// Where to run: auto (a CUDA GPU when usable, else the CPU), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,9 +85,12 @@ pub fn run(a: Args) -> Result<()> {
         ensure!(s.is_finite() && s > 0.0, "--outscale must be a positive number, got {s}");
     }
 
-    let b = CpuBackend::new();
+    engine::on_backend!(a.device, b => upscale_all(b, model_dir, &inputs, &a))
+}
+
+fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], a: &Args) -> Result<()> {
     let loras: Vec<&Path> = a.lora.iter().map(|p| p.as_path()).collect();
-    let (model, warnings) = SrModel::load(&b, model_dir, &loras, LoraMode::Merged)?;
+    let (model, warnings) = SrModel::load(b, model_dir, &loras, LoraMode::Merged)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
@@ -96,7 +103,7 @@ pub fn run(a: Args) -> Result<()> {
     // The bar hides itself when stderr is not a terminal; the per-image lines must not.
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     let (mut failures, mut skipped) = (Vec::new(), 0);
-    for input in &inputs {
+    for input in inputs {
         let format = match a.format {
             Format::Png => OutputFormat::Png,
             Format::Same => OutputFormat::for_input(&input.path),
@@ -110,7 +117,7 @@ pub fn run(a: Args) -> Result<()> {
             continue;
         }
         let t0 = Instant::now();
-        match upscale_one(&b, &model, input, &out, format, &a, &opts) {
+        match upscale_one(b, &model, input, &out, format, a, &opts) {
             Ok((w, h, per_step)) => say(format!(
                 "{}  -> {}x{}  {:.1} s{}",
                 input.relative.display(),

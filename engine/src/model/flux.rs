@@ -3,7 +3,7 @@
 
 use super::config::{FluxParams, TIME_EMBED_DIM};
 use super::layers::*;
-use super::positions::rope_table;
+use super::positions::{image_ids, rope_table};
 use super::weights::WeightLoader;
 use crate::backend::Backend;
 use crate::tensor::Tensor;
@@ -101,7 +101,7 @@ impl<B: Backend> Flux<B> {
         Ok(Positions { joint: b.concat(&[&txt, &img], 1)?, txt, img })
     }
 
-    /// One transformer evaluation: img `[B, L, in]` and timesteps `[B]` in [0, 1] under the
+    /// One transformer evaluation: img `[B, L, in]` and timesteps `[B]` in [0, 1] (uploaded with [`scalars`]) under the
     /// conditioning `c` -> velocity `[B, L, out]`.
     pub fn forward(&self, b: &B, img: &Tensor<B>, timesteps: &Tensor<B>, c: &Conditioning<B>) -> Result<Tensor<B>> {
         let embed_time = |t: &Tensor<B>| b.timestep_embedding(t, TIME_EMBED_DIM, 10_000.0, 1000.0);
@@ -134,9 +134,9 @@ impl<B: Backend> Flux<B> {
             txt: b.input(&inputs.txt)?,
             pe: self.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
             y: b.input(&inputs.y)?,
-            guidance: inputs.guidance.as_ref().map(|g| b.input(g)).transpose()?,
+            guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
         };
-        let out = self.forward(b, &b.input(&inputs.img)?, &b.input(&inputs.timesteps)?, &c)?;
+        let out = self.forward(b, &b.input(&inputs.img)?, &scalars(b, &inputs.timesteps)?, &c)?;
         b.download(&out)
     }
 }
@@ -190,6 +190,26 @@ impl FluxInputs {
         })
     }
 
+    /// Seeded Gaussian inputs for a `rows x cols` grid of packed latent patches and `txt_tokens`
+    /// text tokens (t = 0.7, guidance 3.5): for benchmarks and backend comparisons.
+    pub fn random(p: &FluxParams, batch: usize, (rows, cols): (usize, usize), txt_tokens: usize, seed: u64) -> Self {
+        let l = rows * cols;
+        let noise = |shape: Vec<usize>, k: u64| {
+            let n = shape.iter().product();
+            HostTensor::from_f32(shape, crate::sampler::gaussian_noise(n, seed.wrapping_mul(31).wrapping_add(k)))
+        };
+        let per_sample = |v: f32| HostTensor::from_f32(vec![batch], vec![v; batch]);
+        FluxInputs {
+            img: noise(vec![batch, l, p.in_channels], 0),
+            img_ids: HostTensor::from_f32(vec![batch, l, 3], image_ids(rows, cols).repeat(batch)),
+            txt: noise(vec![batch, txt_tokens, p.context_in_dim], 1),
+            txt_ids: HostTensor::from_f32(vec![batch, txt_tokens, 3], vec![0.0; batch * txt_tokens * 3]),
+            timesteps: per_sample(0.7),
+            y: noise(vec![batch, p.vec_in_dim], 2),
+            guidance: p.guidance_embed.then(|| per_sample(3.5)),
+        }
+    }
+
     /// Checks every input's shape against the model; errors name the input, expected and found.
     pub fn validate(&self, p: &FluxParams) -> Result<()> {
         let rank = |name: &str, t: &HostTensor, r: usize, what: &str| -> Result<()> {
@@ -222,4 +242,10 @@ impl FluxInputs {
             _ => Ok(()),
         }
     }
+}
+
+/// Per-sample scalars (timesteps, guidance) go up in f32 whatever the activation dtype: in bf16,
+/// t * 1000 inside the timestep embedding would be off by whole radians.
+pub fn scalars<B: Backend>(b: &B, t: &HostTensor) -> Result<Tensor<B>> {
+    b.upload(&HostTensor::from_f32(t.shape.clone(), t.to_f32()))
 }

@@ -214,12 +214,12 @@ impl<B: Backend> LastLayer<B> {
     }
 }
 
-fn two<T>(v: Vec<T>) -> Result<[T; 2]> {
+pub(crate) fn two<T>(v: Vec<T>) -> Result<[T; 2]> {
     let n = v.len();
     v.try_into().map_err(|_| anyhow::anyhow!("double block modulation gave {n} chunks, expected 2"))
 }
 
-fn one<T>(v: Vec<T>) -> Result<[T; 1]> {
+pub(crate) fn one<T>(v: Vec<T>) -> Result<[T; 1]> {
     let n = v.len();
     v.try_into().map_err(|_| anyhow::anyhow!("single block modulation gave {n} chunks, expected 1"))
 }

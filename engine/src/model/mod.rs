@@ -1,5 +1,6 @@
 //! The FLUX transformer: config, blocks, weights and the forward pass.
 
+pub mod backward;
 pub mod config;
 pub mod flux;
 pub mod layers;

@@ -56,6 +56,10 @@ enum Source<'a> {
     Random {
         seed: u64,
     },
+    /// No data at all: the backend's placeholders of the right shapes, stored as `dtype`.
+    ShapesOnly {
+        dtype: DType,
+    },
 }
 
 /// An adapter part waiting for its target linear.
@@ -92,6 +96,14 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         Self::with_source(backend, Source::Random { seed }, BTreeMap::new())
     }
 
+    /// Weights of the right shapes and no data (`Backend::placeholder`): a model to count FLOPs
+    /// and plan memory on, at any size. `dtype` plays the file's dtype: the loader's dtype
+    /// (`with_dtype`, the backend's `weight_dtype`) overrides it as for any source. LoRA adapters
+    /// are not applied (attach `LoraDelta`s of placeholders to the built model).
+    pub fn shapes_only(backend: &'a B, dtype: DType) -> Self {
+        Self::with_source(backend, Source::ShapesOnly { dtype }, BTreeMap::new())
+    }
+
     fn with_source(backend: &'a B, source: Source<'a>, shapes: BTreeMap<String, Vec<usize>>) -> Self {
         WeightLoader {
             backend,
@@ -101,12 +113,13 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             lora: BTreeMap::new(),
             replacements: BTreeMap::new(),
             lora_mode: LoraMode::Merged,
-            dtype: None,
+            dtype: backend.weight_dtype(),
             recorded: None,
         }
     }
 
-    /// Stores every weight as `dtype` (None: as the source has it).
+    /// Stores every weight as `dtype` (None: as the source has it). The default is the backend's
+    /// `weight_dtype`.
     pub fn with_dtype(mut self, dtype: Option<DType>) -> Self {
         self.dtype = dtype;
         self
@@ -147,6 +160,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
                 src.load(name)?
             }
             Source::Random { seed } => random_tensor(name, shape, *seed),
+            Source::ShapesOnly { .. } => bail!("'{name}': a shapes-only loader has no data to read"),
         };
         let t = match self.replacements.remove(name) {
             Some((adapter, r)) => {
@@ -168,6 +182,9 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
 
     /// A named tensor of exactly `shape`.
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
+        if let Source::ShapesOnly { dtype } = self.source {
+            return self.backend.placeholder(shape, self.dtype.unwrap_or(dtype));
+        }
         let t = self.host(name, shape)?;
         self.backend.upload(&t)
     }
@@ -175,6 +192,11 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// A linear layer `prefix.weight` `[out, in]` (+ `prefix.bias` `[out]`) with the LoRA parts
     /// that target it, merged or kept aside.
     pub fn linear(&mut self, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Linear<B>> {
+        if let Source::ShapesOnly { .. } = self.source {
+            let weight = self.tensor(&format!("{prefix}.weight"), &[out_features, in_features])?;
+            let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_features])?) } else { None };
+            return Ok(Linear { weight, bias, lora: Vec::new() });
+        }
         let mut weight = self.host(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let mut bias = if bias { Some(self.host(&format!("{prefix}.bias"), &[out_features])?) } else { None };
         let parts = self.lora.remove(prefix).unwrap_or_default();

@@ -6,6 +6,7 @@ use super::packing::{pack, unpack};
 use super::resample::resize;
 use super::sample::{euler_tiled, Grid};
 use crate::backend::Backend;
+use crate::model::flux::scalars;
 use crate::model::Conditioning;
 use crate::sampler::{gaussian_noise, schedule};
 use anyhow::{ensure, Result};
@@ -50,9 +51,9 @@ impl<B: Backend + 'static> SrModel<B> {
                 txt: b.input(&self.txt)?,
                 pe: self.flux.positions(b, &txt_ids, ids)?,
                 y: b.input(&self.y)?,
-                guidance: if self.flux.params.guidance_embed { Some(b.input(&guidance)?) } else { None },
+                guidance: if self.flux.params.guidance_embed { Some(scalars(b, &guidance)?) } else { None },
             };
-            let v = self.flux.forward(b, &b.input(img)?, &b.input(&HostTensor::from_f32(vec![1], vec![t]))?, &c)?;
+            let v = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![1], vec![t]))?, &c)?;
             Ok(b.download(&v)?.to_f32())
         };
         let x = euler_tiled(

@@ -1,11 +1,6 @@
 //! Concatenation and slicing along one dimension of row-major data, as block copies: a tensor of
 //! shape `[outer, dim, inner]` is `outer` runs of `dim * inner` contiguous elements.
 
-/// Splits a shape around `dim` into (outer, inner) element counts.
-pub fn outer_inner(shape: &[usize], dim: usize) -> (usize, usize) {
-    (shape[..dim].iter().product(), shape[dim + 1..].iter().product())
-}
-
 /// Concatenates parts whose sizes along the concatenated dim are `sizes`.
 pub fn concat(parts: &[&[f32]], sizes: &[usize], outer: usize, inner: usize) -> Vec<f32> {
     let total: usize = sizes.iter().sum();

@@ -2,6 +2,7 @@
 //! activations in f32. Every op is a plain function over slices in the files beside this one.
 
 pub mod attention;
+mod backward;
 pub mod conv;
 pub mod elementwise;
 pub mod embed;
@@ -12,7 +13,7 @@ pub mod norm;
 pub mod rope;
 pub mod spatial;
 
-use super::{expect_shape, Backend};
+use super::{expect_shape, shapes, Backend};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
@@ -195,36 +196,17 @@ impl Backend for CpuBackend {
     }
 
     fn concat(&self, xs: &[&T], dim: usize) -> Result<T> {
-        ensure!(!xs.is_empty(), "concat: no tensors");
-        let first = xs[0].shape();
-        ensure!(dim < first.len(), "concat: dim {dim} out of range for {first:?}");
-        for x in xs {
-            let s = x.shape();
-            ensure!(
-                s.len() == first.len() && s.iter().zip(first).enumerate().all(|(i, (a, b))| i == dim || a == b),
-                "concat along {dim}: shapes {first:?} and {s:?} disagree"
-            );
-        }
-        let (outer, inner) = layout::outer_inner(first, dim);
+        let shape = shapes::concat(&xs.iter().map(|x| x.shape()).collect::<Vec<_>>(), dim)?;
+        let (outer, inner) = shapes::outer_inner(&shape, dim);
         let sizes: Vec<usize> = xs.iter().map(|x| x.dim(dim as isize)).collect();
         let parts = xs.iter().map(|x| act("concat", x)).collect::<Result<Vec<_>>>()?;
-        let mut shape = first.to_vec();
-        shape[dim] = sizes.iter().sum();
         Ok(f32_tensor(layout::concat(&parts, &sizes, outer, inner), shape))
     }
 
     fn narrow(&self, x: &T, dim: usize, start: usize, len: usize) -> Result<T> {
-        ensure!(
-            dim < x.rank() && start + len <= x.dim(dim as isize),
-            "narrow: {start}..{} out of range for dim {dim} of {:?}",
-            start + len,
-            x.shape()
-        );
-        let (outer, inner) = layout::outer_inner(x.shape(), dim);
-        let out = layout::narrow(&widen(x), x.dim(dim as isize), start, len, outer, inner);
-        let mut shape = x.shape().to_vec();
-        shape[dim] = len;
-        Ok(f32_tensor(out, shape))
+        let shape = shapes::narrow(x.shape(), dim, start, len)?;
+        let (outer, inner) = shapes::outer_inner(x.shape(), dim);
+        Ok(f32_tensor(layout::narrow(&widen(x), x.dim(dim as isize), start, len, outer, inner), shape))
     }
 
     fn timestep_embedding(&self, t: &T, dim: usize, max_period: f32, time_factor: f32) -> Result<T> {
@@ -275,13 +257,9 @@ impl Backend for CpuBackend {
     }
 
     fn transpose_last2(&self, x: &T) -> Result<T> {
-        ensure!(x.rank() >= 2, "transpose_last2: input has shape {:?}, expected at least 2 dims", x.shape());
+        let shape = shapes::transpose_last2(x.shape())?;
         let (m, n) = (x.dim(-2), x.dim(-1));
-        let out = spatial::transpose_last2(act("transpose_last2", x)?, x.elem_count() / (m * n).max(1), m, n);
-        let mut shape = x.shape().to_vec();
-        let r = shape.len();
-        shape.swap(r - 2, r - 1);
-        Ok(f32_tensor(out, shape))
+        Ok(f32_tensor(spatial::transpose_last2(act("transpose_last2", x)?, x.elem_count() / (m * n).max(1), m, n), shape))
     }
 
     fn pixel_unshuffle(&self, x: &T, f: usize) -> Result<T> {

@@ -1,0 +1,600 @@
+// Attention forward: softmax(Q K^T / sqrt(D)) V, for q [B, H, Lq, D], k and v [B, H, Lk, D] (bf16),
+// written straight into the merged-head layout out [B, Lq, H * D] (bf16), optionally with the
+// per-row log-sum-exp lse [B, H, Lq] (f32, natural log, of the scaled scores) for the backward.
+// The Lq x Lk score matrix is never materialised: both kernels stream K and V in tiles and keep an
+// online softmax (FlashAttention-2, Dao 2023).
+//
+// ---- 1. Tensor-core kernels (D = 64 and 128): flash_fwd<D, MT, WARPS, BC, Q_REGS> ---------------
+//
+// One CTA = one (batch, head) and BR = 16 * MT * WARPS query rows; warp w owns rows
+// [w * 16 * MT, (w + 1) * 16 * MT) of the tile, as MT m16 tiles. The loop walks K/V in tiles of
+// BC keys:
+//     S = Q K_j^T                    (mma m16n8k16, f32 accumulate; Q from registers or smem)
+//     m' = max(m, rowmax S)          (raw-score units; quad shuffles, see below)
+//     P = exp2(S * c - m' * c)       (c = log2(e) / sqrt(D): the scale folded into the exponent)
+//     l = l * exp2((m - m') * c) + rowsum P,   O = O * exp2((m - m') * c)
+//     O += bf16(P) V_j               (P goes from the S accumulators to A fragments in registers)
+// and ends with O / l, staged through shared memory so that the global stores are 16-byte and
+// coalesced (one 128- or 256-byte row segment per head), and lse = (m * c + log2 l) * ln 2.
+// The O rescale is skipped (warp vote) when no row of the warp raised its max in this tile: the
+// factor is then exactly 1, and after the first tiles that is the common case.
+//
+// Pipeline: K and V tiles are double-buffered in shared memory with cp.async (16 bytes per thread
+// per copy, .cg: the tiles are read once per CTA, so they bypass L1). Tile j + 1 is issued right
+// after the barrier that opens iteration j, as two commit groups (K, then V), so a whole iteration
+// of math covers its latency; QK^T waits only for K_j, PV only for V_j. Two barriers per tile: (A)
+// K_j landed and every warp finished tile j - 1 (whose stage the prefetch overwrites); (B) V_j
+// landed.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16; g = lane / 4, t = lane % 4; each 32-bit
+// register holds two bf16, the lower column / k index in the low half):
+//     A (16 x 16, row-major):  a0 = A[g][2t, 2t+1]     a1 = A[g+8][2t, 2t+1]
+//                              a2 = A[g][2t+8, 2t+9]   a3 = A[g+8][2t+8, 2t+9]
+//     B (16 x 8, k x n):       b0 = B[2t, 2t+1][g]     b1 = B[2t+8, 2t+9][g]
+//     C (16 x 8, f32):         c0, c1 = C[g][2t, 2t+1] c2, c3 = C[g+8][2t, 2t+1]
+// ldmatrix.x4 loads four 8 x 8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i
+// and register i of lane l receives row l / 4, columns 2 (l % 4), +1 of matrix i (with .trans:
+// column l / 4, rows 2 (l % 4), +1). Hence:
+//     Q (A operand): lane l points at row (l % 16), column block 8 * (l / 16) of the 16 x 16 tile
+//                    -> registers a0..a3 in order.
+//     K (B operand of S = Q K^T, B[k][n] = K[n][k]; K rows are keys, so no transpose): lane l
+//                    points at key (l % 8) + 8 * (l / 16), column block 8 * ((l / 8) % 2) -> b0, b1
+//                    of n-tile 2p and b0, b1 of n-tile 2p + 1.
+//     V (B operand of O = P V, B[k][n] = V[k][n]; .trans): lane l points at key (l % 16), column
+//                    block 8 * (l / 16) -> b0, b1 of d-tile 2p and b0, b1 of d-tile 2p + 1.
+//     P (A operand from the S accumulators of n-tiles 2s and 2s + 1): a0 = pack(C_2s c0, c1),
+//                    a1 = pack(C_2s c2, c3), a2 = pack(C_2s+1 c0, c1), a3 = pack(C_2s+1 c2, c3).
+// Each thread thus owns rows g and g + 8 of every m16 tile; the row's other columns live in the
+// 3 other lanes of its quad, so row max needs two xor-shuffles (1, 2) and the row sum is kept
+// per thread and reduced once at the end (the rescale factor is uniform over the quad).
+//
+// Shared memory: tiles are [rows][D] bf16, each row D / 8 16-byte chunks, chunk c of row r stored
+// at chunk c ^ (r % 8). Rows are 128 or 256 bytes, so without the swizzle the 8 row addresses of an
+// ldmatrix phase would all hit the same 16-byte bank group (8-way conflict); with it, 8
+// consecutive rows at one logical chunk occupy 8 distinct bank groups. cp.async writes (8
+// consecutive chunks of a row per phase) and the output staging (8 rows x one chunk) are
+// conflict-free too.
+//
+// Masking and guards: K/V rows >= Lk and Q rows >= Lq are zero-filled by cp.async (src-size 0;
+// zeros, not garbage, because 0 * NaN in P V would poison the row); in the last K tile scores of
+// keys >= Lk are set to -inf before the max, so they get P = 0. Every tile holds at least one
+// valid key, so the running max is finite after the first tile and (m - m') never sees
+// -inf - -inf. Rows >= Lq are computed (zeros) but never stored. Lk = 0 gives O = 0 (as the CPU
+// reference) and lse = -inf.
+//
+// Numerics: bf16 inputs, f32 scores, f32 softmax state (m, l) and f32 O accumulators; P is
+// rounded to bf16 for the PV product (as FlashAttention does), l sums the unrounded f32 P.
+// exp2 is ex2.approx.ftz (relative error ~2^-22; exp2(-inf) = 0).
+//
+// Variants (registers: O = MT * D / 2 floats, S = MT * BC / 2 floats, Q = MT * D / 4 when kept in
+// registers; an SM of H100/H200 has 64 K registers and 227 KiB of shared memory, A100 164 KiB):
+//   attention_fwd_d128_br128        D 128, MT 2, 4 warps, BC 48, Q in smem (ldmatrix per k-step)
+//       The default for D = 128 (FLUX). O 128 + S 48 registers + fragments: ptxas uses ~250 of the
+//       255 allowed by __launch_bounds__(128, 2) with no spills (BC = 64 needs > 255 and spills,
+//       BC = 32 fits in ~232). Shared memory Q 32 KiB + 2 stages x (K + V) 48 KiB = 80 KiB.
+//       -> 2 CTAs = 8 warps per SM on H100/H200 (and A100). Why 32 rows per warp: every K/V
+//       fragment then feeds 2 MMAs, and shared-memory traffic comes to ~171 bytes per m16n8k16
+//       of ldmatrix (K + V + the Q re-reads) + 32 of cp.async writes, ~1.6 clk at 128 B/clk/SM,
+//       against ~1.5 clk per mma.sync on an H100 SM (~660 TFLOP/s mma.sync peak): about
+//       balanced, as FlashAttention-2's own 128 x 64, 4-warp tile. 16 rows per warp need 256 B of
+//       ldmatrix alone per MMA and are shared-memory-bound well below that. BR = 128 also halves the L2 -> SM K/V traffic of
+//       BR = 64 (which at 350 TFLOP/s and L = 4608 would stream ~5.4 TB/s from L2).
+//   attention_fwd_d128_br64_qregs   D 128, MT 1, 4 warps, BC 48, Q in registers (32 registers)
+//       O 64 + S 24 + Q 32: ~167 registers under __launch_bounds__(128, 3), no spills; shared
+//       memory 2 x (K + V) = 48 KiB (Q staged through stage 1) -> 3 CTAs = 12 warps per SM.
+//       16 rows per warp: 256 B of ldmatrix per MMA. Not dispatched by default; kept to time
+//       against the default on the GPU (issue 6).
+//   attention_fwd_d64_br128_qregs   D 64, MT 2, 4 warps, BC 64, Q in registers (32 registers)
+//       O 64 + S 64 + Q 32: ~222 registers, shared memory 2 x (K + V) = 32 KiB -> 2 CTAs per SM.
+// Grid: x = ceil(Lq / BR) query tiles (fastest, so neighbouring CTAs share one head's K/V in L2),
+// y = B * H. Block: 32 * WARPS threads. Dynamic shared memory as above (> 48 KiB: opt-in).
+// The launcher (engine/src/backend/cuda/attention.rs) requires 16-byte-aligned q, k, v, out.
+//
+// ---- 2. SIMT fallback (any D <= 512): attention_fwd_simt_dc{1,2,4,8,16} -------------------------
+//
+// For the autoencoder's single-head mid-block attention (D = 512 in FLUX's AE, L = H * W up to
+// ~16k) and any head dim the tensor-core kernels do not cover. One CTA = 4 warps = BQ = 4 * R query
+// rows of one (batch, head); K/V stream through shared memory in chunks of 32 keys. Per chunk:
+//   scores: lane j owns key j of the chunk and computes the R dot products over D (Q rows, f32 in
+//           smem, read as broadcasts; K rows bf16 with an odd word stride, so the 32 lanes' reads
+//           hit 32 banks);
+//   softmax: per row a warp max (5 shuffles), p = exp2(s * c - m'), per-lane partial sums;
+//           p goes to a per-warp smem row so that every lane can read all 32 (float4 broadcasts);
+//   P V:    lane owns output columns lane + 32 i (i < DC), o[r][i] += p[r][j] * V[j][col].
+// DC = next power of two of ceil(D / 32) (template), R = 8 rows per warp (4 when DC = 16, to keep
+// o[R][DC] at 64 registers). Shared memory (the launcher computes the same): Q BQ x Dq f32
+// (Dq = D rounded up to even), P 4 x R x 32 f32, K 32 x Dk bf16 (Dk = Dq, plus 2 when Dq % 4 == 0,
+// so the row stride in 32-bit words is odd), V 32 x D bf16: 98 KiB at D = 512 (fits the 99 KiB
+// per-block limit of sm_86/89 too). f32 everywhere but the stored K/V.
+#include "common.cuh"
+
+namespace {
+
+constexpr float LN2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// 16 bytes global -> shared.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
+// The same, zero-filled (nothing read) when !valid; src is kept a valid address all the same.
+__device__ __forceinline__ void cp_async_16_zfill(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most N of this thread's most recent commit groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a * b for one m16n8k16 tile (bf16 inputs, f32 accumulators).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a bf16 pair, `lo` in the low half (the lower column / k index).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] bf16 tile.
+template <int D>
+__device__ __forceinline__ uint32_t swz(int row, int chunk) {
+    return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// Copies rows [0, ROWS) of a [*, D] bf16 matrix starting at `src` into the swizzled tile at shared
+// address `dst`; rows >= `valid` (>= 1) are zero-filled. All NT threads take part (one commit group is
+// the caller's business). Thread tid copies chunk tid % CH of rows tid / CH + STEP * i: STEP is a
+// multiple of 8, so every row a thread touches has the same swizzle and the addresses are one
+// base plus immediates.
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16 *src, int valid, unsigned tid) {
+    constexpr int CH = D / 8, STEP = NT / CH;
+    static_assert(NT % CH == 0 && STEP % 8 == 0 && ROWS % STEP == 0, "tile rows must divide among the threads");
+    const int row0 = static_cast<int>(tid / CH), ch = static_cast<int>(tid % CH);
+    const uint32_t d0 = dst + swz<D>(row0, ch);
+    if (valid >= ROWS) {  // every tile but the last: no guards, one base plus immediates
+        const __nv_bfloat16 *s0 = src + row0 * D + ch * 8;
+#pragma unroll
+        for (int i = 0; i < ROWS / STEP; ++i) cp_async_16(d0 + i * STEP * D * 2, s0 + i * STEP * D);
+    } else {
+        const __nv_bfloat16 *s0 = src + ch * 8;
+#pragma unroll
+        for (int i = 0; i < ROWS / STEP; ++i) {
+            const int row = row0 + i * STEP;
+            // A zero-filled row still gets an in-bounds address (the last valid row; valid >= 1).
+            cp_async_16_zfill(d0 + i * STEP * D * 2, s0 + min(row, valid - 1) * D, row < valid);
+        }
+    }
+}
+
+// The four lane-dependent byte offsets of a swizzled ldmatrix source. A lane that addresses
+// chunk 2c + x of a row r with r % 8 == y (x = 0 or 1) reads physical chunk (2c + x) ^ y; for
+// c = 4u + w (w < 4) that is 8u + ((2w) ^ z) with z = x ^ y, so the address is
+// row base + 128 u (an immediate) + off[w].
+__device__ __forceinline__ void swizzle_offsets(uint32_t base, int z, uint32_t (&off)[4]) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) off[w] = base + (((2 * w) ^ z) << 4);
+}
+
+template <int D, int MT, int WARPS, int BC, bool Q_REGS>
+__device__ __forceinline__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                                          const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ out,
+                                          float *__restrict__ lse, int heads, int lq, int lk, float scale_log2,
+                                          unsigned char *smem) {
+    constexpr int WR = 16 * MT;          // query rows per warp
+    constexpr int BR = WR * WARPS;       // query rows per CTA
+    constexpr int NT = 32 * WARPS;       // threads
+    constexpr int CH = D / 8;            // 16-byte chunks per row
+    constexpr int KD = D / 16;           // k-steps over the head dim (S = Q K^T)
+    constexpr int NS = BC / 8;           // n-tiles of S
+    constexpr int ND = D / 8;            // n-tiles of O
+    constexpr uint32_t TILE_KV = BC * D * 2;
+    constexpr uint32_t TILE_Q = BR * D * 2;
+    static_assert(D % 64 == 0, "rows must be whole 128-byte swizzle periods");
+    static_assert(BC % 16 == 0, "K fragments come in pairs of n-tiles");
+    static_assert(!Q_REGS || TILE_Q <= 2 * TILE_KV, "Q is staged in stage 1 of the K/V buffers");
+
+    const unsigned tid = threadIdx.x;
+    const int warp = static_cast<int>(tid >> 5), lane = static_cast<int>(tid & 31);
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    const int q0 = blockIdx.x * BR;
+    const __nv_bfloat16 *qg = q + (static_cast<size_t>(bh) * lq + q0) * D;
+    const __nv_bfloat16 *kg = k + static_cast<size_t>(bh) * lk * D;
+    const __nv_bfloat16 *vg = v + static_cast<size_t>(bh) * lk * D;
+
+    // Layout: Q_REGS: [K0 V0][K1 V1] with Q staged in [K1 V1]; else [Q][K0 V0][K1 V1].
+    const uint32_t sbase = smem_addr(smem);
+    const uint32_t sq = Q_REGS ? sbase + 2 * TILE_KV : sbase;
+    const uint32_t skv = Q_REGS ? sbase : sbase + TILE_Q;
+    const int nt = (lk + BC - 1) / BC;
+
+    // ldmatrix sources (see swizzle_offsets). Q and V: lane points at row (lane % 16) of a 16-row
+    // block, chunk pair member lane / 16. K: row (lane % 8) + 8 (lane / 16), member (lane / 8) % 2.
+    // Every such row has row % 8 == lane % 8.
+    // Q and V share the lane part (offqv); the warp-uniform parts (sq + warp rows, the V tile) are
+    // added per use and live in uniform registers.
+    uint32_t offqv[4], offk[4];
+    swizzle_offsets((lane & 15) * (D * 2), (lane >> 4) ^ (lane & 7), offqv);
+    swizzle_offsets(skv + ((lane & 7) + ((lane >> 4) << 3)) * (D * 2), ((lane >> 3) & 1) ^ (lane & 7), offk);
+    const uint32_t sqw = sq + warp * WR * (D * 2), svt = skv + TILE_KV;
+
+    // Prologue: Q, K0, V0 as three commit groups (the K/V groups empty when Lk = 0, so that the
+    // group arithmetic below holds regardless).
+    load_tile<BR, D, NT>(sq, qg, lq - q0, tid);
+    cp_async_commit();
+    if (nt > 0) load_tile<BC, D, NT>(skv, kg, lk, tid);
+    cp_async_commit();
+    if (nt > 0) load_tile<BC, D, NT>(skv + TILE_KV, vg, lk, tid);
+    cp_async_commit();
+
+    // A fragment of Q for m-tile mt and k-step kd (16 columns): rows mt * 16.., chunks 2 kd, 2 kd + 1.
+    auto load_q = [&](int mt, int kd, uint32_t (&a)[4]) {
+        ldsm_x4(sqw + offqv[kd & 3] + mt * 16 * D * 2 + (kd >> 2) * 128, a);
+    };
+    uint32_t qf[MT][KD][4];
+    if constexpr (Q_REGS) {
+        cp_async_wait<2>();  // Q landed (K0, V0 may be pending)
+        __syncthreads();
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int kd = 0; kd < KD; ++kd) load_q(mt, kd, qf[mt][kd]);
+        // No barrier here: barrier (A) of iteration 0 precedes the first write to stage 1.
+    }
+
+    float o[MT][ND][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+        m[mt][0] = m[mt][1] = neg_inf();
+        l[mt][0] = l[mt][1] = 0.f;
+    }
+
+    for (int j = 0; j < nt; ++j) {
+        const uint32_t stage = (j & 1) * 2 * TILE_KV;
+        const bool more = j + 1 < nt;
+        cp_async_wait<1>();  // pending were K_j, V_j: K_j landed (and Q, for the smem-Q variant)
+        __syncthreads();     // (A)
+        if (more) {
+            const uint32_t nk = skv + (2 * TILE_KV - stage);
+            const int r0 = (j + 1) * BC;
+            load_tile<BC, D, NT>(nk, kg + static_cast<size_t>(r0) * D, lk - r0, tid);
+            cp_async_commit();
+            load_tile<BC, D, NT>(nk + TILE_KV, vg + static_cast<size_t>(r0) * D, lk - r0, tid);
+            cp_async_commit();
+        }
+
+        // S = Q K_j^T. K fragment pair p: keys 16 p.., chunks 2 kd, 2 kd + 1.
+        float s[MT][NS][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+        for (int kd = 0; kd < KD; ++kd) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Q_REGS) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) a[mt][i] = qf[mt][kd][i];
+                } else {
+                    load_q(mt, kd, a[mt]);
+                }
+            }
+#pragma unroll
+            for (int p = 0; p < NS / 2; ++p) {
+                uint32_t bk[4];
+                ldsm_x4(offk[kd & 3] + stage + p * 16 * D * 2 + (kd >> 2) * 128, bk);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(s[mt][2 * p], a[mt], bk[0], bk[1]);
+                    mma_bf16(s[mt][2 * p + 1], a[mt], bk[2], bk[3]);
+                }
+            }
+        }
+
+        // Keys past the end of K only occur in the last tile.
+        if ((j + 1) * BC > lk) {
+#pragma unroll
+            for (int n = 0; n < NS; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    if (j * BC + n * 8 + 2 * t + (c & 1) >= lk)
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) s[mt][n][c] = neg_inf();
+        }
+
+        // Online softmax; hh = 0 is row g (c0, c1), hh = 1 row g + 8 (c2, c3). O is rescaled only
+        // when some row of the warp raised its max (corr < 1): after the first tiles most do not,
+        // and skipping a multiplication by exactly 1 changes nothing.
+        float corr[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float mx = m[mt][hh];
+#pragma unroll
+                for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hh], s[mt][n][2 * hh + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                corr[mt][hh] = fast_exp2((m[mt][hh] - mx) * scale_log2);  // 0 on the first tile
+                const float mxs = mx * scale_log2;
+                m[mt][hh] = mx;
+                float rs = 0.f;
+#pragma unroll
+                for (int n = 0; n < NS; ++n) {
+#pragma unroll
+                    for (int c = 2 * hh; c < 2 * hh + 2; ++c) {
+                        const float p = fast_exp2(fmaf(s[mt][n][c], scale_log2, -mxs));
+                        s[mt][n][c] = p;
+                        rs += p;
+                    }
+                }
+                l[mt][hh] = l[mt][hh] * corr[mt][hh] + rs;
+            }
+        }
+        bool moved = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) moved |= (corr[mt][0] != 1.f) | (corr[mt][1] != 1.f);
+        if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    o[mt][n][0] *= corr[mt][0];
+                    o[mt][n][1] *= corr[mt][0];
+                    o[mt][n][2] *= corr[mt][1];
+                    o[mt][n][3] *= corr[mt][1];
+                }
+        }
+
+        if (more) {
+            cp_async_wait<2>();  // pending were V_j, K_j+1, V_j+1
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // (B) V_j visible to all warps
+
+        // O += P V_j. V fragment pair p (.trans): keys 16 ks.., chunks 2 p, 2 p + 1.
+#pragma unroll
+        for (int ks = 0; ks < BC / 16; ++ks) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = pack_bf16(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+                a[mt][1] = pack_bf16(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+                a[mt][2] = pack_bf16(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+                a[mt][3] = pack_bf16(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+            }
+#pragma unroll
+            for (int p = 0; p < D / 16; ++p) {
+                uint32_t bv[4];
+                ldsm_x4_trans(svt + stage + offqv[p & 3] + ks * 16 * D * 2 + (p >> 2) * 128, bv);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(o[mt][2 * p], a[mt], bv[0], bv[1]);
+                    mma_bf16(o[mt][2 * p + 1], a[mt], bv[2], bv[3]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: every warp is past its last smem read before anyone overwrites [0, BR * D * 2).
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float lt = l[mt][hh];
+            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            const float inv = lt > 0.f ? __fdividef(1.f, lt) : 0.f;
+            const int r = warp * WR + mt * 16 + g + 8 * hh;
+#pragma unroll
+            for (int n = 0; n < ND; ++n)
+                *reinterpret_cast<uint32_t *>(smem + swz<D>(r, n) + 4 * t) =
+                    pack_bf16(o[mt][n][2 * hh] * inv, o[mt][n][2 * hh + 1] * inv);
+            if (lse != nullptr && t == 0 && q0 + r < lq)
+                lse[static_cast<size_t>(bh) * lq + q0 + r] = lt > 0.f ? (m[mt][hh] * scale_log2 + __log2f(lt)) * LN2 : neg_inf();
+        }
+    }
+    __syncwarp();  // a warp stores only the rows it staged
+#pragma unroll
+    for (int i = 0; i < WR * CH / 32; ++i) {
+        const int c = lane + 32 * i;
+        const int r = warp * WR + c / CH, ch = c % CH;
+        if (q0 + r < lq) {
+            const uint4 val = *reinterpret_cast<const uint4 *>(smem + swz<D>(r, ch));
+            *reinterpret_cast<uint4 *>(out + ((static_cast<size_t>(b) * lq + q0 + r) * heads + h) * D + ch * 8) = val;
+        }
+    }
+}
+
+// ---- SIMT fallback ----
+
+template <int DC, int R>
+__device__ __forceinline__ void simt_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                                         const __nv_bfloat16 *__restrict__ v, __nv_bfloat16 *__restrict__ out,
+                                         float *__restrict__ lse, int heads, int lq, int lk, int d, float scale_log2,
+                                         unsigned char *smem) {
+    constexpr int WARPS = 4, BQ = WARPS * R, BKV = 32;
+    const int dq = (d + 1) & ~1;                // Q row stride (f32), even: rows read as float2
+    const int dk = dq % 4 == 0 ? dq + 2 : dq;   // K row stride (bf16): odd stride in 32-bit words
+    float *qs = reinterpret_cast<float *>(smem);               // [BQ][dq]
+    float *ps = qs + BQ * dq;                                  // [WARPS][R][32]
+    __nv_bfloat16 *ks = reinterpret_cast<__nv_bfloat16 *>(ps + WARPS * R * 32);  // [BKV][dk]
+    __nv_bfloat16 *vs = ks + BKV * dk;                         // [BKV][d]
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    const int q0 = blockIdx.x * BQ;
+    const __nv_bfloat16 *qg = q + static_cast<size_t>(bh) * lq * d;
+    const __nv_bfloat16 *kg = k + static_cast<size_t>(bh) * lk * d;
+    const __nv_bfloat16 *vg = v + static_cast<size_t>(bh) * lk * d;
+    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+
+    for (int r = warp; r < BQ; r += WARPS)
+        for (int c = lane; c < dq; c += 32)
+            qs[r * dq + c] = (q0 + r < lq && c < d) ? __bfloat162float(qg[static_cast<size_t>(q0 + r) * d + c]) : 0.f;
+
+    float o[R][DC], m[R], l[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int i = 0; i < DC; ++i) o[r][i] = 0.f;
+        m[r] = neg_inf();
+        l[r] = 0.f;
+    }
+    const float *qw = qs + warp * R * dq;
+    float *pw = ps + warp * R * 32;
+
+    for (int kv0 = 0; kv0 < lk; kv0 += BKV) {
+        __syncthreads();  // previous chunk's K/V reads done (and, the first time, Q written)
+        for (int r = warp; r < BKV; r += WARPS) {
+            const bool ok = kv0 + r < lk;
+            const __nv_bfloat16 *krow = kg + static_cast<size_t>(kv0 + r) * d;
+            const __nv_bfloat16 *vrow = vg + static_cast<size_t>(kv0 + r) * d;
+            for (int c = lane; c < dk; c += 32) ks[r * dk + c] = (ok && c < d) ? krow[c] : zero;
+            for (int c = lane; c < d; c += 32) vs[r * d + c] = ok ? vrow[c] : zero;
+        }
+        __syncthreads();
+
+        // Scores: lane = key.
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] = 0.f;
+        const __nv_bfloat162 *krow = reinterpret_cast<const __nv_bfloat162 *>(ks + lane * dk);
+#pragma unroll 4
+        for (int p = 0; p < dq / 2; ++p) {
+            const float2 kf = __bfloat1622float2(krow[p]);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float2 qf = reinterpret_cast<const float2 *>(qw + r * dq)[p];
+                s[r] = fmaf(qf.x, kf.x, s[r]);
+                s[r] = fmaf(qf.y, kf.y, s[r]);
+            }
+        }
+
+        // Online softmax (log2 domain: m and the exponents are scores * scale_log2).
+        const bool valid = kv0 + lane < lk;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float x = valid ? s[r] * scale_log2 : neg_inf();
+            const float mx = fmaxf(m[r], warp_max(x));  // finite: the chunk holds a valid key
+            const float corr = fast_exp2(m[r] - mx);
+            const float p = fast_exp2(x - mx);
+            m[r] = mx;
+            l[r] = l[r] * corr + p;
+#pragma unroll
+            for (int i = 0; i < DC; ++i) o[r][i] *= corr;
+            pw[r * 32 + lane] = p;
+        }
+        __syncwarp();
+
+        // O += P V: lane = output columns lane + 32 i.
+#pragma unroll 2
+        for (int j = 0; j < BKV; j += 4) {
+            float4 pr[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) pr[r] = *reinterpret_cast<const float4 *>(pw + r * 32 + j);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const __nv_bfloat16 *vrow = vs + (j + u) * d;
+#pragma unroll
+                for (int i = 0; i < DC; ++i) {
+                    const int c = lane + 32 * i;
+                    if (c < d) {
+                        const float vv = __bfloat162float(vrow[c]);
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                            const float pu = u == 0 ? pr[r].x : u == 1 ? pr[r].y : u == 2 ? pr[r].z : pr[r].w;
+                            o[r][i] = fmaf(pu, vv, o[r][i]);
+                        }
+                    }
+                }
+            }
+        }
+        __syncwarp();  // pw is rewritten by the next chunk
+    }
+
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const float lt = warp_sum(l[r]);
+        const int row = q0 + warp * R + r;
+        if (row >= lq) continue;
+        const float inv = lt > 0.f ? __fdividef(1.f, lt) : 0.f;
+        __nv_bfloat16 *orow = out + ((static_cast<size_t>(b) * lq + row) * heads + h) * d;
+#pragma unroll
+        for (int i = 0; i < DC; ++i) {
+            const int c = lane + 32 * i;
+            if (c < d) orow[c] = __float2bfloat16(o[r][i] * inv);
+        }
+        if (lse != nullptr && lane == 0)
+            lse[static_cast<size_t>(bh) * lq + row] = lt > 0.f ? (m[r] + __log2f(lt)) * LN2 : neg_inf();
+    }
+}
+
+}  // namespace
+
+extern __shared__ __align__(128) unsigned char attention_smem[];
+
+#define FLASH_KERNEL(name, D, MT, WARPS, BC, Q_REGS, MIN_BLOCKS)                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)                                            \
+        name(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v, \
+             __nv_bfloat16 *__restrict__ out, float *__restrict__ lse, int heads, int lq, int lk, float scale_log2) {  \
+        flash_fwd<D, MT, WARPS, BC, Q_REGS>(q, k, v, out, lse, heads, lq, lk, scale_log2, attention_smem);              \
+    }
+
+// name                          D    MT WARPS BC  Q in regs  CTAs/SM (launch bounds)
+FLASH_KERNEL(attention_fwd_d128_br128,       128, 2, 4, 48, false, 2)
+FLASH_KERNEL(attention_fwd_d128_br64_qregs,  128, 1, 4, 48, true, 3)
+FLASH_KERNEL(attention_fwd_d64_br128_qregs,  64, 2, 4, 64, true, 2)
+
+#define SIMT_KERNEL(name, DC, R)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128)                                                               \
+        name(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v, \
+             __nv_bfloat16 *__restrict__ out, float *__restrict__ lse, int heads, int lq, int lk, int d, float scale_log2) { \
+        simt_fwd<DC, R>(q, k, v, out, lse, heads, lq, lk, d, scale_log2, attention_smem);                           \
+    }
+
+SIMT_KERNEL(attention_fwd_simt_dc1, 1, 8)
+SIMT_KERNEL(attention_fwd_simt_dc2, 2, 8)
+SIMT_KERNEL(attention_fwd_simt_dc4, 4, 8)
+SIMT_KERNEL(attention_fwd_simt_dc8, 8, 8)
+SIMT_KERNEL(attention_fwd_simt_dc16, 16, 4)

@@ -1,0 +1,100 @@
+// Elementwise kernels: activations (GELU-tanh, SiLU), sums, gated residuals, affine maps.
+//
+// Memory-bound by nature, so each thread moves 8 bf16 (16 bytes) per access when the tensor's
+// length allows (the Rust side checks n % 8 == 0; device allocations are 256-byte aligned), and
+// falls back to one element per thread otherwise. One thread per 8 (or 1) elements, 256 per block.
+#include "common.cuh"
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// y = f(x) for a unary f, over n elements; `vec8` selects the 16-byte path (n % 8 == 0).
+#define UNARY_KERNEL(name, f)                                                                    \
+    extern "C" __global__ void name(const __nv_bfloat16 *__restrict__ x, __nv_bfloat16 *__restrict__ y, \
+                                    int n, int vec8) {                                           \
+        int i = blockIdx.x * blockDim.x + threadIdx.x;                                           \
+        if (vec8) {                                                                              \
+            if (i >= n / 8) return;                                                              \
+            float v[8];                                                                          \
+            unpack8(reinterpret_cast<const bf16x8 *>(x)[i], v);                                  \
+            _Pragma("unroll") for (int j = 0; j < 8; ++j) v[j] = f(v[j]);                        \
+            reinterpret_cast<bf16x8 *>(y)[i] = pack8(v);                                         \
+        } else if (i < n) {                                                                      \
+            y[i] = __float2bfloat16(f(__bfloat162float(x[i])));                                  \
+        }                                                                                        \
+    }
+
+UNARY_KERNEL(gelu_tanh_bf16, gelu_tanh)
+UNARY_KERNEL(silu_bf16, silu)
+
+// out = a + b.
+extern "C" __global__ void add_bf16(const __nv_bfloat16 *__restrict__ a, const __nv_bfloat16 *__restrict__ b,
+                                    __nv_bfloat16 *__restrict__ out, int n, int vec8) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec8) {
+        if (i >= n / 8) return;
+        float va[8], vb[8];
+        unpack8(reinterpret_cast<const bf16x8 *>(a)[i], va);
+        unpack8(reinterpret_cast<const bf16x8 *>(b)[i], vb);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) va[j] += vb[j];
+        reinterpret_cast<bf16x8 *>(out)[i] = pack8(va);
+    } else if (i < n) {
+        out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+    }
+}
+
+// out = x * scale + offset.
+extern "C" __global__ void affine_bf16(const __nv_bfloat16 *__restrict__ x, __nv_bfloat16 *__restrict__ out,
+                                       float scale, float offset, int n, int vec8) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec8) {
+        if (i >= n / 8) return;
+        float v[8];
+        unpack8(reinterpret_cast<const bf16x8 *>(x)[i], v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = v[j] * scale + offset;
+        reinterpret_cast<bf16x8 *>(out)[i] = pack8(v);
+    } else if (i < n) {
+        out[i] = __float2bfloat16(__bfloat162float(x[i]) * scale + offset);
+    }
+}
+
+// out = x + gate * y; x, y [B, L, D], gate [B, D] broadcast over the L tokens. With `vec8`
+// (D % 8 == 0) a group of 8 never straddles two rows, so one gate load serves all 8.
+extern "C" __global__ void gated_residual_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ gate,
+                                               const __nv_bfloat16 *__restrict__ y, __nv_bfloat16 *__restrict__ out,
+                                               int tokens, int dim, int n, int vec8) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec8) {
+        if (i >= n / 8) return;
+        int e = i * 8;
+        int sample = e / (tokens * dim), col = e % dim;
+        float vx[8], vy[8], vg[8];
+        unpack8(reinterpret_cast<const bf16x8 *>(x)[i], vx);
+        unpack8(reinterpret_cast<const bf16x8 *>(y)[i], vy);
+        unpack8(reinterpret_cast<const bf16x8 *>(gate + (size_t)sample * dim + col)[0], vg);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) vx[j] += vg[j] * vy[j];
+        reinterpret_cast<bf16x8 *>(out)[i] = pack8(vx);
+    } else if (i < n) {
+        int sample = i / (tokens * dim), col = i % dim;
+        float g = __bfloat162float(gate[(size_t)sample * dim + col]);
+        out[i] = __float2bfloat16(__bfloat162float(x[i]) + g * __bfloat162float(y[i]));
+    }
+}
+
+// y[r, offset + j] += scale * v[j] for every row r < rows and j < len (y has `width` columns):
+// an unmerged LoRA's up-projection bias.
+extern "C" __global__ void add_scaled_row_bf16(__nv_bfloat16 *__restrict__ y, const __nv_bfloat16 *__restrict__ v, float scale,
+                                               int rows, int width, int offset, int len) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * len) return;
+    int r = i / len, j = i % len;
+    __nv_bfloat16 *p = y + (size_t)r * width + offset + j;
+    *p = __float2bfloat16(__bfloat162float(*p) + scale * __bfloat162float(v[j]));
+}

@@ -1,0 +1,436 @@
+//! The CUDA backend: bf16 activations and weights, f32 accumulation, f32 for exact scalars
+//! (timesteps, guidance) and the RoPE table. GEMMs go through cuBLASLt (`gemm.rs`); every other
+//! op is a hand-written kernel in `cuda/<family>.cu`, launched by the file of the same name here.
+//!
+//! Nothing CUDA is linked: cudarc opens libcuda and libcublasLt at run time. Its loader panics
+//! when a library or a symbol is missing, so `CudaBackend::new` probes the libraries first and runs
+//! its whole initialisation (a kernel launch and a GEMM included, so that every entry point used
+//! later is resolved) under `catch_unwind`; any failure becomes one error line.
+//!
+//! Memory: allocations are stream-ordered (`cuMemAllocAsync`) from the device's default pool,
+//! whose release threshold is raised so that freed activations stay cached and are reused by the
+//! next allocation of the step instead of going back to the driver.
+
+mod attention;
+mod elementwise;
+mod embed;
+mod gemm;
+mod layout;
+mod norm;
+mod rope;
+mod spatial;
+
+use super::{expect_shape, shapes, Backend};
+use crate::tensor::Tensor;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
+use half::{bf16, f16};
+use loaders::{DType, HostData, HostTensor};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Device memory of one tensor, in its element type.
+pub enum CudaStorage {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+impl CudaStorage {
+    fn dtype(&self) -> DType {
+        match self {
+            CudaStorage::F32(_) => DType::F32,
+            CudaStorage::F16(_) => DType::F16,
+            CudaStorage::BF16(_) => DType::BF16,
+        }
+    }
+}
+
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    blas: CudaBlasLT,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// Fill every fresh output with NaN before the kernel writes it (the self-test's poison), so
+    /// that an element a kernel forgets to write cannot pass as a stale correct value.
+    poison: AtomicBool,
+    device_name: String,
+    compute_capability: (i32, i32),
+}
+
+type T = Tensor<CudaBackend>;
+
+/// Whether a usable CUDA driver library is present, answered without panicking.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its known names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`. Fails with one line (never panics) when there is no driver, no GPU,
+    /// no cuBLASLt, or the driver is too old for the embedded PTX.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            bail!("no CUDA driver on this machine (libcuda.so could not be loaded); run with --device cpu");
+        }
+        // SAFETY: only tries to dlopen the library by its known names.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            bail!(
+                "CUDA driver found but not cuBLASLt (libcublasLt.so.13): put the CUDA toolkit's lib64, or the \
+                 nvidia/cublas/lib folder of a PyTorch install, on LD_LIBRARY_PATH"
+            );
+        }
+        without_panics(|| Self::init(ordinal)).context("CUDA initialisation failed")
+    }
+
+    fn init(ordinal: usize) -> Result<Self> {
+        let count = CudaContext::device_count()?;
+        ensure!(count > 0, "the CUDA driver sees no GPU");
+        ensure!((ordinal as i32) < count, "GPU {ordinal} requested, the driver sees {count}");
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream: cudarc's per-allocation events only matter across streams.
+        // SAFETY: every op of this backend runs on the single stream below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        keep_freed_memory_cached(&ctx)?;
+        let compute_capability = (
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        ensure!(
+            compute_capability >= (8, 0),
+            "GPU compute capability {}.{}: the kernels need 8.0 (Ampere) or newer",
+            compute_capability.0,
+            compute_capability.1
+        );
+        let hopper = compute_capability == (9, 0);
+        let mut modules = HashMap::new();
+        for &(name, ptx) in kernels::MODULES {
+            if name.ends_with("_sm90a") && !hopper {
+                continue;
+            }
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .with_context(|| format!("loading kernels {name}.ptx (a driver older than CUDA 13.0 cannot JIT this PTX)"))?;
+            modules.insert(name, module);
+        }
+        let blas = CudaBlasLT::new(stream.clone())?;
+        let backend = CudaBackend {
+            stream,
+            blas,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            poison: AtomicBool::new(false),
+            device_name: ctx.name()?,
+            compute_capability,
+        };
+        backend.warm_up()?;
+        Ok(backend)
+    }
+
+    /// Runs a tiny GEMM and a kernel so that every library entry point the backend uses is
+    /// resolved now, inside `new`'s panic guard, rather than in the middle of a job.
+    fn warm_up(&self) -> Result<()> {
+        let x = self.input(&HostTensor::from_f32(vec![2, 8], (0..16).map(|i| i as f32).collect()))?;
+        let w = self.upload(&HostTensor::new(vec![4, 8], HostData::BF16(vec![bf16::ONE; 32])))?;
+        let y = self.linear_gelu(&x, &w, None)?;
+        let y = self.add(&y, &y)?;
+        self.download(&y)?;
+        Ok(())
+    }
+
+    /// The GPU's marketing name and compute capability, e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn device_description(&self) -> String {
+        format!("{} (sm_{}{})", self.device_name, self.compute_capability.0, self.compute_capability.1)
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The high-water mark of the memory pool in bytes since the last reset, and the driver's
+    /// used-memory reading (total - free).
+    pub fn memory_peak(&self) -> Result<(u64, u64)> {
+        let ctx = self.stream.context();
+        let pool = default_pool(ctx)?;
+        let mut high = 0u64;
+        // SAFETY: `high` is a u64 as the attribute requires.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut high) as *mut u64 as *mut _)
+                .result()?;
+        }
+        let (free, total) = ctx.mem_get_info()?;
+        Ok((high, (total - free) as u64))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A kernel by module (the `cuda/<module>.cu` file) and name, loaded once.
+    fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap();
+        if let Some(f) = cache.get(&(module, name)) {
+            return Ok(f.clone());
+        }
+        let m = self.modules.get(module).ok_or_else(|| anyhow!("kernel module {module} is not loaded on this GPU"))?;
+        let f = m.load_function(name).with_context(|| format!("kernel {name} missing from {module}.ptx"))?;
+        cache.insert((module, name), f.clone());
+        Ok(f)
+    }
+
+    /// Uninitialised device memory for `n` elements (NaN-filled when poisoning).
+    fn alloc<E: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<E>> {
+        // SAFETY: every caller writes the whole buffer before reading it (the poison makes a
+        // violation visible in the self-test).
+        let s = unsafe { self.stream.alloc::<E>(n.max(1)) }.map_err(|e| out_of_memory(e, n * size_of::<E>()))?;
+        if self.poison.load(Ordering::Relaxed) {
+            let (ptr, _guard) = s.device_ptr(&self.stream);
+            // SAFETY: ptr covers the n * size_of::<E>() bytes just allocated.
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xff, n.max(1) * size_of::<E>(), self.stream.cu_stream())? };
+        }
+        Ok(s)
+    }
+
+    fn alloc_bf16(&self, n: usize) -> Result<CudaSlice<bf16>> {
+        self.alloc::<bf16>(n)
+    }
+}
+
+/// Device out of memory, as a typed error so callers (tiled upscaling) can retry smaller.
+#[derive(Debug)]
+pub struct DeviceOutOfMemory {
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for DeviceOutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GPU out of memory allocating {:.1} MiB", self.bytes as f64 / (1 << 20) as f64)
+    }
+}
+
+impl std::error::Error for DeviceOutOfMemory {}
+
+fn out_of_memory(e: DriverError, bytes: usize) -> anyhow::Error {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        DeviceOutOfMemory { bytes }.into()
+    } else {
+        anyhow::Error::from(e)
+    }
+}
+
+fn default_pool(ctx: &Arc<CudaContext>) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: writes one pool handle for a valid device.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()? };
+    Ok(pool)
+}
+
+fn keep_freed_memory_cached(ctx: &Arc<CudaContext>) -> Result<()> {
+    let pool = default_pool(ctx)?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold attribute takes a u64.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolSetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold) as *mut u64 as *mut _)
+            .result()?
+    };
+    Ok(())
+}
+
+/// Runs `f` turning a panic (cudarc's loader on a missing library or symbol) into an error,
+/// without the panic message and backtrace on stderr.
+fn without_panics<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown failure");
+            Err(anyhow!("{msg}"))
+        }
+    }
+}
+
+/// One thread per element, 256 per block.
+fn elementwise_config(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The bf16 device memory of a tensor, or an error naming the op and operand.
+fn bf16_of<'a>(op: &str, what: &str, t: &'a T) -> Result<&'a CudaSlice<bf16>> {
+    match t.storage() {
+        CudaStorage::BF16(s) => Ok(s),
+        other => bail!("{op}: {what} is {} on the GPU, expected BF16 (weights are loaded as bf16 for CUDA)", other.dtype()),
+    }
+}
+
+fn f32_of<'a>(op: &str, what: &str, t: &'a T) -> Result<&'a CudaSlice<f32>> {
+    match t.storage() {
+        CudaStorage::F32(s) => Ok(s),
+        other => bail!("{op}: {what} is {} on the GPU, expected F32", other.dtype()),
+    }
+}
+
+fn bf16_tensor(s: CudaSlice<bf16>, shape: Vec<usize>) -> T {
+    Tensor::from_storage(CudaStorage::BF16(s), shape)
+}
+
+/// Kernel arguments are 32-bit where sizes allow; refuse (rather than wrap) beyond that.
+fn i32_arg(op: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| anyhow!("{op}: size {n} exceeds the kernels' 32-bit indexing"))
+}
+
+impl Backend for CudaBackend {
+    type Storage = CudaStorage;
+
+    fn name(&self) -> String {
+        format!("cuda: {}", self.device_description())
+    }
+
+    fn storage_dtype(storage: &CudaStorage) -> DType {
+        storage.dtype()
+    }
+
+    fn weight_dtype(&self) -> Option<DType> {
+        Some(DType::BF16)
+    }
+
+    fn poison_outputs(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<T> {
+        let s = match &t.data {
+            HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v)?),
+            HostData::F16(v) => CudaStorage::F16(self.stream.clone_htod(v)?),
+            HostData::BF16(v) => CudaStorage::BF16(self.stream.clone_htod(v)?),
+        };
+        Ok(Tensor::from_storage(s, t.shape.clone()))
+    }
+
+    fn input(&self, t: &HostTensor) -> Result<T> {
+        let v: Vec<bf16> = t.to_f32().iter().map(|&x| bf16::from_f32(x)).collect();
+        Ok(bf16_tensor(self.stream.clone_htod(&v)?, t.shape.clone()))
+    }
+
+    /// Zeros allocated on the device, no host copy: a FLUX.1-dev-shape model for benchmarks
+    /// never exists in host memory.
+    fn placeholder(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let n: usize = shape.iter().product();
+        let bytes = n * dtype.size();
+        let oom = |e| out_of_memory(e, bytes);
+        let s = match dtype {
+            DType::F32 => CudaStorage::F32(self.stream.alloc_zeros(n).map_err(oom)?),
+            DType::F16 => CudaStorage::F16(self.stream.alloc_zeros(n).map_err(oom)?),
+            DType::BF16 => CudaStorage::BF16(self.stream.alloc_zeros(n).map_err(oom)?),
+        };
+        Ok(Tensor::from_storage(s, shape.to_vec()))
+    }
+
+    fn download(&self, t: &T) -> Result<HostTensor> {
+        let data = match t.storage() {
+            CudaStorage::F32(s) => self.stream.clone_dtoh(s)?,
+            CudaStorage::F16(s) => self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect(),
+            CudaStorage::BF16(s) => self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect(),
+        };
+        Ok(HostTensor::from_f32(t.shape().to_vec(), data))
+    }
+
+    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        gemm::linear(self, x, w, bias, gemm::Epilogue::None)
+    }
+
+    fn linear_gelu(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
+        gemm::linear(self, x, w, bias, gemm::Epilogue::GeluTanh)
+    }
+
+    fn lora_add(&self, y: T, x: &T, down: &T, up: &T, up_bias: Option<&T>, scale: f32, offset: usize) -> Result<T> {
+        gemm::lora_add(self, y, x, down, up, up_bias, scale, offset)
+    }
+
+    fn layer_norm_modulate(&self, x: &T, shift: &T, scale: &T, eps: f32) -> Result<T> {
+        norm::layer_norm_modulate(self, x, shift, scale, eps)
+    }
+
+    fn qk_norm_rope(&self, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, eps: f32) -> Result<[T; 3]> {
+        rope::qk_norm_rope(self, x, heads, q_scale, k_scale, pe, eps)
+    }
+
+    fn attention(&self, q: &T, k: &T, v: &T) -> Result<T> {
+        attention::forward(self, q, k, v)
+    }
+
+    fn gelu_tanh(&self, x: &T) -> Result<T> {
+        elementwise::unary(self, elementwise::Unary::GeluTanh, x)
+    }
+
+    fn silu(&self, x: &T) -> Result<T> {
+        elementwise::unary(self, elementwise::Unary::Silu, x)
+    }
+
+    fn add(&self, a: &T, b: &T) -> Result<T> {
+        elementwise::add(self, a, b)
+    }
+
+    fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {
+        elementwise::gated_residual(self, x, gate, y)
+    }
+
+    fn concat(&self, xs: &[&T], dim: usize) -> Result<T> {
+        layout::concat(self, xs, dim)
+    }
+
+    fn narrow(&self, x: &T, dim: usize, start: usize, len: usize) -> Result<T> {
+        layout::narrow(self, x, dim, start, len)
+    }
+
+    fn timestep_embedding(&self, t: &T, dim: usize, max_period: f32, time_factor: f32) -> Result<T> {
+        embed::timestep_embedding(self, t, dim, max_period, time_factor)
+    }
+
+    fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> Result<T> {
+        spatial::conv2d(self, x, w, bias, stride, pad)
+    }
+
+    fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
+        norm::group_norm(self, x, groups, weight, bias, eps)
+    }
+
+    fn upsample_nearest2x(&self, x: &T) -> Result<T> {
+        spatial::upsample_nearest2x(self, x)
+    }
+
+    fn transpose_last2(&self, x: &T) -> Result<T> {
+        layout::transpose_last2(self, x)
+    }
+
+    fn pixel_unshuffle(&self, x: &T, f: usize) -> Result<T> {
+        spatial::pixel_shuffle(self, x, f, spatial::Direction::SpaceToDepth)
+    }
+
+    fn pixel_shuffle(&self, x: &T, f: usize) -> Result<T> {
+        spatial::pixel_shuffle(self, x, f, spatial::Direction::DepthToSpace)
+    }
+
+    fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
+        elementwise::affine(self, x, scale, offset)
+    }
+}

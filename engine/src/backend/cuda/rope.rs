@@ -1,0 +1,102 @@
+//! Launch for `cuda/rope.cu`: the fused head split, QK-RMSNorm and rotary embedding. Shapes are
+//! checked as strictly as the CPU backend checks them, with the same messages.
+
+use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, T};
+use anyhow::{ensure, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+const THREADS: u32 = 256;
+
+/// The one-thread-per-16-bytes kernel for `head_dim`, when there is one: a power of two from 8
+/// to 256, with token rows of x 16-byte aligned (`width % 8 == 0`).
+fn fast_kernel(head_dim: usize, width: usize) -> Option<&'static str> {
+    if width % 8 != 0 {
+        return None;
+    }
+    Some(match head_dim {
+        8 => "qk_norm_rope_d8_bf16",
+        16 => "qk_norm_rope_d16_bf16",
+        32 => "qk_norm_rope_d32_bf16",
+        64 => "qk_norm_rope_d64_bf16",
+        128 => "qk_norm_rope_d128_bf16",
+        256 => "qk_norm_rope_d256_bf16",
+        _ => return None,
+    })
+}
+
+pub(super) fn qk_norm_rope(b: &CudaBackend, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, eps: f32) -> Result<[T; 3]> {
+    let op = "qk_norm_rope";
+    ensure!(x.rank() == 3, "{op}: x has shape {:?}, expected [batch, tokens, width]", x.shape());
+    let (batch, tokens, width) = (x.dim(0), x.dim(1), x.dim(2));
+    ensure!(q_scale.rank() == 1, "{op}: query scale has shape {:?}", q_scale.shape());
+    let hd = q_scale.dim(0);
+    expect_shape("key scale", op, k_scale.shape(), &[hd])?;
+    ensure!(width >= 3 * heads * hd && hd % 2 == 0, "{op}: width {width} cannot hold q, k, v of {heads} heads x {hd}");
+    expect_shape("pe", op, pe.shape(), &[batch, tokens, hd / 2, 2])?;
+    let xs = bf16_of(op, "x", x)?;
+    let (qs, ks) = (bf16_of(op, "query scale", q_scale)?, bf16_of(op, "key scale", k_scale)?);
+    let pes = f32_of(op, "pe (the RoPE table is uploaded in f32)", pe)?;
+
+    let n = batch * heads * tokens * hd;
+    let (mut q, mut k, mut v) = (b.alloc_bf16(n)?, b.alloc_bf16(n)?, b.alloc_bf16(n)?);
+    let shape = vec![batch, heads, tokens, hd];
+    if n > 0 {
+        // One item per head vector (slow kernel, a warp each) or per 8 elements of one (fast
+        // kernel, a thread each); indices past the last item stay below 2^31.
+        let head_vectors = batch * tokens * 3 * heads;
+        let (t32, w32, h32) = (i32_arg(op, tokens)?, i32_arg(op, width)?, i32_arg(op, heads)?);
+        match fast_kernel(hd, width) {
+            Some(kernel) => {
+                let items = head_vectors * (hd / 8);
+                i32_arg(op, items + THREADS as usize)?;
+                let i32_items = i32_arg(op, items)?;
+                let f = b.function("rope", kernel)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (items.div_ceil(THREADS as usize) as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut l = b.stream().launch_builder(&f);
+                l.arg(xs).arg(qs).arg(ks).arg(pes).arg(&mut q).arg(&mut k).arg(&mut v);
+                l.arg(&t32).arg(&w32).arg(&h32).arg(&i32_items).arg(&eps);
+                // SAFETY: x holds batch * tokens * width elements with width >= 3 heads hd, pe
+                // batch * tokens * hd floats, q, k, v n elements each; all are whole allocations
+                // (256-byte aligned), so with width % 8 == 0 and hd % 8 == 0 every 16- and 32-byte
+                // access is aligned.
+                unsafe { l.launch(cfg) }?;
+            }
+            None => {
+                let warps = THREADS as usize / 32;
+                i32_arg(op, head_vectors + warps)?;
+                let (d32, i32_items) = (i32_arg(op, hd)?, i32_arg(op, head_vectors)?);
+                let f = b.function("rope", "qk_norm_rope_bf16")?;
+                let cfg = LaunchConfig {
+                    grid_dim: (head_vectors.div_ceil(warps) as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut l = b.stream().launch_builder(&f);
+                l.arg(xs).arg(qs).arg(ks).arg(pes).arg(&mut q).arg(&mut k).arg(&mut v);
+                l.arg(&t32).arg(&w32).arg(&h32).arg(&d32).arg(&i32_items).arg(&eps);
+                // SAFETY: as above; this kernel makes only 2- and 4-byte accesses.
+                unsafe { l.launch(cfg) }?;
+            }
+        }
+    }
+    Ok([bf16_tensor(q, shape.clone()), bf16_tensor(k, shape.clone()), bf16_tensor(v, shape)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_kernel_needs_power_of_two_heads_and_aligned_rows() {
+        assert_eq!(fast_kernel(128, 3 * 24 * 128), Some("qk_norm_rope_d128_bf16"));
+        assert_eq!(fast_kernel(64, 21504), Some("qk_norm_rope_d64_bf16"));
+        assert_eq!(fast_kernel(128, 3 * 128 + 4), None);
+        assert_eq!(fast_kernel(96, 3 * 96), None);
+        assert_eq!(fast_kernel(6, 24), None);
+        assert_eq!(fast_kernel(4, 24), None);
+    }
+}

@@ -1,0 +1,55 @@
+//! Choosing the backend at run time (`--device cpu|cuda|auto`). Model code is generic over the
+//! `Backend` trait; `on_backend!` instantiates a job for whichever backend was opened, so no
+//! model or command code ever asks which one it runs on.
+
+use super::cpu::CpuBackend;
+use super::cuda::CudaBackend;
+use anyhow::{Context, Result};
+
+/// Where to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// A CUDA GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// GPU 0 through CUDA; fails with one line when there is none.
+    Cuda,
+}
+
+/// An opened backend.
+pub enum Opened {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+impl Device {
+    pub fn open(self) -> Result<Opened> {
+        match self {
+            Device::Cpu => Ok(Opened::Cpu(CpuBackend::new())),
+            Device::Cuda => Ok(Opened::Cuda(Box::new(CudaBackend::new(0).context("--device cuda")?))),
+            Device::Auto => Ok(match CudaBackend::new(0) {
+                Ok(b) => Opened::Cuda(Box::new(b)),
+                Err(_) => Opened::Cpu(CpuBackend::new()),
+            }),
+        }
+    }
+}
+
+/// `on_backend!(device, b => expr)`: opens `device` and evaluates `expr` with `b` bound to
+/// `&CpuBackend` or `&CudaBackend` (the expression is compiled once per backend).
+#[macro_export]
+macro_rules! on_backend {
+    ($device:expr, $b:ident => $body:expr) => {
+        match $crate::backend::device::Device::open($device)? {
+            $crate::backend::device::Opened::Cpu(backend) => {
+                let $b = &backend;
+                $body
+            }
+            $crate::backend::device::Opened::Cuda(backend) => {
+                let $b = &*backend;
+                $body
+            }
+        }
+    };
+}

@@ -1,0 +1,152 @@
+//! `engine plan`: model FLOPs and a device-memory plan for one transformer step at a given size,
+//! computed on the CPU from the model's own code run on shapes only (`engine::perf`).
+
+use super::{human_bytes, human_count};
+use anyhow::{bail, ensure, Context, Result};
+use engine::ae::AutoEncoderParams;
+use engine::model::FluxParams;
+use engine::perf::flops::{training_step_flops, FlopCount};
+use engine::perf::plan::{MemoryPlan, ALIGNMENT, HOPPER_CUBLASLT_WORKSPACE};
+use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
+use loaders::DType;
+
+/// Plan one transformer step for a GPU, on the CPU: model FLOPs per op class (design section 11)
+/// and device memory (weights, the packed activation arena, the GEMM workspace), from the model's
+/// own code run on shapes only. Also FLUX's autoencoder at the output size, and with --train a
+/// training step.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model shape: flux-dev, flux-small or flux-tiny.
+    #[arg(long, default_value = "flux-dev")]
+    shape: String,
+    /// Output image side in pixels, a multiple of 16: FLUX's autoencoder downsamples by 8 and the
+    /// transformer packs 2x2 latent patches, so the step sees (res / 16)^2 image tokens.
+    #[arg(long, default_value_t = 1024)]
+    res: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Text tokens (FLUX.1-dev: 512).
+    #[arg(long, default_value_t = 512)]
+    txt_tokens: usize,
+    /// Storage dtype of weights and activations: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Unmerged LoRA of this rank on every target linear (design section 7).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// Also account a training step: forward + backward.
+    #[arg(long)]
+    train: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        _ => bail!("--dtype {s}: expected bf16, f16 or f32"),
+    })
+}
+
+/// FLOPs with a metric prefix.
+fn human_flops(n: u64) -> String {
+    let v = n as f64;
+    match v {
+        v if v >= 1e12 => format!("{:.2} TFLOP", v / 1e12),
+        v if v >= 1e9 => format!("{:.2} GFLOP", v / 1e9),
+        v if v >= 1e6 => format!("{:.2} MFLOP", v / 1e6),
+        _ => format!("{n} FLOP"),
+    }
+}
+
+/// One memory line: label, binary and decimal size, a note.
+fn bytes_row(label: &str, n: u64, note: &str) {
+    println!("  {label:<15} {:>12} {:>10.2} GB   {note}", human_bytes(n), n as f64 / 1e9);
+}
+
+/// FLOPs per counted class with their shares, then the total.
+fn flop_rows(count: &FlopCount) {
+    for (class, &n) in &count.by_class {
+        println!("  {:<15} {:>12} {:>9.1}%", class.name(), human_flops(n), 100.0 * n as f64 / count.total as f64);
+    }
+    println!("  {:<15} {:>12}", "total", human_flops(count.total));
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let params = FluxParams::preset(&a.shape).context("--shape")?;
+    let dtype = parse_dtype(&a.dtype)?;
+    ensure!(a.batch > 0, "--batch 0: a step needs at least one image");
+    ensure!(
+        a.res > 0 && a.res % 16 == 0,
+        "--res {}: the output side must be a positive multiple of 16 (autoencoder 8 x 2x2 patches)",
+        a.res
+    );
+    if let Some(rank) = a.lora_rank {
+        ensure!(rank > 0, "--lora-rank 0: a LoRA rank must be positive");
+    }
+    let grid = a.res / 16;
+    let shape = StepShape { batch: a.batch, img_tokens: grid * grid, txt_tokens: a.txt_tokens };
+    let trace = trace_flux_step(&params, shape, dtype, a.lora_rank)?;
+    let count = FlopCount::of(&trace);
+    let plan = MemoryPlan::of(&trace, HOPPER_CUBLASLT_WORKSPACE);
+
+    let lora = a.lora_rank.map_or(String::new(), |r| format!(", unmerged LoRA rank {r}"));
+    println!("plan          {}, {res}x{res} output, batch {}, {dtype} weights and activations{lora}", a.shape, a.batch, res = a.res);
+    println!(
+        "tokens        {} image ({grid}x{grid} patches of the {l}x{l} latent) + {} text",
+        shape.img_tokens,
+        a.txt_tokens,
+        l = 2 * grid
+    );
+    println!("parameters    {} ({})", human_count(trace.parameters() as usize), trace.parameters());
+    println!();
+    println!("memory, one transformer step (inference)");
+    bytes_row("weights", plan.weights, "");
+    bytes_row("arena", plan.arena, &format!("activations packed at {ALIGNMENT}-byte offsets, largest first"));
+    bytes_row("lower bound", plan.lower_bound, "most bytes live at once: no plan can use less");
+    bytes_row("workspace", plan.workspace, "cuBLASLt on Hopper");
+    bytes_row("planned peak", plan.peak(), "weights + arena + workspace");
+    println!();
+    println!("FLOPs, one transformer step");
+    flop_rows(&count);
+    println!("  (not counted: per-sample embedding and modulation linears, norms, elementwise ops, copies)");
+
+    let ae = AutoEncoderParams::default();
+    println!();
+    println!("FLUX autoencoder, {res}x{res}, batch {}", a.batch, res = a.res);
+    for (label, direction) in [("encode", AeDirection::Encode), ("decode", AeDirection::Decode)] {
+        let trace = trace_flux_ae(&ae, a.batch, a.res, a.res, dtype, direction)?;
+        let plan = MemoryPlan::of(&trace, HOPPER_CUBLASLT_WORKSPACE);
+        let flops = FlopCount::of(&trace).total;
+        println!("  {label:<15} {:>12}   arena {}, weights {}", human_flops(flops), human_bytes(plan.arena), human_bytes(plan.weights));
+    }
+
+    if a.train {
+        let t = training_memory_estimate(&params, shape, dtype, a.lora_rank, HOPPER_CUBLASLT_WORKSPACE)?;
+        println!();
+        println!("training step: estimates, the backward pass is not built yet");
+        println!(
+            "  {:<15} {:>12}   forward + backward, the backward counted as 2 x forward",
+            "FLOPs",
+            human_flops(training_step_flops(count.total))
+        );
+        bytes_row(
+            "peak, all kept",
+            t.peak_all_kept(),
+            &format!("every forward buffer kept for the backward: arena {}", human_bytes(t.all_kept_arena)),
+        );
+        bytes_row(
+            "peak, per block",
+            t.peak_block_checkpointing(),
+            &format!(
+                "checkpointing: {} blocks' inputs {} + one block recomputed {}",
+                params.depth + params.depth_single_blocks,
+                human_bytes(t.block_inputs),
+                human_bytes(t.one_block_arena)
+            ),
+        );
+        println!("  (not included: the backward's own temporaries, gradients, optimizer state)");
+    }
+    Ok(())
+}

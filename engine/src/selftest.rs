@@ -1,0 +1,323 @@
+//! The backend self-test (`engine selftest`): every op of the `Backend` trait, then whole FLUX
+//! forwards, run on the backend under test and on the CPU reference with the same inputs, every
+//! element compared.
+//!
+//! Inputs are fresh seeded Gaussians (never zeros), rounded to bf16 on the host so that both
+//! backends start from identical values and the comparison measures arithmetic only. Outputs of
+//! the backend under test are poisoned with NaN before each op (`Backend::poison_outputs`), so an
+//! element a kernel never writes fails instead of passing with a stale value. The error is
+//! normwise: `max |candidate - reference| / max |reference|`, infinite on NaN, infinity or a
+//! shape mismatch.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::model::weights::WeightLoader;
+use crate::model::{Flux, FluxInputs, FluxParams};
+use crate::tensor::Tensor;
+use anyhow::Result;
+use half::bf16;
+use loaders::{DType, HostData, HostTensor};
+
+/// Relative error allowed for an op whose output is stored in bf16 (8 bits of mantissa: one
+/// rounding is 4e-3 relative).
+pub const BF16_OP_TOLERANCE: f64 = 1e-2;
+/// Relative error allowed for a whole forward in bf16: dozens of ops, each rounding its output.
+pub const BF16_MODEL_TOLERANCE: f64 = 3e-2;
+/// Relative error allowed where the backend keeps f32 end to end.
+pub const F32_TOLERANCE: f64 = 1e-4;
+
+/// One comparison: an op on one shape.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub op: String,
+    pub shape: String,
+    pub max_rel_err: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.max_rel_err.is_finite() && self.max_rel_err <= self.tolerance
+    }
+}
+
+/// `max |candidate - reference| / max |reference|`; infinite when the shapes differ or the
+/// candidate holds a NaN or infinity (the poison).
+pub fn max_rel_err(candidate: &HostTensor, reference: &HostTensor) -> f64 {
+    if candidate.shape != reference.shape {
+        return f64::INFINITY;
+    }
+    let (c, r) = (candidate.to_f32(), reference.to_f32());
+    let scale = r.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let mut worst = 0f64;
+    for (&a, &b) in c.iter().zip(&r) {
+        if !a.is_finite() {
+            return f64::INFINITY;
+        }
+        worst = worst.max((a as f64 - b as f64).abs());
+    }
+    if scale == 0.0 {
+        if worst == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        worst / scale
+    }
+}
+
+/// The results as one table: op, shape, max rel err, tolerance, pass/fail.
+pub fn render_table(checks: &[Check]) -> String {
+    let op_w = checks.iter().map(|c| c.op.len()).max().unwrap_or(2).max(2);
+    let shape_w = checks.iter().map(|c| c.shape.len()).max().unwrap_or(5).max(5);
+    let mut out = format!("{:<op_w$}  {:<shape_w$}  {:>12}  {:>9}  result\n", "op", "shape", "max rel err", "tolerance");
+    for c in checks {
+        let err = if c.max_rel_err.is_finite() { format!("{:.3e}", c.max_rel_err) } else { "NaN/inf".into() };
+        let verdict = if c.passed() { "pass" } else { "FAIL" };
+        out.push_str(&format!("{:<op_w$}  {:<shape_w$}  {err:>12}  {:>9.0e}  {verdict}\n", c.op, c.shape, c.tolerance));
+    }
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    out.push_str(&format!("{} checks, {} passed, {failed} failed\n", checks.len(), checks.len() - failed));
+    out
+}
+
+/// Seeded Gaussian values rounded to bf16 (kept in f32 storage, so `input` is exact on both sides).
+fn gaussian(shape: &[usize], seed: u64) -> HostTensor {
+    let n = shape.iter().product();
+    let v = crate::sampler::gaussian_noise(n, seed).into_iter().map(|x| bf16::from_f32(x).to_f32()).collect();
+    HostTensor::from_f32(shape.to_vec(), v)
+}
+
+/// Like `gaussian` but stored as bf16, as weights are on the GPU.
+fn weight(shape: &[usize], seed: u64, scale: f32) -> HostTensor {
+    let n = shape.iter().product();
+    let v = crate::sampler::gaussian_noise(n, seed).into_iter().map(|x| bf16::from_f32(x * scale)).collect();
+    HostTensor::new(shape.to_vec(), HostData::BF16(v))
+}
+
+/// Runs `$body` (an expression giving `Result<Vec<Tensor<_>>>` with `$b` bound to a backend) on
+/// the CPU and on the backend under test, and records one check per output.
+macro_rules! compare {
+    ($checks:expr, $dut:expr, $cpu:expr, $op:expr, $shape:expr, $tol:expr, |$b:ident| $body:expr) => {{
+        let reference: Vec<HostTensor> = {
+            let $b = $cpu;
+            let outs: Vec<Tensor<CpuBackend>> = $body?;
+            outs.iter().map(|t| $b.download(t)).collect::<Result<_>>()?
+        };
+        let candidate: Vec<HostTensor> = {
+            let $b = $dut;
+            $b.poison_outputs(true);
+            let outs = $body;
+            $b.poison_outputs(false);
+            outs?.iter().map(|t| $b.download(t)).collect::<Result<_>>()?
+        };
+        let outputs = reference.len();
+        let shape: String = $shape;
+        for (i, (c, r)) in candidate.iter().zip(&reference).enumerate() {
+            let op = if outputs > 1 { format!("{}[{i}]", $op) } else { $op.to_string() };
+            $checks.push(Check { op, shape: shape.clone(), max_rel_err: max_rel_err(c, r), tolerance: $tol });
+        }
+    }};
+}
+
+/// Every op of the `Backend` trait on `dut` against the CPU, on shapes that cover the kernels'
+/// special cases (lengths not multiples of 8 or of the tile sizes, head dims 64 and 128 and the
+/// autoencoder's single wide head, both padding styles of the convolutions).
+pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
+    let cpu = &CpuBackend::new();
+    let mut checks = Vec::new();
+    let mut s = seed;
+    let mut next = || {
+        s += 1;
+        s
+    };
+    let tol = BF16_OP_TOLERANCE;
+
+    for &(rows, inf, outf, bias) in &[(77usize, 256usize, 384usize, true), (130, 192, 200, false)] {
+        let (x, w, bi) = (gaussian(&[2, rows, inf], next()), weight(&[outf, inf], next(), 0.1), weight(&[outf], next(), 1.0));
+        let shape = format!("[2,{rows},{inf}] x [{outf},{inf}]{}", if bias { " + bias" } else { "" });
+        compare!(checks, dut, cpu, "linear", shape.clone(), tol, |b| {
+            let (x, w, bi) = (b.input(&x)?, b.upload(&w)?, b.upload(&bi)?);
+            b.linear(&x, &w, bias.then_some(&bi)).map(|y| vec![y])
+        });
+        compare!(checks, dut, cpu, "linear_gelu", shape, tol, |b| {
+            let (x, w, bi) = (b.input(&x)?, b.upload(&w)?, b.upload(&bi)?);
+            b.linear_gelu(&x, &w, bias.then_some(&bi)).map(|y| vec![y])
+        });
+    }
+
+    {
+        let (y, x) = (gaussian(&[2, 77, 384], next()), gaussian(&[2, 77, 256], next()));
+        let (down, up, ub) = (weight(&[4, 256], next(), 0.1), weight(&[96, 4], next(), 0.5), weight(&[96], next(), 1.0));
+        compare!(checks, dut, cpu, "lora_add", "y [2,77,384], rank 4, cols 128..224 + bias".into(), tol, |b| {
+            let y = b.input(&y)?;
+            let (x, down, up, ub) = (b.input(&x)?, b.upload(&down)?, b.upload(&up)?, b.upload(&ub)?);
+            b.lora_add(y, &x, &down, &up, Some(&ub), 0.75, 128).map(|y| vec![y])
+        });
+    }
+
+    for &(l, d) in &[(77usize, 256usize), (50, 3072)] {
+        let (x, shift, scale) = (gaussian(&[2, l, d], next()), gaussian(&[2, d], next()), gaussian(&[2, d], next()));
+        compare!(checks, dut, cpu, "layer_norm_modulate", format!("[2,{l},{d}]"), tol, |b| {
+            b.layer_norm_modulate(&b.input(&x)?, &b.input(&shift)?, &b.input(&scale)?, 1e-6).map(|y| vec![y])
+        });
+    }
+
+    for &(heads, d, l, extra) in &[(4usize, 64usize, 77usize, 100usize), (2, 128, 45, 0)] {
+        let width = 3 * heads * d + extra;
+        let x = gaussian(&[2, l, width], next());
+        let (qs, ks) = (weight(&[d], next(), 1.0), weight(&[d], next(), 1.0));
+        let angles = crate::sampler::gaussian_noise(2 * l * d / 2, next());
+        let pe = HostTensor::from_f32(vec![2, l, d / 2, 2], angles.iter().flat_map(|&a| [(3.0 * a).cos(), (3.0 * a).sin()]).collect());
+        compare!(checks, dut, cpu, "qk_norm_rope", format!("[2,{l},{width}], {heads} heads x {d}"), tol, |b| {
+            let pe = b.upload(&pe)?;
+            b.qk_norm_rope(&b.input(&x)?, heads, &b.upload(&qs)?, &b.upload(&ks)?, &pe, 1e-6).map(Vec::from)
+        });
+    }
+
+    for &(batch, heads, lq, lk, d) in &[(2usize, 3usize, 77usize, 77usize, 64usize), (1, 2, 300, 300, 128), (1, 2, 50, 130, 64), (1, 1, 200, 200, 32), (1, 1, 64, 64, 512)] {
+        let (q, k, v) = (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
+        compare!(checks, dut, cpu, "attention", format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens"), tol, |b| {
+            b.attention(&b.input(&q)?, &b.input(&k)?, &b.input(&v)?).map(|y| vec![y])
+        });
+    }
+
+    for shape in [vec![2usize, 77, 200], vec![2, 64, 256]] {
+        let desc = format!("{shape:?}");
+        let (x, y) = (gaussian(&shape, next()), gaussian(&shape, next()));
+        let gate = gaussian(&[shape[0], shape[2]], next());
+        compare!(checks, dut, cpu, "gelu_tanh", desc.clone(), tol, |b| b.gelu_tanh(&b.input(&x)?).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "silu", desc.clone(), tol, |b| b.silu(&b.input(&x)?).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "add", desc.clone(), tol, |b| b.add(&b.input(&x)?, &b.input(&y)?).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "affine", desc.clone(), tol, |b| b.affine(&b.input(&x)?, 0.3611, -0.1159).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "gated_residual", desc.clone(), tol, |b| {
+            b.gated_residual(&b.input(&x)?, &b.input(&gate)?, &b.input(&y)?).map(|y| vec![y])
+        });
+        compare!(checks, dut, cpu, "transpose_last2", desc.clone(), tol, |b| b.transpose_last2(&b.input(&x)?).map(|y| vec![y]));
+        for dim in 0..3 {
+            compare!(checks, dut, cpu, "concat", format!("{desc} twice, dim {dim}"), tol, |b| {
+                b.concat(&[&b.input(&x)?, &b.input(&y)?], dim).map(|y| vec![y])
+            });
+            let (start, len) = (shape[dim] / 3, shape[dim] / 2);
+            compare!(checks, dut, cpu, "narrow", format!("{desc} dim {dim}, {start}..{}", start + len), tol, |b| {
+                b.narrow(&b.input(&x)?, dim, start, len).map(|y| vec![y])
+            });
+        }
+    }
+
+    {
+        // Position tables stay f32 on every backend: the copy must be exact.
+        let (p, q) = (gaussian(&[1, 7, 16, 2], next()), gaussian(&[1, 9, 16, 2], next()));
+        compare!(checks, dut, cpu, "concat (f32 table)", "[1,7,16,2] + [1,9,16,2], dim 1".into(), F32_TOLERANCE, |b| {
+            let (p, q) = (b.upload(&p)?, b.upload(&q)?);
+            let joint = b.concat(&[&p, &q], 1)?;
+            anyhow::Ok(vec![b.narrow(&joint, 1, 3, 8)?])
+        });
+    }
+
+    {
+        let t = HostTensor::from_f32(vec![3], vec![0.0, 0.3711, 1.0]);
+        compare!(checks, dut, cpu, "timestep_embedding", "t [3] -> [3,256]".into(), tol, |b| {
+            b.timestep_embedding(&b.upload(&t)?, 256, 10_000.0, 1000.0).map(|y| vec![y])
+        });
+    }
+
+    for &(cin, cout, k, stride, pad) in &[(8usize, 16usize, 3usize, 1usize, [1usize, 1, 1, 1]), (8, 12, 3, 2, [0, 1, 0, 1]), (16, 8, 1, 1, [0, 0, 0, 0])] {
+        let (x, w, bi) = (gaussian(&[2, cin, 17, 19], next()), weight(&[cout, cin, k, k], next(), 0.2), weight(&[cout], next(), 1.0));
+        compare!(checks, dut, cpu, "conv2d", format!("[2,{cin},17,19] * [{cout},{cin},{k},{k}], stride {stride}, pad {pad:?}"), tol, |b| {
+            b.conv2d(&b.input(&x)?, &b.upload(&w)?, Some(&b.upload(&bi)?), stride, pad).map(|y| vec![y])
+        });
+    }
+
+    {
+        let x = gaussian(&[2, 32, 9, 11], next());
+        let (w, bi) = (weight(&[32], next(), 1.0), weight(&[32], next(), 1.0));
+        compare!(checks, dut, cpu, "group_norm", "[2,32,9,11], 8 groups".into(), tol, |b| {
+            b.group_norm(&b.input(&x)?, 8, &b.upload(&w)?, &b.upload(&bi)?, 1e-6).map(|y| vec![y])
+        });
+        compare!(checks, dut, cpu, "upsample_nearest2x", "[2,32,9,11]".into(), tol, |b| b.upsample_nearest2x(&b.input(&x)?).map(|y| vec![y]));
+        let y = gaussian(&[2, 3, 12, 16], next());
+        compare!(checks, dut, cpu, "pixel_unshuffle", "[2,3,12,16], f 4".into(), tol, |b| b.pixel_unshuffle(&b.input(&y)?, 4).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "pixel_shuffle", "[2,32,9,11], f 2".into(), tol, |b| b.pixel_shuffle(&b.input(&x)?, 2).map(|y| vec![y]));
+    }
+    Ok(checks)
+}
+
+/// A whole FLUX forward of the `preset` with seeded random bf16 weights, on `dut` and on the CPU
+/// (the CPU widens the same bf16 weights), on a `grid` of packed latent patches and 16 text tokens.
+pub fn model_check<D: Backend>(dut: &D, preset: &str, grid: (usize, usize), seed: u64) -> Result<Check> {
+    let cpu = &CpuBackend::new();
+    let params = FluxParams::preset(preset)?;
+    let inputs = FluxInputs::random(&params, 1, grid, 16, seed);
+    let round = |t: &HostTensor| HostTensor::from_f32(t.shape.clone(), t.to_f32().iter().map(|&x| bf16::from_f32(x).to_f32()).collect());
+    let inputs = FluxInputs { img: round(&inputs.img), txt: round(&inputs.txt), y: round(&inputs.y), ..inputs };
+    let reference = {
+        let mut w = WeightLoader::random(cpu, seed).with_dtype(Some(DType::BF16));
+        Flux::build(&params, &mut w)?.forward_host(cpu, &inputs)?
+    };
+    let candidate = {
+        let mut w = WeightLoader::random(dut, seed).with_dtype(Some(DType::BF16));
+        let model = Flux::build(&params, &mut w)?;
+        dut.poison_outputs(true);
+        let out = model.forward_host(dut, &inputs);
+        dut.poison_outputs(false);
+        out?
+    };
+    Ok(Check {
+        op: format!("forward {preset}"),
+        shape: format!("{} img + 16 txt tokens", grid.0 * grid.1),
+        max_rel_err: max_rel_err(&candidate, &reference),
+        tolerance: BF16_MODEL_TOLERANCE,
+    })
+}
+
+/// Every op, then the `flux-tiny` and `flux-small` forwards.
+pub fn run_all<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
+    let mut checks = op_checks(dut, seed)?;
+    checks.push(model_check(dut, "flux-tiny", (6, 5), seed)?);
+    checks.push(model_check(dut, "flux-small", (16, 16), seed)?);
+    Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32]) -> HostTensor {
+        HostTensor::from_f32(vec![v.len()], v.to_vec())
+    }
+
+    #[test]
+    fn relative_error_is_normwise_and_rejects_poison_and_shape_mismatch() {
+        assert_eq!(max_rel_err(&t(&[1.0, -2.0]), &t(&[1.0, -2.0])), 0.0);
+        // Worst absolute error 0.1 against a reference whose largest magnitude is 4.
+        assert!((max_rel_err(&t(&[1.1, 4.0, 0.0]), &t(&[1.0, 4.0, 0.05])) - 0.1 / 4.0).abs() < 1e-6);
+        assert!(max_rel_err(&t(&[f32::NAN, 1.0]), &t(&[0.0, 1.0])).is_infinite());
+        assert!(max_rel_err(&t(&[f32::INFINITY]), &t(&[1.0])).is_infinite());
+        assert!(max_rel_err(&t(&[1.0, 2.0]), &HostTensor::from_f32(vec![2, 1], vec![1.0, 2.0])).is_infinite());
+        assert_eq!(max_rel_err(&t(&[0.0]), &t(&[0.0])), 0.0);
+        assert!(max_rel_err(&t(&[1e-3]), &t(&[0.0])).is_infinite());
+    }
+
+    #[test]
+    fn a_check_passes_only_within_tolerance() {
+        let c = |e: f64| Check { op: "x".into(), shape: "[1]".into(), max_rel_err: e, tolerance: 1e-2 };
+        assert!(c(0.0).passed() && c(1e-2).passed());
+        assert!(!c(1.01e-2).passed() && !c(f64::INFINITY).passed() && !c(f64::NAN).passed());
+    }
+
+    #[test]
+    fn the_table_lists_every_check_and_counts_failures() {
+        let checks = vec![
+            Check { op: "linear".into(), shape: "[2,3]".into(), max_rel_err: 1e-3, tolerance: 1e-2 },
+            Check { op: "attention".into(), shape: "[1,2,3,4]".into(), max_rel_err: f64::INFINITY, tolerance: 1e-2 },
+        ];
+        let table = render_table(&checks);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[1].starts_with("linear") && lines[1].ends_with("pass"), "{table}");
+        assert!(lines[2].starts_with("attention") && lines[2].contains("NaN/inf") && lines[2].ends_with("FAIL"), "{table}");
+        assert_eq!(lines[3], "2 checks, 1 passed, 1 failed");
+    }
+}

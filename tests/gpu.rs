@@ -1,0 +1,44 @@
+//! The CUDA backend against the CPU reference on a real GPU: the self-test's checks as Rust
+//! tests, ignored where there is no GPU. Run them with
+//! `cargo test --release --test gpu -- --ignored` (or through `tools/device-check.sh`).
+
+use engine::backend::cuda::CudaBackend;
+use engine::selftest::{model_check, op_checks, render_table};
+
+fn gpu() -> CudaBackend {
+    CudaBackend::new(0).expect("a CUDA GPU")
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_op_matches_the_cpu() {
+    let checks = op_checks(&gpu(), 11).unwrap();
+    let table = render_table(&checks);
+    println!("{table}");
+    assert!(checks.iter().all(|c| c.passed()), "{table}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn flux_tiny_forward_matches_the_cpu() {
+    let c = model_check(&gpu(), "flux-tiny", (6, 5), 12).unwrap();
+    assert!(c.passed(), "{c:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn flux_small_forward_matches_the_cpu() {
+    let c = model_check(&gpu(), "flux-small", (16, 16), 13).unwrap();
+    assert!(c.passed(), "{c:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn out_of_memory_is_a_typed_error_not_a_panic() {
+    use engine::backend::cuda::DeviceOutOfMemory;
+    use engine::Backend;
+    // 2^40 bf16 elements (2 TiB): beyond any card.
+    let err = gpu().placeholder(&[1 << 20, 1 << 20], loaders::DType::BF16).err().expect("allocation must fail");
+    let oom = err.downcast_ref::<DeviceOutOfMemory>().unwrap_or_else(|| panic!("not an out-of-memory error: {err:#}"));
+    assert_eq!(oom.bytes, 1 << 41);
+}

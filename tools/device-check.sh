@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Run on a GPU machine (H100/H200: nvcc and PyTorch present, no Rust, no network) from the
+# repository root, with bundle/ made beforehand by tools/device-bundle.sh. Prints the machine's
+# facts, runs the ignored GPU tests and `engine selftest`, then the kernel and model benchmarks
+# when the binary has them; logs go to $OUT (default ./device-out); a short table comes last.
+# Every step has its own time limit so the whole run ends within 8 minutes.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/device-out}"
+mkdir -p "$OUT"
+BIN="$ROOT/bundle"
+[ -x "$BIN/engine" ] || { echo "device-check: bundle/engine missing: run tools/device-bundle.sh on the build machine and carry bundle/" >&2; exit 1; }
+
+# cuBLASLt: from a CUDA toolkit, or from the NVIDIA wheels PyTorch ships with.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+if command -v python3 >/dev/null; then
+    for d in $(python3 -c 'import glob, os, site
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+print(" ".join(sorted({os.path.dirname(p) for s in dirs for p in glob.glob(os.path.join(s, "nvidia", "*", "lib", "lib*.so*"))})))' 2>/dev/null); do
+        LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+    done
+fi
+export LD_LIBRARY_PATH
+
+declare -a SUMMARY
+step() { # name, limit in seconds, command...
+    local name="$1" limit="$2"
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    local verdict=ok
+    [ $rc -eq 0 ] || verdict="FAILED (exit $rc)"
+    [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit} s"
+    SUMMARY+=("$(printf '%-12s %-22s %4d s  %s' "$name" "$verdict" $((SECONDS - t0)) "$OUT/$name.log")")
+    tail -n 80 "$OUT/$name.log"
+}
+
+{
+    echo "date:    $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "commit:  $(cat "$BIN/commit" 2>/dev/null)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu:     /'
+    command -v nvcc >/dev/null && nvcc --version | tail -1 | sed 's/^/nvcc:    /'
+    echo "LD_LIBRARY_PATH: $LD_LIBRARY_PATH"
+    echo "ldd engine:"
+    ldd "$BIN/engine" | sed 's/^/  /'
+} 2>&1 | tee "$OUT/machine.txt"
+
+step gpu-tests 150 "$BIN/gpu-tests" --ignored --test-threads=1
+step selftest 90 "$BIN/engine" selftest --device cuda
+if "$BIN/engine" --help | grep -q '^  kernels'; then
+    step kernels 90 "$BIN/engine" kernels --json "$OUT/kernels.json"
+fi
+if "$BIN/engine" --help | grep -q '^  bench'; then
+    step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 4 --json "$OUT/bench.json"
+fi
+
+echo
+echo "== device-check summary ($(date -u +%H:%MZ)) =="
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
