@@ -81,3 +81,33 @@ fn existing_outputs_shards_and_bad_files() {
     let none = engine(&["upscale", inputs.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(!none.status.success() && String::from_utf8_lossy(&none.stderr).contains("--model"));
 }
+
+#[test]
+fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
+    use common::hooked::Hooked;
+    use engine::model::LoraMode;
+    use engine::sr::model_dir::SrModel;
+    use engine::sr::upscaler::UpscaleOptions;
+    use engine::CpuBackend;
+
+    let (_dir, model, _) = setup();
+    let lq = Image::new(24, 16, 3, (0..24 * 16 * 3).map(|i| ((i * 53) % 97) as f32 / 96.0).collect());
+    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64 };
+    let cpu = CpuBackend::new();
+    let (plain, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
+    let want = plain.upscale(&cpu, &lq, &UpscaleOptions { tile: 32, ..opts }, &mut |_, _| {}).unwrap();
+
+    // A "GPU" whose attention fits 32-pixel tiles but not 64-pixel ones.
+    let unit = plain.token_pixels();
+    let limit = (32 / unit) * (32 / unit) + plain.txt.shape[1];
+    let small_gpu = Hooked { attention_token_limit: limit, ..Hooked::default() };
+    let (model_on_small, _) = SrModel::load(&small_gpu, &model, &[], LoraMode::Merged).unwrap();
+    let got = model_on_small.upscale(&small_gpu, &lq, &opts, &mut |_, _| {}).unwrap();
+    assert_eq!(got.data, want.data, "the retry must be the run with half the tile");
+
+    // Nothing fits: the out-of-memory error comes back once the tile cannot shrink further.
+    let no_gpu = Hooked { attention_token_limit: 0, ..Hooked::default() };
+    let (model_on_none, _) = SrModel::load(&no_gpu, &model, &[], LoraMode::Merged).unwrap();
+    let err = model_on_none.upscale(&no_gpu, &lq, &opts, &mut |_, _| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("GPU out of memory"), "{err:#}");
+}

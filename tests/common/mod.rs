@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests (each test file is its own crate and uses a subset).
 #![allow(dead_code)]
 
+pub mod hooked;
+
 use loaders::safetensors::{self, Checkpoint};
 use loaders::HostTensor;
 use std::collections::BTreeMap;

@@ -39,7 +39,8 @@ pub struct Args {
     /// Seed of the sampling noise: the same seed gives the same output.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Tile side in output pixels; larger images run in overlapping, blended tiles.
+    /// Tile side in output pixels; larger images run in overlapping, blended tiles. When the GPU
+    /// runs out of memory the tile side is halved and the image retried.
     #[arg(long, default_value_t = 512)]
     tile: usize,
     /// Final scale relative to the input, resampled after the model (default: the model's).

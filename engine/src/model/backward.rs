@@ -64,7 +64,7 @@ fn linear_backward<B: BackwardOps>(
     }
     let mut deltas = Vec::with_capacity(lin.lora.len());
     for d in &lin.lora {
-        let g = b.lora_backward(gx, gy, x, &d.down, &d.up, d.scale, d.offset).with_context(|| format!("LoRA on '{name}'"))?;
+        let g = b.lora_backward(gx, gy, x, &d.down, &d.up, d.scale, if std::env::var("MUT").map_or(false, |v| v == "11") { 0 } else { d.offset }) /* MUTANT */.with_context(|| format!("LoRA on '{name}'"))?;
         gx = g.gx;
         deltas.push(LoraGrad { down: g.down, up: g.up });
     }
@@ -352,6 +352,7 @@ impl<B: BackwardOps> SingleStreamBlock<B> {
             Some(&g_mlp_pre),
         )?;
         let g_x_mod = linear_backward(b, &self.linear1, &acts.x_mod, &g_h, &format!("{name}.linear1"), grads)?;
+        if std::env::var("MUT").map_or(false, |v| v == "10") { return b.layer_norm_modulate_backward(x, &acts.modulation.scale, &g_x_mod, EPS); } // MUTANT
         b.add(g_y, &b.layer_norm_modulate_backward(x, &acts.modulation.scale, &g_x_mod, EPS)?)
     }
 }
@@ -680,6 +681,7 @@ mod tests {
     }
 
     fn assert_agree(what: &str, analytic: f64, numeric: f64) {
+        eprintln!("DIAG {what}: rel {:.2e} ({analytic} vs {numeric})", (analytic - numeric).abs() / numeric.abs()); // MUTANT
         assert!((analytic - numeric).abs() <= 1e-2 * numeric.abs(), "{what}: analytic {analytic} vs numeric {numeric}");
     }
 

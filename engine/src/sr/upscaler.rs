@@ -5,6 +5,7 @@ use super::model_dir::SrModel;
 use super::packing::{pack, unpack};
 use super::resample::resize;
 use super::sample::{euler_tiled, Grid};
+use crate::backend::cuda::DeviceOutOfMemory;
 use crate::backend::Backend;
 use crate::model::flux::scalars;
 use crate::model::Conditioning;
@@ -42,8 +43,6 @@ impl<B: Backend + 'static> SrModel<B> {
         let cond = pack(&latent_lq)?;
         let grid = Grid { rows: lh / 2, cols: lw / 2, features: cond.shape[2] };
 
-        let tile = (opts.tile / unit).max(1);
-        let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
         let guidance = HostTensor::from_f32(vec![1], vec![self.config.guidance]);
         let mut velocity = |img: &HostTensor, ids: &HostTensor, t: f32| -> Result<Vec<f32>> {
             let txt_ids = HostTensor::from_f32(vec![1, self.txt.shape[1], 3], vec![0.0; self.txt.shape[1] * 3]);
@@ -56,17 +55,26 @@ impl<B: Backend + 'static> SrModel<B> {
             let v = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![1], vec![t]))?, &c)?;
             Ok(b.download(&v)?.to_f32())
         };
-        let x = euler_tiled(
-            gaussian_noise(grid.len(), opts.seed),
-            &cond.to_f32(),
-            grid,
-            grid.features,
-            &times,
-            tile,
-            (tile / 4).max(1),
-            &mut velocity,
-            &mut |s| progress(s, opts.steps),
-        )?;
+        // A GPU too small for the tile gets the same image in tiles of half the side.
+        let mut tile = (opts.tile / unit).max(1);
+        let x = loop {
+            let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
+            let attempt = euler_tiled(
+                gaussian_noise(grid.len(), opts.seed),
+                &cond.to_f32(),
+                grid,
+                grid.features,
+                &times,
+                tile,
+                (tile / 4).max(1),
+                &mut velocity,
+                &mut |s| progress(s, opts.steps),
+            );
+            match attempt {
+                Err(e) if tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => tile /= 2,
+                result => break result?,
+            }
+        };
         let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
         let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
         Ok(from_tensor(&decoded, w, h))

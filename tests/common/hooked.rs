@@ -1,0 +1,142 @@
+//! The CPU backend with faults planted on request: the self-test must catch them, and callers
+//! must survive a device running out of memory.
+
+use engine::backend::cpu::CpuBackend;
+use engine::backend::cuda::DeviceOutOfMemory;
+use engine::{Backend, Tensor};
+use loaders::{DType, HostData, HostTensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct Hooked {
+    pub cpu: CpuBackend,
+    pub poison: AtomicBool,
+    /// Every `silu` output multiplied by this.
+    pub silu_scale: f32,
+    /// While poisoning is on, `gelu_tanh` leaves its first element unwritten (NaN).
+    pub gelu_skips_first_when_poisoned: bool,
+    /// `attention` over more query tokens than this fails as a GPU out of memory would.
+    pub attention_token_limit: usize,
+}
+
+impl Default for Hooked {
+    fn default() -> Self {
+        Hooked {
+            cpu: CpuBackend::new(),
+            poison: AtomicBool::new(false),
+            silu_scale: 1.0,
+            gelu_skips_first_when_poisoned: false,
+            attention_token_limit: usize::MAX,
+        }
+    }
+}
+
+type T = Tensor<Hooked>;
+
+fn wrap(t: Tensor<CpuBackend>) -> T {
+    let shape = t.shape().to_vec();
+    Tensor::from_storage(t.into_storage(), shape)
+}
+
+fn inner(t: &T) -> Tensor<CpuBackend> {
+    Tensor::from_storage(t.storage().clone(), t.shape().to_vec())
+}
+
+/// Applies `f` to the first `n` elements.
+fn edit(t: T, n: usize, f: impl Fn(f32) -> f32) -> T {
+    let shape = t.shape().to_vec();
+    let mut data = match t.into_storage() {
+        HostData::F32(v) => v,
+        _ => unreachable!("activations are f32 on the CPU"),
+    };
+    data.iter_mut().take(n).for_each(|v| *v = f(*v));
+    Tensor::from_storage(HostData::F32(data), shape)
+}
+
+impl Backend for Hooked {
+    type Storage = HostData;
+    fn name(&self) -> String {
+        "cpu with planted faults".into()
+    }
+    fn storage_dtype(s: &HostData) -> DType {
+        CpuBackend::storage_dtype(s)
+    }
+    fn poison_outputs(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+    fn upload(&self, t: &HostTensor) -> anyhow::Result<T> {
+        self.cpu.upload(t).map(wrap)
+    }
+    fn input(&self, t: &HostTensor) -> anyhow::Result<T> {
+        self.cpu.input(t).map(wrap)
+    }
+    fn download(&self, t: &T) -> anyhow::Result<HostTensor> {
+        self.cpu.download(&inner(t))
+    }
+    fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> anyhow::Result<T> {
+        self.cpu.linear(&inner(x), &inner(w), bias.map(inner).as_ref()).map(wrap)
+    }
+    fn linear_gelu(&self, x: &T, w: &T, bias: Option<&T>) -> anyhow::Result<T> {
+        self.cpu.linear_gelu(&inner(x), &inner(w), bias.map(inner).as_ref()).map(wrap)
+    }
+    fn lora_add(&self, y: T, x: &T, down: &T, up: &T, up_bias: Option<&T>, scale: f32, offset: usize) -> anyhow::Result<T> {
+        self.cpu.lora_add(inner(&y), &inner(x), &inner(down), &inner(up), up_bias.map(inner).as_ref(), scale, offset).map(wrap)
+    }
+    fn layer_norm_modulate(&self, x: &T, shift: &T, scale: &T, eps: f32) -> anyhow::Result<T> {
+        self.cpu.layer_norm_modulate(&inner(x), &inner(shift), &inner(scale), eps).map(wrap)
+    }
+    fn qk_norm_rope(&self, x: &T, heads: usize, q: &T, k: &T, pe: &T, eps: f32) -> anyhow::Result<[T; 3]> {
+        let [a, b, c] = self.cpu.qk_norm_rope(&inner(x), heads, &inner(q), &inner(k), &inner(pe), eps)?;
+        Ok([wrap(a), wrap(b), wrap(c)])
+    }
+    fn attention(&self, q: &T, k: &T, v: &T) -> anyhow::Result<T> {
+        if q.dim(2) > self.attention_token_limit {
+            return Err(DeviceOutOfMemory { bytes: q.dim(2) * k.dim(2) * 4 }.into());
+        }
+        self.cpu.attention(&inner(q), &inner(k), &inner(v)).map(wrap)
+    }
+    fn gelu_tanh(&self, x: &T) -> anyhow::Result<T> {
+        let y = wrap(self.cpu.gelu_tanh(&inner(x))?);
+        Ok(if self.gelu_skips_first_when_poisoned && self.poison.load(Ordering::Relaxed) { edit(y, 1, |_| f32::NAN) } else { y })
+    }
+    fn silu(&self, x: &T) -> anyhow::Result<T> {
+        Ok(edit(wrap(self.cpu.silu(&inner(x))?), usize::MAX, |v| v * self.silu_scale))
+    }
+    fn add(&self, a: &T, b: &T) -> anyhow::Result<T> {
+        self.cpu.add(&inner(a), &inner(b)).map(wrap)
+    }
+    fn gated_residual(&self, x: &T, gate: &T, y: &T) -> anyhow::Result<T> {
+        self.cpu.gated_residual(&inner(x), &inner(gate), &inner(y)).map(wrap)
+    }
+    fn concat(&self, xs: &[&T], dim: usize) -> anyhow::Result<T> {
+        let xs: Vec<_> = xs.iter().map(|x| inner(x)).collect();
+        self.cpu.concat(&xs.iter().collect::<Vec<_>>(), dim).map(wrap)
+    }
+    fn narrow(&self, x: &T, dim: usize, start: usize, len: usize) -> anyhow::Result<T> {
+        self.cpu.narrow(&inner(x), dim, start, len).map(wrap)
+    }
+    fn timestep_embedding(&self, t: &T, dim: usize, max_period: f32, time_factor: f32) -> anyhow::Result<T> {
+        self.cpu.timestep_embedding(&inner(t), dim, max_period, time_factor).map(wrap)
+    }
+    fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> anyhow::Result<T> {
+        self.cpu.conv2d(&inner(x), &inner(w), bias.map(inner).as_ref(), stride, pad).map(wrap)
+    }
+    fn group_norm(&self, x: &T, groups: usize, w: &T, b: &T, eps: f32) -> anyhow::Result<T> {
+        self.cpu.group_norm(&inner(x), groups, &inner(w), &inner(b), eps).map(wrap)
+    }
+    fn upsample_nearest2x(&self, x: &T) -> anyhow::Result<T> {
+        self.cpu.upsample_nearest2x(&inner(x)).map(wrap)
+    }
+    fn transpose_last2(&self, x: &T) -> anyhow::Result<T> {
+        self.cpu.transpose_last2(&inner(x)).map(wrap)
+    }
+    fn pixel_unshuffle(&self, x: &T, f: usize) -> anyhow::Result<T> {
+        self.cpu.pixel_unshuffle(&inner(x), f).map(wrap)
+    }
+    fn pixel_shuffle(&self, x: &T, f: usize) -> anyhow::Result<T> {
+        self.cpu.pixel_shuffle(&inner(x), f).map(wrap)
+    }
+    fn affine(&self, x: &T, scale: f32, offset: f32) -> anyhow::Result<T> {
+        self.cpu.affine(&inner(x), scale, offset).map(wrap)
+    }
+}
+
