@@ -89,3 +89,24 @@ fn asking_for_cuda_without_a_gpu_is_one_clear_line() {
     let auto = engine(&["forward", "--device", "auto", "--model", s(&model), "--inputs", s(&inputs), "--out", s(&out)]);
     assert!(auto.status.success() && String::from_utf8_lossy(&auto.stdout).contains("device  cpu"));
 }
+
+#[test]
+fn cli_kernels_reports_every_kernel_against_the_ceilings() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("kernels.json");
+    let out = engine(&["kernels", "--device", "cpu", "--size", "small", "--iters", "1", "--json", s(&json)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let kernels = doc["kernels"].as_array().unwrap();
+    let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
+    for k in ["copy (ceiling)", "gemm (ceiling)", "attention fwd", "layer_norm_modulate", "qk_norm_rope", "gated_residual", "lora_add (r16)"] {
+        assert!(names.contains(&k), "{k} missing from {names:?}");
+    }
+    for k in kernels {
+        let (rate, secs, frac) = (k["rate"].as_f64().unwrap(), k["seconds"].as_f64().unwrap(), k["fraction_of_ceiling"].as_f64().unwrap());
+        assert!(rate > 0.0 && secs > 0.0 && frac > 0.0, "{k}");
+    }
+    // Each ceiling is measured against itself.
+    assert_eq!(kernels[0]["fraction_of_ceiling"].as_f64(), Some(1.0));
+    assert_eq!(kernels[1]["fraction_of_ceiling"].as_f64(), Some(1.0));
+}

@@ -78,11 +78,11 @@ pub trait BackwardOps: Backend {
 
     /// Backward of `qk_norm_rope(x, heads, q_scale, k_scale, pe, eps)` wrt x, given the gradients
     /// of its outputs `g_qkv` = (gq, gk, gv), each `[B, heads, L, head_dim]`: inverse rotation,
-    /// then RMSNorm backward for q and k; a plain copy for v. Returns `[B, L, 3 * heads * head_dim
-    /// + tail_width]`: the q, k, v columns, followed by `tail` `[B, L, tail_width]` if given. The
-    /// tail is the gradient of the columns of x the op does not read (a single block's MLP
-    /// pre-activation, which shares linear1's output with q, k, v), written in place so that the
-    /// caller needs no concat. The result's width must therefore equal the forward input's.
+    /// then RMSNorm backward for q and k; a plain copy for v. The result is `[B, L, W]` with
+    /// `W = 3 heads head_dim + tail_width`: the q, k, v columns, then `tail` `[B, L, tail_width]`
+    /// if given. The tail is the gradient of the columns of x the op does not read (a single
+    /// block's MLP pre-activation, which shares linear1's output with q, k, v), written in place
+    /// so that the caller needs no concat; W must equal the forward input's width.
     #[allow(clippy::too_many_arguments)]
     fn qk_norm_rope_backward(
         &self,
@@ -109,7 +109,6 @@ pub trait BackwardOps: Backend {
     /// `gv = P^T g_out`, `gS = P * (g_out v^T - delta)`, `gq = gS k / sqrt(D)`,
     /// `gk = gS^T q / sqrt(D)`. Implementations rebuild P one query block at a time and never hold
     /// an `Lq x Lk` matrix.
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         q: &Tensor<Self>,

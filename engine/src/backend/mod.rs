@@ -37,6 +37,12 @@ pub trait Backend: Sized + Send + Sync {
     /// always fully initialised (the CPU).
     fn poison_outputs(&self, _on: bool) {}
 
+    /// Waits until every op issued so far has finished (a GPU runs them asynchronously); for
+    /// timing. The CPU's ops are done when they return.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Uploads host data keeping its dtype exactly (weights, position tables).
     fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>>;
 

@@ -5,6 +5,7 @@ mod degrade;
 mod eval;
 mod forward;
 mod info;
+mod kernels;
 mod model;
 mod plan;
 mod selftest;
@@ -30,6 +31,7 @@ enum Command {
     Eval(eval::Args),
     Forward(forward::Args),
     Info(info::Args),
+    Kernels(kernels::Args),
     Model(model::Args),
     Plan(plan::Args),
     Selftest(selftest::Args),
@@ -43,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Info(a) => info::run(a),
+        Command::Kernels(a) => kernels::run(a),
         Command::Model(a) => model::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Selftest(a) => selftest::run(a),

@@ -56,13 +56,15 @@ fn human_flops(n: u64) -> String {
         v if v >= 1e12 => format!("{:.2} TFLOP", v / 1e12),
         v if v >= 1e9 => format!("{:.2} GFLOP", v / 1e9),
         v if v >= 1e6 => format!("{:.2} MFLOP", v / 1e6),
+        v if v >= 1e3 => format!("{:.2} kFLOP", v / 1e3),
         _ => format!("{n} FLOP"),
     }
 }
 
 /// One memory line: label, binary and decimal size, a note.
 fn bytes_row(label: &str, n: u64, note: &str) {
-    println!("  {label:<15} {:>12} {:>10.2} GB   {note}", human_bytes(n), n as f64 / 1e9);
+    let row = format!("  {label:<15} {:>12} {:>10.2} GB   {note}", human_bytes(n), n as f64 / 1e9);
+    println!("{}", row.trim_end());
 }
 
 /// FLOPs per counted class with their shares, then the total.
@@ -99,7 +101,13 @@ pub fn run(a: Args) -> Result<()> {
         a.txt_tokens,
         l = 2 * grid
     );
-    println!("parameters    {} ({})", human_count(trace.parameters() as usize), trace.parameters());
+    let parameters = trace.parameters();
+    let lora_parameters = match a.lora_rank {
+        // The adapter's share: the same model traced without it.
+        Some(_) => format!(", LoRA {}", human_count((parameters - trace_flux_step(&params, shape, dtype, None)?.parameters()) as usize)),
+        None => String::new(),
+    };
+    println!("parameters    {} ({parameters}{lora_parameters})", human_count(parameters as usize));
     println!();
     println!("memory, one transformer step (inference)");
     bytes_row("weights", plan.weights, "");

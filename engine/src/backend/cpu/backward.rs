@@ -16,7 +16,6 @@ use std::borrow::Cow;
 
 /// Query rows per attention step, as in the forward (`attention.rs`).
 const QUERY_BLOCK: usize = 64;
-pub(crate) fn mutant(k: u32) -> bool { std::env::var("MUT").map_or(false, |v| v == k.to_string()) } // MUTANT
 
 impl BackwardOps for CpuBackend {
     fn linear_backward_input(&self, gy: &T, w: &T) -> Result<T> {
@@ -32,7 +31,6 @@ impl BackwardOps for CpuBackend {
         let rows = gy.elem_count() / out_f;
         let mut gx = vec![0f32; rows * in_f];
         matmul(&mut gx, act(OP, gy)?, &widen(w), rows, in_f, out_f, Rhs::Normal, false, true);
-        if mutant(8) { gx.iter_mut().for_each(|v| *v *= 1.001); }
         let mut shape = gy.shape().to_vec();
         *shape.last_mut().unwrap() = in_f;
         Ok(f32_tensor(gx, shape))
@@ -76,7 +74,7 @@ impl BackwardOps for CpuBackend {
         let mut g_up_t = vec![0f32; rank * out_len];
         matmul(&mut g_up_t, &spatial::transpose_last2(&h, 1, rows, rank), &gy_part, rank, out_len, rows, Rhs::Normal, false, true);
         let mut g_up = spatial::transpose_last2(&g_up_t, 1, rank, out_len);
-        g_up.iter_mut().for_each(|v| *v *= if mutant(5) { 1.0 } else { scale });
+        g_up.iter_mut().for_each(|v| *v *= scale);
 
         Ok(LoraAddGrads {
             gx: f32_tensor(gx_v, gx_shape),
@@ -111,7 +109,7 @@ impl BackwardOps for CpuBackend {
             let mean_g = (0..dim).map(g_hat).sum::<f64>() / n;
             let mean_g_x = (0..dim).map(|i| g_hat(i) * x_hat(i)).sum::<f64>() / n;
             for (i, v) in gx.iter_mut().enumerate() {
-                *v = (rstd * (g_hat(i) - if mutant(2) { 0.0 } else { mean_g } - x_hat(i) * mean_g_x)) as f32;
+                *v = (rstd * (g_hat(i) - mean_g - x_hat(i) * mean_g_x)) as f32;
             }
         });
         Ok(f32_tensor(gx, x.shape().to_vec()))
@@ -211,7 +209,7 @@ impl BackwardOps for CpuBackend {
         g_branch.par_chunks_mut(dim).zip(gy_v.par_chunks(dim)).enumerate().for_each(|(row, (o, gr))| {
             let gate_row = &gate_v[(row / tokens) * dim..(row / tokens + 1) * dim];
             for ((o, &g), &t) in o.iter_mut().zip(gr).zip(gate_row) {
-                *o = if mutant(7) { g } else { t * g };
+                *o = t * g;
             }
         });
         Ok(f32_tensor(g_branch, gy.shape().to_vec()))
@@ -230,14 +228,13 @@ fn into_activation(op: &str, t: T) -> Result<Vec<f32>> {
 fn gelu_tanh_derivative(x: f32) -> f32 {
     const K: f32 = 0.797_884_6;
     let t = (K * (x + 0.044715 * x * x * x)).tanh();
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K * (1.0 + if mutant(6) { 1.0 } else { 3.0 } * 0.044715 * x * x)
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * K * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
 /// The transpose of `rope::rotate_pairs`: writes each pair of `g` rotated by minus its angle.
 fn unrotate_pairs(dst: &mut [f32], g: &[f32], pe: &[f32]) {
     for ((d, g), cs) in dst.chunks_exact_mut(2).zip(g.chunks_exact(2)).zip(pe.chunks_exact(2)) {
         let (c, s) = (cs[0], cs[1]);
-        let s = if mutant(3) { -s } else { s };
         d[0] = c * g[0] + s * g[1];
         d[1] = c * g[1] - s * g[0];
     }
@@ -250,7 +247,7 @@ fn rms_norm_backward_in_place(g: &mut [f32], x: &[f32], scale: &[f32], eps: f32)
     let r = 1.0 / (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n + eps as f64).sqrt();
     let mean_xsg = g.iter().zip(x).zip(scale).map(|((&g, &x), &s)| g as f64 * s as f64 * x as f64).sum::<f64>() / n;
     for ((g, &x), &s) in g.iter_mut().zip(x).zip(scale) {
-        *g = (r * s as f64 * *g as f64 - x as f64 * r.powi(3) * mean_xsg * if mutant(4) { 0.0 } else { 1.0 }) as f32;
+        *g = (r * s as f64 * *g as f64 - x as f64 * r.powi(3) * mean_xsg) as f32;
     }
 }
 
@@ -297,7 +294,7 @@ fn attention_backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32],
         let (b, h) = (bh / heads, bh % heads);
         let kh = &k[bh * lk * d..(bh + 1) * lk * d];
         let vh = &v[bh * lk * d..(bh + 1) * lk * d];
-        for r0 in (0..if mutant(9) { lq / QUERY_BLOCK * QUERY_BLOCK } else { lq }).step_by(QUERY_BLOCK) {
+        for r0 in (0..lq).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(lq - r0);
             let qb = &q[(bh * lq + r0) * d..(bh * lq + r0 + rows) * d];
             // This head's rows of the merged output gradient, and delta_i = g_out_i . out_i
@@ -320,7 +317,7 @@ fn attention_backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32],
             matmul(&mut g_s, &g_ob, vh, rows, lk, d, Rhs::Transposed, false, false);
             for ((gs_row, p_row), &dl) in g_s.chunks_mut(lk).zip(p.chunks(lk)).zip(&delta) {
                 for (gs, &pv) in gs_row.iter_mut().zip(p_row) {
-                    *gs = pv * (*gs - if mutant(1) { 0.0 } else { dl }) * scale;
+                    *gs = pv * (*gs - dl) * scale;
                 }
             }
             matmul(&mut gq_h[r0 * d..(r0 + rows) * d], &g_s, kh, rows, d, lk, Rhs::Normal, false, false);
@@ -404,19 +401,16 @@ mod tests {
             Probe::EveryElement => Box::new((0..n).map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect())),
             Probe::Random(count) => Box::new((0..count).map(move |_| f64s(&randn(n, &mut r)))),
         };
-        let mut worst = 0f64; // MUTANT
         for (di, dir) in directions.enumerate() {
             let at = |t: f64| loss(&x0.iter().zip(&dir).map(|(x, d)| x + t * d).collect::<Vec<_>>());
             let numeric = (at(STEP) - at(-STEP)) / (2.0 * STEP);
             let analytic = dot(&g, &dir);
             let typical = g_norm * (dot(&dir, &dir) / n as f64).sqrt();
-            worst = worst.max((analytic - numeric).abs() / (numeric.abs() + typical)); // MUTANT
             assert!(
                 (analytic - numeric).abs() <= TOL * (numeric.abs() + typical),
                 "{what}, direction {di}: analytic {analytic} vs numeric {numeric} (typical size {typical})"
             );
         }
-        eprintln!("DIAG {what}: worst {worst:.2e}"); // MUTANT
     }
 
     #[test]
@@ -589,8 +583,12 @@ mod tests {
                 }
                 out
             };
-            let (xt, qs, ks, pet) =
-                (tensor(x.clone(), &[b, l, w]), tensor(q_scale.clone(), &[hd]), tensor(k_scale.clone(), &[hd]), tensor(pe.clone(), &[b, l, hd / 2, 2]));
+            let (xt, qs, ks, pet) = (
+                tensor(x.clone(), &[b, l, w]),
+                tensor(q_scale.clone(), &[hd]),
+                tensor(k_scale.clone(), &[hd]),
+                tensor(pe.clone(), &[b, l, hd / 2, 2]),
+            );
             let got: Vec<f32> = CpuBackend.qk_norm_rope(&xt, heads, &qs, &ks, &pet, eps as f32).unwrap().iter().flat_map(values).collect();
             assert_close("qk_norm_rope forward", &got, &forward(&f64s(&x)), 1e-5);
 

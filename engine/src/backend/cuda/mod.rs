@@ -170,11 +170,6 @@ impl CudaBackend {
         Ok((high, (total - free) as u64))
     }
 
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize()?;
-        Ok(())
-    }
-
     fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -315,6 +310,11 @@ impl Backend for CudaBackend {
 
     fn poison_outputs(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {

@@ -43,17 +43,8 @@ pub(super) fn conv2d(b: &CudaBackend, x: &T, w: &T, bias: Option<&T>, stride: us
     ensure!(x.rank() == 4, "conv2d: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
     ensure!(w.rank() == 4, "conv2d: weight has shape {:?}, expected [out, in, kh, kw]", w.shape());
     ensure!(w.dim(1) == x.dim(1), "conv2d: input has shape {:?}, weight {:?} expects {} channels", x.shape(), w.shape(), w.dim(1));
-    let g = ConvGeometry {
-        batch: x.dim(0),
-        cin: x.dim(1),
-        h: x.dim(2),
-        w: x.dim(3),
-        cout: w.dim(0),
-        kh: w.dim(2),
-        kw: w.dim(3),
-        stride,
-        pad,
-    };
+    let g =
+        ConvGeometry { batch: x.dim(0), cin: x.dim(1), h: x.dim(2), w: x.dim(3), cout: w.dim(0), kh: w.dim(2), kw: w.dim(3), stride, pad };
     let Some((oh, ow)) = g.out_size() else {
         bail!("conv2d: kernel {:?} with stride {stride} and padding {pad:?} does not fit input {:?}", w.shape(), x.shape())
     };
@@ -142,7 +133,14 @@ pub(super) fn conv2d(b: &CudaBackend, x: &T, w: &T, bias: Option<&T>, stride: us
 }
 
 /// out[q, :] = bias[q % channels] for the `planes` planes of `plane_len` elements.
-fn fill_planes(b: &CudaBackend, bias: &CudaSlice<bf16>, out: &mut CudaSlice<bf16>, planes: usize, channels: usize, plane_len: usize) -> Result<()> {
+fn fill_planes(
+    b: &CudaBackend,
+    bias: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    planes: usize,
+    channels: usize,
+    plane_len: usize,
+) -> Result<()> {
     let op = "conv2d";
     let f = b.function("spatial", "fill_planes_b16")?;
     let (q32, c32, n32) = (i32_arg(op, planes)?, i32_arg(op, channels)?, i32_arg(op, plane_len)?);
@@ -202,13 +200,13 @@ pub(super) fn pixel_shuffle(b: &CudaBackend, x: &T, f: usize, d: Direction) -> R
         return Ok(bf16_tensor(out, shape));
     }
     // The kernels compute C f f, H f and W f in int, besides the element index.
-    let (c32, h32, w32, f32_, n32) = (i32_arg(op, c)?, i32_arg(op, h)?, i32_arg(op, w)?, i32_arg(op, f)?, i32_arg(op, n)?);
+    let (c32, h32, w32, fac32, n32) = (i32_arg(op, c)?, i32_arg(op, h)?, i32_arg(op, w)?, i32_arg(op, f)?, i32_arg(op, n)?);
     i32_arg(op, c * f * f)?;
     i32_arg(op, h * f)?;
     i32_arg(op, w * f)?;
     let func = b.function("spatial", kernel)?;
     let mut l = b.stream().launch_builder(&func);
-    l.arg(xs).arg(&mut out).arg(&c32).arg(&h32).arg(&w32).arg(&f32_).arg(&n32);
+    l.arg(xs).arg(&mut out).arg(&c32).arg(&h32).arg(&w32).arg(&fac32).arg(&n32);
     // SAFETY: x and out hold n elements; the kernel writes each output once and gathers inside x.
     unsafe { l.launch(elementwise_config(n)) }?;
     Ok(bf16_tensor(out, shape))
