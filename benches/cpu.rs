@@ -7,14 +7,12 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use engine::ae::PixelShuffle;
 use engine::backend::cpu::matmul::{matmul, Rhs};
-use engine::model::positions::image_ids;
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
 use engine::sr::model_dir::{zero_text, AeConfig, ConditioningMode, SrConfig, SrModel};
 use engine::sr::upscaler::UpscaleOptions;
 use engine::CpuBackend;
 use loaders::image::Image;
-use loaders::HostTensor;
 use std::hint::black_box;
 
 fn gemm(c: &mut Criterion) {

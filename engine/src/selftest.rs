@@ -176,8 +176,15 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
-    for &(batch, heads, lq, lk, d) in &[(2usize, 3usize, 77usize, 77usize, 64usize), (1, 2, 300, 300, 128), (1, 2, 50, 130, 64), (1, 1, 200, 200, 32), (1, 1, 64, 64, 512)] {
-        let (q, k, v) = (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
+    for &(batch, heads, lq, lk, d) in &[
+        (2usize, 3usize, 77usize, 77usize, 64usize),
+        (1, 2, 300, 300, 128),
+        (1, 2, 50, 130, 64),
+        (1, 1, 200, 200, 32),
+        (1, 1, 64, 64, 512),
+    ] {
+        let (q, k, v) =
+            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
         compare!(checks, dut, cpu, "attention", format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens"), tol, |b| {
             b.attention(&b.input(&q)?, &b.input(&k)?, &b.input(&v)?).map(|y| vec![y])
         });
@@ -223,7 +230,9 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
-    for &(cin, cout, k, stride, pad) in &[(8usize, 16usize, 3usize, 1usize, [1usize, 1, 1, 1]), (8, 12, 3, 2, [0, 1, 0, 1]), (16, 8, 1, 1, [0, 0, 0, 0])] {
+    for &(cin, cout, k, stride, pad) in
+        &[(8usize, 16usize, 3usize, 1usize, [1usize, 1, 1, 1]), (8, 12, 3, 2, [0, 1, 0, 1]), (16, 8, 1, 1, [0, 0, 0, 0])]
+    {
         let (x, w, bi) = (gaussian(&[2, cin, 17, 19], next()), weight(&[cout, cin, k, k], next(), 0.2), weight(&[cout], next(), 1.0));
         compare!(checks, dut, cpu, "conv2d", format!("[2,{cin},17,19] * [{cout},{cin},{k},{k}], stride {stride}, pad {pad:?}"), tol, |b| {
             b.conv2d(&b.input(&x)?, &b.upload(&w)?, Some(&b.upload(&bi)?), stride, pad).map(|y| vec![y])
@@ -236,9 +245,13 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         compare!(checks, dut, cpu, "group_norm", "[2,32,9,11], 8 groups".into(), tol, |b| {
             b.group_norm(&b.input(&x)?, 8, &b.upload(&w)?, &b.upload(&bi)?, 1e-6).map(|y| vec![y])
         });
-        compare!(checks, dut, cpu, "upsample_nearest2x", "[2,32,9,11]".into(), tol, |b| b.upsample_nearest2x(&b.input(&x)?).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "upsample_nearest2x", "[2,32,9,11]".into(), tol, |b| b
+            .upsample_nearest2x(&b.input(&x)?)
+            .map(|y| vec![y]));
         let y = gaussian(&[2, 3, 12, 16], next());
-        compare!(checks, dut, cpu, "pixel_unshuffle", "[2,3,12,16], f 4".into(), tol, |b| b.pixel_unshuffle(&b.input(&y)?, 4).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "pixel_unshuffle", "[2,3,12,16], f 4".into(), tol, |b| b
+            .pixel_unshuffle(&b.input(&y)?, 4)
+            .map(|y| vec![y]));
         compare!(checks, dut, cpu, "pixel_shuffle", "[2,32,9,11], f 2".into(), tol, |b| b.pixel_shuffle(&b.input(&x)?, 2).map(|y| vec![y]));
     }
     Ok(checks)

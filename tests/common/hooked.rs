@@ -139,4 +139,3 @@ impl Backend for Hooked {
         self.cpu.affine(&inner(x), scale, offset).map(wrap)
     }
 }
-

@@ -102,7 +102,13 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
     // square GEMM.
     let big = activation(b, &[l * 4, d * 8], 1)?;
     let s = time(b, n, || b.narrow(&big, 0, 0, l * 4))?;
-    rows.push(Row { kernel: "copy (ceiling)", shape: format!("{:?}", big.shape()), seconds: s, work: 2.0 * big.elem_count() as f64 * elem, bound: Bound::Memory });
+    rows.push(Row {
+        kernel: "copy (ceiling)",
+        shape: format!("{:?}", big.shape()),
+        seconds: s,
+        work: 2.0 * big.elem_count() as f64 * elem,
+        bound: Bound::Memory,
+    });
     drop(big);
     let (x, w) = (activation(b, &[gemm_side, gemm_side], 2)?, random(b, &[gemm_side, gemm_side], 3, 0.01)?);
     let s = time(b, n, || b.linear(&x, &w, None))?;
@@ -120,7 +126,13 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
     let (shift, scale) = (activation(b, &[1, d], 8)?, activation(b, &[1, d], 9)?);
     let s = time(b, n, || b.layer_norm_modulate(&x, &shift, &scale, 1e-6))?;
     let act_bytes = (l * d) as f64 * elem;
-    rows.push(Row { kernel: "layer_norm_modulate", shape: format!("[1,{l},{d}]"), seconds: s, work: 2.0 * act_bytes, bound: Bound::Memory });
+    rows.push(Row {
+        kernel: "layer_norm_modulate",
+        shape: format!("[1,{l},{d}]"),
+        seconds: s,
+        work: 2.0 * act_bytes,
+        bound: Bound::Memory,
+    });
     let gate = activation(b, &[1, d], 10)?;
     let s = time(b, n, || b.gated_residual(&x, &gate, &x))?;
     rows.push(Row { kernel: "gated_residual", shape: format!("[1,{l},{d}]"), seconds: s, work: 3.0 * act_bytes, bound: Bound::Memory });
@@ -132,7 +144,13 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
     let pe = b.upload(&HostTensor::from_f32(vec![1, l, hd / 2, 2], (0..l * hd).map(|i| if i % 2 == 0 { 1.0 } else { 0.0 }).collect()))?;
     let s = time(b, n, || b.qk_norm_rope(&qkv, heads, &qs, &ks, &pe, 1e-6))?;
     let pe_bytes = (l * hd) as f64 * 4.0;
-    rows.push(Row { kernel: "qk_norm_rope", shape: format!("[1,{l},{}]", 3 * d), seconds: s, work: 2.0 * 3.0 * act_bytes + pe_bytes, bound: Bound::Memory });
+    rows.push(Row {
+        kernel: "qk_norm_rope",
+        shape: format!("[1,{l},{}]", 3 * d),
+        seconds: s,
+        work: 2.0 * 3.0 * act_bytes + pe_bytes,
+        bound: Bound::Memory,
+    });
     drop((qkv, pe));
 
     // LoRA at rank 16 on a d -> d projection: two skinny GEMMs accumulating into y.
@@ -150,7 +168,15 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
             Bound::Compute => (r.rate() / 1e12, "TFLOP/s", gemm_rate),
             Bound::Memory => (r.rate() / 1e9, "GB/s", copy_rate),
         };
-        println!("{:<22} {:<20} {:>7.3} ms {:>6.1} {:<7} {:>9.0}%", r.kernel, r.shape, r.seconds * 1e3, rate, unit, 100.0 * r.rate() / ceiling);
+        println!(
+            "{:<22} {:<20} {:>7.3} ms {:>6.1} {:<7} {:>9.0}%",
+            r.kernel,
+            r.shape,
+            r.seconds * 1e3,
+            rate,
+            unit,
+            100.0 * r.rate() / ceiling
+        );
     }
     println!("(median of {n} runs each; memory-bound kernels against the copy, compute-bound ones against the GEMM)");
     if let Some(path) = &a.json {

@@ -52,21 +52,18 @@ pub(crate) mod closed_form {
         4 * (batch * heads * lq * lk * head_dim) as u64
     }
 
-    /// The (input, output) features of every LoRA target (design section 7) of one double-block
-    /// stream (qkv, proj, MLP in, MLP out) and of one single block (linear1, linear2).
-    fn lora_targets(p: &FluxParams) -> ([(usize, usize); 4], [(usize, usize); 2]) {
-        let (h, m) = (p.hidden_size, p.mlp_hidden());
-        ([(h, 3 * h), (h, h), (h, m), (m, h)], [(h, 3 * h + m), (h + m, h)])
-    }
-
     /// LoRA's extra FLOPs for one transformer evaluation with a rank-`rank` update on every
-    /// target: `2 rows rank (in + out)` each (down then up).
+    /// target of design section 7: `2 rows rank (in + out)` each (down then up).
     pub fn flux_lora(p: &FluxParams, batch: usize, img_tokens: usize, txt_tokens: usize, rank: usize) -> u64 {
-        let (stream, single) = lora_targets(p);
-        let per_row = |targets: &[(usize, usize)]| targets.iter().map(|&(i, o)| 2 * (rank * (i + o)) as u64).sum::<u64>();
-        let joint = batch * (img_tokens + txt_tokens);
-        // Each double block runs the stream targets once over image rows and once over text rows.
-        p.depth as u64 * per_row(&stream) * joint as u64 + p.depth_single_blocks as u64 * per_row(&single) * joint as u64
+        let (h, m) = (p.hidden_size, p.mlp_hidden());
+        let in_plus_out = |targets: &[(usize, usize)]| targets.iter().map(|&(i, o)| i + o).sum::<usize>();
+        // A double-block stream: qkv, proj, MLP in, MLP out; it runs over the image rows, its twin
+        // over the text rows, so a double block covers every joint row once.
+        let double = in_plus_out(&[(h, 3 * h), (h, h), (h, m), (m, h)]);
+        // A single block: linear1, linear2, over the joint rows.
+        let single = in_plus_out(&[(h, 3 * h + m), (h + m, h)]);
+        let rows = batch * (img_tokens + txt_tokens);
+        2 * (rows * rank * (p.depth * double + p.depth_single_blocks * single)) as u64
     }
 
     /// One transformer evaluation: every token linear and every joint attention. Per block over

@@ -163,8 +163,12 @@ impl CudaBackend {
         let mut high = 0u64;
         // SAFETY: `high` is a u64 as the attribute requires.
         unsafe {
-            cudarc::driver::sys::cuMemPoolGetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut high) as *mut u64 as *mut _)
-                .result()?;
+            cudarc::driver::sys::cuMemPoolGetAttribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high) as *mut u64 as *mut _,
+            )
+            .result()?;
         }
         let (free, total) = ctx.mem_get_info()?;
         Ok((high, (total - free) as u64))
@@ -238,8 +242,12 @@ fn keep_freed_memory_cached(ctx: &Arc<CudaContext>) -> Result<()> {
     let mut threshold = u64::MAX;
     // SAFETY: the release threshold attribute takes a u64.
     unsafe {
-        cudarc::driver::sys::cuMemPoolSetAttribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold) as *mut u64 as *mut _)
-            .result()?
+        cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut _,
+        )
+        .result()?
     };
     Ok(())
 }

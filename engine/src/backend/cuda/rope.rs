@@ -70,11 +70,8 @@ pub(super) fn qk_norm_rope(b: &CudaBackend, x: &T, heads: usize, q_scale: &T, k_
                 i32_arg(op, head_vectors + warps)?;
                 let (d32, i32_items) = (i32_arg(op, hd)?, i32_arg(op, head_vectors)?);
                 let f = b.function("rope", "qk_norm_rope_bf16")?;
-                let cfg = LaunchConfig {
-                    grid_dim: (head_vectors.div_ceil(warps) as u32, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg =
+                    LaunchConfig { grid_dim: (head_vectors.div_ceil(warps) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
                 let mut l = b.stream().launch_builder(&f);
                 l.arg(xs).arg(qs).arg(ks).arg(pes).arg(&mut q).arg(&mut k).arg(&mut v);
                 l.arg(&t32).arg(&w32).arg(&h32).arg(&d32).arg(&i32_items).arg(&eps);
