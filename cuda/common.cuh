@@ -7,27 +7,6 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-// Eight bf16 in one 16-byte access: elementwise kernels move memory in these.
-struct __align__(16) bf16x8 {
-    __nv_bfloat162 h[4];
-};
-
-__device__ __forceinline__ void unpack8(const bf16x8 &v, float out[8]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(v.h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-    }
-}
-
-__device__ __forceinline__ bf16x8 pack8(const float in[8]) {
-    bf16x8 v;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
-    return v;
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -41,8 +20,9 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Eight bf16 as the raw bits of one uint4, for 16-byte loads and stores that compile to a single
-// ld/st.global.v4 (copying a bf16x8 goes through __nv_bfloat162's user-defined copy constructor
-// and comes out as 4-byte accesses). bf16 -> f32 is exact: the bits shifted into the high half.
+// ld/st.global.v4 (a struct of __nv_bfloat162 would be copied field by field, through its
+// user-defined copy constructor, as 4-byte accesses). bf16 -> f32 is exact: the bits shifted into
+// the high half.
 __device__ __forceinline__ uint4 load16(const void *p) { return *reinterpret_cast<const uint4 *>(p); }
 
 __device__ __forceinline__ void store16(void *p, uint4 v) { *reinterpret_cast<uint4 *>(p) = v; }

@@ -20,9 +20,9 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
         if (vec8) {                                                                              \
             if (i >= n / 8) return;                                                              \
             float v[8];                                                                          \
-            unpack8(reinterpret_cast<const bf16x8 *>(x)[i], v);                                  \
+            unpack8_bits(load16(x + 8 * (size_t)i), v);                                  \
             _Pragma("unroll") for (int j = 0; j < 8; ++j) v[j] = f(v[j]);                        \
-            reinterpret_cast<bf16x8 *>(y)[i] = pack8(v);                                         \
+            store16(y + 8 * (size_t)i, pack8_bits(v));                                         \
         } else if (i < n) {                                                                      \
             y[i] = __float2bfloat16(f(__bfloat162float(x[i])));                                  \
         }                                                                                        \
@@ -38,11 +38,11 @@ extern "C" __global__ void add_bf16(const __nv_bfloat16 *__restrict__ a, const _
     if (vec8) {
         if (i >= n / 8) return;
         float va[8], vb[8];
-        unpack8(reinterpret_cast<const bf16x8 *>(a)[i], va);
-        unpack8(reinterpret_cast<const bf16x8 *>(b)[i], vb);
+        unpack8_bits(load16(a + 8 * (size_t)i), va);
+        unpack8_bits(load16(b + 8 * (size_t)i), vb);
 #pragma unroll
         for (int j = 0; j < 8; ++j) va[j] += vb[j];
-        reinterpret_cast<bf16x8 *>(out)[i] = pack8(va);
+        store16(out + 8 * (size_t)i, pack8_bits(va));
     } else if (i < n) {
         out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
     }
@@ -55,10 +55,10 @@ extern "C" __global__ void affine_bf16(const __nv_bfloat16 *__restrict__ x, __nv
     if (vec8) {
         if (i >= n / 8) return;
         float v[8];
-        unpack8(reinterpret_cast<const bf16x8 *>(x)[i], v);
+        unpack8_bits(load16(x + 8 * (size_t)i), v);
 #pragma unroll
         for (int j = 0; j < 8; ++j) v[j] = v[j] * scale + offset;
-        reinterpret_cast<bf16x8 *>(out)[i] = pack8(v);
+        store16(out + 8 * (size_t)i, pack8_bits(v));
     } else if (i < n) {
         out[i] = __float2bfloat16(__bfloat162float(x[i]) * scale + offset);
     }
@@ -75,12 +75,12 @@ extern "C" __global__ void gated_residual_bf16(const __nv_bfloat16 *__restrict__
         int e = i * 8;
         int sample = e / (tokens * dim), col = e % dim;
         float vx[8], vy[8], vg[8];
-        unpack8(reinterpret_cast<const bf16x8 *>(x)[i], vx);
-        unpack8(reinterpret_cast<const bf16x8 *>(y)[i], vy);
-        unpack8(reinterpret_cast<const bf16x8 *>(gate + (size_t)sample * dim + col)[0], vg);
+        unpack8_bits(load16(x + 8 * (size_t)i), vx);
+        unpack8_bits(load16(y + 8 * (size_t)i), vy);
+        unpack8_bits(load16(gate + (size_t)sample * dim + col), vg);
 #pragma unroll
         for (int j = 0; j < 8; ++j) vx[j] += vg[j] * vy[j];
-        reinterpret_cast<bf16x8 *>(out)[i] = pack8(vx);
+        store16(out + 8 * (size_t)i, pack8_bits(vx));
     } else if (i < n) {
         int sample = i / (tokens * dim), col = i % dim;
         float g = __bfloat162float(gate[(size_t)sample * dim + col]);

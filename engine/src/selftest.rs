@@ -157,14 +157,14 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
-    for &(l, d) in &[(77usize, 256usize), (50, 3072)] {
+    for &(l, d) in &[(77usize, 256usize), (50, 3072), (33, 100)] {
         let (x, shift, scale) = (gaussian(&[2, l, d], next()), gaussian(&[2, d], next()), gaussian(&[2, d], next()));
         compare!(checks, dut, cpu, "layer_norm_modulate", format!("[2,{l},{d}]"), tol, |b| {
             b.layer_norm_modulate(&b.input(&x)?, &b.input(&shift)?, &b.input(&scale)?, 1e-6).map(|y| vec![y])
         });
     }
 
-    for &(heads, d, l, extra) in &[(4usize, 64usize, 77usize, 100usize), (2, 128, 45, 0)] {
+    for &(heads, d, l, extra) in &[(4usize, 64usize, 77usize, 100usize), (2, 128, 45, 0), (3, 96, 20, 2)] {
         let width = 3 * heads * d + extra;
         let x = gaussian(&[2, l, width], next());
         let (qs, ks) = (weight(&[d], next(), 1.0), weight(&[d], next(), 1.0));
@@ -239,12 +239,16 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
+    for &(c, h, w, groups) in &[(32usize, 9usize, 11usize, 8usize), (12, 8, 16, 3), (6, 5, 7, 6)] {
+        let x = gaussian(&[2, c, h, w], next());
+        let (wt, bi) = (weight(&[c], next(), 1.0), weight(&[c], next(), 1.0));
+        compare!(checks, dut, cpu, "group_norm", format!("[2,{c},{h},{w}], {groups} groups"), tol, |b| {
+            b.group_norm(&b.input(&x)?, groups, &b.upload(&wt)?, &b.upload(&bi)?, 1e-6).map(|y| vec![y])
+        });
+    }
+
     {
         let x = gaussian(&[2, 32, 9, 11], next());
-        let (w, bi) = (weight(&[32], next(), 1.0), weight(&[32], next(), 1.0));
-        compare!(checks, dut, cpu, "group_norm", "[2,32,9,11], 8 groups".into(), tol, |b| {
-            b.group_norm(&b.input(&x)?, 8, &b.upload(&w)?, &b.upload(&bi)?, 1e-6).map(|y| vec![y])
-        });
         compare!(checks, dut, cpu, "upsample_nearest2x", "[2,32,9,11]".into(), tol, |b| b
             .upsample_nearest2x(&b.input(&x)?)
             .map(|y| vec![y]));

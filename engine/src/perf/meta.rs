@@ -198,10 +198,6 @@ impl MetaBackend {
         MetaBackend { activation_dtype, log: Arc::default() }
     }
 
-    pub fn activation_dtype(&self) -> DType {
-        self.activation_dtype
-    }
-
     /// The events recorded since the last call. Storages still alive record their frees later.
     pub fn take_trace(&self) -> Trace {
         Trace { events: std::mem::take(&mut lock(&self.log).events) }

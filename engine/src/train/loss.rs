@@ -147,7 +147,9 @@ pub struct SdpoStep {
 /// [`sdpo_objective`], and the chain rule through `dE/dr = (2/N) L r`.
 pub fn sdpo_step(op: &Sobolev, residuals: &PairResiduals, beta: f64) -> Result<SdpoStep> {
     let r = residuals;
-    for (name, field) in [("reference_winner", r.reference_winner), ("policy_loser", r.policy_loser), ("reference_loser", r.reference_loser)] {
+    for (name, field) in
+        [("reference_winner", r.reference_winner), ("policy_loser", r.policy_loser), ("reference_loser", r.reference_loser)]
+    {
         same_len("sdpo", ("policy_winner", r.policy_winner), (name, field))?;
     }
     let [policy_winner, reference_winner, policy_loser, reference_loser] =
@@ -165,7 +167,9 @@ pub fn sdpo_step(op: &Sobolev, residuals: &PairResiduals, beta: f64) -> Result<S
     let mut policy_winner_grad = op.energy_grad(r.policy_winner)?;
     let mut policy_loser_grad = op.energy_grad(r.policy_loser)?;
     let per_pair = op.field_grid().elements();
-    for ((winner, loser), &a) in policy_winner_grad.chunks_mut(per_pair).zip(policy_loser_grad.chunks_mut(per_pair)).zip(&objective.winner_energy_grad) {
+    for ((winner, loser), &a) in
+        policy_winner_grad.chunks_mut(per_pair).zip(policy_loser_grad.chunks_mut(per_pair)).zip(&objective.winner_energy_grad)
+    {
         scale(winner, a as f32);
         scale(loser, -a as f32);
     }

@@ -251,8 +251,22 @@ impl Sobolev {
         data.par_chunks_mut(h * w).for_each_init(
             || vec![0f64; h * w],
             |along_width, plane| {
-                matmul(along_width, Operand { data: plane, transposed: false }, Operand { data: &self.dct_width, transposed: !inverse }, h, w, w);
-                matmul(plane, Operand { data: &self.dct_height, transposed: inverse }, Operand { data: along_width, transposed: false }, h, w, h);
+                matmul(
+                    along_width,
+                    Operand { data: plane, transposed: false },
+                    Operand { data: &self.dct_width, transposed: !inverse },
+                    h,
+                    w,
+                    w,
+                );
+                matmul(
+                    plane,
+                    Operand { data: &self.dct_height, transposed: inverse },
+                    Operand { data: along_width, transposed: false },
+                    h,
+                    w,
+                    h,
+                );
             },
         );
     }
