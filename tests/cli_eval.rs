@@ -70,7 +70,8 @@ fn eval_matches_the_reference_in_table_csv_and_plot() {
     // The plot: an 800x500 RGB PNG, not blank.
     let img = loaders::image::read(&plot).unwrap();
     assert_eq!((img.width, img.height, img.channels), (800, 500, 3));
-    assert!(img.data.chunks(3).any(|p| p[0] > 0.5 && p[1] < 0.3), "no red SR line");
+    assert!(img.data.chunks(3).any(|p| p[0] > 0.5 && p[1] < 0.3 && p[2] < 0.3), "no red SR line");
+    assert!(img.data.chunks(3).any(|p| p[2] > 0.5 && p[0] < 0.3 && p[1] < 0.3), "no blue bicubic line");
 
     // Outputs are not replaced unless asked.
     assert_fails_with(&engine(&args), &["scores.csv", "--overwrite"]);

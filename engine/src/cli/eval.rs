@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use engine::metrics::{self, Scores};
+use engine::sr::resample::resize;
 use loaders::image::Image;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,7 +22,9 @@ pub struct Args {
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Draw the radially averaged Y power spectra (log10 power against radius) of the first pair
-    /// as a PNG line chart: HQ in black, SR in red, a grid line every decade and every 10 radii.
+    /// as a PNG line chart: HQ in black, SR in red, and in blue the bicubic baseline (the HQ
+    /// reduced 4x by area averaging and enlarged back by bicubic interpolation); a grid line every
+    /// decade and every 10 radii.
     /// No text (plotters draws text through system font libraries).
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -136,7 +139,10 @@ fn plot_spectra(path: &Path, sr: &Image, hq: &Image, overwrite: bool) -> Result<
     let log = |p: &Vec<f64>| -> Vec<(f64, f64)> { p.iter().enumerate().map(|(r, v)| (r as f64, (v + metrics::LSD_EPS).log10())).collect() };
     let sr_line = log(&metrics::radial_power_spectrum(&metrics::y_channel(sr)));
     let hq_line = log(&metrics::radial_power_spectrum(&metrics::y_channel(hq)));
-    let ys = sr_line.iter().chain(&hq_line).map(|p| p.1);
+    let rgb = hq.to_rgb();
+    let small = resize(&rgb, (rgb.width / 4).max(1), (rgb.height / 4).max(1));
+    let bicubic_line = log(&metrics::radial_power_spectrum(&metrics::y_channel(&resize(&small, rgb.width, rgb.height))));
+    let ys = sr_line.iter().chain(&hq_line).chain(&bicubic_line).map(|p| p.1);
     let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
     let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
     let r_max = (sr_line.len().max(2) - 1) as f64;
@@ -156,6 +162,7 @@ fn plot_spectra(path: &Path, sr: &Image, hq: &Image, overwrite: bool) -> Result<
         let frame = vec![(0.0, lo), (r_max, lo), (r_max, hi), (0.0, hi), (0.0, lo)];
         chart.draw_series(LineSeries::new(frame, BLACK)).map_err(|e| draw_err(&e))?;
         chart.draw_series(LineSeries::new(hq_line, BLACK.stroke_width(2))).map_err(|e| draw_err(&e))?;
+        chart.draw_series(LineSeries::new(bicubic_line, BLUE.stroke_width(2))).map_err(|e| draw_err(&e))?;
         chart.draw_series(LineSeries::new(sr_line, RED.stroke_width(2))).map_err(|e| draw_err(&e))?;
         root.present().map_err(|e| draw_err(&e))?;
     }

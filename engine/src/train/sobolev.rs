@@ -4,9 +4,10 @@
 //! energy `E(r) = mean_{c,p,q} lambda_pq R_cpq^2 = r^T L r / N` has the scale of an MSE.
 //!
 //! Decisions a reader would otherwise reverse-engineer:
-//! - The DCT along an axis is a product with the dense DCT matrix (`gemm`), not an FFT: the grids
-//!   are at most a few hundred samples a side, where the O(n) extra work per sample is cheaper
-//!   than the FFT's bookkeeping, and it is what the GPU kernel does with tensor cores.
+//! - The DCT along an axis is a product with the dense DCT matrix (`gemm`), not an FFT: O(n) work
+//!   per sample per axis instead of O(log n), but at GEMM speed and with no reindexing, which is
+//!   enough for grids of a few hundred a side (energy of `[1, 3, 512, 512]`: about 0.2 s on two
+//!   busy cores). Beyond that an FFT-based DCT (`rustfft`) would win.
 //! - Fields are f32 (public data); transforms and reductions run in f64. S-DPO multiplies energy
 //!   differences by beta = 2000, so the energies keep their f64 digits and are returned as f64.
 //! - With the `PixelShuffle` autoencoder a latent `[3 f f, h, w]` is a rearrangement of the image,
@@ -36,6 +37,7 @@ pub struct Grid {
 }
 
 impl Grid {
+    /// `channels x height x width`.
     pub fn new(channels: usize, height: usize, width: usize) -> Self {
         Grid { channels, height, width }
     }
@@ -52,7 +54,8 @@ impl fmt::Display for Grid {
     }
 }
 
-/// The Sobolev precision operator for batches of fields `[B, C, H, W]` (row-major f32).
+/// The Sobolev precision operator `L r = IDCT(lambda . DCT(r))` and its energy
+/// `E(r) = mean_{c,p,q} lambda_pq R_cpq^2`, for batches of fields `[B, C, H, W]` (row-major f32).
 #[derive(Clone, Debug)]
 pub struct Sobolev {
     /// The grid of the fields that callers pass and get back.
@@ -117,6 +120,7 @@ impl Sobolev {
         self.spectral
     }
 
+    /// The Sobolev exponent `s`.
     pub fn exponent(&self) -> f64 {
         self.exponent
     }
