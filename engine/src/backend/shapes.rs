@@ -1,7 +1,7 @@
 //! Shape rules shared by the backends, so that every backend accepts and rejects the same
 //! operands with the same message.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 /// Splits a shape around `dim` into (outer, inner) element counts: a row-major tensor is then
 /// `outer` runs of `shape[dim] * inner` contiguous elements.
@@ -40,4 +40,51 @@ pub fn transpose_last2(shape: &[usize]) -> Result<Vec<usize>> {
     let r = out.len();
     out.swap(r - 2, r - 1);
     Ok(out)
+}
+
+/// A convolution's geometry, checked: input `[batch, cin, h, w]`, weight `[cout, cin, kh, kw]`,
+/// padding (top, bottom, left, right), output `[batch, cout, oh, ow]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: [usize; 4],
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeometry {
+    /// Checks the operands of `conv2d` (bias `[cout]` when given) and derives the output size.
+    pub fn new(x: &[usize], weight: &[usize], bias: Option<&[usize]>, stride: usize, pad: [usize; 4]) -> Result<Self> {
+        ensure!(x.len() == 4, "conv2d: input has shape {x:?}, expected [batch, channels, height, width]");
+        ensure!(weight.len() == 4, "conv2d: weight has shape {weight:?}, expected [out, in, kh, kw]");
+        ensure!(weight[1] == x[1], "conv2d: input has shape {x:?}, weight {weight:?} expects {} channels", weight[1]);
+        if let Some(b) = bias {
+            super::expect_shape("bias", "conv2d", b, &[weight[0]])?;
+        }
+        let (ph, pw) = (x[2] + pad[0] + pad[1], x[3] + pad[2] + pad[3]);
+        let (kh, kw) = (weight[2], weight[3]);
+        if stride == 0 || ph < kh || pw < kw {
+            bail!("conv2d: kernel {weight:?} with stride {stride} and padding {pad:?} does not fit input {x:?}");
+        }
+        Ok(ConvGeometry {
+            batch: x[0],
+            cin: x[1],
+            h: x[2],
+            w: x[3],
+            cout: weight[0],
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (ph - kh) / stride + 1,
+            ow: (pw - kw) / stride + 1,
+        })
+    }
 }

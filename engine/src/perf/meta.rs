@@ -25,10 +25,10 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::cpu::conv::ConvGeometry;
+use crate::backend::shapes::ConvGeometry;
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use loaders::{DType, HostTensor};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -434,31 +434,12 @@ impl Backend for MetaBackend {
     }
 
     fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> Result<T> {
-        ensure!(x.rank() == 4, "conv2d: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
-        ensure!(w.rank() == 4, "conv2d: weight has shape {:?}, expected [out, in, kh, kw]", w.shape());
-        ensure!(w.dim(1) == x.dim(1), "conv2d: input has shape {:?}, weight {:?} expects {} channels", x.shape(), w.shape(), w.dim(1));
+        let g = ConvGeometry::new(x.shape(), w.shape(), bias.map(|b| b.shape()), stride, pad)?;
         self.check_activation("conv2d", "input", x)?;
-        let g = ConvGeometry {
-            batch: x.dim(0),
-            cin: x.dim(1),
-            h: x.dim(2),
-            w: x.dim(3),
-            cout: w.dim(0),
-            kh: w.dim(2),
-            kw: w.dim(3),
-            stride,
-            pad,
-        };
-        let Some((oh, ow)) = g.out_size() else {
-            bail!("conv2d: kernel {:?} with stride {stride} and padding {pad:?} does not fit input {:?}", w.shape(), x.shape())
-        };
-        if let Some(b) = bias {
-            expect_shape("bias", "conv2d", b.shape(), &[g.cout])?;
-        }
-        let out_elems = g.batch * g.cout * oh * ow;
+        let out_elems = g.batch * g.cout * g.oh * g.ow;
         let flops = 2 * (out_elems * g.cin * g.kh * g.kw) as u64;
         let inputs: Vec<&T> = [x, w].into_iter().chain(bias).collect();
-        Ok(self.op("conv2d", OpClass::Conv, flops, &inputs, vec![g.batch, g.cout, oh, ow]))
+        Ok(self.op("conv2d", OpClass::Conv, flops, &inputs, vec![g.batch, g.cout, g.oh, g.ow]))
     }
 
     fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, _eps: f32) -> Result<T> {

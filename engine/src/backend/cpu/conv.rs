@@ -5,6 +5,7 @@
 //! about `COLS_BUDGET` floats whatever the image size; padding is implicit (zeros), never copied.
 
 use super::matmul::{matmul, Rhs};
+use crate::backend::shapes::ConvGeometry;
 use rayon::prelude::*;
 
 /// Upper bound on the unfolded patch matrix, in f32 elements (64 MiB).
@@ -13,35 +14,9 @@ const COLS_BUDGET: usize = 16 << 20;
 /// Output pixels transposed per step of the scatter into NCHW.
 const SCATTER_TILE: usize = 32;
 
-/// Sizes of one convolution; `pad` is (top, bottom, left, right).
-#[derive(Clone, Copy, Debug)]
-pub struct ConvGeometry {
-    pub batch: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: [usize; 4],
-}
-
-impl ConvGeometry {
-    /// Output (height, width), or None when the kernel does not fit the padded input.
-    pub fn out_size(&self) -> Option<(usize, usize)> {
-        let ph = self.h + self.pad[0] + self.pad[1];
-        let pw = self.w + self.pad[2] + self.pad[3];
-        if self.stride == 0 || ph < self.kh || pw < self.kw {
-            return None;
-        }
-        Some(((ph - self.kh) / self.stride + 1, (pw - self.kw) / self.stride + 1))
-    }
-}
-
 /// x `[B, C, H, W]`, weight `[O, C, kh, kw]`, bias `[O]` -> `[B, O, OH, OW]`.
 pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f32> {
-    let (oh, ow) = g.out_size().expect("geometry checked by the caller");
+    let (oh, ow) = (g.oh, g.ow);
     let k = g.cin * g.kh * g.kw;
     let pixels = oh * ow;
     let chunk = (COLS_BUDGET / k.max(1)).clamp(1, pixels.max(1));
@@ -100,7 +75,8 @@ mod tests {
 
     /// The textbook definition, in f64, with explicit bounds checks.
     fn naive(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeometry) -> Vec<f64> {
-        let (oh, ow) = g.out_size().unwrap();
+        let oh = (g.h + g.pad[0] + g.pad[1] - g.kh) / g.stride + 1;
+        let ow = (g.w + g.pad[2] + g.pad[3] - g.kw) / g.stride + 1;
         let mut out = vec![0f64; g.batch * g.cout * oh * ow];
         for b in 0..g.batch {
             for o in 0..g.cout {
@@ -140,7 +116,7 @@ mod tests {
             (1, 3, 6, 5, 2, 2, 3, 3, [2, 0, 1, 3]),
         ];
         for (batch, cin, h, w, cout, kh, kw, stride, pad) in cases {
-            let g = ConvGeometry { batch, cin, h, w, cout, kh, kw, stride, pad };
+            let g = ConvGeometry::new(&[batch, cin, h, w], &[cout, cin, kh, kw], None, stride, pad).unwrap();
             let x: Vec<f32> = (0..batch * cin * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let wt: Vec<f32> = (0..cout * cin * kh * kw).map(|i| ((i * 53 % 97) as f32 - 48.0) / 31.0).collect();
             let bias: Vec<f32> = (0..cout).map(|i| i as f32 * 0.25 - 0.5).collect();
@@ -158,7 +134,7 @@ mod tests {
     #[test]
     fn chunked_unfolding_covers_every_pixel() {
         // A receptive field larger than the budget allows only a few pixels per chunk.
-        let g = ConvGeometry { batch: 1, cin: 1, h: 3, w: 5, cout: 2, kh: 1, kw: 1, stride: 1, pad: [0; 4] };
+        let g = ConvGeometry::new(&[1, 1, 3, 5], &[2, 1, 1, 1], None, 1, [0; 4]).unwrap();
         let x: Vec<f32> = (0..15).map(|i| i as f32).collect();
         let got = conv2d(&x, &[1.0, -2.0], Some(&[0.5, 0.0]), &g);
         let want: Vec<f32> = x.iter().map(|v| v + 0.5).chain(x.iter().map(|v| -2.0 * v)).collect();

@@ -215,26 +215,10 @@ impl Backend for CpuBackend {
     }
 
     fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> Result<T> {
-        ensure!(x.rank() == 4, "conv2d: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
-        ensure!(w.rank() == 4, "conv2d: weight has shape {:?}, expected [out, in, kh, kw]", w.shape());
-        ensure!(w.dim(1) == x.dim(1), "conv2d: input has shape {:?}, weight {:?} expects {} channels", x.shape(), w.shape(), w.dim(1));
-        let g = conv::ConvGeometry {
-            batch: x.dim(0),
-            cin: x.dim(1),
-            h: x.dim(2),
-            w: x.dim(3),
-            cout: w.dim(0),
-            kh: w.dim(2),
-            kw: w.dim(3),
-            stride,
-            pad,
-        };
-        let Some((oh, ow)) = g.out_size() else {
-            bail!("conv2d: kernel {:?} with stride {stride} and padding {pad:?} does not fit input {:?}", w.shape(), x.shape())
-        };
-        let bias = bias.map(|b| expect_shape("bias", "conv2d", b.shape(), &[g.cout]).map(|_| widen(b))).transpose()?;
+        let g = shapes::ConvGeometry::new(x.shape(), w.shape(), bias.map(|b| b.shape()), stride, pad)?;
+        let bias = bias.map(widen);
         let out = conv::conv2d(act("conv2d", x)?, &widen(w), bias.as_deref(), &g);
-        Ok(f32_tensor(out, vec![g.batch, g.cout, oh, ow]))
+        Ok(f32_tensor(out, vec![g.batch, g.cout, g.oh, g.ow]))
     }
 
     fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {

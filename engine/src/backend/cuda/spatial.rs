@@ -3,9 +3,9 @@
 //! (un)shuffle. Shape checks and messages are the CPU backend's.
 
 use super::gemm::{matmul_strided, Strided};
-use super::{bf16_of, bf16_tensor, elementwise_config, expect_shape, i32_arg, CudaBackend, T};
-use crate::backend::cpu::conv::ConvGeometry;
-use anyhow::{bail, ensure, Result};
+use super::{bf16_of, bf16_tensor, elementwise_config, i32_arg, CudaBackend, T};
+use crate::backend::shapes::ConvGeometry;
+use anyhow::{ensure, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
@@ -40,17 +40,8 @@ fn chunk_pixels(pixels: usize, rows: usize) -> usize {
 /// x `[B, C, H, W]`, weight `[O, C, kh, kw]`, bias `[O]` -> `[B, O, Ho, Wo]` (see the trait).
 pub(super) fn conv2d(b: &CudaBackend, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> Result<T> {
     let op = "conv2d";
-    ensure!(x.rank() == 4, "conv2d: input has shape {:?}, expected [batch, channels, height, width]", x.shape());
-    ensure!(w.rank() == 4, "conv2d: weight has shape {:?}, expected [out, in, kh, kw]", w.shape());
-    ensure!(w.dim(1) == x.dim(1), "conv2d: input has shape {:?}, weight {:?} expects {} channels", x.shape(), w.shape(), w.dim(1));
-    let g =
-        ConvGeometry { batch: x.dim(0), cin: x.dim(1), h: x.dim(2), w: x.dim(3), cout: w.dim(0), kh: w.dim(2), kw: w.dim(3), stride, pad };
-    let Some((oh, ow)) = g.out_size() else {
-        bail!("conv2d: kernel {:?} with stride {stride} and padding {pad:?} does not fit input {:?}", w.shape(), x.shape())
-    };
-    if let Some(t) = bias {
-        expect_shape("bias", op, t.shape(), &[g.cout])?;
-    }
+    let g = ConvGeometry::new(x.shape(), w.shape(), bias.map(|t| t.shape()), stride, pad)?;
+    let (oh, ow) = (g.oh, g.ow);
     let xs = bf16_of(op, "x", x)?;
     let ws = bf16_of(op, "weight", w)?;
     let bs = bias.map(|t| bf16_of(op, "bias", t)).transpose()?;
