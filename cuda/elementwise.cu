@@ -98,3 +98,18 @@ extern "C" __global__ void add_scaled_row_bf16(__nv_bfloat16 *__restrict__ y, co
     __nv_bfloat16 *p = y + (size_t)r * width + offset + j;
     *p = __float2bfloat16(__bfloat162float(*p) + scale * __bfloat162float(v[j]));
 }
+
+// x[i] = uniform in [-bound, bound] from a counter-based hash of (seed, i): benchmark weights
+// made on the device (a FLUX.1-dev-size model never passes through host memory), non-zero so the
+// GPU draws the power real weights make it draw.
+extern "C" __global__ void fill_uniform_bf16(__nv_bfloat16 *__restrict__ x, unsigned long long seed, float bound, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i < n; i += (long long)gridDim.x * blockDim.x) {
+        unsigned long long z = seed + 0x9e3779b97f4a7c15ull * (unsigned long long)(i + 1);  // splitmix64
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        float u = (float)(z >> 40) * (1.0f / 16777216.0f);  // [0, 1) from the top 24 bits
+        x[i] = __float2bfloat16((2.0f * u - 1.0f) * bound);
+    }
+}

@@ -112,3 +112,32 @@ fn cli_kernels_reports_every_kernel_against_the_ceilings() {
     assert_eq!(kernels[0]["fraction_of_ceiling"].as_f64(), Some(1.0));
     assert_eq!(kernels[1]["fraction_of_ceiling"].as_f64(), Some(1.0));
 }
+
+#[test]
+fn cli_bench_times_steps_and_reports_flops() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let args =
+        ["bench", "--device", "cpu", "--shape", "flux-tiny", "--random-weights", "--res", "128", "--steps", "3", "--txt-tokens", "8"];
+    let mut with_json = args.to_vec();
+    with_json.extend(["--json", s(&json)]);
+    let out = engine(&with_json);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(doc["steps"], 3);
+    assert_eq!(doc["image_tokens"], 64);
+    assert!(doc["seconds_per_step"].as_f64().unwrap() > 0.0);
+    let by_class = doc["flops_by_class"].as_object().unwrap();
+    let sum: u64 = by_class.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(sum, doc["flops_per_step"].as_u64().unwrap());
+    assert!(by_class.contains_key("gemm") && by_class.contains_key("attention"));
+    assert!(doc["mfu"].is_null() && doc["memory_peak_bytes"].is_null(), "the CPU has neither a peak rate nor device memory");
+
+    let mut bad = args.to_vec();
+    bad[7] = "1000";
+    assert_fails_with(&engine(&bad), &["--res 1000", "multiple of 16"]);
+    let mut train = args.to_vec();
+    train.push("--train");
+    assert_fails_with(&engine(&train), &["--train"]);
+    assert_fails_with(&engine(&args[..5].iter().chain(&args[6..]).copied().collect::<Vec<_>>()), &["--random-weights"]);
+}

@@ -55,7 +55,7 @@ if "$BIN/engine" --help | grep -q '^  kernels'; then
     step kernels 90 "$BIN/engine" kernels --json "$OUT/kernels.json"
 fi
 if "$BIN/engine" --help | grep -q '^  bench'; then
-    step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 4 --json "$OUT/bench.json"
+    step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 28 --json "$OUT/bench.json"
 fi
 
 echo

@@ -43,6 +43,17 @@ pub trait Backend: Sized + Send + Sync {
         Ok(())
     }
 
+    /// Device memory, for benchmarks: the allocator's high-water mark since the last
+    /// `reset_memory_peak` and the driver's reading of memory in use, in bytes; None where the
+    /// backend has no device memory of its own (the CPU).
+    fn memory_peak(&self) -> Result<Option<MemoryPeak>> {
+        Ok(None)
+    }
+
+    fn reset_memory_peak(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Uploads host data keeping its dtype exactly (weights, position tables).
     fn upload(&self, t: &HostTensor) -> Result<Tensor<Self>>;
 
@@ -162,6 +173,13 @@ pub trait Backend: Sized + Send + Sync {
 
     /// `x * scale + offset` elementwise (the latent's scale and shift).
     fn affine(&self, x: &Tensor<Self>, scale: f32, offset: f32) -> Result<Tensor<Self>>;
+}
+
+/// Device memory readings (see `Backend::memory_peak`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPeak {
+    pub allocator_high_water: u64,
+    pub driver_used: u64,
 }
 
 /// Checks a shape and names the operand, so that a wiring bug reads as one line.

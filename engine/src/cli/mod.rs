@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own file and returns an error for main to print.
 
 mod ae;
+mod bench;
 mod degrade;
 mod eval;
 mod forward;
@@ -27,6 +28,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Ae(ae::Args),
+    Bench(bench::Args),
     Degrade(degrade::Args),
     Eval(eval::Args),
     Forward(forward::Args),
@@ -41,6 +43,7 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ae(a) => ae::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Degrade(a) => degrade::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Forward(a) => forward::run(a),

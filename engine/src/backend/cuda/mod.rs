@@ -20,16 +20,16 @@ mod norm;
 mod rope;
 mod spatial;
 
-use super::{expect_shape, shapes, Backend};
+use super::{expect_shape, shapes, Backend, MemoryPeak};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 use loaders::{DType, HostData, HostTensor};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod kernels {
@@ -61,6 +61,8 @@ pub struct CudaBackend {
     /// Fill every fresh output with NaN before the kernel writes it (the self-test's poison), so
     /// that an element a kernel forgets to write cannot pass as a stale correct value.
     poison: AtomicBool,
+    /// Seeds successive `placeholder` tensors differently.
+    placeholders: AtomicU64,
     device_name: String,
     compute_capability: (i32, i32),
 }
@@ -128,6 +130,7 @@ impl CudaBackend {
             modules,
             functions: Mutex::new(HashMap::new()),
             poison: AtomicBool::new(false),
+            placeholders: AtomicU64::new(0),
             device_name: ctx.name()?,
             compute_capability,
         };
@@ -153,25 +156,6 @@ impl CudaBackend {
 
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
-    }
-
-    /// The high-water mark of the memory pool in bytes since the last reset, and the driver's
-    /// used-memory reading (total - free).
-    pub fn memory_peak(&self) -> Result<(u64, u64)> {
-        let ctx = self.stream.context();
-        let pool = default_pool(ctx)?;
-        let mut high = 0u64;
-        // SAFETY: `high` is a u64 as the attribute requires.
-        unsafe {
-            cudarc::driver::sys::cuMemPoolGetAttribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut high) as *mut u64 as *mut _,
-            )
-            .result()?;
-        }
-        let (free, total) = ctx.mem_get_info()?;
-        Ok((high, (total - free) as u64))
     }
 
     fn stream(&self) -> &Arc<CudaStream> {
@@ -325,6 +309,37 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn memory_peak(&self) -> Result<Option<MemoryPeak>> {
+        let ctx = self.stream.context();
+        let mut high = 0u64;
+        // SAFETY: the attribute is a u64.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolGetAttribute(
+                default_pool(ctx)?,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high) as *mut u64 as *mut _,
+            )
+            .result()?;
+        }
+        let (free, total) = ctx.mem_get_info()?;
+        Ok(Some(MemoryPeak { allocator_high_water: high, driver_used: (total - free) as u64 }))
+    }
+
+    fn reset_memory_peak(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        let mut zero = 0u64;
+        // SAFETY: resetting the high-water mark takes a u64 zero.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                default_pool(self.stream.context())?,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero) as *mut u64 as *mut _,
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<T> {
         let s = match &t.data {
             HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v)?),
@@ -339,16 +354,33 @@ impl Backend for CudaBackend {
         Ok(bf16_tensor(self.stream.clone_htod(&v)?, t.shape.clone()))
     }
 
-    /// Zeros allocated on the device, no host copy: a FLUX.1-dev-shape model for benchmarks
-    /// never exists in host memory.
+    /// Made on the device, never in host memory (a FLUX.1-dev-size model for benchmarks): bf16
+    /// storage holds seeded uniform values scaled like an initialisation (`sqrt(3 / fan_in)`
+    /// bounds, fan_in the last dim; 0.02-scale for vectors), so that benchmarks run on non-zero
+    /// data; other dtypes hold zeros.
     fn placeholder(&self, shape: &[usize], dtype: DType) -> Result<T> {
         let n: usize = shape.iter().product();
-        let bytes = n * dtype.size();
-        let oom = |e| out_of_memory(e, bytes);
+        let oom = |e| out_of_memory(e, n * dtype.size());
         let s = match dtype {
             DType::F32 => CudaStorage::F32(self.stream.alloc_zeros(n).map_err(oom)?),
             DType::F16 => CudaStorage::F16(self.stream.alloc_zeros(n).map_err(oom)?),
-            DType::BF16 => CudaStorage::BF16(self.stream.alloc_zeros(n).map_err(oom)?),
+            DType::BF16 => {
+                let mut x = self.alloc::<bf16>(n)?;
+                let bound = match shape {
+                    [.., fan_in] if shape.len() >= 2 => (3.0 / (*fan_in).max(1) as f32).sqrt(),
+                    _ => 0.02 * 3f32.sqrt(),
+                };
+                let seed = self.placeholders.fetch_add(1, Ordering::Relaxed);
+                let f = self.function("elementwise", "fill_uniform_bf16")?;
+                let n64 = n as i64;
+                let cfg =
+                    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(&mut x).arg(&seed).arg(&bound).arg(&n64);
+                // SAFETY: x holds n elements; the kernel writes each once (grid-strided).
+                unsafe { l.launch(cfg) }?;
+                CudaStorage::BF16(x)
+            }
         };
         Ok(Tensor::from_storage(s, shape.to_vec()))
     }
