@@ -4,4 +4,5 @@
 
 pub mod adamw;
 pub mod loss;
+pub mod sft;
 pub mod sobolev;
