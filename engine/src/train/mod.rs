@@ -4,5 +4,6 @@
 
 pub mod adamw;
 pub mod loss;
+pub mod run;
 pub mod sft;
 pub mod sobolev;
