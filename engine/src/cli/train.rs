@@ -6,6 +6,17 @@ use anyhow::{bail, Result};
 use engine::train::run::{train_sft, RunOptions, TrainConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by SIGINT; the run checks it after each step.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Only an atomic store: all that is safe inside a signal handler. A second Ctrl-C exits
+    // at once through the default handler.
+    STOP.store(true, Ordering::SeqCst);
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Stage {
@@ -100,7 +111,17 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         crop: a.crop,
     };
-    let opts = RunOptions { out: a.out.clone(), max_steps: a.max_steps, save_every: a.save_every, resume: a.resume, log: a.log };
+    let opts = RunOptions {
+        out: a.out.clone(),
+        max_steps: a.max_steps,
+        save_every: a.save_every,
+        resume: a.resume,
+        log: a.log,
+        stop: Some(&STOP),
+    };
+    // SAFETY: the handler only stores to an atomic and resets the disposition, both
+    // async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     let bar = ProgressBar::new(a.max_steps);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]").unwrap_or(ProgressStyle::default_bar()),

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Everything that defines a run. Keys are the CLI's long flag names with `_` for `-`.
@@ -54,6 +55,8 @@ pub struct RunOptions {
     pub save_every: u64,
     pub resume: bool,
     pub log: Option<PathBuf>,
+    /// Set (by a Ctrl-C handler) to stop after the current step, with a checkpoint.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 /// A checkpoint: the step reached and all the state needed to continue from it.
@@ -236,6 +239,10 @@ pub fn train_sft(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(u6
         if opts.save_every > 0 && step % opts.save_every == 0 {
             save(step, &trainer)?;
         }
+        if opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            save(step, &trainer)?;
+            bail!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", opts.out.display());
+        }
     }
     save(step, &trainer)
 }
@@ -301,7 +308,14 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let c = setup(&dir);
         let run = |out: &str, max_steps: u64, resume: bool, c: &TrainConfig| {
-            let opts = RunOptions { out: dir.join(out), max_steps, save_every: 0, resume, log: Some(dir.join(format!("{out}.jsonl"))) };
+            let opts = RunOptions {
+                out: dir.join(out),
+                max_steps,
+                save_every: 0,
+                resume,
+                log: Some(dir.join(format!("{out}.jsonl"))),
+                stop: None,
+            };
             train_sft(c, &opts, &mut |_, _, _| ())
         };
         run("straight", 6, false, &c).unwrap();
@@ -321,6 +335,24 @@ mod tests {
         // The written adapter loads as a LoRA on the model.
         let adapter = loaders::lora::LoraAdapter::open(&dir.join("straight/lora.safetensors"), 64).unwrap();
         assert_eq!(adapter.parts.len(), 13, "one part per token-path linear of flux-tiny");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A stop request ends the run after the current step with a checkpoint that resumes.
+    #[test]
+    fn a_stop_request_saves_a_checkpoint_that_resumes() {
+        static STOP: AtomicBool = AtomicBool::new(true);
+        let dir = std::env::temp_dir().join(format!("engine-train-stop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = setup(&dir);
+        let opts = RunOptions { out: dir.join("out"), max_steps: 4, save_every: 0, resume: false, log: None, stop: Some(&STOP) };
+        let err = train_sft(&c, &opts, &mut |_, _, _| ()).unwrap_err();
+        assert!(err.to_string().contains("interrupted after step 1"), "{err}");
+        let saved: Checkpoint = serde_json::from_str(&std::fs::read_to_string(dir.join("out/checkpoint.json")).unwrap()).unwrap();
+        assert_eq!(saved.step, 1);
+        train_sft(&c, &RunOptions { resume: true, stop: None, ..opts }, &mut |_, _, _| ()).unwrap();
+        let saved: Checkpoint = serde_json::from_str(&std::fs::read_to_string(dir.join("out/checkpoint.json")).unwrap()).unwrap();
+        assert_eq!(saved.step, 4);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
