@@ -247,19 +247,60 @@ pub fn train_sft(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(u6
     save(step, &trainer)
 }
 
-/// The LoRA in BFL's lora_A / lora_B layout (scale 1: no alpha), which `engine upscale --lora`
-/// reads.
+/// Where one BFL token-path linear lives in diffusers' `FluxTransformer2DModel`: the modules
+/// whose rows it stacks, `hidden` rows each but a trailing `proj_mlp`, which takes the rest.
+fn diffusers_modules(target: &str) -> Result<Vec<String>> {
+    let top = |m: &str| Ok(vec![m.to_string()]);
+    match target {
+        "img_in" => return top("x_embedder"),
+        "txt_in" => return top("context_embedder"),
+        "final_layer.linear" => return top("proj_out"),
+        _ => {}
+    }
+    let parts: Vec<&str> = target.splitn(3, '.').collect();
+    let [kind, index, name] = parts[..] else { bail!("no diffusers name for the linear '{target}'") };
+    let members: &[&str] = match (kind, name) {
+        ("double_blocks", "img_attn.qkv") => &["attn.to_q", "attn.to_k", "attn.to_v"],
+        ("double_blocks", "txt_attn.qkv") => &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        ("double_blocks", "img_attn.proj") => &["attn.to_out.0"],
+        ("double_blocks", "txt_attn.proj") => &["attn.to_add_out"],
+        ("double_blocks", "img_mlp.0") => &["ff.net.0.proj"],
+        ("double_blocks", "img_mlp.2") => &["ff.net.2"],
+        ("double_blocks", "txt_mlp.0") => &["ff_context.net.0.proj"],
+        ("double_blocks", "txt_mlp.2") => &["ff_context.net.2"],
+        ("single_blocks", "linear1") => &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+        ("single_blocks", "linear2") => &["proj_out"],
+        _ => bail!("no diffusers name for the linear '{target}'"),
+    };
+    let block = if kind == "double_blocks" { "transformer_blocks" } else { "single_transformer_blocks" };
+    Ok(members.iter().map(|m| format!("{block}.{index}.{m}")).collect())
+}
+
+/// The LoRA in the diffusers/peft layout (`transformer.<module>.lora_A.weight` / `lora_B`, no
+/// alpha: scale 1), which `engine upscale --lora` reads. A fused BFL linear (qkv, linear1) becomes
+/// one module per member, each with the whole `down` and its own rows of `up`: the same update.
 fn write_lora(path: &Path, trainer: &LoraTrainer) -> Result<()> {
     let mut tensors = Vec::new();
-    for (name, values) in &trainer.params {
-        let key = if let Some(target) = name.strip_suffix(".lora_down") {
-            format!("{target}.lora_A.weight")
-        } else if let Some(target) = name.strip_suffix(".lora_up") {
-            format!("{target}.lora_B.weight")
-        } else {
-            bail!("unexpected LoRA factor '{name}'");
-        };
-        tensors.push((key, loaders::HostTensor::from_f32(trainer.shapes[name].clone(), values.clone())));
+    for (name, down) in &trainer.params {
+        let Some(target) = name.strip_suffix(".lora_down") else { continue };
+        let up_key = super::sft::up_name(target);
+        let (down_shape, up_shape, up) = (&trainer.shapes[name], &trainer.shapes[&up_key], &trainer.params[&up_key]);
+        let (rank, hidden, out_rows) = (down_shape[0], down_shape[1], up_shape[0]);
+        let modules = diffusers_modules(target)?;
+        for (i, module) in modules.iter().enumerate() {
+            // Every member has `hidden` rows except the last, which takes what is left.
+            let first = i * hidden;
+            let rows = if modules.len() == 1 {
+                out_rows
+            } else if i + 1 == modules.len() {
+                out_rows - first
+            } else {
+                hidden
+            };
+            tensors.push((format!("transformer.{module}.lora_A.weight"), loaders::HostTensor::from_f32(vec![rank, hidden], down.clone())));
+            let up_rows = up[first * rank..(first + rows) * rank].to_vec();
+            tensors.push((format!("transformer.{module}.lora_B.weight"), loaders::HostTensor::from_f32(vec![rows, rank], up_rows)));
+        }
     }
     let list: Vec<(&str, &loaders::HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     loaders::safetensors::write(path, &list, &BTreeMap::new(), true)?;
@@ -333,8 +374,20 @@ mod tests {
         assert!(err.to_string().contains("'lr'"), "{err}");
 
         // The written adapter loads as a LoRA on the model.
+        // The written adapter reads back, in the diffusers/peft layout, as the trained factors:
+        // fused qkv and linear1 split into one part per member (3 + 3 + 4 more than 13 linears).
         let adapter = loaders::lora::LoraAdapter::open(&dir.join("straight/lora.safetensors"), 64).unwrap();
-        assert_eq!(adapter.parts.len(), 13, "one part per token-path linear of flux-tiny");
+        assert_eq!(adapter.layout, loaders::lora::LoraLayout::Peft);
+        assert_eq!(adapter.parts.len(), 13 + 2 + 2 + 3);
+        let saved: Checkpoint = serde_json::from_str(&String::from_utf8(a).unwrap()).unwrap();
+        for part in &adapter.parts {
+            let (down, up) =
+                (&saved.params[&super::super::sft::down_name(&part.target)], &saved.params[&super::super::sft::up_name(&part.target)]);
+            let rank = part.rank();
+            assert_eq!(&part.down.to_f32(), down, "{}", part.source);
+            assert_eq!(part.up.to_f32(), up[part.out_offset * rank..(part.out_offset + part.out_len()) * rank], "{}", part.source);
+            assert_eq!(part.scale, 1.0);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
