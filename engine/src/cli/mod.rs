@@ -10,6 +10,7 @@ mod kernels;
 mod model;
 mod plan;
 mod selftest;
+mod train;
 mod upscale;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,7 @@ enum Command {
     Model(model::Args),
     Plan(plan::Args),
     Selftest(selftest::Args),
+    Train(train::Args),
     Upscale(upscale::Args),
 }
 
@@ -52,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(a) => model::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Train(a) => train::run(a),
         Command::Upscale(a) => upscale::run(a),
     }
 }
