@@ -88,3 +88,54 @@ impl ConvGeometry {
         })
     }
 }
+
+/// The dims of `attention(q, k, v)`, checked: q `[batch, heads, lq, head_dim]`, k and v
+/// `[batch, heads, lk, head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionDims {
+    pub fn new(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
+        ensure!(q.len() == 4, "attention: q has shape {q:?}, expected [batch, heads, tokens, head_dim]");
+        let (batch, heads, lq, head_dim) = (q[0], q[1], q[2], q[3]);
+        ensure!(k.len() == 4, "attention: k has shape {k:?}");
+        let lk = k[2];
+        super::expect_shape("k", "attention", k, &[batch, heads, lk, head_dim])?;
+        super::expect_shape("v", "attention", v, &[batch, heads, lk, head_dim])?;
+        Ok(AttentionDims { batch, heads, lq, lk, head_dim })
+    }
+}
+
+/// The dims of `qk_norm_rope(x, heads, q_scale, k_scale, pe)`, checked: x `[batch, tokens,
+/// width]` holding q, k, v of `heads` heads in its first columns, scales `[head_dim]` (even),
+/// pe `[batch, tokens, head_dim / 2, 2]`.
+#[derive(Debug, Clone, Copy)]
+pub struct QkDims {
+    pub batch: usize,
+    pub tokens: usize,
+    pub width: usize,
+    pub head_dim: usize,
+}
+
+impl QkDims {
+    pub fn new(x: &[usize], heads: usize, q_scale: &[usize], k_scale: &[usize], pe: &[usize]) -> Result<Self> {
+        let op = "qk_norm_rope";
+        ensure!(x.len() == 3, "{op}: x has shape {x:?}, expected [batch, tokens, width]");
+        let (batch, tokens, width) = (x[0], x[1], x[2]);
+        ensure!(q_scale.len() == 1, "{op}: query scale has shape {q_scale:?}");
+        let head_dim = q_scale[0];
+        super::expect_shape("key scale", op, k_scale, &[head_dim])?;
+        ensure!(
+            width >= 3 * heads * head_dim && head_dim % 2 == 0,
+            "{op}: width {width} cannot hold q, k, v of {heads} heads x {head_dim}"
+        );
+        super::expect_shape("pe", op, pe, &[batch, tokens, head_dim / 2, 2])?;
+        Ok(QkDims { batch, tokens, width, head_dim })
+    }
+}

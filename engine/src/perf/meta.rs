@@ -25,7 +25,7 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::shapes::ConvGeometry;
+use crate::backend::shapes::{AttentionDims, ConvGeometry, QkDims};
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -348,26 +348,17 @@ impl Backend for MetaBackend {
     }
 
     fn qk_norm_rope(&self, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, _eps: f32) -> Result<[T; 3]> {
-        ensure!(x.rank() == 3, "qk_norm_rope: x has shape {:?}, expected [batch, tokens, width]", x.shape());
+        let dims = QkDims::new(x.shape(), heads, q_scale.shape(), k_scale.shape(), pe.shape())?;
         self.check_activation("qk_norm_rope", "x", x)?;
-        let (b, l, w) = (x.dim(0), x.dim(1), x.dim(2));
-        ensure!(q_scale.rank() == 1, "qk_norm_rope: query scale has shape {:?}", q_scale.shape());
-        let hd = q_scale.dim(0);
-        expect_shape("key scale", "qk_norm_rope", k_scale.shape(), &[hd])?;
-        ensure!(w >= 3 * heads * hd && hd % 2 == 0, "qk_norm_rope: width {w} cannot hold q, k, v of {heads} heads x {hd}");
-        expect_shape("pe", "qk_norm_rope", pe.shape(), &[b, l, hd / 2, 2])?;
+        let (b, l, hd) = (dims.batch, dims.tokens, dims.head_dim);
         let head = || NewBuffer { shape: vec![b, heads, l, hd], dtype: self.activation_dtype, kind: BufferKind::Activation };
         let outs = self.record("qk_norm_rope", OpClass::Elementwise, 0, &[x, q_scale, k_scale, pe], vec![head(), head(), head()]);
         Ok(outs.try_into().unwrap_or_else(|_| unreachable!("three outputs recorded")))
     }
 
     fn attention(&self, q: &T, k: &T, v: &T) -> Result<T> {
-        ensure!(q.rank() == 4, "attention: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
-        let (b, h, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
-        ensure!(k.rank() == 4, "attention: k has shape {:?}", k.shape());
-        let lk = k.dim(2);
-        expect_shape("k", "attention", k.shape(), &[b, h, lk, d])?;
-        expect_shape("v", "attention", v.shape(), &[b, h, lk, d])?;
+        let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
         for (what, t) in [("q", q), ("k", k), ("v", v)] {
             self.check_activation("attention", what, t)?;
         }

@@ -152,25 +152,16 @@ impl Backend for CpuBackend {
     }
 
     fn qk_norm_rope(&self, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, eps: f32) -> Result<[T; 3]> {
-        ensure!(x.rank() == 3, "qk_norm_rope: x has shape {:?}, expected [batch, tokens, width]", x.shape());
-        let (b, l, w) = (x.dim(0), x.dim(1), x.dim(2));
-        ensure!(q_scale.rank() == 1, "qk_norm_rope: query scale has shape {:?}", q_scale.shape());
-        let hd = q_scale.dim(0);
-        expect_shape("key scale", "qk_norm_rope", k_scale.shape(), &[hd])?;
-        ensure!(w >= 3 * heads * hd && hd % 2 == 0, "qk_norm_rope: width {w} cannot hold q, k, v of {heads} heads x {hd}");
-        expect_shape("pe", "qk_norm_rope", pe.shape(), &[b, l, hd / 2, 2])?;
+        let dims = shapes::QkDims::new(x.shape(), heads, q_scale.shape(), k_scale.shape(), pe.shape())?;
+        let (b, l, w, hd) = (dims.batch, dims.tokens, dims.width, dims.head_dim);
         let [q, k, v] = rope::qk_norm_rope(act("qk_norm_rope", x)?, b, l, w, heads, hd, &widen(q_scale), &widen(k_scale), &widen(pe), eps);
         let shape = vec![b, heads, l, hd];
         Ok([f32_tensor(q, shape.clone()), f32_tensor(k, shape.clone()), f32_tensor(v, shape)])
     }
 
     fn attention(&self, q: &T, k: &T, v: &T) -> Result<T> {
-        ensure!(q.rank() == 4, "attention: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
-        let (b, h, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
-        ensure!(k.rank() == 4, "attention: k has shape {:?}", k.shape());
-        let lk = k.dim(2);
-        expect_shape("k", "attention", k.shape(), &[b, h, lk, d])?;
-        expect_shape("v", "attention", v.shape(), &[b, h, lk, d])?;
+        let dims = shapes::AttentionDims::new(q.shape(), k.shape(), v.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
         let out = attention::attention(act("attention", q)?, act("attention", k)?, act("attention", v)?, b, h, lq, lk, d);
         Ok(f32_tensor(out, vec![b, lq, h * d]))
     }

@@ -6,7 +6,8 @@
 //! Shapes are checked exactly as the CPU backend checks them; the kernels index with 32-bit ints
 //! (every tensor under 2^31 elements) and put batch x heads on the grid's y axis (at most 65,535).
 
-use super::{bf16_of, bf16_tensor, expect_shape, i32_arg, CudaBackend, CudaStorage, T};
+use super::{bf16_of, bf16_tensor, i32_arg, CudaBackend, CudaStorage, T};
+use crate::backend::shapes::AttentionDims;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -104,12 +105,8 @@ fn aligned16(b: &CudaBackend, s: &CudaSlice<bf16>) -> bool {
 }
 
 fn run(b: &CudaBackend, q: &T, k: &T, v: &T, forced: Option<FlashKernel>, want_lse: bool) -> Result<(T, Option<T>)> {
-    ensure!(q.rank() == 4, "attention: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
-    let (batch, heads, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
-    ensure!(k.rank() == 4, "attention: k has shape {:?}", k.shape());
-    let lk = k.dim(2);
-    expect_shape("k", OP, k.shape(), &[batch, heads, lk, d])?;
-    expect_shape("v", OP, v.shape(), &[batch, heads, lk, d])?;
+    let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
+    let (batch, heads, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
     let (qs, ks, vs) = (bf16_of(OP, "q", q)?, bf16_of(OP, "k", k)?, bf16_of(OP, "v", v)?);
 
     let rows = batch * heads * lq;

@@ -1,8 +1,9 @@
 //! Launch for `cuda/rope.cu`: the fused head split, QK-RMSNorm and rotary embedding. Shapes are
 //! checked as strictly as the CPU backend checks them, with the same messages.
 
-use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, T};
-use anyhow::{ensure, Result};
+use super::{bf16_of, bf16_tensor, f32_of, i32_arg, CudaBackend, T};
+use crate::backend::shapes::QkDims;
+use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 const THREADS: u32 = 256;
@@ -26,13 +27,8 @@ fn fast_kernel(head_dim: usize, width: usize) -> Option<&'static str> {
 
 pub(super) fn qk_norm_rope(b: &CudaBackend, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, eps: f32) -> Result<[T; 3]> {
     let op = "qk_norm_rope";
-    ensure!(x.rank() == 3, "{op}: x has shape {:?}, expected [batch, tokens, width]", x.shape());
-    let (batch, tokens, width) = (x.dim(0), x.dim(1), x.dim(2));
-    ensure!(q_scale.rank() == 1, "{op}: query scale has shape {:?}", q_scale.shape());
-    let hd = q_scale.dim(0);
-    expect_shape("key scale", op, k_scale.shape(), &[hd])?;
-    ensure!(width >= 3 * heads * hd && hd % 2 == 0, "{op}: width {width} cannot hold q, k, v of {heads} heads x {hd}");
-    expect_shape("pe", op, pe.shape(), &[batch, tokens, hd / 2, 2])?;
+    let dims = QkDims::new(x.shape(), heads, q_scale.shape(), k_scale.shape(), pe.shape())?;
+    let (batch, tokens, width, hd) = (dims.batch, dims.tokens, dims.width, dims.head_dim);
     let xs = bf16_of(op, "x", x)?;
     let (qs, ks) = (bf16_of(op, "query scale", q_scale)?, bf16_of(op, "key scale", k_scale)?);
     let pes = f32_of(op, "pe (the RoPE table is uploaded in f32)", pe)?;
