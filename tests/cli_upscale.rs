@@ -60,6 +60,29 @@ fn outputs_are_four_times_larger_keep_their_mode_and_repeat_exactly() {
     assert_eq!((t.width, t.height), (26, 14));
 }
 
+/// `--batch` runs the tiles of same-size inputs through the model together; the result of each
+/// image is the one it gets alone.
+#[test]
+fn batching_images_and_tiles_leaves_every_result_unchanged() {
+    let (dir, model, _) = setup();
+    let inputs = dir.path().join("batch");
+    std::fs::create_dir_all(&inputs).unwrap();
+    for (name, w, h, k) in [("a.png", 10, 8, 3), ("b.png", 10, 8, 7), ("c.png", 6, 9, 5), ("d.png", 10, 8, 11)] {
+        let px = (0..w * h * 3).map(|i| ((i * k) % 23) as f32 / 22.0).collect();
+        image::write_png(&inputs.join(name), &Image::new(w, h, 3, px), false).unwrap();
+    }
+    let (one, many) = (dir.path().join("one"), dir.path().join("many"));
+    ok(upscale(&model, &inputs, &one, &["--tile", "16"]));
+    let out = ok(upscale(&model, &inputs, &many, &["--tile", "16", "--batch", "3"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 together"), "{}", String::from_utf8_lossy(&out.stderr));
+    for name in ["a.png", "b.png", "c.png", "d.png"] {
+        assert_eq!(std::fs::read(one.join(name)).unwrap(), std::fs::read(many.join(name)).unwrap(), "{name}");
+    }
+    assert_ne!(std::fs::read(one.join("a.png")).unwrap(), std::fs::read(one.join("b.png")).unwrap());
+    let zero = upscale(&model, &inputs, &dir.path().join("zero"), &["--batch", "0"]);
+    assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("--batch"));
+}
+
 #[test]
 fn existing_outputs_shards_and_bad_files() {
     let (dir, model, inputs) = setup();
@@ -92,7 +115,7 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
 
     let (_dir, model, _) = setup();
     let lq = Image::new(24, 16, 3, (0..24 * 16 * 3).map(|i| ((i * 53) % 97) as f32 / 96.0).collect());
-    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64 };
+    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1 };
     let cpu = CpuBackend::new();
     let (plain, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
     let want = plain.upscale(&cpu, &lq, &UpscaleOptions { tile: 32, ..opts }, &mut |_, _| {}).unwrap();

@@ -43,6 +43,11 @@ pub struct Args {
     /// runs out of memory the tile side is halved and the image retried.
     #[arg(long, default_value_t = 512)]
     tile: usize,
+    /// Tiles per model call: the tiles of one image, and of up to this many consecutive
+    /// inputs of the same size, go through the model together (GPU throughput). Results do
+    /// not depend on it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
     /// Final scale relative to the input, resampled after the model (default: the model's).
     #[arg(long)]
     outscale: Option<f64>,
@@ -95,7 +100,7 @@ fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], 
     for w in warnings {
         eprintln!("warning: {w}");
     }
-    let opts = UpscaleOptions { steps: a.steps.unwrap_or(model.config.steps), seed: a.seed, tile: a.tile };
+    let opts = UpscaleOptions { steps: a.steps.unwrap_or(model.config.steps), seed: a.seed, tile: a.tile, batch: a.batch as usize };
     ensure!(opts.steps >= 1, "--steps must be at least 1");
     eprintln!("model {} on {}, {} steps, x{}", model_dir.display(), b.name(), opts.steps, model.config.scale);
 
@@ -104,35 +109,67 @@ fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], 
     // The bar hides itself when stderr is not a terminal; the per-image lines must not.
     let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
     let (mut failures, mut skipped) = (Vec::new(), 0);
-    for input in inputs {
-        let format = match a.format {
-            Format::Png => OutputFormat::Png,
-            Format::Same => OutputFormat::for_input(&input.path),
-        };
-        let out = a.out.join(&input.relative).with_extension(format.extension());
-        bar.set_message(input.relative.display().to_string());
-        if out.exists() && a.skip_existing {
-            say(format!("{}  skipped (exists)", input.relative.display()));
-            skipped += 1;
-            bar.inc(1);
-            continue;
-        }
-        let t0 = Instant::now();
-        match upscale_one(b, &model, input, &out, format, a, &opts) {
-            Ok((w, h, per_step)) => say(format!(
-                "{}  -> {}x{}  {:.1} s{}",
-                input.relative.display(),
-                w,
-                h,
-                t0.elapsed().as_secs_f64(),
-                per_step.map_or(String::new(), |s| format!(" ({s:.2} s/step)"))
-            )),
-            Err(e) => {
-                say(format!("{}  failed", input.relative.display()));
-                failures.push(format!("{e:#}"));
+    for chunk in inputs.chunks(opts.batch) {
+        // Read the chunk, then run its images of one size together.
+        let mut ready: Vec<Job> = Vec::new();
+        for input in chunk {
+            let format = match a.format {
+                Format::Png => OutputFormat::Png,
+                Format::Same => OutputFormat::for_input(&input.path),
+            };
+            let out = a.out.join(&input.relative).with_extension(format.extension());
+            let read = if out.exists() && a.skip_existing {
+                say(format!("{}  skipped (exists)", input.relative.display()));
+                skipped += 1;
+                bar.inc(1);
+                continue;
+            } else if out.exists() && !a.overwrite {
+                Err(anyhow::anyhow!("{}: exists; pass --overwrite to replace it or --skip-existing to keep it", out.display()))
+            } else {
+                image::read(&input.path).map_err(anyhow::Error::from)
+            };
+            match read {
+                Ok(lq) => ready.push(Job { input, out, format, lq }),
+                Err(e) => {
+                    say(format!("{}  failed", input.relative.display()));
+                    failures.push(format!("{e:#}"));
+                    bar.inc(1);
+                }
             }
         }
-        bar.inc(1);
+        while let Some(first) = ready.first() {
+            let size = (first.lq.width, first.lq.height);
+            let (group, rest): (Vec<Job>, Vec<Job>) = ready.into_iter().partition(|j| (j.lq.width, j.lq.height) == size);
+            ready = rest;
+            bar.set_message(group.iter().map(|j| j.input.relative.display().to_string()).collect::<Vec<_>>().join(", "));
+            let t0 = Instant::now();
+            let mut step_times = Vec::with_capacity(opts.steps);
+            let lqs: Vec<&Image> = group.iter().map(|j| &j.lq).collect();
+            let results = model.upscale_batch(b, &lqs, &opts, &mut |_, _| step_times.push(Instant::now()));
+            // Time per image and per sampling step (from the first step's end to the last's).
+            let per_image = t0.elapsed().as_secs_f64() / group.len() as f64;
+            let per_step = match (step_times.first(), step_times.last()) {
+                (Some(first), Some(last)) if step_times.len() > 1 => {
+                    format!(" ({:.2} s/step)", (*last - *first).as_secs_f64() / (step_times.len() - 1) as f64)
+                }
+                _ => String::new(),
+            };
+            let together = if group.len() > 1 { format!(", {} together", group.len()) } else { String::new() };
+            let results: Vec<Result<Image>> = match results {
+                Ok(images) => images.into_iter().map(Ok).collect(),
+                Err(e) => group.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+            };
+            for (job, sr) in group.iter().zip(results) {
+                match sr.and_then(|sr| finish(job, sr, a, model.config.scale)) {
+                    Ok((w, h)) => say(format!("{}  -> {w}x{h}  {per_image:.1} s{per_step}{together}", job.input.relative.display())),
+                    Err(e) => {
+                        say(format!("{}  failed", job.input.relative.display()));
+                        failures.push(format!("{}: {e:#}", job.input.path.display()));
+                    }
+                }
+                bar.inc(1);
+            }
+        }
     }
     bar.finish_and_clear();
     let done = inputs.len() - failures.len() - skipped;
@@ -141,41 +178,31 @@ fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], 
     Ok(())
 }
 
-fn upscale_one<B: Backend + 'static>(
-    b: &B,
-    model: &SrModel<B>,
-    input: &Input,
-    out: &Path,
+/// An input ready for the model.
+struct Job<'a> {
+    input: &'a Input,
+    out: PathBuf,
     format: OutputFormat,
-    a: &Args,
-    opts: &UpscaleOptions,
-) -> Result<(usize, usize, Option<f64>)> {
-    if out.exists() && !a.overwrite {
-        anyhow::bail!("{}: exists; pass --overwrite to replace it or --skip-existing to keep it", out.display());
-    }
-    let lq = image::read(&input.path)?;
-    let scale = model.config.scale;
+    lq: Image,
+}
+
+/// Colour fix, the input's mode, `--outscale`, and the atomic write of one model output.
+fn finish(job: &Job, sr: Image, a: &Args, scale: usize) -> Result<(usize, usize)> {
+    let lq = &job.lq;
     let (w, h) = (lq.width * scale, lq.height * scale);
-    let mut step_times = Vec::with_capacity(opts.steps);
-    let sr = model.upscale(b, &lq, opts, &mut |_, _| step_times.push(Instant::now()))?;
     let sr = a.color_fix.apply(&sr, &resize(&lq.to_rgb(), w, h));
-    let mut result = restore_mode(&lq, sr, w, h);
+    let mut result = restore_mode(lq, sr, w, h);
     if let Some(s) = a.outscale {
         let (ow, oh) = (((lq.width as f64 * s).round() as usize).max(1), ((lq.height as f64 * s).round() as usize).max(1));
         if (ow, oh) != (w, h) {
             result = resize(&result, ow, oh);
         }
     }
-    if let Some(dir) = out.parent() {
+    if let Some(dir) = job.out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", dir.display()))?;
     }
-    image::write(out, &result, format, a.overwrite)?;
-    // Time per sampling step, from the first step's end to the last's (encode/decode excluded).
-    let per_step = match (step_times.first(), step_times.last()) {
-        (Some(first), Some(last)) if step_times.len() > 1 => Some((*last - *first).as_secs_f64() / (step_times.len() - 1) as f64),
-        _ => None,
-    };
-    Ok((result.width, result.height, per_step))
+    image::write(&job.out, &result, job.format, a.overwrite)?;
+    Ok((result.width, result.height))
 }
 
 /// Gives the RGB result the input's mode back: gray stays gray (BT.601 luma), alpha is the

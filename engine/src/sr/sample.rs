@@ -25,68 +25,83 @@ impl Grid {
     }
 }
 
-/// The model as the sampler sees it: tile input `img` `[1, L, features + cond features]` with
-/// its tile-local `img_ids` `[1, L, 3]` at time `t` -> velocity `[L * features]`.
+/// The model as the sampler sees it: `n` tiles' input `img` `[n, L, features + cond features]`
+/// with their tile-local `img_ids` `[n, L, 3]` at time `t` -> velocities `[n * L * features]`.
 pub type Velocity<'a> = dyn FnMut(&HostTensor, &HostTensor, f32) -> Result<Vec<f32>> + 'a;
 
-/// Integrates `x` (noise, on `grid`) along `schedule` with the LQ condition `cond` (same rows
-/// and columns, `cond_features` each) concatenated on features. `tile` and `overlap` are in
-/// tokens. Calls `progress(step)` after every step.
+/// Integrates each `x` of `xs` (noise, one per image, all on `grid`) along `schedule` with its
+/// LQ condition of `conds` (same rows and columns, `cond_features` each) concatenated on
+/// features. `tile` and `overlap` are in tokens. Every tile of every image has the same shape,
+/// so the model evaluates up to `batch` of them per call. Calls `progress(step)` after every step.
 #[allow(clippy::too_many_arguments)]
 pub fn euler_tiled(
-    mut x: Vec<f32>,
-    cond: &[f32],
+    mut xs: Vec<Vec<f32>>,
+    conds: &[&[f32]],
     grid: Grid,
     cond_features: usize,
     schedule: &[f32],
-    tile: usize,
-    overlap: usize,
+    (tile, overlap): (usize, usize),
+    batch: usize,
     velocity: &mut Velocity<'_>,
     progress: &mut dyn FnMut(usize),
-) -> Result<Vec<f32>> {
-    ensure!(x.len() == grid.len(), "sampler: noise has {} values for a {grid:?} grid", x.len());
-    ensure!(cond.len() == grid.rows * grid.cols * cond_features, "sampler: condition does not match the grid");
+) -> Result<Vec<Vec<f32>>> {
+    ensure!(xs.len() == conds.len(), "sampler: {} noise fields for {} conditions", xs.len(), conds.len());
+    for (x, cond) in xs.iter().zip(conds) {
+        ensure!(x.len() == grid.len(), "sampler: noise has {} values for a {grid:?} grid", x.len());
+        ensure!(cond.len() == grid.rows * grid.cols * cond_features, "sampler: condition does not match the grid");
+    }
     let plan: Vec<(Tile, Vec<f32>)> =
         tiles(grid.rows, grid.cols, tile, overlap).into_iter().map(|t| (t, window(t, grid.rows, grid.cols, overlap))).collect();
+    let jobs: Vec<(usize, usize)> = (0..xs.len()).flat_map(|item| (0..plan.len()).map(move |k| (item, k))).collect();
+    let (th, tw) = (plan[0].0.h, plan[0].0.w);
+    let l = th * tw;
+    let ids: Vec<f32> = image_ids(th, tw);
     let f = grid.features;
     let width = f + cond_features;
     for (step, pair) in schedule.windows(2).enumerate() {
         let (t, t_next) = (pair[0], pair[1]);
-        let mut v_sum = vec![0f32; x.len()];
-        let mut w_sum = vec![0f32; grid.rows * grid.cols];
-        for (tile, win) in &plan {
-            let l = tile.h * tile.w;
-            let mut input = Vec::with_capacity(l * width);
-            for i in 0..tile.h {
-                for j in 0..tile.w {
-                    let cell = (tile.y + i) * grid.cols + tile.x + j;
-                    input.extend_from_slice(&x[cell * f..(cell + 1) * f]);
-                    input.extend_from_slice(&cond[cell * cond_features..(cell + 1) * cond_features]);
+        let mut v_sums = vec![vec![0f32; grid.len()]; xs.len()];
+        let mut w_sums = vec![vec![0f32; grid.rows * grid.cols]; xs.len()];
+        for chunk in jobs.chunks(batch.max(1)) {
+            let mut input = Vec::with_capacity(chunk.len() * l * width);
+            for &(item, k) in chunk {
+                let tile = plan[k].0;
+                for i in 0..tile.h {
+                    for j in 0..tile.w {
+                        let cell = (tile.y + i) * grid.cols + tile.x + j;
+                        input.extend_from_slice(&xs[item][cell * f..(cell + 1) * f]);
+                        input.extend_from_slice(&conds[item][cell * cond_features..(cell + 1) * cond_features]);
+                    }
                 }
             }
-            let img = HostTensor::from_f32(vec![1, l, width], input);
-            let ids = HostTensor::from_f32(vec![1, l, 3], image_ids(tile.h, tile.w));
-            let v = velocity(&img, &ids, t)?;
-            ensure!(v.len() == l * f, "sampler: the model returned {} values for a tile of {l} tokens x {f}", v.len());
-            for i in 0..tile.h {
-                for j in 0..tile.w {
-                    let (k, cell) = (i * tile.w + j, (tile.y + i) * grid.cols + tile.x + j);
-                    for c in 0..f {
-                        v_sum[cell * f + c] += win[k] * v[k * f + c];
+            let n = chunk.len();
+            let img = HostTensor::from_f32(vec![n, l, width], input);
+            let v = velocity(&img, &HostTensor::from_f32(vec![n, l, 3], ids.repeat(n)), t)?;
+            ensure!(v.len() == n * l * f, "sampler: the model returned {} values for {n} tiles of {l} tokens x {f}", v.len());
+            for (&(item, k), v) in chunk.iter().zip(v.chunks(l * f)) {
+                let (tile, win) = (&plan[k].0, &plan[k].1);
+                for i in 0..tile.h {
+                    for j in 0..tile.w {
+                        let (p, cell) = (i * tile.w + j, (tile.y + i) * grid.cols + tile.x + j);
+                        for c in 0..f {
+                            v_sums[item][cell * f + c] += win[p] * v[p * f + c];
+                        }
+                        w_sums[item][cell] += win[p];
                     }
-                    w_sum[cell] += win[k];
                 }
             }
         }
         let dt = t_next - t;
-        for (cell, w) in w_sum.iter().enumerate() {
-            for c in 0..f {
-                x[cell * f + c] += dt * v_sum[cell * f + c] / w;
+        for ((x, v_sum), w_sum) in xs.iter_mut().zip(&v_sums).zip(&w_sums) {
+            for (cell, w) in w_sum.iter().enumerate() {
+                for c in 0..f {
+                    x[cell * f + c] += dt * v_sum[cell * f + c] / w;
+                }
             }
         }
         progress(step + 1);
     }
-    Ok(x)
+    Ok(xs)
 }
 
 #[cfg(test)]
@@ -113,12 +128,25 @@ mod tests {
                 Ok(straight_to(&x0, &x, t))
             };
             let mut steps = 0;
-            let out =
-                euler_tiled(gaussian_noise(grid.len(), 1), &target, grid, 2, &schedule(7, 117), tile, overlap, &mut v, &mut |s| steps = s)
-                    .unwrap();
+            // Two images with different targets, their tiles mixed in batches of 3.
+            let other: Vec<f32> = target.iter().map(|x| -x).collect();
+            let out = euler_tiled(
+                vec![gaussian_noise(grid.len(), 1), gaussian_noise(grid.len(), 2)],
+                &[&target, &other],
+                grid,
+                2,
+                &schedule(7, 117),
+                (tile, overlap),
+                3,
+                &mut v,
+                &mut |s| steps = s,
+            )
+            .unwrap();
             assert_eq!(steps, 7);
-            for (a, b) in out.iter().zip(&target) {
-                assert!((a - b).abs() < 1e-4, "tile {tile}: {a} vs {b}");
+            for (out, target) in out.iter().zip([&target, &other]) {
+                for (a, b) in out.iter().zip(target) {
+                    assert!((a - b).abs() < 1e-4, "tile {tile}: {a} vs {b}");
+                }
             }
         }
     }
@@ -135,7 +163,8 @@ mod tests {
             let drift = if calls % 2 == 0 { 1.0 } else { -1.0 };
             Ok(vec![drift; img.shape[1]])
         };
-        let out = euler_tiled(vec![0f32; grid.len()], &cond, grid, 1, &[1.0, 0.0], 10, 5, &mut v, &mut |_| ()).unwrap();
+        let out = euler_tiled(vec![vec![0f32; grid.len()]], &[&cond], grid, 1, &[1.0, 0.0], (10, 5), 1, &mut v, &mut |_| ()).unwrap();
+        let out = &out[0];
         let mut jump = 0f32;
         for i in 0..grid.rows {
             for j in 0..grid.cols - 1 {

@@ -20,6 +20,8 @@ pub struct UpscaleOptions {
     pub seed: u64,
     /// Tile side in output pixels; images up to this size run in one tile.
     pub tile: usize,
+    /// Tiles per model call (of one image or of several of one size).
+    pub batch: usize,
 }
 
 impl<B: Backend + 'static> SrModel<B> {
@@ -30,43 +32,65 @@ impl<B: Backend + 'static> SrModel<B> {
 
     /// Upscales the colour channels of `lq` by the model's scale. Calls `progress(step, steps)`.
     pub fn upscale(&self, b: &B, lq: &Image, opts: &UpscaleOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Image> {
+        Ok(self.upscale_batch(b, &[lq], opts, progress)?.remove(0))
+    }
+
+    /// Upscales images of one size together: the tiles of all of them go through the model
+    /// `opts.batch` at a time. Each image gets the noise of `opts.seed`, so its result does not
+    /// depend on the batch it ran in. Calls `progress(step, steps)`.
+    pub fn upscale_batch(&self, b: &B, lqs: &[&Image], opts: &UpscaleOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Image>> {
         ensure!(opts.steps >= 1, "steps must be at least 1");
+        ensure!(!lqs.is_empty(), "upscale_batch: no images");
+        let (lw0, lh0) = (lqs[0].width, lqs[0].height);
+        ensure!(lqs.iter().all(|lq| (lq.width, lq.height) == (lw0, lh0)), "upscale_batch: the images differ in size");
         let scale = self.config.scale;
-        let (w, h) = (lq.width * scale, lq.height * scale);
+        let (w, h) = (lw0 * scale, lh0 * scale);
         let unit = self.token_pixels();
         let (wp, hp) = (w.div_ceil(unit) * unit, h.div_ceil(unit) * unit);
         // The model sees the bicubic upsample; sides are padded by edge replication to whole
         // latent tokens, and the padding is cropped off the result.
-        let up = pad_edges(&resize(&lq.to_rgb(), w, h), wp, hp);
-        let latent_lq = b.download(&self.ae.encode(b, &b.input(&to_tensor(&up))?)?)?;
-        let (lh, lw) = (latent_lq.shape[2], latent_lq.shape[3]);
-        let cond = pack(&latent_lq)?;
-        let grid = Grid { rows: lh / 2, cols: lw / 2, features: cond.shape[2] };
+        let mut conds = Vec::with_capacity(lqs.len());
+        for lq in lqs {
+            let up = pad_edges(&resize(&lq.to_rgb(), w, h), wp, hp);
+            conds.push(pack(&b.download(&self.ae.encode(b, &b.input(&to_tensor(&up))?)?)?)?.to_f32());
+        }
+        let (lh, lw) = (hp / self.config.ae_factor(), wp / self.config.ae_factor());
+        let features = conds[0].len() / ((lh / 2) * (lw / 2));
+        let grid = Grid { rows: lh / 2, cols: lw / 2, features };
 
-        let guidance = HostTensor::from_f32(vec![1], vec![self.config.guidance]);
         let mut velocity = |img: &HostTensor, ids: &HostTensor, t: f32| -> Result<Vec<f32>> {
-            let txt_ids = HostTensor::from_f32(vec![1, self.txt.shape[1], 3], vec![0.0; self.txt.shape[1] * 3]);
-            let c = Conditioning {
-                txt: b.input(&self.txt)?,
-                pe: self.flux.positions(b, &txt_ids, ids)?,
-                y: b.input(&self.y)?,
-                guidance: if self.flux.params.guidance_embed { Some(scalars(b, &guidance)?) } else { None },
+            let n = img.shape[0];
+            let repeat = |x: &HostTensor| {
+                let mut shape = x.shape.clone();
+                shape[0] = n;
+                HostTensor::from_f32(shape, x.to_f32().repeat(n))
             };
-            let v = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![1], vec![t]))?, &c)?;
+            let txt_ids = HostTensor::from_f32(vec![n, self.txt.shape[1], 3], vec![0.0; n * self.txt.shape[1] * 3]);
+            let c = Conditioning {
+                txt: b.input(&repeat(&self.txt))?,
+                pe: self.flux.positions(b, &txt_ids, ids)?,
+                y: b.input(&repeat(&self.y))?,
+                guidance: match self.flux.params.guidance_embed {
+                    true => Some(scalars(b, &HostTensor::from_f32(vec![n], vec![self.config.guidance; n]))?),
+                    false => None,
+                },
+            };
+            let v = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![n], vec![t; n]))?, &c)?;
             Ok(b.download(&v)?.to_f32())
         };
-        // A GPU too small for the tile gets the same image in tiles of half the side.
+        let cond_refs: Vec<&[f32]> = conds.iter().map(|c| c.as_slice()).collect();
+        // A GPU too small for the tile gets the same images in tiles of half the side.
         let mut tile = (opts.tile / unit).max(1);
-        let x = loop {
+        let xs = loop {
             let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
             let attempt = euler_tiled(
-                gaussian_noise(grid.len(), opts.seed),
-                &cond.to_f32(),
+                vec![gaussian_noise(grid.len(), opts.seed); lqs.len()],
+                &cond_refs,
                 grid,
                 grid.features,
                 &times,
-                tile,
-                (tile / 4).max(1),
+                (tile, (tile / 4).max(1)),
+                opts.batch,
                 &mut velocity,
                 &mut |s| progress(s, opts.steps),
             );
@@ -75,9 +99,13 @@ impl<B: Backend + 'static> SrModel<B> {
                 result => break result?,
             }
         };
-        let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
-        let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
-        Ok(from_tensor(&decoded, w, h))
+        xs.into_iter()
+            .map(|x| {
+                let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
+                let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
+                Ok(from_tensor(&decoded, w, h))
+            })
+            .collect()
     }
 }
 
