@@ -134,3 +134,64 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
     let err = model_on_none.upscale(&no_gpu, &lq, &opts, &mut |_, _| {}).unwrap_err();
     assert!(format!("{err:#}").contains("GPU out of memory"), "{err:#}");
 }
+
+/// `engine model merge` writes the model with the adapter in its weights: in f32 it upscales
+/// exactly as the model with the adapter merged at load; in bf16 within bf16 rounding.
+#[test]
+fn a_merged_model_upscales_as_the_model_with_its_adapter() {
+    use loaders::HostTensor;
+    let (dir, model, inputs) = setup();
+    let lora = dir.path().join("lora.safetensors");
+    let rank = 2;
+    let values = |n: usize, k: usize| (0..n).map(|i| (((i * k) % 17) as f32 - 8.0) / 40.0).collect::<Vec<f32>>();
+    let tensors = [
+        ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", HostTensor::from_f32(vec![rank, 64], values(rank * 64, 3))),
+        ("transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight", HostTensor::from_f32(vec![64, rank], values(64 * rank, 5))),
+        ("transformer.transformer_blocks.0.ff.net.2.lora_A.weight", HostTensor::from_f32(vec![rank, 256], values(rank * 256, 7))),
+        ("transformer.transformer_blocks.0.ff.net.2.lora_B.weight", HostTensor::from_f32(vec![64, rank], values(64 * rank, 11))),
+    ];
+    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    loaders::safetensors::write(&lora, &list, &Default::default(), false).unwrap();
+
+    let (merged32, merged16) = (dir.path().join("merged32"), dir.path().join("merged16"));
+    let merge = |out: &Path, dtype: &str| {
+        ok(engine(&[
+            "model",
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ]))
+    };
+    merge(&merged32, "f32");
+    merge(&merged16, "bf16");
+    assert!(merged32.join("model.json").exists());
+    let again = engine(&[
+        "model",
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--lora",
+        lora.to_str().unwrap(),
+        "--out",
+        merged32.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+
+    let run = |model: &Path, extra: &[&str], out: &str| {
+        let out = dir.path().join(out);
+        ok(upscale(model, &inputs, &out, &[&["--color-fix", "none"], extra].concat()));
+        image::read(&out.join("rgba16.png")).unwrap().data
+    };
+    let with_adapter = run(&model, &["--lora", lora.to_str().unwrap()], "a");
+    assert_ne!(with_adapter, run(&model, &[], "plain"), "the adapter changes the result");
+    assert_eq!(with_adapter, run(&merged32, &[], "m32"));
+    let bf16 = run(&merged16, &[], "m16");
+    let worst = with_adapter.iter().zip(&bf16).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 0.1, "bf16 weights move a pixel by {worst}");
+}

@@ -1,9 +1,9 @@
 //! `engine forward`: one transformer evaluation from BFL's forward arguments in a file.
 
 use anyhow::Result;
+use engine::backend::device::Device;
 use engine::model::{load_flux, FluxInputs, FluxParams, LoraMode};
 use engine::Backend;
-use engine::backend::device::Device;
 use loaders::safetensors::{self, Checkpoint};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,14 +1,17 @@
-//! `engine model init`: writes a model folder (design.md section 4) around a randomly
-//! initialised transformer of a named shape, for tests, benchmarks and as the start of training.
+//! `engine model init|merge`: writes model folders (design.md section 4): around a randomly
+//! initialised transformer of a named shape (tests, benchmarks, the start of training), or a
+//! model with LoRA adapters merged into its weights (what is shipped after training).
 
 use anyhow::{ensure, Result};
-use engine::model::weights::WeightLoader;
-use engine::model::{Flux, FluxParams};
-use engine::sr::model_dir::{AeConfig, ConditioningMode, SrConfig};
+use engine::model::weights::{WeightLoader, WeightSource};
+use engine::model::{Flux, FluxParams, LoraMode, PartialFluxParams};
+use engine::sr::model_dir::SrConfig;
 use engine::CpuBackend;
-use loaders::safetensors;
+use loaders::flux::FluxCheckpoint;
+use loaders::lora::LoraAdapter;
+use loaders::{safetensors, DType, HostTensor};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Manage super-resolution model folders.
 #[derive(clap::Args)]
@@ -20,55 +23,129 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum Command {
     Init(InitArgs),
+    Merge(MergeArgs),
 }
 
 /// Write a model folder (model.json + transformer.safetensors) with a randomly initialised
 /// transformer of a preset's shape, its channels fitted to the autoencoder: in = 2 x 4 x latent
 /// channels (noisy latent and LQ, packed 2x2, concatenated), out = 4 x latent channels.
+/// Untrained: its output is noise, useful only to exercise the pipeline.
 #[derive(clap::Args)]
 struct InitArgs {
     /// Folder to create.
     #[arg(long)]
     out: PathBuf,
-    /// Transformer shape: flux-dev, flux-small or flux-tiny.
+    /// Transformer shape: flux-dev, flux-small, flux-tiny or asasr-cpu (the shipped model's).
     #[arg(long, default_value = "flux-tiny")]
     preset: String,
     /// Seed of the random initialisation.
     #[arg(long, default_value_t = 0)]
     init_seed: u64,
-    /// Pixel-shuffle factor of the (weightless) autoencoder: latent channels 3 x F^2.
-    #[arg(long, default_value_t = 2)]
-    pixel_shuffle: usize,
+    /// Pixel-shuffle factor of the (weightless) autoencoder, latent channels 3 x F^2 (default:
+    /// the preset's, 8 for asasr-cpu and 2 for the others).
+    #[arg(long)]
+    pixel_shuffle: Option<usize>,
     /// Output side / input side.
     #[arg(long, default_value_t = 4)]
     scale: usize,
-    /// Default sampling steps recorded in model.json.
-    #[arg(long, default_value_t = 28)]
-    steps: usize,
+    /// Default sampling steps recorded in model.json (default: the preset's).
+    #[arg(long)]
+    steps: Option<usize>,
     /// Replace files in an existing folder.
     #[arg(long)]
     overwrite: bool,
 }
 
+/// Write a model folder whose transformer has LoRA adapters merged into its weights: the model
+/// folder's other files are copied, transformer.safetensors is rewritten (BFL layout).
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Model folder to start from.
+    #[arg(long)]
+    model: PathBuf,
+    /// LoRA adapter to merge; repeat to merge several, in order.
+    #[arg(long, required = true)]
+    lora: Vec<PathBuf>,
+    /// Folder to create.
+    #[arg(long)]
+    out: PathBuf,
+    /// Dtype of the written weights.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: WeightDtype,
+    /// Replace files in an existing folder.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightDtype {
+    Bf16,
+    F32,
+}
+
 pub fn run(a: Args) -> Result<()> {
     match a.command {
         Command::Init(a) => init(a),
+        Command::Merge(a) => merge(a),
     }
 }
 
-fn init(a: InitArgs) -> Result<()> {
-    ensure!(a.pixel_shuffle >= 1, "--pixel-shuffle must be at least 1");
-    let latent = 3 * a.pixel_shuffle * a.pixel_shuffle;
-    let transformer = FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..FluxParams::preset(&a.preset)? };
-    let config = SrConfig {
-        scale: a.scale,
-        conditioning: ConditioningMode::Concat,
-        autoencoder: AeConfig::PixelShuffle { factor: a.pixel_shuffle },
-        transformer,
-        steps: a.steps,
-        guidance: 3.5,
-        text_tokens: 1,
+/// Writes `tensors` as `folder/transformer.safetensors` in `dtype`.
+fn write_transformer(folder: &Path, tensors: &[(String, HostTensor)], dtype: DType, overwrite: bool) -> Result<usize> {
+    let cast: Vec<(String, HostTensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.cast(dtype))).collect();
+    let list: Vec<(&str, &HostTensor)> = cast.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::write(&folder.join("transformer.safetensors"), &list, &BTreeMap::new(), overwrite)?;
+    Ok(tensors.iter().map(|(_, t)| t.len()).sum())
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    ensure!(
+        a.model.canonicalize().ok() != a.out.canonicalize().ok(),
+        "--out {}: is the model folder itself; write the merged model to a new folder",
+        a.out.display()
+    );
+    let config = SrConfig::read(&a.model.join("model.json"))?;
+    let ckpt = FluxCheckpoint::open(&a.model.join("transformer.safetensors"))?;
+    let params = FluxParams::infer(&ckpt.shapes(), &PartialFluxParams::from(&config.transformer))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.origin()))?;
+    let adapters = a.lora.iter().map(|p| LoraAdapter::open(p, params.hidden_size)).collect::<Result<Vec<_>, _>>()?;
+    let b = CpuBackend::new();
+    let mut w = WeightLoader::new(&b, &ckpt).with_dtype(Some(DType::F32)).with_lora(adapters, LoraMode::Merged).recording();
+    Flux::build(&params, &mut w)?;
+    let tensors = w.take_recorded();
+    w.finish()?;
+
+    let target = a.out.join("transformer.safetensors");
+    ensure!(a.overwrite || !target.exists(), "{}: exists; pass --overwrite to replace it", target.display());
+    std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", a.out.display()))?;
+    let dtype = match a.dtype {
+        WeightDtype::Bf16 => DType::BF16,
+        WeightDtype::F32 => DType::F32,
     };
+    let count = write_transformer(&a.out, &tensors, dtype, a.overwrite)?;
+    // The folder's other files (model.json, ae.safetensors, text.safetensors) as they are.
+    for entry in std::fs::read_dir(&a.model).map_err(|e| anyhow::anyhow!("{}: {e}", a.model.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default();
+        if path.is_file() && name != "transformer.safetensors" {
+            let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            loaders::atomic::write_atomic(&a.out.join(name), a.overwrite, |out| std::io::Write::write_all(out, &bytes))?;
+        }
+    }
+    println!(
+        "wrote {} ({} parameters, {} adapter(s) merged, {})",
+        a.out.display(),
+        super::human_count(count),
+        a.lora.len(),
+        if matches!(dtype, DType::BF16) { "bf16" } else { "f32" }
+    );
+    Ok(())
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let mut config = SrConfig::preset(&a.preset, a.pixel_shuffle)?;
+    config.scale = a.scale;
+    config.steps = a.steps.unwrap_or(config.steps);
     config.validate()?;
     let (json, weights) = (a.out.join("model.json"), a.out.join("transformer.safetensors"));
     for f in [&json, &weights] {
@@ -79,18 +156,16 @@ fn init(a: InitArgs) -> Result<()> {
     let mut w = WeightLoader::random(&b, a.init_seed).recording();
     Flux::build(&config.transformer, &mut w)?;
     let tensors = w.take_recorded();
-    let list: Vec<(&str, &loaders::HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    safetensors::write(&weights, &list, &BTreeMap::new(), a.overwrite)?;
+    let params = write_transformer(&a.out, &tensors, DType::F32, a.overwrite)?;
     let text = serde_json::to_string_pretty(&config)? + "\n";
     loaders::atomic::write_atomic(&json, a.overwrite, |out| std::io::Write::write_all(out, text.as_bytes()))?;
-    let params: usize = tensors.iter().map(|(_, t)| t.len()).sum();
     println!(
         "wrote {} ({} transformer, {} parameters, random init seed {}, pixel-shuffle {} autoencoder, x{})",
         a.out.display(),
         a.preset,
         super::human_count(params),
         a.init_seed,
-        a.pixel_shuffle,
+        config.ae_factor(),
         a.scale
     );
     Ok(())

@@ -1,12 +1,12 @@
 //! `engine upscale`: images or folders through a super-resolution model, into a mirrored tree.
 
 use anyhow::{ensure, Result};
+use engine::backend::device::Device;
 use engine::model::LoraMode;
 use engine::sr::colorfix::ColorFix;
 use engine::sr::model_dir::SrModel;
 use engine::sr::resample::resize;
 use engine::sr::upscaler::UpscaleOptions;
-use engine::backend::device::Device;
 use engine::Backend;
 use indicatif::{ProgressBar, ProgressStyle};
 use loaders::image::{self, Image, OutputFormat};

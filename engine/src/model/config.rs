@@ -63,7 +63,7 @@ impl From<&FluxParams> for PartialFluxParams {
     }
 }
 
-pub const PRESETS: &[&str] = &["flux-dev", "flux-small", "flux-tiny"];
+pub const PRESETS: &[&str] = &["flux-dev", "flux-small", "flux-tiny", "asasr-cpu"];
 
 /// Size of the sinusoidal timestep embedding fed to `time_in` and `guidance_in`.
 pub const TIME_EMBED_DIM: usize = 256;
@@ -106,6 +106,20 @@ impl FluxParams {
                 depth: 1,
                 depth_single_blocks: 1,
                 axes_dim: vec![4, 14, 14],
+                ..dev
+            },
+            // The shipped CPU model: single-stream blocks only (the text is a fixed embedding, so
+            // a text stream would be dead weight), as wide as a pixel-shuffle(8) token (16x16
+            // pixels, 768 values) so that the noise passes through without a bottleneck.
+            "asasr-cpu" => FluxParams {
+                vec_in_dim: 32,
+                context_in_dim: 64,
+                hidden_size: 768,
+                mlp_ratio: 2.0,
+                num_heads: 6,
+                depth: 0,
+                depth_single_blocks: 3,
+                guidance_embed: false,
                 ..dev
             },
             other => bail!("unknown preset '{other}' (known: {})", PRESETS.join(", ")),

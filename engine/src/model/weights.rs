@@ -125,8 +125,8 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         self
     }
 
-    /// Keeps a copy of every base tensor handed out, for `take_recorded` (e.g. to save random
-    /// weights as a checkpoint).
+    /// Keeps a copy of every base tensor handed out, with merged LoRA parts included, for
+    /// `take_recorded` (to save random weights, or a model with its adapters merged).
     pub fn recording(mut self) -> Self {
         self.recorded = Some(Vec::new());
         self
@@ -170,14 +170,16 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             None => t,
         };
         self.used.insert(name.to_string());
-        let t = match self.dtype {
+        Ok(match self.dtype {
             Some(d) => t.cast(d),
             None => t,
-        };
+        })
+    }
+
+    fn record(&mut self, name: &str, t: &HostTensor) {
         if let Some(r) = &mut self.recorded {
             r.push((name.to_string(), t.clone()));
         }
-        Ok(t)
     }
 
     /// A named tensor of exactly `shape`.
@@ -186,6 +188,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             return self.backend.placeholder(shape, self.dtype.unwrap_or(dtype));
         }
         let t = self.host(name, shape)?;
+        self.record(name, &t);
         self.backend.upload(&t)
     }
 
@@ -222,6 +225,10 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
                     });
                 }
             }
+        }
+        self.record(&format!("{prefix}.weight"), &weight);
+        if let Some(bias) = &bias {
+            self.record(&format!("{prefix}.bias"), bias);
         }
         let b = self.backend;
         Ok(Linear { weight: b.upload(&weight)?, bias: bias.as_ref().map(|t| b.upload(t)).transpose()?, lora })

@@ -32,6 +32,31 @@ pub struct SrConfig {
     pub text_tokens: usize,
 }
 
+impl SrConfig {
+    /// A x4 model around a preset transformer shape (`FluxParams::preset`) with the
+    /// autoencoder the preset is meant for, unless `pixel_shuffle` names another: pixel-shuffle(8)
+    /// for `asasr-cpu`, (2) for the others. The transformer's channels fit the autoencoder:
+    /// in = 2 x 4 x latent channels (noisy latent and LQ, packed 2x2, concatenated),
+    /// out = 4 x latent channels.
+    pub fn preset(name: &str, pixel_shuffle: Option<usize>) -> Result<Self> {
+        let transformer = FluxParams::preset(name)?;
+        let factor = pixel_shuffle.unwrap_or(if name == "asasr-cpu" { 8 } else { 2 });
+        ensure!(factor >= 1, "the pixel-shuffle factor must be at least 1");
+        let latent = 3 * factor * factor;
+        let config = SrConfig {
+            scale: 4,
+            conditioning: ConditioningMode::Concat,
+            autoencoder: AeConfig::PixelShuffle { factor },
+            transformer: FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..transformer },
+            steps: if name == "asasr-cpu" { 8 } else { default_steps() },
+            guidance: default_guidance(),
+            text_tokens: default_text_tokens(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 fn default_steps() -> usize {
     28
 }

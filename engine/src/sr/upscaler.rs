@@ -38,7 +38,13 @@ impl<B: Backend + 'static> SrModel<B> {
     /// Upscales images of one size together: the tiles of all of them go through the model
     /// `opts.batch` at a time. Each image gets the noise of `opts.seed`, so its result does not
     /// depend on the batch it ran in. Calls `progress(step, steps)`.
-    pub fn upscale_batch(&self, b: &B, lqs: &[&Image], opts: &UpscaleOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Image>> {
+    pub fn upscale_batch(
+        &self,
+        b: &B,
+        lqs: &[&Image],
+        opts: &UpscaleOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Image>> {
         ensure!(opts.steps >= 1, "steps must be at least 1");
         ensure!(!lqs.is_empty(), "upscale_batch: no images");
         let (lw0, lh0) = (lqs[0].width, lqs[0].height);
