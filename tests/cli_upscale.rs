@@ -81,6 +81,15 @@ fn batching_images_and_tiles_leaves_every_result_unchanged() {
     assert_ne!(std::fs::read(one.join("a.png")).unwrap(), std::fs::read(one.join("b.png")).unwrap());
     let zero = upscale(&model, &inputs, &dir.path().join("zero"), &["--batch", "0"]);
     assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("--batch"));
+
+    // The bicubic baseline needs no model, and takes no adapter.
+    let bicubic = dir.path().join("bicubic");
+    ok(engine(&["upscale", inputs.to_str().unwrap(), "-o", bicubic.to_str().unwrap(), "--bicubic"]));
+    let a = image::read(&bicubic.join("a.png")).unwrap();
+    assert_eq!((a.width, a.height), (40, 32));
+    assert_ne!(std::fs::read(bicubic.join("a.png")).unwrap(), std::fs::read(one.join("a.png")).unwrap());
+    let lora = engine(&["upscale", inputs.to_str().unwrap(), "-o", bicubic.to_str().unwrap(), "--bicubic", "--lora", "x.safetensors"]);
+    assert!(!lora.status.success() && String::from_utf8_lossy(&lora.stderr).contains("--lora"));
 }
 
 #[test]

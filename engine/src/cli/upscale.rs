@@ -7,7 +7,7 @@ use engine::sr::colorfix::ColorFix;
 use engine::sr::model_dir::SrModel;
 use engine::sr::resample::resize;
 use engine::sr::upscaler::UpscaleOptions;
-use engine::Backend;
+use engine::{Backend, CpuBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 use loaders::image::{self, Image, OutputFormat};
 use loaders::walk::{collect_inputs, parse_shard, shard, Input};
@@ -28,8 +28,12 @@ pub struct Args {
     out: PathBuf,
     /// Model folder (model.json, transformer.safetensors, ...). No trained model is shipped yet;
     /// `engine model init` writes a randomly initialised one.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bicubic")]
     model: Option<PathBuf>,
+    /// No model: write the bicubic enlargement by 4, the baseline of `engine eval` tables and
+    /// of adversary triples (`engine train --stage adversary`).
+    #[arg(long)]
+    bicubic: bool,
     /// LoRA adapter for the transformer; repeat to stack several (merged at load).
     #[arg(long)]
     lora: Vec<PathBuf>,
@@ -78,9 +82,6 @@ enum Format {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let Some(model_dir) = &a.model else {
-        anyhow::bail!("no default model is shipped yet: pass --model DIR (`engine model init --out DIR` writes an untrained one)");
-    };
     let mut inputs = collect_inputs(&a.inputs)?;
     if let Some(spec) = &a.shard {
         let (i, n) = parse_shard(spec)?;
@@ -91,18 +92,53 @@ pub fn run(a: Args) -> Result<()> {
         ensure!(s.is_finite() && s > 0.0, "--outscale must be a positive number, got {s}");
     }
 
-    engine::on_backend!(a.device, b => upscale_all(b, model_dir, &inputs, &a))
+    if a.bicubic {
+        ensure!(a.lora.is_empty(), "--lora needs a model; --bicubic runs none");
+        return upscale_all(&CpuBackend::new(), &Upscaler::Bicubic, &inputs, &a);
+    }
+    let Some(model_dir) = &a.model else {
+        anyhow::bail!("no default model is shipped yet: pass --model DIR (`engine model init --out DIR` writes an untrained one)");
+    };
+    engine::on_backend!(a.device, b => {
+        let loras: Vec<&Path> = a.lora.iter().map(|p| p.as_path()).collect();
+        let (model, warnings) = SrModel::load(b, model_dir, &loras, LoraMode::Merged)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("model {} on {}, {} steps, x{}", model_dir.display(), b.name(), a.steps.unwrap_or(model.config.steps), model.config.scale);
+        upscale_all(b, &Upscaler::Model(model), &inputs, &a)
+    })
 }
 
-fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], a: &Args) -> Result<()> {
-    let loras: Vec<&Path> = a.lora.iter().map(|p| p.as_path()).collect();
-    let (model, warnings) = SrModel::load(b, model_dir, &loras, LoraMode::Merged)?;
-    for w in warnings {
-        eprintln!("warning: {w}");
+/// What turns an LQ image into its enlargement.
+enum Upscaler<B: Backend> {
+    Model(SrModel<B>),
+    Bicubic,
+}
+
+impl<B: Backend + 'static> Upscaler<B> {
+    fn scale(&self) -> usize {
+        match self {
+            Upscaler::Model(m) => m.config.scale,
+            Upscaler::Bicubic => 4,
+        }
     }
-    let opts = UpscaleOptions { steps: a.steps.unwrap_or(model.config.steps), seed: a.seed, tile: a.tile, batch: a.batch as usize };
+
+    fn upscale_batch(&self, b: &B, lqs: &[&Image], opts: &UpscaleOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Vec<Image>> {
+        match self {
+            Upscaler::Model(m) => m.upscale_batch(b, lqs, opts, progress),
+            Upscaler::Bicubic => Ok(lqs.iter().map(|lq| resize(&lq.to_rgb(), lq.width * 4, lq.height * 4)).collect()),
+        }
+    }
+}
+
+fn upscale_all<B: Backend + 'static>(b: &B, upscaler: &Upscaler<B>, inputs: &[Input], a: &Args) -> Result<()> {
+    let steps = match upscaler {
+        Upscaler::Model(m) => a.steps.unwrap_or(m.config.steps),
+        Upscaler::Bicubic => 1,
+    };
+    let opts = UpscaleOptions { steps, seed: a.seed, tile: a.tile, batch: a.batch as usize };
     ensure!(opts.steps >= 1, "--steps must be at least 1");
-    eprintln!("model {} on {}, {} steps, x{}", model_dir.display(), b.name(), opts.steps, model.config.scale);
 
     let bar = ProgressBar::new(inputs.len() as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
@@ -145,7 +181,7 @@ fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], 
             let t0 = Instant::now();
             let mut step_times = Vec::with_capacity(opts.steps);
             let lqs: Vec<&Image> = group.iter().map(|j| &j.lq).collect();
-            let results = model.upscale_batch(b, &lqs, &opts, &mut |_, _| step_times.push(Instant::now()));
+            let results = upscaler.upscale_batch(b, &lqs, &opts, &mut |_, _| step_times.push(Instant::now()));
             // Time per image and per sampling step (from the first step's end to the last's).
             let per_image = t0.elapsed().as_secs_f64() / group.len() as f64;
             let per_step = match (step_times.first(), step_times.last()) {
@@ -160,7 +196,7 @@ fn upscale_all<B: Backend + 'static>(b: &B, model_dir: &Path, inputs: &[Input], 
                 Err(e) => group.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
             };
             for (job, sr) in group.iter().zip(results) {
-                match sr.and_then(|sr| finish(job, sr, a, model.config.scale)) {
+                match sr.and_then(|sr| finish(job, sr, a, upscaler.scale())) {
                     Ok((w, h)) => say(format!("{}  -> {w}x{h}  {per_image:.1} s{per_step}{together}", job.input.relative.display())),
                     Err(e) => {
                         say(format!("{}  failed", job.input.relative.display()));
