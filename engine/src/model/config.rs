@@ -110,12 +110,13 @@ impl FluxParams {
             },
             // The shipped CPU model: single-stream blocks only (the text is a fixed embedding, so
             // a text stream would be dead weight), as wide as a pixel-shuffle(8) token (16x16
-            // pixels, 768 values) so that the noise passes through without a bottleneck.
+            // pixels, 768 values) so that the noise passes through without a bottleneck; MLP
+            // ratio 1 keeps it at 20M parameters (40 MB in bf16).
             "asasr-cpu" => FluxParams {
                 vec_in_dim: 32,
                 context_in_dim: 64,
                 hidden_size: 768,
-                mlp_ratio: 2.0,
+                mlp_ratio: 1.0,
                 num_heads: 6,
                 depth: 0,
                 depth_single_blocks: 3,
