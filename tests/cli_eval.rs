@@ -73,6 +73,17 @@ fn eval_matches_the_reference_in_table_csv_and_plot() {
     assert!(img.data.chunks(3).any(|p| p[0] > 0.5 && p[1] < 0.3 && p[2] < 0.3), "no red SR line");
     assert!(img.data.chunks(3).any(|p| p[2] > 0.5 && p[0] < 0.3 && p[1] < 0.3), "no blue bicubic line");
 
+    // More variants on the plot, and a chosen image: a green line appears; a stem that is not
+    // there is named.
+    let also = dir.path().join("also.png");
+    let with_also = ["eval", s(&sr), s(&hq), "--plot", s(&also), "--plot-also", s(&hq), "--plot-stem", "noise"];
+    assert!(engine(&with_also).status.success());
+    let img = loaders::image::read(&also).unwrap();
+    assert!(img.data.chunks(3).any(|p| p[1] > 0.5 && p[0] < 0.2 && p[2] < 0.2), "no green line");
+    let nowhere = dir.path().join("x.png");
+    let missing = ["eval", s(&sr), s(&hq), "--plot", s(&nowhere), "--plot-stem", "nope"];
+    assert_fails_with(&engine(&missing), &["nope"]);
+
     // Outputs are not replaced unless asked.
     assert_fails_with(&engine(&args), &["scores.csv", "--overwrite"]);
     let mut again = args.to_vec();

@@ -28,6 +28,13 @@ pub struct Args {
     /// No text (plotters draws text through system font libraries).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// More SR folders to draw on the plot beside SR_DIR (not scored), in the order given, in
+    /// green, orange, magenta, cyan, then grey: e.g. the variants of an ablation.
+    #[arg(long, value_name = "DIR", requires = "plot")]
+    plot_also: Vec<PathBuf>,
+    /// Which image to plot, by file stem (default: the first pair).
+    #[arg(long, value_name = "STEM", requires = "plot")]
+    plot_stem: Option<String>,
     /// Replace existing --csv / --plot files.
     #[arg(long)]
     overwrite: bool,
@@ -68,7 +75,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         let scores = metrics::evaluate(&sr_img, &hq_img).with_context(|| format!("{} against {}", sr_path.display(), hq_path.display()))?;
         rows.push((stem.clone(), scores));
-        if first.is_none() && a.plot.is_some() {
+        if a.plot.is_some() && a.plot_stem.as_ref().map_or(first.is_none(), |want| want == stem) {
             first = Some((sr_img, hq_img));
         }
     }
@@ -95,8 +102,25 @@ pub fn run(a: Args) -> Result<()> {
             Ok(())
         })?;
     }
-    if let (Some(path), Some((sr_img, hq_img))) = (&a.plot, &first) {
-        plot_spectra(path, sr_img, hq_img, a.overwrite)?;
+    if let Some(path) = &a.plot {
+        let Some((sr_img, hq_img)) = &first else {
+            bail!("--plot-stem {}: no such pair", a.plot_stem.as_deref().unwrap_or_default());
+        };
+        let stem = match &a.plot_stem {
+            Some(s) => s.clone(),
+            None => rows[0].0.clone(),
+        };
+        let mut others = Vec::with_capacity(a.plot_also.len());
+        for dir in &a.plot_also {
+            let found = images_by_stem(dir)?;
+            let p = found.get(&stem).with_context(|| format!("--plot-also {}: no image with the stem '{stem}'", dir.display()))?;
+            let img = loaders::image::read(p)?;
+            if (img.width, img.height) != (hq_img.width, hq_img.height) {
+                bail!("size mismatch: {} is {}x{} but the HQ is {}x{}", p.display(), img.width, img.height, hq_img.width, hq_img.height);
+            }
+            others.push(img);
+        }
+        plot_spectra(path, sr_img, hq_img, &others, a.overwrite)?;
     }
     Ok(())
 }
@@ -133,7 +157,7 @@ fn csv_field(s: &str) -> String {
 }
 
 /// Radially averaged power spectra of the Y channels, log10 of the power, as a line chart.
-fn plot_spectra(path: &Path, sr: &Image, hq: &Image, overwrite: bool) -> Result<()> {
+fn plot_spectra(path: &Path, sr: &Image, hq: &Image, others: &[Image], overwrite: bool) -> Result<()> {
     use plotters::prelude::*;
     const SIZE: (u32, u32) = (800, 500);
     let log = |p: &Vec<f64>| -> Vec<(f64, f64)> { p.iter().enumerate().map(|(r, v)| (r as f64, (v + metrics::LSD_EPS).log10())).collect() };
@@ -142,7 +166,9 @@ fn plot_spectra(path: &Path, sr: &Image, hq: &Image, overwrite: bool) -> Result<
     let rgb = hq.to_rgb();
     let small = resize(&rgb, (rgb.width / 4).max(1), (rgb.height / 4).max(1));
     let bicubic_line = log(&metrics::radial_power_spectrum(&metrics::y_channel(&resize(&small, rgb.width, rgb.height))));
-    let ys = sr_line.iter().chain(&hq_line).chain(&bicubic_line).map(|p| p.1);
+    let other_lines: Vec<Vec<(f64, f64)>> =
+        others.iter().map(|img| log(&metrics::radial_power_spectrum(&metrics::y_channel(img)))).collect();
+    let ys = sr_line.iter().chain(&hq_line).chain(&bicubic_line).chain(other_lines.iter().flatten()).map(|p| p.1);
     let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
     let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
     let r_max = (sr_line.len().max(2) - 1) as f64;
@@ -163,6 +189,11 @@ fn plot_spectra(path: &Path, sr: &Image, hq: &Image, overwrite: bool) -> Result<
         chart.draw_series(LineSeries::new(frame, BLACK)).map_err(|e| draw_err(&e))?;
         chart.draw_series(LineSeries::new(hq_line, BLACK.stroke_width(2))).map_err(|e| draw_err(&e))?;
         chart.draw_series(LineSeries::new(bicubic_line, BLUE.stroke_width(2))).map_err(|e| draw_err(&e))?;
+        let palette = [RGBColor(0, 150, 0), RGBColor(255, 140, 0), MAGENTA, CYAN];
+        for (k, line) in other_lines.into_iter().enumerate() {
+            let colour = palette.get(k).copied().unwrap_or(RGBColor(128, 128, 128));
+            chart.draw_series(LineSeries::new(line, colour.stroke_width(2))).map_err(|e| draw_err(&e))?;
+        }
         chart.draw_series(LineSeries::new(sr_line, RED.stroke_width(2))).map_err(|e| draw_err(&e))?;
         root.present().map_err(|e| draw_err(&e))?;
     }
