@@ -4,7 +4,7 @@ use anyhow::{ensure, Result};
 use engine::backend::device::Device;
 use engine::model::LoraMode;
 use engine::sr::colorfix::ColorFix;
-use engine::sr::model_dir::SrModel;
+use engine::sr::model_dir::{shipped_model_dir, SrModel};
 use engine::sr::resample::resize;
 use engine::sr::upscaler::UpscaleOptions;
 use engine::{Backend, CpuBackend};
@@ -26,8 +26,8 @@ pub struct Args {
     /// Output folder.
     #[arg(short, long)]
     out: PathBuf,
-    /// Model folder (model.json, transformer.safetensors, ...). No trained model is shipped yet;
-    /// `engine model init` writes a randomly initialised one.
+    /// Model folder (model.json, transformer.safetensors, ...); default: the shipped model,
+    /// models/asasr-cpu.
     #[arg(long, conflicts_with = "bicubic")]
     model: Option<PathBuf>,
     /// No model: write the bicubic enlargement by 4, the baseline of `engine eval` tables and
@@ -96,8 +96,9 @@ pub fn run(a: Args) -> Result<()> {
         ensure!(a.lora.is_empty(), "--lora needs a model; --bicubic runs none");
         return upscale_all(&CpuBackend::new(), &Upscaler::Bicubic, &inputs, &a);
     }
-    let Some(model_dir) = &a.model else {
-        anyhow::bail!("no default model is shipped yet: pass --model DIR (`engine model init --out DIR` writes an untrained one)");
+    let model_dir = &match &a.model {
+        Some(dir) => dir.clone(),
+        None => shipped_model_dir()?,
     };
     engine::on_backend!(a.device, b => {
         let loras: Vec<&Path> = a.lora.iter().map(|p| p.as_path()).collect();

@@ -57,6 +57,25 @@ impl SrConfig {
     }
 }
 
+/// The folder of the shipped model (`models/asasr-cpu` in the repository): beside the
+/// executable, two levels up from it (`target/release/engine`), or in the checkout the program
+/// was built from.
+pub fn shipped_model_dir() -> Result<std::path::PathBuf> {
+    const NAME: &str = "models/asasr-cpu";
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        candidates.push(dir.join(NAME));
+        candidates.push(dir.join("../..").join(NAME));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(NAME));
+    candidates.iter().find(|d| d.join("model.json").is_file()).cloned().with_context(|| {
+        format!(
+            "the shipped model is not where it belongs ({}); pass --model DIR",
+            candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
 fn default_steps() -> usize {
     28
 }
