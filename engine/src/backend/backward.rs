@@ -1,30 +1,37 @@
-//! The backward ops of LoRA training: for each forward op of `Backend` that lies on the path from
-//! a LoRA adapter to the loss, the op that maps the gradient of its output to the gradients of its
-//! inputs. The CPU reference and the CUDA backend implement this trait with the same semantics.
+//! The backward ops of training: for each forward op of `Backend` that lies on the path from a
+//! trained parameter to the loss, the op that maps the gradient of its output to the gradients of
+//! its inputs. The CPU reference and the CUDA backend implement this trait with the same semantics.
 //!
 //! Conventions (read these before the signatures):
-//! - What is trained: LoRA down/up matrices only. The base weights are frozen, so no op returns a
-//!   gradient wrt a base weight, and every op takes its weights as they were uploaded (any dtype).
-//!   The modulation vectors (shift, scale, gate), the QK-norm scales, the RoPE table and `eps` sit
-//!   upstream of no trainable parameter: the ops take them as constants and return no gradient
-//!   for them.
+//! - What is trained: in LoRA training, LoRA down/up matrices only; the base weights are frozen
+//!   and the modulation vectors (shift, scale, gate) sit upstream of no trainable parameter, so
+//!   only the ops' input and adapter gradients are needed. In full training (`model::backward`'s
+//!   `Trainable::Full`) also every linear's weight and bias, the modulation linears and the
+//!   time, guidance and vector embedders included; the ops documented as "Full training" give
+//!   what only it needs (the gradients of linear parameters, of modulation vectors, through
+//!   SiLU). In both, the
+//!   QK-norm (RMSNorm) scales stay frozen, at the 1 they are initialised to, and the RoPE table and
+//!   `eps` are constants: no op returns a gradient for them. Every op takes its weights as they
+//!   were uploaded (any dtype).
 //! - No tape: each op takes the forward activations it needs explicitly (the forward's inputs,
 //!   and for attention its output and row log-sum-exp). Saving them is the caller's business
 //!   (`model::backward`), which may also recompute them (activation checkpointing).
 //! - Activation gradients are fresh activations (the backend's activation dtype, f32 on the CPU)
 //!   of the forward input's shape, with one exception that mirrors the forward: `lora_backward`
 //!   takes the input gradient of the base linear by value and returns it with the adapter's
-//!   contribution added, as `lora_add` does with `y`.
-//! - Parameter gradients (LoRA down/up) are fresh f32 tensors: each adapter is used once per
-//!   forward, so summing over micro-batches is the optimizer's business.
+//!   contribution added, as `lora_add` does with `y`. The gradients of per-sample vectors
+//!   (modulation shift, scale, gate) are activations too, `[B, D]`: they feed the modulation
+//!   linear's backward as its output gradient.
+//! - Parameter gradients (LoRA down/up, linear weight and bias) are fresh f32 tensors, summed over
+//!   the batch and the tokens: each parameter is used once per forward, so summing over
+//!   micro-batches is the optimizer's business.
 //! - Shapes follow `Backend`: activations `[B, L, D]`, per-sample vectors `[B, D]`, linear weights
 //!   `[out, in]`, attention heads `[B, H, L, head_dim]`.
 //!
 //! Ops with no entry here: `narrow` and `concat` are each other's backward (the gradient of a
 //! narrow is the concatenation of the part's gradient with those of its siblings; the gradient of
 //! a concat is narrowed back into parts), `add` passes its gradient to both operands, and the
-//! residual input of `gated_residual` receives the output gradient unchanged. `silu` is only on
-//! the modulation path, which needs no gradient.
+//! residual input of `gated_residual` receives the output gradient unchanged.
 
 use super::Backend;
 use crate::tensor::Tensor;
@@ -42,9 +49,17 @@ pub struct LoraAddGrads<B: Backend> {
 
 pub trait BackwardOps: Backend {
     /// Backward of `linear` wrt its input: `gx = gy @ w` for gy `[.., out]` and w `[out, in]`,
-    /// giving gx `[.., in]`. The bias is frozen and has no effect on gx. For `linear_gelu`, apply
+    /// giving gx `[.., in]`. The bias has no effect on gx. For `linear_gelu`, apply
     /// `gelu_tanh_backward` to gy first.
     fn linear_backward_input(&self, gy: &Tensor<Self>, w: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Full training: backward of `linear(x, w, bias)` wrt its parameters, given its input x
+    /// `[.., in]` and output gradient gy `[.., out]` (the same leading dimensions): returns
+    /// `(g_weight, g_bias)` with `g_weight = gy^T @ x` `[out, in]` and `g_bias = sum gy` `[out]`,
+    /// both summed over every leading dimension (all rows share the parameters). The weight itself
+    /// does not enter; a linear without a bias ignores g_bias. For `linear_gelu`, apply
+    /// `gelu_tanh_backward` to gy first.
+    fn linear_backward_params(&self, gy: &Tensor<Self>, x: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
     /// Backward of `lora_add(y, x, down, up, up_bias, scale, offset)`, whose output columns
     /// `offset..offset + out_len` received `scale * (x @ down^T @ up^T + up_bias)`. With
@@ -75,6 +90,17 @@ pub trait BackwardOps: Backend {
     /// output gradient gy `[B, L, D]` and the forward's scale `[B, D]` (shift does not enter).
     /// The row statistics are recomputed from x.
     fn layer_norm_modulate_backward(&self, x: &Tensor<Self>, scale: &Tensor<Self>, gy: &Tensor<Self>, eps: f32) -> Result<Tensor<Self>>;
+
+    /// Full training: backward of `layer_norm_modulate(x, shift, scale, eps)` wrt shift and scale,
+    /// given x `[B, L, D]` and the output gradient gy `[B, L, D]`: returns `(g_shift, g_scale)`,
+    /// each `[B, D]`, with `g_shift[b] = sum_l gy[b, l]` and `g_scale[b] = sum_l gy[b, l] * x_hat[b, l]`
+    /// (x_hat the normalised x, recomputed from x; neither shift nor scale enters).
+    fn layer_norm_modulate_backward_shift_scale(
+        &self,
+        x: &Tensor<Self>,
+        gy: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
     /// Backward of `qk_norm_rope(x, heads, q_scale, k_scale, pe, eps)` wrt x, given the gradients
     /// of its outputs `g_qkv` = (gq, gk, gv), each `[B, heads, L, head_dim]`: inverse rotation,
@@ -122,4 +148,13 @@ pub trait BackwardOps: Backend {
     /// Backward of `gated_residual(x, gate, y) = x + gate * y` wrt the branch y: `gate * gy`, with
     /// gy `[B, L, D]` and gate `[B, D]`. (The gradient wrt x is gy itself.)
     fn gated_residual_backward(&self, gy: &Tensor<Self>, gate: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Full training: backward of `gated_residual(x, gate, y) = x + gate * y` wrt the gate, given
+    /// the output gradient gy and the branch y, both `[B, L, D]`: `g_gate[b] = sum_l gy[b, l] * y[b, l]`,
+    /// `[B, D]`.
+    fn gated_residual_backward_gate(&self, gy: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Full training: backward of `silu`, `gx = gy * silu'(x)` with
+    /// `silu'(x) = s (1 + x (1 - s))`, `s = sigmoid(x)`, given the forward's input x; any shape.
+    fn silu_backward(&self, x: &Tensor<Self>, gy: &Tensor<Self>) -> Result<Tensor<Self>>;
 }

@@ -1,16 +1,31 @@
-//! The FLUX backward for LoRA training: each block's forward again, keeping what its backward
-//! needs, beside that backward, which reads like the forward (`layers.rs`) from the bottom up.
+//! The FLUX backward for training: each block's forward again, keeping what its backward needs,
+//! beside that backward, which reads like the forward (`layers.rs`) from the bottom up.
 //! The ops and their conventions are `backend::backward`'s; this file adds the model's:
-//! - Trained: every unmerged LoRA delta on the token path (`img_in`, `txt_in`, the blocks' qkv,
-//!   proj, MLP, linear1 and linear2, `final_layer.linear`). The vec path (time, guidance and vector
-//!   embedders, every modulation linear) is constant: `forward_train` refuses a model with an
-//!   adapter there, since its gradient would flow through the modulation vectors.
+//! - What is trained is `Flux::trainable`. `Trainable::Lora` (what `Flux::build` sets): every
+//!   unmerged LoRA delta on the token path (`img_in`, `txt_in`, the blocks' qkv, proj, MLP,
+//!   linear1 and linear2, `final_layer.linear`), with the base weights frozen and the vec path
+//!   (time, guidance and vector embedders, every modulation linear) constant: `forward_train`
+//!   refuses a model with an adapter there, since its gradient would flow through the modulation
+//!   vectors. `Trainable::Full`, to train a model from scratch: every weight and bias of every
+//!   linear, the vec path's included, and nothing else: the QK-norm (RMSNorm) scales stay frozen
+//!   at the 1 they are initialised to. Full training starts from a model without adapters and
+//!   refuses one that has any: an adapter on a linear whose base is trained adds nothing.
+//! - In full training the modulation vectors have gradients (from the modulated LayerNorms and the
+//!   gated residuals that read them): each block and the final layer push theirs through their
+//!   modulation linear, the gradients wrt `SiLU(vec)` are summed over all of them, and the sum
+//!   goes back through SiLU and the three embedders once, after the blocks.
 //! - LoRA gradients are collected under the target linear's BFL path
 //!   (`double_blocks.0.img_attn.qkv`), one per delta in the order of `Linear::lora`, so that they
-//!   line up with the adapter parts that built the model.
+//!   line up with the adapter parts that built the model. Base gradients are keyed by the
+//!   checkpoint key of their tensor (`double_blocks.0.img_attn.qkv.weight`): the names
+//!   `Flux::build` reads and `Flux::base_parameters_mut` lists, so that trained weights save as a
+//!   BFL checkpoint that loads back (`Flux::download_weights`).
 //! - Saved activations are the forward's own tensors (moved, never copied); what is cheap to
-//!   recompute from them (a narrow, a GELU, a concat) is recomputed on the way back. With
-//!   `Checkpointing::PerBlock` a block keeps only its input and reruns its forward in the backward.
+//!   recompute from them (a narrow, a GELU, a concat, an embedder's SiLU) is recomputed on the way
+//!   back. Full training also keeps the branches the gates scale, which cannot be recovered from
+//!   the residual stream, and the vec path's inputs and pre-activations. With
+//!   `Checkpointing::PerBlock` a block keeps only its input and reruns its forward in the
+//!   backward.
 
 use super::config::TIME_EMBED_DIM;
 use super::flux::{Conditioning, Flux};
@@ -18,9 +33,21 @@ use super::layers::*;
 use crate::backend::backward::BackwardOps;
 use crate::backend::Backend;
 use crate::tensor::Tensor;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use loaders::HostTensor;
 use std::collections::BTreeMap;
+
+/// What `Flux::backward` computes gradients for (`Flux::trainable`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Trainable {
+    /// The unmerged LoRA deltas on the token path; the base weights and the vec path are
+    /// constants.
+    #[default]
+    Lora,
+    /// Every weight and bias of every linear, the vec path's included; the QK-norm scales stay
+    /// frozen. The model must carry no adapter.
+    Full,
+}
 
 /// The gradient of one LoRA delta (`LoraDelta`): f32, shaped like its down and up.
 pub struct LoraGrad<B: Backend> {
@@ -31,9 +58,16 @@ pub struct LoraGrad<B: Backend> {
 /// LoRA gradients by target linear (BFL path), one per delta in the order of `Linear::lora`.
 pub type LoraGrads<B> = BTreeMap<String, Vec<LoraGrad<B>>>;
 
+/// Base parameter gradients by checkpoint key (`img_in.weight`), f32, shaped like the parameter.
+pub type BaseGrads<B> = BTreeMap<String, Tensor<B>>;
+
 /// What `Flux::backward` returns.
 pub struct FluxGrads<B: Backend> {
+    /// Empty in full training.
     pub lora: LoraGrads<B>,
+    /// Full training: a gradient for every tensor `Flux::base_parameters_mut` lists, under the
+    /// same name. Empty in LoRA training.
+    pub base: BaseGrads<B>,
     /// The gradient wrt the input latent tokens `img` `[B, L, in]`.
     pub img: Tensor<B>,
 }
@@ -48,16 +82,36 @@ pub enum Checkpointing {
     PerBlock,
 }
 
+/// What a backward collects on its way down: LoRA and base gradients by name, and in full
+/// training the gradient wrt `SiLU(vec)` summed over the modulation linears passed so far.
+pub struct GradCollector<B: Backend> {
+    trainable: Trainable,
+    lora: LoraGrads<B>,
+    base: BaseGrads<B>,
+    vec_silu: Option<Tensor<B>>,
+}
+
+impl<B: Backend> GradCollector<B> {
+    pub fn new(trainable: Trainable) -> Self {
+        GradCollector { trainable, lora: LoraGrads::new(), base: BaseGrads::new(), vec_silu: None }
+    }
+
+    fn full(&self) -> bool {
+        self.trainable == Trainable::Full
+    }
+}
+
 /// Backward of `Linear::forward` at input x: returns the input gradient and records the gradient
-/// of each LoRA delta under `name`.
+/// of each LoRA delta under `name`, and in full training those of the weight and bias.
 fn linear_backward<B: BackwardOps>(
     b: &B,
     lin: &Linear<B>,
     x: &Tensor<B>,
     gy: &Tensor<B>,
     name: &str,
-    grads: &mut LoraGrads<B>,
+    grads: &mut GradCollector<B>,
 ) -> Result<Tensor<B>> {
+    linear_params_backward(b, lin, x, gy, name, grads)?;
     let mut gx = b.linear_backward_input(gy, &lin.weight).with_context(|| format!("backward of '{name}'"))?;
     if lin.lora.is_empty() {
         return Ok(gx);
@@ -68,8 +122,75 @@ fn linear_backward<B: BackwardOps>(
         gx = g.gx;
         deltas.push(LoraGrad { down: g.down, up: g.up });
     }
-    grads.insert(name.to_string(), deltas);
+    grads.lora.insert(name.to_string(), deltas);
     Ok(gx)
+}
+
+/// Full training: records the gradients of a linear's weight and bias as `{name}.weight` and
+/// `{name}.bias`. Nothing in LoRA training. For the linears whose input is data, this is their
+/// whole backward.
+fn linear_params_backward<B: BackwardOps>(
+    b: &B,
+    lin: &Linear<B>,
+    x: &Tensor<B>,
+    gy: &Tensor<B>,
+    name: &str,
+    grads: &mut GradCollector<B>,
+) -> Result<()> {
+    if !grads.full() {
+        return Ok(());
+    }
+    let (g_weight, g_bias) = b.linear_backward_params(gy, x).with_context(|| format!("parameter backward of '{name}'"))?;
+    grads.base.insert(format!("{name}.weight"), g_weight);
+    if lin.bias.is_some() {
+        grads.base.insert(format!("{name}.bias"), g_bias);
+    }
+    Ok(())
+}
+
+/// Full training: backward of the modulation linear `lin(vec_silu)`, given the gradients of its
+/// output's chunks in the order it is cut (`Modulation::forward`: shift, scale, gate per triple;
+/// the final layer: shift, scale). Records lin's gradients under `name` and adds the gradient wrt
+/// `vec_silu` to the collector's sum.
+fn modulation_backward<B: BackwardOps>(
+    b: &B,
+    lin: &Linear<B>,
+    vec_silu: &Tensor<B>,
+    chunks: &[&Tensor<B>],
+    name: &str,
+    grads: &mut GradCollector<B>,
+) -> Result<()> {
+    let g_m = b.concat(chunks, 1)?;
+    let g = linear_backward(b, lin, vec_silu, &g_m, name, grads)?;
+    grads.vec_silu = Some(match grads.vec_silu.take() {
+        Some(sum) => b.add(&sum, &g)?,
+        None => g,
+    });
+    Ok(())
+}
+
+impl<B: BackwardOps> MlpEmbedder<B> {
+    /// `forward`, also returning the hidden pre-activation (in_layer's output) for `backward`.
+    fn forward_train(&self, b: &B, x: &Tensor<B>) -> Result<(Tensor<B>, Tensor<B>)> {
+        let hidden = self.in_layer.forward(b, x)?;
+        Ok((self.out_layer.forward(b, &b.silu(&hidden)?)?, hidden))
+    }
+
+    /// Full training: records the embedder's parameter gradients under `name` (`time_in`) from
+    /// its output gradient. Its input is data: no gradient.
+    fn backward(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        hidden: &Tensor<B>,
+        g_out: &Tensor<B>,
+        name: &str,
+        grads: &mut GradCollector<B>,
+    ) -> Result<()> {
+        let g_act = linear_backward(b, &self.out_layer, &b.silu(hidden)?, g_out, &format!("{name}.out_layer"), grads)?;
+        let g_hidden = b.silu_backward(hidden, &g_act)?;
+        linear_params_backward(b, &self.in_layer, x, &g_hidden, &format!("{name}.in_layer"), grads)
+    }
 }
 
 /// One stream of a double block, beside the block's input: all but the joint attention.
@@ -86,6 +207,9 @@ struct StreamActs<B: Backend> {
     x_mod2: Tensor<B>,
     /// Output of the first MLP linear, before GELU.
     mlp_pre: Tensor<B>,
+    /// Full training: the branches the gates scale (outputs of the attention projection and of
+    /// the MLP), for the gates' gradients.
+    branches: Option<[Tensor<B>; 2]>,
 }
 
 /// What `DoubleStreamBlock::backward` needs beside the block's inputs.
@@ -104,7 +228,13 @@ pub struct DoubleStreamActs<B: Backend> {
 struct StreamOutputGrads<B: Backend> {
     attn: Tensor<B>,
     resid: Tensor<B>,
+    /// Full training: the gradients of the modulation chunks read after attention: mod1's gate,
+    /// mod2's shift, scale and gate.
+    modulation: Option<[Tensor<B>; 4]>,
 }
+
+const NO_BRANCHES: &str =
+    "full training needs the gated branches, which this forward did not keep (run forward_train with the same Trainable)";
 
 impl<B: BackwardOps> Stream<B> {
     /// The stream up to attention: modulated LayerNorm, qkv, QK-norm and RoPE. Returns
@@ -117,13 +247,16 @@ impl<B: BackwardOps> Stream<B> {
     }
 
     /// The stream after attention, given its rows of the attention output: projection and gated
-    /// residual, then the modulated MLP and gated residual. Returns `[out, resid, x_mod2, mlp_pre]`.
-    fn attention_outputs(&self, b: &B, x: &Tensor<B>, attn: &Tensor<B>, [mod1, mod2]: [&ModulationOut<B>; 2]) -> Result<[Tensor<B>; 4]> {
-        let resid = b.gated_residual(x, &mod1.gate, &self.attn.proj.forward(b, attn)?)?;
+    /// residual, then the modulated MLP and gated residual. Returns
+    /// `[out, resid, x_mod2, mlp_pre, proj_out, mlp_out]`.
+    fn attention_outputs(&self, b: &B, x: &Tensor<B>, attn: &Tensor<B>, [mod1, mod2]: [&ModulationOut<B>; 2]) -> Result<[Tensor<B>; 6]> {
+        let proj_out = self.attn.proj.forward(b, attn)?;
+        let resid = b.gated_residual(x, &mod1.gate, &proj_out)?;
         let x_mod2 = b.layer_norm_modulate(&resid, &mod2.shift, &mod2.scale, EPS)?;
         let mlp_pre = self.mlp.fc1.forward(b, &x_mod2)?;
-        let out = b.gated_residual(&resid, &mod2.gate, &self.mlp.fc2.forward(b, &b.gelu_tanh(&mlp_pre)?)?)?;
-        Ok([out, resid, x_mod2, mlp_pre])
+        let mlp_out = self.mlp.fc2.forward(b, &b.gelu_tanh(&mlp_pre)?)?;
+        let out = b.gated_residual(&resid, &mod2.gate, &mlp_out)?;
+        Ok([out, resid, x_mod2, mlp_pre, proj_out, mlp_out])
     }
 
     /// Backward of `attention_outputs`, from the gradient of the stream's output.
@@ -134,7 +267,7 @@ impl<B: BackwardOps> Stream<B> {
         attn: &Tensor<B>,
         g_out: &Tensor<B>,
         name: &str,
-        grads: &mut LoraGrads<B>,
+        grads: &mut GradCollector<B>,
     ) -> Result<StreamOutputGrads<B>> {
         let g_mlp = b.gated_residual_backward(g_out, &acts.mod2.gate)?;
         let mlp_act = b.gelu_tanh(&acts.mlp_pre)?;
@@ -143,13 +276,22 @@ impl<B: BackwardOps> Stream<B> {
         let g_x_mod2 = linear_backward(b, &self.mlp.fc1, &acts.x_mod2, &g_mlp_pre, &format!("{name}_mlp.0"), grads)?;
         let g_resid = b.add(g_out, &b.layer_norm_modulate_backward(&acts.resid, &acts.mod2.scale, &g_x_mod2, EPS)?)?;
 
+        let modulation = if grads.full() {
+            let [proj_out, mlp_out] = acts.branches.as_ref().context(NO_BRANCHES)?;
+            let (g_shift2, g_scale2) = b.layer_norm_modulate_backward_shift_scale(&acts.resid, &g_x_mod2, EPS)?;
+            let g_gate2 = b.gated_residual_backward_gate(g_out, mlp_out)?;
+            Some([b.gated_residual_backward_gate(&g_resid, proj_out)?, g_shift2, g_scale2, g_gate2])
+        } else {
+            None
+        };
         let g_proj = b.gated_residual_backward(&g_resid, &acts.mod1.gate)?;
         let g_attn = linear_backward(b, &self.attn.proj, attn, &g_proj, &format!("{name}_attn.proj"), grads)?;
-        Ok(StreamOutputGrads { attn: g_attn, resid: g_resid })
+        Ok(StreamOutputGrads { attn: g_attn, resid: g_resid, modulation })
     }
 
     /// Backward of `attention_inputs`: the gradient of the stream's input x, from those of its
-    /// q, k, v and of the residual stream after attention (through which x also passes).
+    /// q, k, v and of the residual stream after attention (through which x also passes). In full
+    /// training, also the backward of the stream's modulation linear.
     #[allow(clippy::too_many_arguments)]
     fn attention_inputs_backward(
         &self,
@@ -159,19 +301,25 @@ impl<B: BackwardOps> Stream<B> {
         pe: &Tensor<B>,
         heads: usize,
         g_qkv_heads: [&Tensor<B>; 3],
-        g_resid: &Tensor<B>,
+        after: &StreamOutputGrads<B>,
+        vec_silu: &Tensor<B>,
         name: &str,
-        grads: &mut LoraGrads<B>,
+        grads: &mut GradCollector<B>,
     ) -> Result<Tensor<B>> {
         let norm = &self.attn.norm;
         let g_qkv = b.qk_norm_rope_backward(&acts.qkv, heads, &norm.query_norm, &norm.key_norm, pe, EPS, g_qkv_heads, None)?;
         let g_x_mod1 = linear_backward(b, &self.attn.qkv, &acts.x_mod1, &g_qkv, &format!("{name}_attn.qkv"), grads)?;
-        b.add(g_resid, &b.layer_norm_modulate_backward(x, &acts.mod1.scale, &g_x_mod1, EPS)?)
+        if let Some([g_gate1, g_shift2, g_scale2, g_gate2]) = &after.modulation {
+            let (g_shift1, g_scale1) = b.layer_norm_modulate_backward_shift_scale(x, &g_x_mod1, EPS)?;
+            let chunks = [&g_shift1, &g_scale1, g_gate1, g_shift2, g_scale2, g_gate2];
+            modulation_backward(b, &self.modulation.lin, vec_silu, &chunks, &format!("{name}_mod.lin"), grads)?;
+        }
+        b.add(&after.resid, &b.layer_norm_modulate_backward(x, &acts.mod1.scale, &g_x_mod1, EPS)?)
     }
 }
 
 impl<B: BackwardOps> DoubleStreamBlock<B> {
-    /// `forward`, keeping the activations `backward` needs.
+    /// `forward`, keeping the activations `backward` needs for `trainable`.
     pub fn forward_train(
         &self,
         b: &B,
@@ -179,6 +327,7 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
         txt: &Tensor<B>,
         vec_silu: &Tensor<B>,
         pe: &Positions<B>,
+        trainable: Trainable,
     ) -> Result<(Tensor<B>, Tensor<B>, DoubleStreamActs<B>)> {
         let h = self.num_heads;
         let [img_mod1, img_mod2] = two(self.img.modulation.forward(b, vec_silu)?)?;
@@ -192,10 +341,11 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
         let v = b.concat(&[&txt_v, &img_v], 2)?;
         let (attn, lse) = b.attention_with_lse(&q, &k, &v)?;
         let (lt, li) = (txt.dim(1), img.dim(1));
-        let [img_out, img_resid, img_x_mod2, img_mlp_pre] =
+        let [img_out, img_resid, img_x_mod2, img_mlp_pre, img_proj_out, img_mlp_out] =
             self.img.attention_outputs(b, img, &b.narrow(&attn, 1, lt, li)?, [&img_mod1, &img_mod2])?;
-        let [txt_out, txt_resid, txt_x_mod2, txt_mlp_pre] =
+        let [txt_out, txt_resid, txt_x_mod2, txt_mlp_pre, txt_proj_out, txt_mlp_out] =
             self.txt.attention_outputs(b, txt, &b.narrow(&attn, 1, 0, lt)?, [&txt_mod1, &txt_mod2])?;
+        let full = trainable == Trainable::Full;
 
         let acts = DoubleStreamActs {
             img: StreamActs {
@@ -206,6 +356,7 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
                 resid: img_resid,
                 x_mod2: img_x_mod2,
                 mlp_pre: img_mlp_pre,
+                branches: full.then_some([img_proj_out, img_mlp_out]),
             },
             txt: StreamActs {
                 mod1: txt_mod1,
@@ -215,6 +366,7 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
                 resid: txt_resid,
                 x_mod2: txt_x_mod2,
                 mlp_pre: txt_mlp_pre,
+                branches: full.then_some([txt_proj_out, txt_mlp_out]),
             },
             q,
             k,
@@ -225,8 +377,9 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
         Ok((img_out, txt_out, acts))
     }
 
-    /// The gradients of the block's inputs (img, txt) from those of its outputs; LoRA gradients
-    /// are recorded under `name` (`double_blocks.N`).
+    /// The gradients of the block's inputs (img, txt) from those of its outputs; parameter
+    /// gradients are recorded under `name` (`double_blocks.N`), and in full training the
+    /// gradient wrt `vec_silu` is added to the collector's sum.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -235,10 +388,11 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
         txt: &Tensor<B>,
         acts: &DoubleStreamActs<B>,
         pe: &Positions<B>,
+        vec_silu: &Tensor<B>,
         g_img: &Tensor<B>,
         g_txt: &Tensor<B>,
         name: &str,
-        grads: &mut LoraGrads<B>,
+        grads: &mut GradCollector<B>,
     ) -> Result<(Tensor<B>, Tensor<B>)> {
         let (h, lt, li) = (self.num_heads, txt.dim(1), img.dim(1));
         let (img_name, txt_name) = (format!("{name}.img"), format!("{name}.txt"));
@@ -260,7 +414,8 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
             &pe.img,
             h,
             [&img_gq, &img_gk, &img_gv],
-            &g_img_out.resid,
+            &g_img_out,
+            vec_silu,
             &img_name,
             grads,
         )?;
@@ -271,7 +426,8 @@ impl<B: BackwardOps> DoubleStreamBlock<B> {
             &pe.txt,
             h,
             [&txt_gq, &txt_gk, &txt_gv],
-            &g_txt_out.resid,
+            &g_txt_out,
+            vec_silu,
             &txt_name,
             grads,
         )?;
@@ -291,11 +447,20 @@ pub struct SingleStreamActs<B: Backend> {
     v: Tensor<B>,
     attn: Tensor<B>,
     lse: Tensor<B>,
+    /// Full training: the branch the gate scales (linear2's output), for the gate's gradient.
+    branch: Option<Tensor<B>>,
 }
 
 impl<B: BackwardOps> SingleStreamBlock<B> {
-    /// `forward`, keeping the activations `backward` needs.
-    pub fn forward_train(&self, b: &B, x: &Tensor<B>, vec_silu: &Tensor<B>, pe: &Positions<B>) -> Result<(Tensor<B>, SingleStreamActs<B>)> {
+    /// `forward`, keeping the activations `backward` needs for `trainable`.
+    pub fn forward_train(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        vec_silu: &Tensor<B>,
+        pe: &Positions<B>,
+        trainable: Trainable,
+    ) -> Result<(Tensor<B>, SingleStreamActs<B>)> {
         let [m] = one(self.modulation.forward(b, vec_silu)?)?;
         let x_mod = b.layer_norm_modulate(x, &m.shift, &m.scale, EPS)?;
         let h = self.linear1.forward(b, &x_mod)?;
@@ -305,11 +470,13 @@ impl<B: BackwardOps> SingleStreamBlock<B> {
         let mlp = b.gelu_tanh(&b.narrow(&h, 2, 3 * hidden, h.dim(2) - 3 * hidden)?)?;
         let out = self.linear2.forward(b, &b.concat(&[&attn, &mlp], 2)?)?;
         let y = b.gated_residual(x, &m.gate, &out)?;
-        Ok((y, SingleStreamActs { modulation: m, x_mod, h, q, k, v, attn, lse }))
+        let branch = (trainable == Trainable::Full).then_some(out);
+        Ok((y, SingleStreamActs { modulation: m, x_mod, h, q, k, v, attn, lse, branch }))
     }
 
-    /// The gradient of the block's input from that of its output; LoRA gradients are recorded
-    /// under `name` (`single_blocks.N`).
+    /// The gradient of the block's input from that of its output; parameter gradients are
+    /// recorded under `name` (`single_blocks.N`), and in full training the gradient wrt
+    /// `vec_silu` is added to the collector's sum.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -317,9 +484,10 @@ impl<B: BackwardOps> SingleStreamBlock<B> {
         x: &Tensor<B>,
         acts: &SingleStreamActs<B>,
         pe: &Positions<B>,
+        vec_silu: &Tensor<B>,
         g_y: &Tensor<B>,
         name: &str,
-        grads: &mut LoraGrads<B>,
+        grads: &mut GradCollector<B>,
     ) -> Result<Tensor<B>> {
         let (hidden, h) = (x.dim(2), &acts.h);
         let mlp_width = h.dim(2) - 3 * hidden;
@@ -344,6 +512,18 @@ impl<B: BackwardOps> SingleStreamBlock<B> {
             Some(&g_mlp_pre),
         )?;
         let g_x_mod = linear_backward(b, &self.linear1, &acts.x_mod, &g_h, &format!("{name}.linear1"), grads)?;
+        if grads.full() {
+            let g_gate = b.gated_residual_backward_gate(g_y, acts.branch.as_ref().context(NO_BRANCHES)?)?;
+            let (g_shift, g_scale) = b.layer_norm_modulate_backward_shift_scale(x, &g_x_mod, EPS)?;
+            modulation_backward(
+                b,
+                &self.modulation.lin,
+                vec_silu,
+                &[&g_shift, &g_scale, &g_gate],
+                &format!("{name}.modulation.lin"),
+                grads,
+            )?;
+        }
         b.add(g_y, &b.layer_norm_modulate_backward(x, &acts.modulation.scale, &g_x_mod, EPS)?)
     }
 }
@@ -366,17 +546,23 @@ impl<B: BackwardOps> LastLayer<B> {
         Ok((self.linear.forward(b, &x_mod)?, LastLayerActs { scale, x_mod }))
     }
 
-    /// The gradient of the layer's input from that of its output; LoRA gradients of the output
-    /// projection are recorded as `final_layer.linear`.
+    /// The gradient of the layer's input from that of its output; parameter gradients are
+    /// recorded under `final_layer.linear` (and `final_layer.adaLN_modulation.1` in full
+    /// training, which also adds the gradient wrt `vec_silu` to the collector's sum).
     pub fn backward(
         &self,
         b: &B,
         x: &Tensor<B>,
         acts: &LastLayerActs<B>,
+        vec_silu: &Tensor<B>,
         g_out: &Tensor<B>,
-        grads: &mut LoraGrads<B>,
+        grads: &mut GradCollector<B>,
     ) -> Result<Tensor<B>> {
         let g_x_mod = linear_backward(b, &self.linear, &acts.x_mod, g_out, "final_layer.linear", grads)?;
+        if grads.full() {
+            let (g_shift, g_scale) = b.layer_norm_modulate_backward_shift_scale(x, &g_x_mod, EPS)?;
+            modulation_backward(b, &self.ada_ln_modulation, vec_silu, &[&g_shift, &g_scale], "final_layer.adaLN_modulation.1", grads)?;
+        }
         b.layer_norm_modulate_backward(x, &acts.scale, &g_x_mod, EPS)
     }
 }
@@ -394,9 +580,26 @@ struct SingleStep<B: Backend> {
     acts: Option<SingleStreamActs<B>>,
 }
 
+/// Full training: the vec path's activations. vector_in's input is the conditioning's `y`, which
+/// `backward` is given again.
+struct VecActs<B: Backend> {
+    /// The timesteps' sinusoidal embedding (time_in's input) and time_in's hidden pre-activation.
+    time: [Tensor<B>; 2],
+    /// The same for the guidance value and guidance_in.
+    guidance: Option<[Tensor<B>; 2]>,
+    /// vector_in's hidden pre-activation.
+    vector_hidden: Tensor<B>,
+    /// The sum of the embeddings, before SiLU.
+    vec: Tensor<B>,
+}
+
 /// What `Flux::backward` needs beside the model's inputs.
 pub struct FluxActs<B: Backend> {
+    /// What the activations were kept for: `backward` checks that the model still says so.
+    trainable: Trainable,
     vec_silu: Tensor<B>,
+    /// Full training only.
+    vec: Option<VecActs<B>>,
     double: Vec<DoubleStep<B>>,
     single: Vec<SingleStep<B>>,
     /// The image rows of the last single block's output: the final layer's input.
@@ -404,9 +607,47 @@ pub struct FluxActs<B: Backend> {
     last: LastLayerActs<B>,
 }
 
+/// Every linear of a `Flux` by BFL path, as two lists: the token path's (in the order of
+/// `token_path_linears_mut`) and the vec path's. A macro so that one list of names, which must be
+/// those `Flux::build` reads, serves shared and mutable access: `linears!(flux, iter, as_ref)` or
+/// `linears!(flux, iter_mut, as_mut, mut)`.
+macro_rules! linears {
+    ($flux:expr, $iter:ident, $as_opt:ident $(, $m:tt)?) => {{
+        let f = $flux;
+        let mut token = vec![("img_in".to_string(), &$($m)? f.img_in), ("txt_in".to_string(), &$($m)? f.txt_in)];
+        let mut vec_path = Vec::new();
+        let embedders =
+            [("time_in", Some(&$($m)? f.time_in)), ("vector_in", Some(&$($m)? f.vector_in)), ("guidance_in", f.guidance_in.$as_opt())];
+        for (name, e) in embedders {
+            if let Some(e) = e {
+                vec_path.push((format!("{name}.in_layer"), &$($m)? e.in_layer));
+                vec_path.push((format!("{name}.out_layer"), &$($m)? e.out_layer));
+            }
+        }
+        for (i, block) in f.double_blocks.$iter().enumerate() {
+            for (stream, s) in [("img", &$($m)? block.img), ("txt", &$($m)? block.txt)] {
+                let pre = format!("double_blocks.{i}.{stream}");
+                vec_path.push((format!("{pre}_mod.lin"), &$($m)? s.modulation.lin));
+                token.push((format!("{pre}_attn.qkv"), &$($m)? s.attn.qkv));
+                token.push((format!("{pre}_attn.proj"), &$($m)? s.attn.proj));
+                token.push((format!("{pre}_mlp.0"), &$($m)? s.mlp.fc1));
+                token.push((format!("{pre}_mlp.2"), &$($m)? s.mlp.fc2));
+            }
+        }
+        for (i, block) in f.single_blocks.$iter().enumerate() {
+            token.push((format!("single_blocks.{i}.linear1"), &$($m)? block.linear1));
+            token.push((format!("single_blocks.{i}.linear2"), &$($m)? block.linear2));
+            vec_path.push((format!("single_blocks.{i}.modulation.lin"), &$($m)? block.modulation.lin));
+        }
+        token.push(("final_layer.linear".to_string(), &$($m)? f.final_layer.linear));
+        vec_path.push(("final_layer.adaLN_modulation.1".to_string(), &$($m)? f.final_layer.ada_ln_modulation));
+        (token, vec_path)
+    }};
+}
+
 impl<B: BackwardOps> Flux<B> {
-    /// `forward`, keeping what `backward` needs (every block's activations, or with
-    /// `Checkpointing::PerBlock` only their inputs). The output equals `forward`'s.
+    /// `forward`, keeping what `backward` needs for `self.trainable` (every block's activations,
+    /// or with `Checkpointing::PerBlock` only their inputs). The output equals `forward`'s.
     pub fn forward_train(
         &self,
         b: &B,
@@ -415,15 +656,25 @@ impl<B: BackwardOps> Flux<B> {
         c: &Conditioning<B>,
         checkpointing: Checkpointing,
     ) -> Result<(Tensor<B>, FluxActs<B>)> {
-        self.ensure_vec_path_frozen()?;
+        self.check_adapters()?;
+        let trainable = self.trainable;
         let embed_time = |t: &Tensor<B>| b.timestep_embedding(t, TIME_EMBED_DIM, 10_000.0, 1000.0);
-        let mut vec = self.time_in.forward(b, &embed_time(timesteps)?)?;
-        if let Some(g_in) = &self.guidance_in {
-            let g = c.guidance.as_ref().context("this model has a guidance embedding and needs a guidance value")?;
-            vec = b.add(&vec, &g_in.forward(b, &embed_time(g)?)?)?;
-        }
-        vec = b.add(&vec, &self.vector_in.forward(b, &c.y)?)?;
+        let t_emb = embed_time(timesteps)?;
+        let (mut vec, time_hidden) = self.time_in.forward_train(b, &t_emb)?;
+        let guidance = match &self.guidance_in {
+            Some(g_in) => {
+                let g = c.guidance.as_ref().context("this model has a guidance embedding and needs a guidance value")?;
+                let g_emb = embed_time(g)?;
+                let (out, hidden) = g_in.forward_train(b, &g_emb)?;
+                vec = b.add(&vec, &out)?;
+                Some([g_emb, hidden])
+            }
+            None => None,
+        };
+        let (vector_out, vector_hidden) = self.vector_in.forward_train(b, &c.y)?;
+        vec = b.add(&vec, &vector_out)?;
         let vec_silu = b.silu(&vec)?;
+        let vec = (trainable == Trainable::Full).then_some(VecActs { time: [t_emb, time_hidden], guidance, vector_hidden, vec });
 
         let mut img = self.img_in.forward(b, img)?;
         let mut txt = self.txt_in.forward(b, &c.txt)?;
@@ -431,7 +682,7 @@ impl<B: BackwardOps> Flux<B> {
         for block in &self.double_blocks {
             let (img_out, txt_out, acts) = match checkpointing {
                 Checkpointing::Off => {
-                    let (i, t, acts) = block.forward_train(b, &img, &txt, &vec_silu, &c.pe)?;
+                    let (i, t, acts) = block.forward_train(b, &img, &txt, &vec_silu, &c.pe, trainable)?;
                     (i, t, Some(acts))
                 }
                 Checkpointing::PerBlock => {
@@ -448,7 +699,7 @@ impl<B: BackwardOps> Flux<B> {
         for block in &self.single_blocks {
             let (y, acts) = match checkpointing {
                 Checkpointing::Off => {
-                    let (y, acts) = block.forward_train(b, &x, &vec_silu, &c.pe)?;
+                    let (y, acts) = block.forward_train(b, &x, &vec_silu, &c.pe, trainable)?;
                     (y, Some(acts))
                 }
                 Checkpointing::PerBlock => (block.forward(b, &x, &vec_silu, &c.pe)?, None),
@@ -458,15 +709,21 @@ impl<B: BackwardOps> Flux<B> {
         }
         let final_in = b.narrow(&x, 1, lt, x.dim(1) - lt)?;
         let (out, last) = self.final_layer.forward_train(b, &final_in, &vec_silu)?;
-        Ok((out, FluxActs { vec_silu, double, single, final_in, last }))
+        Ok((out, FluxActs { trainable, vec_silu, vec, double, single, final_in, last }))
     }
 
-    /// The gradients of a scalar loss wrt every LoRA delta on the token path and wrt the input
-    /// `img`, given `g_out` = d loss / d out for the `out` of `forward_train(img, .., c)`.
+    /// The gradients of a scalar loss wrt what `self.trainable` trains (see `FluxGrads`) and wrt
+    /// the input `img`, given `g_out` = d loss / d out for the `out` of
+    /// `forward_train(img, .., c)`.
     pub fn backward(&self, b: &B, img: &Tensor<B>, c: &Conditioning<B>, acts: FluxActs<B>, g_out: &Tensor<B>) -> Result<FluxGrads<B>> {
-        let FluxActs { vec_silu, double, single, final_in, last } = acts;
-        let mut lora = LoraGrads::new();
-        let g_final_in = self.final_layer.backward(b, &final_in, &last, g_out, &mut lora)?;
+        let FluxActs { trainable, vec_silu, vec, double, single, final_in, last } = acts;
+        ensure!(
+            trainable == self.trainable,
+            "forward_train kept the activations of {trainable:?} training, but the model now trains {:?}",
+            self.trainable
+        );
+        let mut grads = GradCollector::new(trainable);
+        let g_final_in = self.final_layer.backward(b, &final_in, &last, &vec_silu, g_out, &mut grads)?;
         // Only the image rows reach the final layer: the text rows of the last single block's
         // output have a zero gradient.
         let (batch, lt, hidden) = (c.txt.dim(0), c.txt.dim(1), self.params.hidden_size);
@@ -475,67 +732,107 @@ impl<B: BackwardOps> Flux<B> {
         for (i, (block, step)) in self.single_blocks.iter().zip(single).enumerate().rev() {
             let acts = match step.acts {
                 Some(acts) => acts,
-                None => block.forward_train(b, &step.x, &vec_silu, &c.pe)?.1,
+                None => block.forward_train(b, &step.x, &vec_silu, &c.pe, trainable)?.1,
             };
-            g_x = block.backward(b, &step.x, &acts, &c.pe, &g_x, &format!("single_blocks.{i}"), &mut lora)?;
+            g_x = block.backward(b, &step.x, &acts, &c.pe, &vec_silu, &g_x, &format!("single_blocks.{i}"), &mut grads)?;
         }
         let mut g_txt = b.narrow(&g_x, 1, 0, lt)?;
         let mut g_img = b.narrow(&g_x, 1, lt, g_x.dim(1) - lt)?;
         for (i, (block, step)) in self.double_blocks.iter().zip(double).enumerate().rev() {
             let acts = match step.acts {
                 Some(acts) => acts,
-                None => block.forward_train(b, &step.img, &step.txt, &vec_silu, &c.pe)?.2,
+                None => block.forward_train(b, &step.img, &step.txt, &vec_silu, &c.pe, trainable)?.2,
             };
-            (g_img, g_txt) =
-                block.backward(b, &step.img, &step.txt, &acts, &c.pe, &g_img, &g_txt, &format!("double_blocks.{i}"), &mut lora)?;
+            let name = format!("double_blocks.{i}");
+            (g_img, g_txt) = block.backward(b, &step.img, &step.txt, &acts, &c.pe, &vec_silu, &g_img, &g_txt, &name, &mut grads)?;
         }
-        let g_input = linear_backward(b, &self.img_in, img, &g_img, "img_in", &mut lora)?;
-        // The text tokens are data: txt_in only matters for its adapters.
-        if !self.txt_in.lora.is_empty() {
-            linear_backward(b, &self.txt_in, &c.txt, &g_txt, "txt_in", &mut lora)?;
+        let g_input = linear_backward(b, &self.img_in, img, &g_img, "img_in", &mut grads)?;
+        // The text tokens are data: txt_in only matters for its parameters (or its adapters).
+        match trainable {
+            Trainable::Lora if !self.txt_in.lora.is_empty() => {
+                linear_backward(b, &self.txt_in, &c.txt, &g_txt, "txt_in", &mut grads)?;
+            }
+            Trainable::Lora => {}
+            Trainable::Full => linear_params_backward(b, &self.txt_in, &c.txt, &g_txt, "txt_in", &mut grads)?,
         }
-        Ok(FluxGrads { lora, img: g_input })
+        if trainable == Trainable::Full {
+            let vec = vec.context("full training needs the vec path's activations, which this forward did not keep")?;
+            let g_vec_silu = grads.vec_silu.take().context("no modulation linear gave a gradient wrt SiLU(vec)")?;
+            let g_vec = b.silu_backward(&vec.vec, &g_vec_silu)?;
+            let [t_emb, time_hidden] = &vec.time;
+            self.time_in.backward(b, t_emb, time_hidden, &g_vec, "time_in", &mut grads)?;
+            if let (Some(g_in), Some([g_emb, hidden])) = (&self.guidance_in, &vec.guidance) {
+                g_in.backward(b, g_emb, hidden, &g_vec, "guidance_in", &mut grads)?;
+            }
+            self.vector_in.backward(b, &c.y, &vec.vector_hidden, &g_vec, "vector_in", &mut grads)?;
+        }
+        Ok(FluxGrads { lora: grads.lora, base: grads.base, img: g_input })
     }
 
     /// The linears on the token path, which `backward` trains the adapters of, by BFL path.
     pub fn token_path_linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
-        let mut out = vec![("img_in".to_string(), &mut self.img_in), ("txt_in".to_string(), &mut self.txt_in)];
-        for (i, block) in self.double_blocks.iter_mut().enumerate() {
-            for (stream, s) in [("img", &mut block.img), ("txt", &mut block.txt)] {
-                let pre = format!("double_blocks.{i}.{stream}");
-                out.push((format!("{pre}_attn.qkv"), &mut s.attn.qkv));
-                out.push((format!("{pre}_attn.proj"), &mut s.attn.proj));
-                out.push((format!("{pre}_mlp.0"), &mut s.mlp.fc1));
-                out.push((format!("{pre}_mlp.2"), &mut s.mlp.fc2));
+        linears!(self, iter_mut, as_mut, mut).0
+    }
+
+    /// Every tensor full training trains, by checkpoint key (`img_in.weight`, `img_in.bias`,
+    /// `time_in.in_layer.weight`, ...): each linear's weight and bias, the keys of
+    /// `FluxGrads::base`, so that a trainer can put each optimiser step's result in place.
+    /// Unmerged adapters and the QK-norm scales are not listed.
+    pub fn base_parameters_mut(&mut self) -> Vec<(String, &mut Tensor<B>)> {
+        let (token, vec_path) = linears!(self, iter_mut, as_mut, mut);
+        let mut out = Vec::new();
+        for (name, Linear { weight, bias, .. }) in token.into_iter().chain(vec_path) {
+            out.push((format!("{name}.weight"), weight));
+            if let Some(bias) = bias {
+                out.push((format!("{name}.bias"), bias));
             }
         }
-        for (i, block) in self.single_blocks.iter_mut().enumerate() {
-            out.push((format!("single_blocks.{i}.linear1"), &mut block.linear1));
-            out.push((format!("single_blocks.{i}.linear2"), &mut block.linear2));
-        }
-        out.push(("final_layer.linear".to_string(), &mut self.final_layer.linear));
         out
     }
 
-    /// Errors if an unmerged adapter sits on the vec path, which `backward` treats as constant.
-    fn ensure_vec_path_frozen(&self) -> Result<()> {
-        let mut vec_path: Vec<(String, &Linear<B>)> = Vec::new();
-        for (name, e) in
-            [("time_in", Some(&self.time_in)), ("vector_in", Some(&self.vector_in)), ("guidance_in", self.guidance_in.as_ref())]
-        {
-            if let Some(e) = e {
-                vec_path.push((format!("{name}.in_layer"), &e.in_layer));
-                vec_path.push((format!("{name}.out_layer"), &e.out_layer));
+    /// Every tensor of the model downloaded in f32 under its checkpoint key: exactly the tensors
+    /// `Flux::build` reads (the linears' weights and biases and the frozen QK-norm scales), so
+    /// that written as safetensors they load back as a BFL-layout transformer. Refuses a model
+    /// with unmerged adapters, which the file could not hold.
+    pub fn download_weights(&self, b: &B) -> Result<BTreeMap<String, HostTensor>> {
+        let (token, vec_path) = linears!(self, iter, as_ref);
+        let mut tensors: Vec<(String, &Tensor<B>)> = Vec::new();
+        for (name, lin) in token.into_iter().chain(vec_path) {
+            if !lin.lora.is_empty() {
+                bail!("'{name}' carries an unmerged LoRA, which a transformer checkpoint cannot hold (merge it first)");
+            }
+            tensors.push((format!("{name}.weight"), &lin.weight));
+            if let Some(bias) = &lin.bias {
+                tensors.push((format!("{name}.bias"), bias));
             }
         }
+        let mut norms: Vec<(String, &QkNorm<B>)> = Vec::new();
         for (i, block) in self.double_blocks.iter().enumerate() {
-            vec_path.push((format!("double_blocks.{i}.img_mod.lin"), &block.img.modulation.lin));
-            vec_path.push((format!("double_blocks.{i}.txt_mod.lin"), &block.txt.modulation.lin));
+            norms.push((format!("double_blocks.{i}.img_attn.norm"), &block.img.attn.norm));
+            norms.push((format!("double_blocks.{i}.txt_attn.norm"), &block.txt.attn.norm));
         }
         for (i, block) in self.single_blocks.iter().enumerate() {
-            vec_path.push((format!("single_blocks.{i}.modulation.lin"), &block.modulation.lin));
+            norms.push((format!("single_blocks.{i}.norm"), &block.norm));
         }
-        vec_path.push(("final_layer.adaLN_modulation.1".to_string(), &self.final_layer.ada_ln_modulation));
+        for (name, norm) in norms {
+            tensors.push((format!("{name}.query_norm.scale"), &norm.query_norm));
+            tensors.push((format!("{name}.key_norm.scale"), &norm.key_norm));
+        }
+        tensors.into_iter().map(|(name, t)| Ok((name, b.download(t)?))).collect()
+    }
+
+    /// Errors on an adapter that `backward` cannot train: any adapter in full training, one on the
+    /// vec path (which LoRA training treats as constant) otherwise.
+    fn check_adapters(&self) -> Result<()> {
+        let (token, vec_path) = linears!(self, iter, as_ref);
+        if self.trainable == Trainable::Full {
+            if let Some((name, _)) = token.iter().chain(&vec_path).find(|(_, lin)| !lin.lora.is_empty()) {
+                bail!(
+                    "'{name}' carries an unmerged LoRA, which full training does not support: full training starts from a model \
+                     without adapters (merge it into the weights, or leave it out)"
+                );
+            }
+        }
         for (name, lin) in vec_path {
             ensure!(
                 lin.lora.is_empty(),
@@ -558,7 +855,7 @@ mod tests {
     use crate::model::config::FluxParams;
     use crate::model::weights::{LoraMode, WeightLoader};
     use loaders::lora::{LoraAdapter, LoraLayout, LoraPart};
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};
 
@@ -762,5 +1059,156 @@ mod tests {
         let pb = problem(&model, &mut rng);
         let err = model.forward_train(&B, &pb.img, &pb.timesteps, &pb.c, Checkpointing::Off).err().expect("refused");
         assert!(err.to_string().contains("double_blocks.0.img_mod.lin"), "{err}");
+    }
+
+    /// flux-tiny (which has a guidance embedding, so that guidance_in is covered) with random
+    /// weights and no adapter, set to full training.
+    fn full_model() -> Flux<CpuBackend> {
+        let mut model = tiny_model(vec![]).unwrap();
+        assert!(model.guidance_in.is_some(), "flux-tiny has no guidance embedding: guidance_in would go untested");
+        model.trainable = Trainable::Full;
+        model
+    }
+
+    /// The base parameter `name`, as `base_parameters_mut` names it.
+    fn base<'m>(model: &'m mut Flux<CpuBackend>, name: &str) -> &'m mut T {
+        model.base_parameters_mut().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no base parameter '{name}'")).1
+    }
+
+    #[test]
+    fn full_training_forward_is_the_forward_and_checkpointing_changes_nothing() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut model = full_model();
+        let pb = problem(&model, &mut rng);
+        let reference = values(&model.forward(&B, &pb.img, &pb.timesteps, &pb.c).unwrap());
+        let (out_kept, kept) = pb.grads(&model, Checkpointing::Off);
+        let (out_recomputed, recomputed) = pb.grads(&model, Checkpointing::PerBlock);
+        assert_eq!(out_kept, reference);
+        assert_eq!(out_recomputed, reference);
+        assert!(kept.lora.is_empty());
+        assert_eq!(values(&kept.img), values(&recomputed.img));
+        assert_eq!(kept.base.keys().collect::<Vec<_>>(), recomputed.base.keys().collect::<Vec<_>>());
+        for (name, g) in &kept.base {
+            assert_eq!(values(g), values(&recomputed.base[name]), "{name}");
+        }
+
+        // A gradient for every trainable tensor, of its shape, under its name.
+        let mut names = Vec::new();
+        for (name, t) in model.base_parameters_mut() {
+            let g = kept.base.get(&name).unwrap_or_else(|| panic!("no gradient for '{name}'"));
+            assert_eq!(g.shape(), t.shape(), "{name}");
+            names.push(name);
+        }
+        names.sort();
+        assert_eq!(kept.base.keys().cloned().collect::<Vec<_>>(), names);
+
+        // LoRA training of the same model: no base gradients, the same input gradient.
+        model.trainable = Trainable::Lora;
+        let (_, lora) = pb.grads(&model, Checkpointing::Off);
+        assert!(lora.base.is_empty() && lora.lora.is_empty());
+        assert_eq!(values(&lora.img), values(&kept.img));
+
+        // Activations kept for one kind of training do not serve the other.
+        let (out, acts) = model.forward_train(&B, &pb.img, &pb.timesteps, &pb.c, Checkpointing::Off).unwrap();
+        model.trainable = Trainable::Full;
+        let g_out = B.input(&HostTensor::from_f32(out.shape().to_vec(), pb.g_out.clone())).unwrap();
+        let err = model.backward(&B, &pb.img, &pb.c, acts, &g_out).err().expect("refused");
+        assert!(err.to_string().contains("Lora"), "{err}");
+    }
+
+    #[test]
+    fn full_gradients_match_differences_of_the_forward() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut model = full_model();
+        let pb = problem(&model, &mut rng);
+        let (_, grads) = pb.grads(&model, Checkpointing::Off);
+        let names: Vec<String> = model.base_parameters_mut().into_iter().map(|(n, _)| n).collect();
+        for name in &names {
+            let grad = values(&grads.base[name]);
+            let p0 = values(base(&mut model, name));
+            let shape = base(&mut model, name).shape().to_vec();
+            let n = p0.len();
+            let rms = (dot(&p0, &p0) / n as f64).sqrt();
+            let g_rms = (dot(&grad, &grad) / n as f64).sqrt();
+            let mut at = |dir: &[f32], step: f64| {
+                let numeric = derivative(
+                    |t| {
+                        *base(&mut model, name) = moved(&p0, dir, t, &shape);
+                        pb.loss(&model, &pb.img)
+                    },
+                    step,
+                );
+                *base(&mut model, name) = moved(&p0, dir, 0.0, &shape);
+                numeric
+            };
+            // The whole tensor along a random direction of its elements' size, as for the LoRA
+            // factors, but at least 0.1: the biases start near 0, and a step of a few percent of
+            // theirs would drown the difference in the forward's rounding.
+            let size = rms.max(0.1);
+            let dir = randn(n, &mut rng, size as f32);
+            let (analytic, numeric) = (dot(&grad, &dir), at(&dir, 0.05));
+            assert_agree(name, analytic, numeric);
+            // Single entries, each moved by half that size. An entry whose derivative happens to
+            // be small is held to the size of a typical one, which is all f32 can resolve.
+            for _ in 0..4 {
+                let i = rng.random_range(0..n);
+                let mut dir = vec![0f32; n];
+                dir[i] = 1.0;
+                let (analytic, numeric) = (grad[i] as f64, at(&dir, 0.5 * size));
+                let err = (analytic - numeric).abs() / numeric.abs().max(g_rms);
+                assert!(err <= 1e-2, "{name}[{i}]: analytic {analytic} vs numeric {numeric} (typical size {g_rms})");
+            }
+        }
+    }
+
+    #[test]
+    fn full_training_refuses_adapters() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let mut model = tiny_model(vec![part("double_blocks.0.img_attn.proj", 64, 64, 0, 2, 1.0, &mut rng)]).unwrap();
+        let pb = problem(&model, &mut rng);
+        model.trainable = Trainable::Full;
+        let err = model.forward_train(&B, &pb.img, &pb.timesteps, &pb.c, Checkpointing::Off).err().expect("refused");
+        assert!(err.to_string().contains("double_blocks.0.img_attn.proj") && err.to_string().contains("full training"), "{err}");
+        model.trainable = Trainable::Lora;
+        assert!(model.forward_train(&B, &pb.img, &pb.timesteps, &pb.c, Checkpointing::Off).is_ok());
+    }
+
+    #[test]
+    fn downloaded_weights_are_the_checkpoint_and_load_back() {
+        let p = FluxParams::preset("flux-tiny").unwrap();
+        let mut w = WeightLoader::random(&B, 12).recording();
+        let mut model = Flux::build(&p, &mut w).unwrap();
+        let recorded: BTreeMap<String, HostTensor> = w.take_recorded().into_iter().collect();
+        w.finish().unwrap();
+        let weights = model.download_weights(&B).unwrap();
+        assert_eq!(weights.keys().collect::<Vec<_>>(), recorded.keys().collect::<Vec<_>>(), "the tensors Flux::build reads");
+        for (name, t) in &weights {
+            assert_eq!((&t.shape, t.to_f32()), (&recorded[name].shape, recorded[name].to_f32()), "{name}");
+        }
+        // Full training trains all of them but the QK-norm scales.
+        let mut trained: Vec<String> = model.base_parameters_mut().into_iter().map(|(n, _)| n).collect();
+        trained.sort();
+        let unscaled: Vec<String> = recorded.keys().filter(|n| !n.ends_with("_norm.scale")).cloned().collect();
+        assert_eq!(trained, unscaled);
+
+        // A weight changed in place is what gets saved, and the file loads back as a BFL
+        // transformer that computes what the model does.
+        let name = "double_blocks.0.txt_mod.lin.weight";
+        let changed: Vec<f32> = values(base(&mut model, name)).iter().map(|v| 1.5 * v + 0.01).collect();
+        let shape = base(&mut model, name).shape().to_vec();
+        *base(&mut model, name) = B.upload(&HostTensor::from_f32(shape, changed)).unwrap();
+        let weights = model.download_weights(&B).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("transformer.safetensors");
+        let list: Vec<(&str, &HostTensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        loaders::safetensors::write(&path, &list, &BTreeMap::new(), false).unwrap();
+        let ckpt = loaders::flux::FluxCheckpoint::open(&path).unwrap();
+        assert_eq!(ckpt.layout(), loaders::flux::Layout::Bfl);
+        let mut w = WeightLoader::new(&B, &ckpt);
+        let loaded = Flux::build(&p, &mut w).unwrap();
+        w.finish().unwrap();
+        let pb = problem(&model, &mut ChaCha8Rng::seed_from_u64(7));
+        let out = |m: &Flux<CpuBackend>| values(&m.forward(&B, &pb.img, &pb.timesteps, &pb.c).unwrap());
+        assert_eq!(out(&loaded), out(&model));
     }
 }

@@ -1,6 +1,7 @@
 //! The FLUX transformer (BFL `flux/model.py`): embeddings, double-stream blocks over separate
 //! image and text streams, single-stream blocks over the joint sequence, and the final layer.
 
+use super::backward::Trainable;
 use super::config::{FluxParams, TIME_EMBED_DIM};
 use super::layers::*;
 use super::positions::{image_ids, rope_table};
@@ -21,6 +22,9 @@ pub struct Flux<B: Backend> {
     pub double_blocks: Vec<DoubleStreamBlock<B>>,
     pub single_blocks: Vec<SingleStreamBlock<B>>,
     pub final_layer: LastLayer<B>,
+    /// What training (`forward_train`, `backward` in `model::backward`) computes gradients for:
+    /// `Lora` as built; set `Full` to train every linear of a model without adapters.
+    pub trainable: Trainable,
 }
 
 impl<B: Backend> Flux<B> {
@@ -88,6 +92,7 @@ impl<B: Backend> Flux<B> {
                 linear: w.linear("final_layer.linear", h, p.out_channels, true)?,
             },
             params: p.clone(),
+            trainable: Trainable::Lora,
         })
     }
 

@@ -36,6 +36,39 @@ impl BackwardOps for CpuBackend {
         Ok(f32_tensor(gx, shape))
     }
 
+    fn linear_backward_params(&self, gy: &T, x: &T) -> Result<(T, T)> {
+        const OP: &str = "linear_backward_params";
+        ensure!(gy.rank() >= 1 && x.rank() >= 1, "{OP}: output gradient {:?} and input {:?} must have features", gy.shape(), x.shape());
+        let (out_f, in_f) = (gy.dim(-1), x.dim(-1));
+        let leading = &x.shape()[..x.rank() - 1];
+        ensure!(
+            gy.shape()[..gy.rank() - 1] == *leading,
+            "{OP}: output gradient has shape {:?}, input {:?}: their leading dimensions differ",
+            gy.shape(),
+            x.shape()
+        );
+        let rows: usize = leading.iter().product();
+        let (gy_v, x_v) = (act(OP, gy)?, act(OP, x)?);
+        // g_weight = gy^T @ x transposes the narrower operand: gy as it stands, or x for the
+        // product's transpose x^T @ gy, whose result is then turned back (a weight-sized copy,
+        // against a product `rows` times larger).
+        let g_weight = if out_f <= in_f {
+            let mut g = vec![0f32; out_f * in_f];
+            matmul(&mut g, &spatial::transpose_last2(gy_v, 1, rows, out_f), x_v, out_f, in_f, rows, Rhs::Normal, false, true);
+            g
+        } else {
+            let mut g_t = vec![0f32; in_f * out_f];
+            matmul(&mut g_t, &spatial::transpose_last2(x_v, 1, rows, in_f), gy_v, in_f, out_f, rows, Rhs::Normal, false, true);
+            spatial::transpose_last2(&g_t, 1, in_f, out_f)
+        };
+        let g_bias = sum_over_tokens(1, rows, out_f, |row, acc| {
+            for (a, &g) in acc.iter_mut().zip(&gy_v[row * out_f..(row + 1) * out_f]) {
+                *a += g as f64;
+            }
+        });
+        Ok((f32_tensor(g_weight, vec![out_f, in_f]), f32_tensor(g_bias, vec![out_f])))
+    }
+
     fn lora_backward(&self, gx: T, gy: &T, x: &T, down: &T, up: &T, scale: f32, offset: usize) -> Result<LoraAddGrads<Self>> {
         const OP: &str = "lora_backward";
         ensure!(down.rank() == 2 && up.rank() == 2, "{OP}: down {:?} and up {:?} must be matrices", down.shape(), up.shape());
@@ -113,6 +146,33 @@ impl BackwardOps for CpuBackend {
             }
         });
         Ok(f32_tensor(gx, x.shape().to_vec()))
+    }
+
+    fn layer_norm_modulate_backward_shift_scale(&self, x: &T, gy: &T, eps: f32) -> Result<(T, T)> {
+        const OP: &str = "layer_norm_modulate_backward_shift_scale";
+        ensure!(x.rank() == 3, "{OP}: x has shape {:?}, expected [batch, tokens, dim]", x.shape());
+        expect_shape("output gradient", OP, gy.shape(), x.shape())?;
+        let (b, l, d) = (x.dim(0), x.dim(1), x.dim(2));
+        let (x_v, gy_v) = (act(OP, x)?, act(OP, gy)?);
+        // Each sample's accumulator holds g_shift then g_scale.
+        let sums = sum_over_tokens(b, l, 2 * d, |row, acc| {
+            let (xr, gr) = (&x_v[row * d..(row + 1) * d], &gy_v[row * d..(row + 1) * d]);
+            let n = d as f64;
+            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            let (g_shift, g_scale) = acc.split_at_mut(d);
+            for i in 0..d {
+                g_shift[i] += gr[i] as f64;
+                g_scale[i] += gr[i] as f64 * (xr[i] as f64 - mean) * rstd;
+            }
+        });
+        let (mut g_shift, mut g_scale) = (Vec::with_capacity(b * d), Vec::with_capacity(b * d));
+        for sample in sums.chunks(2 * d) {
+            g_shift.extend_from_slice(&sample[..d]);
+            g_scale.extend_from_slice(&sample[d..]);
+        }
+        Ok((f32_tensor(g_shift, vec![b, d]), f32_tensor(g_scale, vec![b, d])))
     }
 
     fn qk_norm_rope_backward(
@@ -214,6 +274,66 @@ impl BackwardOps for CpuBackend {
         });
         Ok(f32_tensor(g_branch, gy.shape().to_vec()))
     }
+
+    fn gated_residual_backward_gate(&self, gy: &T, y: &T) -> Result<T> {
+        const OP: &str = "gated_residual_backward_gate";
+        ensure!(gy.rank() == 3, "{OP}: output gradient has shape {:?}, expected [batch, tokens, dim]", gy.shape());
+        expect_shape("branch", OP, y.shape(), gy.shape())?;
+        let (b, l, d) = (gy.dim(0), gy.dim(1), gy.dim(2));
+        let (gy_v, y_v) = (act(OP, gy)?, act(OP, y)?);
+        let g_gate = sum_over_tokens(b, l, d, |row, acc| {
+            for ((a, &g), &v) in acc.iter_mut().zip(&gy_v[row * d..(row + 1) * d]).zip(&y_v[row * d..(row + 1) * d]) {
+                *a += g as f64 * v as f64;
+            }
+        });
+        Ok(f32_tensor(g_gate, vec![b, d]))
+    }
+
+    fn silu_backward(&self, x: &T, gy: &T) -> Result<T> {
+        const OP: &str = "silu_backward";
+        expect_shape("output gradient", OP, gy.shape(), x.shape())?;
+        let gx = act(OP, x)?
+            .par_iter()
+            .zip(act(OP, gy)?)
+            .map(|(&x, &g)| {
+                let s = 1.0 / (1.0 + (-x).exp());
+                g * s * (1.0 + x * (1.0 - s))
+            })
+            .collect();
+        Ok(f32_tensor(gx, x.shape().to_vec()))
+    }
+}
+
+/// Rows per task of `sum_over_tokens`.
+const TOKEN_CHUNK: usize = 64;
+
+/// Per-sample sums over tokens: `add_row(row, acc)` adds the terms of row `row` (of
+/// `samples * tokens`) to acc `[width]`; returns `[samples, width]`. Rows are summed in f64 in
+/// fixed chunks, whose partial sums are then added in order, so that the result does not depend
+/// on how rayon schedules the chunks (activation checkpointing must reproduce it exactly).
+fn sum_over_tokens(samples: usize, tokens: usize, width: usize, add_row: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f32> {
+    let chunks = tokens.div_ceil(TOKEN_CHUNK);
+    let partial: Vec<Vec<f64>> = (0..samples * chunks)
+        .into_par_iter()
+        .map(|task| {
+            let (sample, chunk) = (task / chunks, task % chunks);
+            let mut acc = vec![0f64; width];
+            for token in chunk * TOKEN_CHUNK..((chunk + 1) * TOKEN_CHUNK).min(tokens) {
+                add_row(sample * tokens + token, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut out = Vec::with_capacity(samples * width);
+    for sample in partial.chunks(chunks.max(1)).take(samples) {
+        let mut acc = vec![0f64; width];
+        for p in sample {
+            acc.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+        }
+        out.extend(acc.iter().map(|&a| a as f32));
+    }
+    out.resize(samples * width, 0.0);
+    out
 }
 
 /// An activation's buffer taken over, to accumulate into.
@@ -380,6 +500,7 @@ mod tests {
         }
     }
 
+    #[derive(Clone, Copy)]
     enum Probe {
         /// One unit direction per element: for small inputs.
         EveryElement,
@@ -672,5 +793,120 @@ mod tests {
         let gy_t = tensor(gy.iter().map(|&v| v as f32).collect(), &[b, l, d]);
         let g_branch = CpuBackend.gated_residual_backward(&gy_t, &gt).unwrap();
         check_gradient("gated_residual branch", &y, &values(&g_branch), |y| dot(&gy, &forward(y)), Probe::EveryElement);
+    }
+
+    #[test]
+    fn linear_parameter_gradients_match_differences() {
+        let mut r = rng(8);
+        // (leading dims, out, in): out <= in and out > in (the two ways the product is taken),
+        // each over batch and tokens, then more rows than a chunk of the bias sum.
+        let cases =
+            [(vec![2, 3], 4, 7, Probe::EveryElement), (vec![2, 5], 9, 6, Probe::EveryElement), (vec![1, 130], 33, 20, Probe::Random(4))];
+        for (leading, out_f, in_f, probe) in cases {
+            let rows: usize = leading.iter().product();
+            let (x, w, bias) = (randn(rows * in_f, &mut r), randn(out_f * in_f, &mut r), randn(out_f, &mut r));
+            let gy = f64s(&randn(rows * out_f, &mut r));
+            let x64 = f64s(&x);
+            let forward = |w: &[f64], bias: &[f64]| -> Vec<f64> {
+                (0..rows * out_f)
+                    .map(|ro| dot(&x64[(ro / out_f) * in_f..][..in_f], &w[(ro % out_f) * in_f..][..in_f]) + bias[ro % out_f])
+                    .collect()
+            };
+            let shape = |last: usize| leading.iter().copied().chain([last]).collect::<Vec<_>>();
+            let xt = tensor(x.clone(), &shape(in_f));
+            let y = CpuBackend.linear(&xt, &tensor(w.clone(), &[out_f, in_f]), Some(&tensor(bias.clone(), &[out_f]))).unwrap();
+            assert_close("linear forward", &values(&y), &forward(&f64s(&w), &f64s(&bias)), 1e-5);
+
+            let gy_t = tensor(gy.iter().map(|&v| v as f32).collect(), &shape(out_f));
+            let (g_w, g_b) = CpuBackend.linear_backward_params(&gy_t, &xt).unwrap();
+            assert_eq!((g_w.shape(), g_b.shape()), (&[out_f, in_f][..], &[out_f][..]));
+            let (w64, b64) = (f64s(&w), f64s(&bias));
+            let what = format!("linear {leading:?} x {in_f} -> {out_f}");
+            check_gradient(&format!("{what} weight"), &w, &values(&g_w), |w| dot(&gy, &forward(w, &b64)), probe);
+            check_gradient(&format!("{what} bias"), &bias, &values(&g_b), |b| dot(&gy, &forward(&w64, b)), probe);
+        }
+        let mismatched = CpuBackend.linear_backward_params(&tensor(vec![0.0; 12], &[2, 2, 3]), &tensor(vec![0.0; 8], &[4, 2]));
+        assert!(mismatched.is_err(), "rows of gy and x that do not pair up must be refused");
+    }
+
+    #[test]
+    fn layer_norm_modulate_shift_scale_gradients_match_differences() {
+        let mut r = rng(9);
+        // A sample's tokens spanning several chunks of the sums, partial last chunk included.
+        for (b, l, d, probe) in [(2, 3, 16, Probe::EveryElement), (2, 150, 24, Probe::Random(4))] {
+            let x: Vec<f32> = randn(b * l * d, &mut r).iter().map(|v| 2.0 * v + 0.5).collect();
+            let shift = randn(b * d, &mut r);
+            let scale: Vec<f32> = randn(b * d, &mut r).iter().map(|v| 0.5 * v).collect();
+            let gy = f64s(&randn(b * l * d, &mut r));
+            let eps = 1e-6;
+            let forward = |shift: &[f64], scale: &[f64]| -> Vec<f64> {
+                let mut y = vec![0f64; x.len()];
+                for (row, (yr, xr)) in y.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                    let xr = f64s(xr);
+                    let mean = xr.iter().sum::<f64>() / d as f64;
+                    let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+                    let bi = row / l;
+                    for i in 0..d {
+                        yr[i] = (1.0 + scale[bi * d + i]) * (xr[i] - mean) / (var + eps).sqrt() + shift[bi * d + i];
+                    }
+                }
+                y
+            };
+            let xt = tensor(x.clone(), &[b, l, d]);
+            let y =
+                CpuBackend.layer_norm_modulate(&xt, &tensor(shift.clone(), &[b, d]), &tensor(scale.clone(), &[b, d]), eps as f32).unwrap();
+            let (shift64, scale64) = (f64s(&shift), f64s(&scale));
+            assert_close("layer_norm_modulate forward", &values(&y), &forward(&shift64, &scale64), 1e-5);
+            let gy_t = tensor(gy.iter().map(|&v| v as f32).collect(), &[b, l, d]);
+            let (g_shift, g_scale) = CpuBackend.layer_norm_modulate_backward_shift_scale(&xt, &gy_t, eps as f32).unwrap();
+            assert_eq!((g_shift.shape(), g_scale.shape()), (&[b, d][..], &[b, d][..]));
+            check_gradient(
+                &format!("layer_norm_modulate {l} shift"),
+                &shift,
+                &values(&g_shift),
+                |s| dot(&gy, &forward(s, &scale64)),
+                probe,
+            );
+            check_gradient(
+                &format!("layer_norm_modulate {l} scale"),
+                &scale,
+                &values(&g_scale),
+                |c| dot(&gy, &forward(&shift64, c)),
+                probe,
+            );
+        }
+    }
+
+    #[test]
+    fn gated_residual_gate_gradient_matches_differences() {
+        let mut r = rng(10);
+        for (b, l, d) in [(2, 3, 5), (3, 100, 4)] {
+            let (x, gate, y) = (randn(b * l * d, &mut r), randn(b * d, &mut r), randn(b * l * d, &mut r));
+            let gy = f64s(&randn(b * l * d, &mut r));
+            let forward = |gate: &[f64]| -> Vec<f64> {
+                (0..b * l * d).map(|i| x[i] as f64 + gate[(i / (l * d)) * d + i % d] * y[i] as f64).collect()
+            };
+            let (xt, gt, yt) = (tensor(x.clone(), &[b, l, d]), tensor(gate.clone(), &[b, d]), tensor(y.clone(), &[b, l, d]));
+            let out = CpuBackend.gated_residual(&xt, &gt, &yt).unwrap();
+            assert_close("gated_residual forward", &values(&out), &forward(&f64s(&gate)), 1e-6);
+            let gy_t = tensor(gy.iter().map(|&v| v as f32).collect(), &[b, l, d]);
+            let g_gate = CpuBackend.gated_residual_backward_gate(&gy_t, &yt).unwrap();
+            assert_eq!(g_gate.shape(), [b, d]);
+            check_gradient(&format!("gated_residual gate {l}"), &gate, &values(&g_gate), |g| dot(&gy, &forward(g)), Probe::EveryElement);
+        }
+    }
+
+    #[test]
+    fn silu_gradient_matches_differences() {
+        let mut r = rng(11);
+        let x: Vec<f32> = randn(120, &mut r).iter().map(|v| 4.0 * v).collect();
+        let gy = f64s(&randn(120, &mut r));
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        let y = CpuBackend.silu(&tensor(x.clone(), &[3, 40])).unwrap();
+        assert_close("silu forward", &values(&y), &x.iter().map(|&v| silu(v as f64)).collect::<Vec<_>>(), 1e-5);
+        let gy_t = tensor(gy.iter().map(|&v| v as f32).collect(), &[3, 40]);
+        let gx = CpuBackend.silu_backward(&tensor(x.clone(), &[3, 40]), &gy_t).unwrap();
+        assert_eq!(gx.shape(), [3, 40]);
+        check_gradient("silu", &x, &values(&gx), |x| x.iter().zip(&gy).map(|(&x, g)| g * silu(x)).sum(), Probe::EveryElement);
     }
 }
