@@ -38,7 +38,7 @@ enum Command {
     Model(model::Args),
     Plan(plan::Args),
     Selftest(selftest::Args),
-    Train(train::Args),
+    Train(Box<train::Args>),
     Upscale(upscale::Args),
 }
 
@@ -54,7 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(a) => model::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Selftest(a) => selftest::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Upscale(a) => upscale::run(a),
     }
 }

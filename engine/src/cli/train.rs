@@ -1,11 +1,18 @@
-//! `engine train`: LoRA fine-tuning of a super-resolution model (design.md sections 5 to 7).
-//! Only `--stage sft` on the CPU exists so far; the flags map one to one onto
-//! `engine::train::run::TrainConfig` (what a resume must keep) and `RunOptions` (what it may change).
+//! `engine train`: LoRA fine-tuning of a super-resolution model on the CPU (design.md sections 5
+//! to 7), in four stages that share one run loop (`engine::train::run`).
+//!
+//! Settings come from three layers: the stage's defaults, then `--config FILE` (TOML; every key is
+//! a flag's long name, `-` or `_`), then the flags given on the command line. The result is a
+//! `TrainConfig` (what a resume must keep) and the run options (what it may change). Errors name
+//! the flag, or the file and the key the bad value came from.
 
-use anyhow::{bail, Result};
-use engine::train::run::{train_sft, RunOptions, TrainConfig};
+use anyhow::{bail, Context, Result};
+use engine::train::config::{flag, Negatives, Stage, TrainConfig};
+use engine::train::run::{train, Progress, RunOptions};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set by SIGINT; the run checks it after each step.
@@ -18,119 +25,238 @@ extern "C" fn on_sigint(_: libc::c_int) {
     unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Stage {
-    Sft,
-    Adversary,
-    Dpo,
-    Asdpo,
+/// Train a LoRA on a super-resolution model: sft (flow matching), adversary (the AMG artifact
+/// adversary), dpo (S-DPO against fixed negatives) or asdpo (S-DPO against the adversary's
+/// negatives). Writes OUT/lora.safetensors (diffusers/peft layout; for adversary, dpo and asdpo
+/// the new adapter only, loaded on top of the SFT one: `engine upscale --lora sft.safetensors
+/// --lora dpo.safetensors`) and OUT/checkpoint.safetensors.
+#[derive(clap::Args, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// TOML settings: every key is a flag's long name (`-` or `_`), e.g. `grad-accum = 4`; flags on
+    /// the command line override it. Relative paths in it are relative to its folder.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// sft | adversary | dpo | asdpo [default: sft].
+    #[arg(long, value_enum, hide_possible_values = true)]
+    stage: Option<Stage>,
+    /// Model folder to fine-tune. Without it, a random base of --preset from --init-seed.
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
+    /// Transformer shape of a random base: flux-dev, flux-small or flux-tiny (pixel-shuffle x4)
+    /// [default: flux-tiny].
+    #[arg(long)]
+    preset: Option<String>,
+    /// Seed of a random base's weights [default: 0].
+    #[arg(long)]
+    init_seed: Option<u64>,
+    /// The SFT adapter, merged into the base and frozen (adversary, dpo, asdpo: required; the
+    /// reference is base + this adapter).
+    #[arg(long, value_name = "FILE")]
+    sft_lora: Option<PathBuf>,
+    /// asdpo: the adversary's adapter (from --stage adversary); A_phi = base + SFT LoRA + this,
+    /// frozen.
+    #[arg(long, value_name = "FILE")]
+    adversary_lora: Option<PathBuf>,
+    /// Training data: a folder of HQ images (walked recursively, degraded on the fly), or a
+    /// prepared folder DIR/hq/NAME.png, DIR/lq/NAME.png (as `engine degrade` writes them) and, for
+    /// adversary and --negatives triples, DIR/baseline/NAME.png (a baseline upscaler's outputs).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Output folder: lora.safetensors, checkpoint.safetensors.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Optimiser steps to run to [default: 1000].
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Samples per micro-batch (preference pairs for dpo and asdpo) [default: 4].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches per optimiser step, gradients averaged [default: 1].
+    #[arg(long, value_name = "N")]
+    grad_accum: Option<usize>,
+    /// Peak learning rate [default: 1e-4].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Steps of linear learning-rate warm-up [default: 0].
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Decoupled AdamW weight decay [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Global gradient norm clip [default: 1].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// LoRA rank [default: 16].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Sobolev exponent s of the energies, 0 being the MSE [default: 0 for sft, 1.5 otherwise].
+    #[arg(long, value_name = "S")]
+    sobolev_s: Option<f64>,
+    /// Seed of the data order, crops, degradations, t, noise and the negatives' sampling [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// HQ crop side in pixels [default: 64].
+    #[arg(long)]
+    crop: Option<usize>,
+    /// dpo, asdpo: S-DPO's beta [default: 2000].
+    #[arg(long)]
+    beta: Option<f64>,
+    /// asdpo (and adversary with --hardness): the Sobolev trust-region radius of a loser's
+    /// deviation from the winner, ||d||_H <= rho; 0.1 is an RMS error of 0.1 on [-1, 1] at s = 0,
+    /// a decent x4 restoration's error [default: 0.1].
+    #[arg(long)]
+    rho: Option<f64>,
+    /// dpo: the losers, triples (DATA/baseline), reference (the reference's own few-step
+    /// restoration of the LQ) or bicubic [default: triples when DATA has baseline/, else reference].
+    #[arg(long, value_enum, hide_possible_values = true)]
+    negatives: Option<Negatives>,
+    /// dpo --negatives reference: Euler steps of the reference's restorations [default: 4].
+    #[arg(long, value_name = "N")]
+    negative_steps: Option<usize>,
+    /// asdpo: losers from Proposition 1's closed form (the steepest Sobolev-ball deviation against
+    /// the reference's residual energy) instead of --adversary-lora.
+    #[arg(long)]
+    #[serde(default)]
+    closed_form: bool,
+    /// adversary: weight lambda_E of the hardness term E(v_ref(x^l_t) - u^l) [default: 0].
+    #[arg(long, value_name = "LAMBDA")]
+    hardness: Option<f64>,
+    /// Save a checkpoint every N steps, 0: only at the end (and on Ctrl-C) [default: 0].
+    #[arg(long, value_name = "N")]
+    save_every: Option<u64>,
+    /// Continue from OUT/checkpoint.safetensors; refused if any setting of the run changed.
+    #[arg(long)]
+    #[serde(default)]
+    resume: bool,
+    /// JSONL log, one line per step: step, loss, grad_norm, lr, samples_per_s and the stage's
+    /// values (implicit_acc, reward_margin, ...); appended to on resume.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Where to run: only cpu so far [default: cpu].
+    #[arg(long)]
+    device: Option<String>,
 }
 
-/// Train a LoRA on a super-resolution model from a folder of HQ images, degraded on the fly.
-#[derive(clap::Args)]
-pub struct Args {
-    /// Which stage: sft (flow matching); adversary, dpo and asdpo are not implemented yet.
-    #[arg(long, value_enum, default_value = "sft")]
-    stage: Stage,
-    /// Model folder to fine-tune. Without it, a random base of --preset from --init-seed.
-    #[arg(long)]
-    base: Option<PathBuf>,
-    /// Transformer shape of a random base: flux-dev, flux-small or flux-tiny (pixel-shuffle x4).
-    #[arg(long, default_value = "flux-tiny")]
-    preset: String,
-    /// Seed of a random base's weights.
-    #[arg(long, default_value_t = 0)]
-    init_seed: u64,
-    /// Folder of HQ training images (walked recursively).
-    #[arg(long)]
-    data: PathBuf,
-    /// Output folder: lora.safetensors, checkpoint.json.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 1000)]
+/// The run options' keys beside the `TrainConfig` ones, with their defaults.
+#[derive(Deserialize)]
+#[serde(default)]
+struct RunSettings {
+    out: Option<PathBuf>,
     max_steps: u64,
-    /// Images per step.
-    #[arg(long, default_value_t = 4)]
-    batch: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
-    /// Steps of linear learning-rate warm-up.
-    #[arg(long, default_value_t = 0)]
-    warmup: u64,
-    /// Decoupled AdamW weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// Global gradient norm clip.
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 16)]
-    rank: usize,
-    /// Sobolev exponent of the loss; 0 is the MSE.
-    #[arg(long, default_value_t = 0.0)]
-    sobolev_s: f64,
-    /// Seed of the data order, crops, degradations, t and noise.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// HQ crop side in pixels.
-    #[arg(long, default_value_t = 64)]
-    crop: usize,
-    /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
     save_every: u64,
-    /// Continue from OUT/checkpoint.json; refused if any config value changed.
-    #[arg(long)]
     resume: bool,
-    /// JSONL log, one line per step (appended on resume).
-    #[arg(long)]
     log: Option<PathBuf>,
-    /// Where to run: only cpu so far.
-    #[arg(long, default_value = "cpu")]
     device: String,
 }
 
-pub fn run(a: Args) -> Result<()> {
-    if a.stage != Stage::Sft {
-        bail!("--stage: only sft is implemented so far");
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings { out: None, max_steps: 1000, save_every: 0, resume: false, log: None, device: "cpu".into() }
     }
-    if a.device != "cpu" {
-        bail!("--device {}: training runs on the CPU only so far (use --device cpu)", a.device);
+}
+
+/// Keys whose values are paths: relative ones in a config file are relative to its folder.
+const PATH_KEYS: [&str; 6] = ["base", "sft_lora", "adversary_lora", "data", "out", "log"];
+
+/// The settings of `--config FILE` as JSON values under their `_` keys, each checked against its
+/// flag's type.
+fn read_config_file(path: &Path) -> Result<Map<String, Value>> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{name}: cannot read the config file"))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |s| text[..s.start].lines().count().max(1));
+        anyhow::anyhow!("{name}:{line}: {}", e.message().trim())
+    })?;
+    let known = serde_json::to_value(Args::default())?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut out = Map::new();
+    for (key, value) in table {
+        let normal = key.replace('-', "_");
+        if known.get(&normal).is_none() {
+            bail!("{name}: unknown key '{key}' (the keys are the long names of `engine train`'s flags)");
+        }
+        let mut value = serde_json::to_value(&value)?;
+        if let (true, Some(p)) = (PATH_KEYS.contains(&normal.as_str()), value.as_str()) {
+            value = Value::String(dir.join(p).display().to_string());
+        }
+        let single = Value::Object(Map::from_iter([(normal.clone(), value.clone())]));
+        if let Err(e) = serde_json::from_value::<Args>(single) {
+            bail!("{name}: key '{key}': {e}");
+        }
+        if out.insert(normal, value).is_some() {
+            bail!("{name}: key '{key}' is given twice (with '-' and with '_')");
+        }
     }
-    let config = TrainConfig {
-        base: a.base,
-        preset: a.preset,
-        init_seed: a.init_seed,
-        data: a.data,
-        batch: a.batch,
-        lr: a.lr,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        max_grad_norm: a.max_grad_norm,
-        rank: a.rank,
-        sobolev_s: a.sobolev_s,
-        seed: a.seed,
-        crop: a.crop,
+    Ok(out)
+}
+
+/// The flags given on the command line, as JSON values under their `_` keys.
+fn given_flags(a: &Args) -> Result<Map<String, Value>> {
+    let Value::Object(map) = serde_json::to_value(a)? else { bail!("flags do not serialise as a map") };
+    Ok(map.into_iter().filter(|(_, v)| !v.is_null() && *v != Value::Bool(false)).collect())
+}
+
+/// Defaults, then the config file, then the flags.
+fn settings(a: &Args) -> Result<(TrainConfig, RunSettings)> {
+    let file = a.config.as_deref().map(read_config_file).transpose()?.unwrap_or_default();
+    let flags = given_flags(a)?;
+    let mut given = file.clone();
+    given.extend(flags.clone());
+    let stage: Stage = match given.get("stage") {
+        Some(v) => serde_json::from_value(v.clone())?,
+        None => Stage::default(),
     };
+    let Value::Object(mut all) = serde_json::to_value(TrainConfig::defaults(stage))? else {
+        bail!("the defaults do not serialise as a map")
+    };
+    all.extend(given.clone());
+    let config: TrainConfig = serde_json::from_value(Value::Object(all.clone()))?;
+    let run: RunSettings = serde_json::from_value(Value::Object(all))?;
+    // A bad value is named where it was given: the flag, or the file and its key.
+    if let Err(e) = config.check() {
+        match a.config.as_ref().filter(|_| file.contains_key(e.key) && !flags.contains_key(e.key)) {
+            Some(path) => bail!("{}: key '{}': {}", path.display(), e.key, e.message),
+            None => bail!("--{}: {}", flag(e.key), e.message),
+        }
+    }
+    Ok((config, run))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (config, settings) = settings(&a)?;
+    if settings.device != "cpu" {
+        bail!("--device {}: training runs on the CPU only so far (use --device cpu)", settings.device);
+    }
+    let out = settings.out.context("--out: no output folder given (the flag, or 'out' in the config file)")?;
     let opts = RunOptions {
-        out: a.out.clone(),
-        max_steps: a.max_steps,
-        save_every: a.save_every,
-        resume: a.resume,
-        log: a.log,
+        out: out.clone(),
+        max_steps: settings.max_steps,
+        save_every: settings.save_every,
+        resume: settings.resume,
+        log: settings.log,
         stop: Some(&STOP),
     };
     // SAFETY: the handler only stores to an atomic and resets the disposition, both
     // async-signal-safe.
     unsafe { libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t) };
-    let bar = ProgressBar::new(a.max_steps);
+    let bar = ProgressBar::new(settings.max_steps);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]").unwrap_or(ProgressStyle::default_bar()),
     );
-    train_sft(&config, &opts, &mut |step, _, loss| {
-        bar.set_position(step);
-        bar.set_message(format!("loss {loss:.4}"));
+    train(&config, &opts, &mut |p| match p {
+        Progress::Started { trained, step, .. } => {
+            let what = format!("--stage {}: training {} LoRA parameters, from step {step}", config.stage, super::human_count(trained));
+            bar.suspend(|| println!("{what}"));
+            bar.set_position(step);
+        }
+        Progress::Step { step, loss, .. } => {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4}"));
+        }
     })?;
     bar.finish();
-    println!("wrote {}", a.out.join("lora.safetensors").display());
+    println!("wrote {}", out.join("lora.safetensors").display());
     Ok(())
 }

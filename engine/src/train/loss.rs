@@ -238,6 +238,30 @@ pub fn limit_sobolev_norm(op: &Sobolev, d: &[f32], rho: f64) -> Result<Vec<f32>>
     Ok(limited)
 }
 
+/// The gradient through [`limit_sobolev_norm`]: `g` is d loss / d(limited d), the result
+/// d loss / d d, per field. Inside the ball the limit is the identity; outside it it is
+/// `y = rho d / n`, `n = ||d||_H = sqrt(d^T L d / N)`, whose Jacobian is symmetric about `L`:
+/// `J^T g = (rho / n) (g - (d . g / d^T L d) L d)`.
+pub fn limit_sobolev_norm_backward(op: &Sobolev, d: &[f32], g: &[f32], rho: f64) -> Result<Vec<f32>> {
+    same_len("limit_sobolev_norm_backward", ("d", d), ("g", g))?;
+    let norms = op.sobolev_norm(d)?;
+    let precision_d = op.precision(d)?;
+    let per_field = op.field_grid().elements();
+    let mut out = g.to_vec();
+    for (((field, d), ld), norm) in out.chunks_mut(per_field).zip(d.chunks(per_field)).zip(precision_d.chunks(per_field)).zip(norms) {
+        if norm <= rho {
+            continue;
+        }
+        let d_dot_g: f64 = d.iter().zip(field.iter()).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let d_l_d: f64 = d.iter().zip(ld).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let (scale, along) = (rho / norm, d_dot_g / d_l_d);
+        for (gi, &ldi) in field.iter_mut().zip(ld) {
+            *gi = (scale * (*gi as f64 - along * ldi as f64)) as f32;
+        }
+    }
+    Ok(out)
+}
+
 /// A loser synthesised by the adversary (AS-DPO), on the winner's noise and time.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SynthesizedLoser {
@@ -567,6 +591,26 @@ mod tests {
         let exact = synthesize_loser(&op, &x_w0, &eps, &t, &winner.velocity, 1.0).unwrap();
         assert!(exact.x0.iter().zip(&x_w0).all(|(l, w)| (l - w).abs() < 1e-5));
         assert!(exact.deviation_norm.iter().all(|&norm| norm < 1e-5));
+    }
+
+    #[test]
+    fn the_limits_gradient_matches_differences_inside_and_outside_the_ball() {
+        let grid = Grid::new(2, 4, 6);
+        let op = Sobolev::new(grid, DEFAULT_EXPONENT).unwrap();
+        let n = 2 * grid.elements();
+        let (mut d, weights) = (random_fields(n, 70), random_fields(n, 71));
+        // The first field outside the ball, the second (half as large) inside it.
+        d[grid.elements()..].iter_mut().for_each(|v| *v *= 0.5);
+        let norms = op.sobolev_norm(&d).unwrap();
+        let rho = 0.75 * norms[0];
+        assert!(norms[1] < 0.9 * rho, "{norms:?}");
+        let loss = |d: &[f32]| dot(&limit_sobolev_norm(&op, d, rho).unwrap(), &weights);
+        let grad = limit_sobolev_norm_backward(&op, &d, &weights, rho).unwrap();
+        assert_eq!(&grad[grid.elements()..], &weights[grid.elements()..]);
+        for index in (0..n).step_by(3) {
+            let numeric = central_difference(&d, index, 1e-2, loss);
+            assert!((numeric - grad[index] as f64).abs() <= 2e-3 * max_abs(&grad), "index {index}: {numeric} vs {}", grad[index]);
+        }
     }
 
     #[test]

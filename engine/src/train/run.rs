@@ -1,57 +1,46 @@
-//! The SFT training run behind `engine train --stage sft`: data, the step loop, the JSONL log,
-//! checkpoints and resume. The CLI only turns flags into a [`TrainConfig`].
+//! The training run behind `engine train`: one loop for every stage. The CLI only turns flags
+//! and the config file into a [`TrainConfig`] and [`RunOptions`].
 //!
-//! Determinism: every random draw of step k (which images, where to crop, the degradation, t and
-//! eps) comes from seeds derived from (seed, k), so the data position and every RNG state of a
-//! run are its step count; a checkpoint therefore holds the step, the LoRA master factors, the
-//! optimiser state and the config, and a resumed run is bit-identical to an uninterrupted one.
+//! A stage is a [`StageStep`]: the loss and the gradients of one micro-batch of samples. The loop
+//! around it is common: the data draw, gradient accumulation (`grad_accum` micro-batches per
+//! optimiser step, gradients and logged values averaged), AdamW on the trained tensors
+//! ([`Trainable`]), the JSONL log, checkpoints, resume and the stop request (Ctrl-C).
 //!
-//! Checkpoints are `OUT/checkpoint.json`, written to a temporary file, fsynced and renamed over
-//! the previous one (`loaders::atomic`), so a crash leaves the last complete checkpoint.
+//! Determinism: every random draw of micro-batch k (which images, where to crop, the degradation,
+//! t and eps, the negatives' sampling noise) comes from seeds derived from (seed, k), so the data
+//! position and every RNG state of a run are its step count; a checkpoint therefore holds the
+//! step, the trained tensors, the optimiser state and the config, and a resumed run is
+//! bit-identical to an uninterrupted one (`checkpoint` describes the file and its crash safety).
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::sft::{encode_pairs, loss_operator, sft_step, step_seed, LoraTrainer};
+use super::adversary::AdversaryMimic;
+use super::batch::{step_seed, stream, Latent};
+use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE, LORA_FILE};
+use super::config::{Negatives, Stage, TrainConfig};
+use super::data::{Baselines, Dataset, Sample};
+use super::params::{Adapters, LoraParams, Models, Trainable, Variant};
+use super::preference::{Losers, Preference};
+use super::sft::{loss_operator, Sft};
+use super::sobolev::Grid as FieldGrid;
+use crate::backend::backward::BackwardOps;
 use crate::backend::cpu::CpuBackend;
-use crate::degrade::{crop, degrade};
 use crate::model::weights::WeightLoader;
 use crate::model::{Flux, FluxParams, LoraMode};
 use crate::sr::model_dir::{zero_text, AeConfig, ConditioningMode, SrConfig, SrModel};
 use anyhow::{bail, ensure, Context, Result};
-use loaders::image::Image;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use loaders::lora::LoraAdapter;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-/// Everything that defines a run. Keys are the CLI's long flag names with `_` for `-`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// A model folder to fine-tune; None: a random base of `preset` from `init_seed`.
-    pub base: Option<PathBuf>,
-    pub preset: String,
-    pub init_seed: u64,
-    pub data: PathBuf,
-    pub batch: usize,
-    pub lr: f64,
-    pub warmup: u64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub rank: usize,
-    pub sobolev_s: f64,
-    pub seed: u64,
-    /// HQ crop side in pixels.
-    pub crop: usize,
-}
-
 /// How far to run and where to write; these may change between a run and its resume.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub out: PathBuf,
     pub max_steps: u64,
+    /// Save a checkpoint every this many steps (0: only at the end).
     pub save_every: u64,
     pub resume: bool,
     pub log: Option<PathBuf>,
@@ -59,49 +48,247 @@ pub struct RunOptions {
     pub stop: Option<&'static AtomicBool>,
 }
 
-/// A checkpoint: the step reached and all the state needed to continue from it.
-#[derive(Serialize, Deserialize)]
-struct Checkpoint {
-    config: TrainConfig,
-    step: u64,
-    optimizer: AdamW,
-    params: BTreeMap<String, Vec<f32>>,
-    shapes: BTreeMap<String, Vec<usize>>,
+/// What the run reports as it goes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Progress {
+    /// The model is loaded: `trained` parameters, starting at `step` (not 0 on resume).
+    Started { trained: usize, step: u64, max_steps: u64 },
+    /// An optimiser step is done.
+    Step { step: u64, max_steps: u64, loss: f64 },
 }
 
-/// One line of the JSONL log.
-#[derive(Serialize)]
-struct LogLine {
-    step: u64,
-    loss: f64,
-    grad_norm: f64,
-    lr: f64,
-    samples_per_s: f64,
+/// What the stage's step function gets besides its samples.
+pub struct StepContext<'a, B: BackwardOps> {
+    pub b: &'a B,
+    /// The model under training, its trained tensors installed, and its frozen variants.
+    pub models: &'a mut Models<B>,
+    pub trainable: &'a dyn Trainable<B>,
+    pub run_seed: u64,
+    /// The micro-batch's index over the run, `step * grad_accum + micro`: the seed of its draws.
+    pub draw: u64,
 }
 
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        ensure!(self.batch >= 1, "batch must be at least 1, got {}", self.batch);
-        ensure!(self.rank >= 1, "rank must be at least 1, got {}", self.rank);
-        ensure!(self.lr.is_finite() && self.lr > 0.0, "lr must be positive, got {}", self.lr);
-        ensure!(self.sobolev_s.is_finite(), "sobolev_s must be finite, got {}", self.sobolev_s);
-        ensure!(self.max_grad_norm > 0.0, "max_grad_norm must be positive, got {}", self.max_grad_norm);
-        Ok(())
+/// One micro-batch's result.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MicroStep {
+    pub loss: f64,
+    /// The gradients of the trained tensors, by name.
+    pub grads: BTreeMap<String, Vec<f32>>,
+    /// Stage-specific values for the log (`implicit_acc`, `reward_margin`, ...).
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// A stage: the loss and the gradients of one micro-batch.
+pub trait StageStep<B: BackwardOps> {
+    fn micro_step(&mut self, cx: &mut StepContext<B>, samples: &[Sample]) -> Result<MicroStep>;
+}
+
+/// Runs (or resumes) `c.stage` to `opts.max_steps` on the CPU.
+pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+    c.validate()?;
+    // A resume is checked against its checkpoint before anything is loaded.
+    let resumed = if opts.resume { Some(resume_point(c, &opts.out.join(CHECKPOINT_FILE))?) } else { None };
+    let b = CpuBackend::new();
+    let mut models = Models::new(base_model(&b, c)?);
+    let config = models.sr.config.clone();
+    let (scale, unit) = (config.scale, models.sr.token_pixels());
+    ensure!(
+        c.crop % scale == 0 && c.crop % unit == 0,
+        "--crop is {}px, but this model needs a multiple of its scale {scale} and of its {unit}px tokens",
+        c.crop
+    );
+    let baselines = match (c.stage, c.negatives) {
+        (Stage::Adversary, _) => Baselines::Required("--stage adversary"),
+        (Stage::Dpo, Some(Negatives::Triples)) => Baselines::Required("--negatives triples"),
+        (Stage::Dpo, None) => Baselines::IfPresent,
+        _ => Baselines::Ignore,
+    };
+    let dataset = Dataset::open(&c.data, c.crop, scale, baselines)?;
+    let side = c.crop / config.ae_factor();
+    let latent = Latent(FieldGrid::new(config.latent_channels(), side, side));
+    let op = loss_operator(&config.autoencoder, latent.grid(), c.sobolev_s)?;
+    if let Some(path) = &c.adversary_lora {
+        let adapter = LoraAdapter::open(path, config.transformer.hidden_size)?;
+        let adversary = Adapters::from_adapter(&b, &mut models.sr.flux, &adapter)?;
+        models.add_variant(Variant::Adversary, adversary);
     }
-
-    /// The first key whose value differs from `other`'s, with both values.
-    pub fn first_difference(&self, other: &TrainConfig) -> Option<(String, String, String)> {
-        let (a, b) = (serde_json::to_value(self).ok()?, serde_json::to_value(other).ok()?);
-        let (a, b) = (a.as_object()?, b.as_object()?);
-        a.iter().find(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.to_string(), b[k].to_string()))
-    }
+    let mut stage: Box<dyn StageStep<CpuBackend>> = match c.stage {
+        Stage::Sft => Box::new(Sft { op }),
+        Stage::Adversary => Box::new(AdversaryMimic { op, hardness: c.hardness, rho: c.rho }),
+        Stage::Dpo => {
+            let negatives = c.negatives.unwrap_or(if dataset.has_baselines() { Negatives::Triples } else { Negatives::Reference });
+            Box::new(Preference { op, beta: c.beta, losers: Losers::Fixed { negatives, steps: c.negative_steps } })
+        }
+        Stage::Asdpo => {
+            let losers = if c.closed_form { Losers::ClosedForm { rho: c.rho } } else { Losers::Adversary { rho: c.rho } };
+            Box::new(Preference { op, beta: c.beta, losers })
+        }
+    };
+    let mut trainable = LoraParams::new(&mut models.sr.flux, c.rank, step_seed(c.seed, 0, 0))?;
+    let optimizer = AdamW::new(AdamWConfig {
+        lr: c.lr,
+        warmup_steps: c.warmup,
+        weight_decay: c.weight_decay,
+        max_grad_norm: Some(c.max_grad_norm),
+        ..AdamWConfig::default()
+    });
+    let data = Data { dataset, crop: c.crop, scale };
+    run_loop(&b, c, opts, &mut models, &mut trainable, optimizer, resumed, stage.as_mut(), &data, progress)
 }
 
-/// The base model: a folder, or a random one of a preset shape with a pixel-shuffle(2)
-/// autoencoder at x4 (no file at all).
+/// The checkpoint a resume continues from, refused if its config differs from `c`.
+fn resume_point(c: &TrainConfig, path: &Path) -> Result<Checkpoint> {
+    if !path.exists() {
+        let old = path.with_file_name("checkpoint.json");
+        let hint = if old.exists() {
+            format!(" ({} is the format of earlier versions, which cannot be resumed)", old.display())
+        } else {
+            String::new()
+        };
+        bail!("--resume: {} does not exist{hint}; start without --resume", path.display());
+    }
+    let saved = checkpoint::load(path).with_context(|| format!("--resume: cannot read {}", path.display()))?;
+    if let Some((key, was, now)) = saved.config.first_difference(c) {
+        bail!("--resume: '{key}' was {was} in {} but is {now} now; resume with the same value", path.display());
+    }
+    Ok(saved)
+}
+
+/// The data of a run and how to draw from it.
+struct Data {
+    dataset: Dataset,
+    crop: usize,
+    scale: usize,
+}
+
+/// The common loop: resume, then steps of `grad_accum` micro-batches, logs and checkpoints.
+#[allow(clippy::too_many_arguments)]
+fn run_loop<B: BackwardOps + 'static>(
+    b: &B,
+    c: &TrainConfig,
+    opts: &RunOptions,
+    models: &mut Models<B>,
+    trainable: &mut dyn Trainable<B>,
+    mut optimizer: AdamW,
+    resumed: Option<Checkpoint>,
+    stage: &mut dyn StageStep<B>,
+    data: &Data,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+    checkpoint::remove_leftovers(out)?;
+    let checkpoint_path = out.join(CHECKPOINT_FILE);
+    let mut step = 0;
+    let resuming = resumed.is_some();
+    if let Some(saved) = resumed {
+        trainable.tensors().ensure_same_layout(&saved.params, &checkpoint_path.display().to_string())?;
+        *trainable.tensors_mut() = saved.params;
+        optimizer = saved.optimizer;
+        step = saved.step;
+    }
+    trainable.install(b, &mut models.sr.flux)?;
+    let mut log = open_log(opts.log.as_deref(), resuming.then_some(step))?;
+    progress(Progress::Started { trained: trainable.tensors().count(), step, max_steps: opts.max_steps });
+
+    let save = |step: u64, trainable: &dyn Trainable<B>, optimizer: &AdamW| -> Result<()> {
+        trainable.export(&out.join(LORA_FILE))?;
+        checkpoint::save(&checkpoint_path, c, step, trainable.tensors(), optimizer)
+    };
+    let accum = c.grad_accum as u64;
+    while step < opts.max_steps {
+        let started = Instant::now();
+        let mut total = MicroStep::default();
+        for micro in 0..accum {
+            let draw = step * accum + micro;
+            let samples = data.dataset.draw(c.batch, data.crop, data.scale, step_seed(c.seed, draw, stream::DATA))?;
+            let mut cx = StepContext { b, models: &mut *models, trainable: &*trainable, run_seed: c.seed, draw };
+            let result = stage.micro_step(&mut cx, &samples)?;
+            accumulate(&mut total, result)?;
+        }
+        let mean = |v: f64| v / accum as f64;
+        for g in total.grads.values_mut() {
+            g.iter_mut().for_each(|x| *x = (*x as f64 / accum as f64) as f32);
+        }
+        let stats = optimizer.step(&mut trainable.tensors_mut().values, &total.grads)?;
+        trainable.install(b, &mut models.sr.flux)?;
+        step += 1;
+
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), step.into());
+        line.insert("loss".into(), mean(total.loss).into());
+        line.insert("grad_norm".into(), stats.grad_norm.into());
+        line.insert("lr".into(), stats.lr.into());
+        line.insert("samples_per_s".into(), ((c.batch as u64 * accum) as f64 / started.elapsed().as_secs_f64()).into());
+        for (key, value) in &total.metrics {
+            line.insert((*key).into(), mean(*value).into());
+        }
+        if let Some(f) = log.as_mut() {
+            writeln!(f, "{}", serde_json::Value::Object(line)).context("cannot write the log")?;
+        }
+        progress(Progress::Step { step, max_steps: opts.max_steps, loss: mean(total.loss) });
+        if opts.save_every > 0 && step % opts.save_every == 0 {
+            save(step, &*trainable, &optimizer)?;
+        }
+        if opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            save(step, &*trainable, &optimizer)?;
+            bail!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", out.display());
+        }
+    }
+    save(step, &*trainable, &optimizer)
+}
+
+/// Adds a micro-batch's loss, gradients and metrics to the step's sums.
+fn accumulate(total: &mut MicroStep, micro: MicroStep) -> Result<()> {
+    total.loss += micro.loss;
+    if total.grads.is_empty() {
+        total.grads = micro.grads;
+        total.metrics = micro.metrics;
+        return Ok(());
+    }
+    for (name, g) in micro.grads {
+        let sum = total.grads.get_mut(&name).with_context(|| format!("micro-batches disagree on the gradient '{name}'"))?;
+        sum.iter_mut().zip(g).for_each(|(s, x)| *s += x);
+    }
+    for ((key, sum), (other, value)) in total.metrics.iter_mut().zip(micro.metrics) {
+        ensure!(*key == other, "micro-batches disagree on the logged values: '{key}' and '{other}'");
+        *sum += value;
+    }
+    Ok(())
+}
+
+/// The JSONL log: truncated on a fresh start; on resume from `step`, appended to after dropping
+/// the lines of steps after it (written by a run that stopped before its next checkpoint).
+fn open_log(path: Option<&Path>, resumed_at: Option<u64>) -> Result<Option<std::fs::File>> {
+    let Some(path) = path else { return Ok(None) };
+    let open = |append: bool| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(path)
+            .with_context(|| format!("{}: cannot open the log", path.display()))
+    };
+    let Some(step) = resumed_at else { return open(false).map(Some) };
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let after = |line: &str| -> bool {
+            serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s > step)
+        };
+        if text.lines().any(after) {
+            let kept: String = text.lines().filter(|l| !after(l)).map(|l| format!("{l}\n")).collect();
+            loaders::atomic::write_atomic(path, true, |f| f.write_all(kept.as_bytes()))?;
+        }
+    }
+    open(true).map(Some)
+}
+
+/// The base model with the SFT adapter (if any) merged: a folder, or a random one of a preset
+/// shape with a pixel-shuffle(2) autoencoder at x4 (no file at all).
 fn base_model(b: &CpuBackend, c: &TrainConfig) -> Result<SrModel<CpuBackend>> {
+    let loras: Vec<&Path> = c.sft_lora.iter().map(PathBuf::as_path).collect();
     if let Some(dir) = &c.base {
-        return Ok(SrModel::load(b, dir, &[], LoraMode::Unmerged)?.0);
+        return Ok(SrModel::load(b, dir, &loras, LoraMode::Merged)?.0);
     }
     let latent = 12;
     let transformer = FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..FluxParams::preset(&c.preset)? };
@@ -115,297 +302,316 @@ fn base_model(b: &CpuBackend, c: &TrainConfig) -> Result<SrModel<CpuBackend>> {
         text_tokens: 1,
     };
     config.validate()?;
-    let mut w = WeightLoader::random(b, c.init_seed);
+    let adapters = loras.iter().map(|p| LoraAdapter::open(p, config.transformer.hidden_size)).collect::<Result<Vec<_>, _>>()?;
+    let mut w = WeightLoader::random(b, c.init_seed).with_lora(adapters, LoraMode::Merged);
     let flux = Flux::build(&config.transformer, &mut w)?;
     w.finish()?;
     let (txt, y) = zero_text(&config);
     Ok(SrModel { config, flux, ae: Box::new(crate::ae::PixelShuffle::new(2)), txt, y })
 }
 
-/// The HQ images of a folder (walked recursively), decoded once.
-fn read_images(dir: &Path, crop_side: usize) -> Result<Vec<Image>> {
-    let inputs = loaders::walk::collect_inputs(&[dir.to_path_buf()])?;
-    let mut images = Vec::new();
-    for input in inputs {
-        let img = loaders::image::read(&input.path)?.to_rgb();
-        ensure!(
-            img.width >= crop_side && img.height >= crop_side,
-            "{}: {}x{} is smaller than the {crop_side}px crop",
-            input.path.display(),
-            img.width,
-            img.height
-        );
-        images.push(img);
-    }
-    ensure!(!images.is_empty(), "{}: no images found", dir.display());
-    Ok(images)
-}
-
-/// The (HQ crop, LQ) pairs of step `step`: an image, a crop position and a degradation seed per
-/// item, all from (seed, step).
-fn step_pairs(images: &[Image], c: &TrainConfig, scale: usize, step: u64) -> Result<Vec<(Image, Image)>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(step_seed(c.seed, step, 3));
-    (0..c.batch)
-        .map(|_| {
-            let img = &images[rng.random_range(0..images.len())];
-            let (x, y) = (rng.random_range(0..=img.width - c.crop), rng.random_range(0..=img.height - c.crop));
-            let hq = crop(img, x, y, c.crop, c.crop);
-            let lq = degrade(&hq, scale, rng.random())?;
-            Ok((hq, lq))
-        })
-        .collect()
-}
-
-/// Runs (or resumes) SFT to `opts.max_steps`. Calls `progress(step, max_steps, loss)`.
-pub fn train_sft(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(u64, u64, f64)) -> Result<()> {
-    c.validate()?;
-    let b = CpuBackend::new();
-    let mut model = base_model(&b, c)?;
-    let scale = model.config.scale;
-    let unit = model.token_pixels();
-    ensure!(
-        c.crop % scale == 0 && c.crop % unit == 0 && c.crop > 0,
-        "crop is {}px, but this model needs a multiple of its scale {scale} and of its {unit}px tokens",
-        c.crop
-    );
-    let images = read_images(&c.data, c.crop)?;
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("{}: cannot create folder", opts.out.display()))?;
-    let checkpoint_path = opts.out.join("checkpoint.json");
-
-    let optimizer = AdamW::new(AdamWConfig {
-        lr: c.lr,
-        warmup_steps: c.warmup,
-        weight_decay: c.weight_decay,
-        max_grad_norm: Some(c.max_grad_norm),
-        ..AdamWConfig::default()
-    });
-    let mut trainer = LoraTrainer::attach(&b, &mut model.flux, c.rank, step_seed(c.seed, 0, 0), optimizer)?;
-    let mut step = 0;
-    if opts.resume {
-        let text =
-            std::fs::read_to_string(&checkpoint_path).with_context(|| format!("--resume: cannot read {}", checkpoint_path.display()))?;
-        let saved: Checkpoint =
-            serde_json::from_str(&text).with_context(|| format!("{}: not a training checkpoint", checkpoint_path.display()))?;
-        if let Some((key, was, now)) = saved.config.first_difference(c) {
-            bail!("--resume: '{key}' was {was} in {} but is {now} now; resume with the same value", checkpoint_path.display());
-        }
-        trainer = LoraTrainer { params: saved.params, shapes: saved.shapes, optimizer: saved.optimizer };
-        trainer.attach_to(&b, &mut model.flux)?;
-        step = saved.step;
-    }
-
-    let mut log = match &opts.log {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(opts.resume)
-                .write(true)
-                .truncate(!opts.resume)
-                .open(p)
-                .with_context(|| format!("{}: cannot open the log", p.display()))?,
-        ),
-        None => None,
-    };
-    let save = |step: u64, trainer: &LoraTrainer| -> Result<()> {
-        let ck = Checkpoint {
-            config: c.clone(),
-            step,
-            optimizer: trainer.optimizer.clone(),
-            params: trainer.params.clone(),
-            shapes: trainer.shapes.clone(),
-        };
-        let text = serde_json::to_string(&ck)?;
-        loaders::atomic::write_atomic(&checkpoint_path, true, |f| f.write_all(text.as_bytes()))?;
-        write_lora(&opts.out.join("lora.safetensors"), trainer)
-    };
-
-    while step < opts.max_steps {
-        let started = Instant::now();
-        let batch = encode_pairs(&b, &model, &step_pairs(&images, c, scale, step)?)?;
-        let op = loss_operator(&model.config.autoencoder, batch.latent, c.sobolev_s)?;
-        let report = sft_step(&b, &mut model, &mut trainer, &op, &batch, c.seed, step)?;
-        step += 1;
-        let line = LogLine {
-            step,
-            loss: report.loss,
-            grad_norm: report.stats.grad_norm,
-            lr: report.stats.lr,
-            samples_per_s: c.batch as f64 / started.elapsed().as_secs_f64(),
-        };
-        if let Some(f) = log.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(&line)?).context("cannot write the log")?;
-        }
-        progress(step, opts.max_steps, report.loss);
-        if opts.save_every > 0 && step % opts.save_every == 0 {
-            save(step, &trainer)?;
-        }
-        if opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
-            save(step, &trainer)?;
-            bail!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", opts.out.display());
-        }
-    }
-    save(step, &trainer)
-}
-
-/// Where one BFL token-path linear lives in diffusers' `FluxTransformer2DModel`: the modules
-/// whose rows it stacks, `hidden` rows each but a trailing `proj_mlp`, which takes the rest.
-fn diffusers_modules(target: &str) -> Result<Vec<String>> {
-    let top = |m: &str| Ok(vec![m.to_string()]);
-    match target {
-        "img_in" => return top("x_embedder"),
-        "txt_in" => return top("context_embedder"),
-        "final_layer.linear" => return top("proj_out"),
-        _ => {}
-    }
-    let parts: Vec<&str> = target.splitn(3, '.').collect();
-    let [kind, index, name] = parts[..] else { bail!("no diffusers name for the linear '{target}'") };
-    let members: &[&str] = match (kind, name) {
-        ("double_blocks", "img_attn.qkv") => &["attn.to_q", "attn.to_k", "attn.to_v"],
-        ("double_blocks", "txt_attn.qkv") => &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-        ("double_blocks", "img_attn.proj") => &["attn.to_out.0"],
-        ("double_blocks", "txt_attn.proj") => &["attn.to_add_out"],
-        ("double_blocks", "img_mlp.0") => &["ff.net.0.proj"],
-        ("double_blocks", "img_mlp.2") => &["ff.net.2"],
-        ("double_blocks", "txt_mlp.0") => &["ff_context.net.0.proj"],
-        ("double_blocks", "txt_mlp.2") => &["ff_context.net.2"],
-        ("single_blocks", "linear1") => &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-        ("single_blocks", "linear2") => &["proj_out"],
-        _ => bail!("no diffusers name for the linear '{target}'"),
-    };
-    let block = if kind == "double_blocks" { "transformer_blocks" } else { "single_transformer_blocks" };
-    Ok(members.iter().map(|m| format!("{block}.{index}.{m}")).collect())
-}
-
-/// The LoRA in the diffusers/peft layout (`transformer.<module>.lora_A.weight` / `lora_B`, no
-/// alpha: scale 1), which `engine upscale --lora` reads. A fused BFL linear (qkv, linear1) becomes
-/// one module per member, each with the whole `down` and its own rows of `up`: the same update.
-fn write_lora(path: &Path, trainer: &LoraTrainer) -> Result<()> {
-    let mut tensors = Vec::new();
-    for (name, down) in &trainer.params {
-        let Some(target) = name.strip_suffix(".lora_down") else { continue };
-        let up_key = super::sft::up_name(target);
-        let (down_shape, up_shape, up) = (&trainer.shapes[name], &trainer.shapes[&up_key], &trainer.params[&up_key]);
-        let (rank, hidden, out_rows) = (down_shape[0], down_shape[1], up_shape[0]);
-        let modules = diffusers_modules(target)?;
-        for (i, module) in modules.iter().enumerate() {
-            // Every member has `hidden` rows except the last, which takes what is left.
-            let first = i * hidden;
-            let rows = if modules.len() == 1 {
-                out_rows
-            } else if i + 1 == modules.len() {
-                out_rows - first
-            } else {
-                hidden
-            };
-            tensors.push((format!("transformer.{module}.lora_A.weight"), loaders::HostTensor::from_f32(vec![rank, hidden], down.clone())));
-            let up_rows = up[first * rank..(first + rows) * rank].to_vec();
-            tensors.push((format!("transformer.{module}.lora_B.weight"), loaders::HostTensor::from_f32(vec![rows, rank], up_rows)));
-        }
-    }
-    let list: Vec<(&str, &loaders::HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    loaders::safetensors::write(path, &list, &BTreeMap::new(), true)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::sft::tests::pairs;
+    use crate::sr::resample::resize;
+    use crate::train::checkpoint::load;
+    use crate::train::params::{up_name, write_lora, LoraParams};
+    use crate::train::preference::tests::randomise;
+    use crate::train::sft::tests::{samples, tiny_sr_model};
+    use std::f64::consts::LN_2;
 
-    fn setup(dir: &Path) -> TrainConfig {
-        let data = dir.join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        for (i, (hq, _)) in pairs(2).iter().enumerate() {
-            loaders::image::write_png(&data.join(format!("{i}.png")), hq, true).unwrap();
+    /// A folder of HQ images, and a prepared triples folder of the same images (LQ by area
+    /// averaging, the baseline the LQ's bicubic upsample).
+    fn write_data(dir: &Path) -> (PathBuf, PathBuf) {
+        let (hq_only, triples) = (dir.join("images"), dir.join("triples"));
+        for (i, s) in samples(2).iter().enumerate() {
+            let baseline = resize(&s.lq, 32, 32);
+            for (path, img) in [
+                (hq_only.join(format!("{i}.png")), &s.hq),
+                (triples.join(format!("hq/{i}.png")), &s.hq),
+                (triples.join(format!("lq/{i}.png")), &s.lq),
+                (triples.join(format!("baseline/{i}.png")), &baseline),
+            ] {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                loaders::image::write_png(&path, img, true).unwrap();
+            }
         }
+        (hq_only, triples)
+    }
+
+    /// A random adapter for the flux-tiny base of `init_seed` 3 (`randomise`d factors).
+    fn random_lora(path: &Path, seed: u64, scale: f32) {
+        let mut params = LoraParams::new(&mut tiny_sr_model(3).flux, 2, seed).unwrap();
+        randomise(&mut params, seed + 1, scale);
+        write_lora(path, &params.tensors).unwrap();
+    }
+
+    fn config(stage: Stage, data: &Path) -> TrainConfig {
         TrainConfig {
-            base: None,
             preset: "flux-tiny".into(),
             init_seed: 3,
-            data,
+            data: data.to_path_buf(),
             batch: 2,
             lr: 1e-3,
             warmup: 2,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
             rank: 2,
             sobolev_s: 0.5,
             seed: 7,
             crop: 32,
+            ..TrainConfig::defaults(stage)
         }
     }
 
-    fn losses(log: &Path) -> Vec<f64> {
-        std::fs::read_to_string(log)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
-            .collect()
+    fn options(out: &Path, max_steps: u64, resume: bool) -> RunOptions {
+        RunOptions { out: out.to_path_buf(), max_steps, save_every: 0, resume, log: Some(out.with_extension("jsonl")), stop: None }
+    }
+
+    fn run(c: &TrainConfig, opts: &RunOptions) -> Result<()> {
+        train(c, opts, &mut |_| ())
+    }
+
+    fn log_lines(log: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn column(log: &Path, key: &str) -> Vec<f64> {
+        log_lines(log).iter().map(|l| l[key].as_f64().unwrap_or_else(|| panic!("no '{key}' in {l}"))).collect()
+    }
+
+    /// A run of 4 steps and one stopped at 2 and resumed write the same files and log the same
+    /// losses.
+    fn assert_resume_is_bit_identical(dir: &Path, c: &TrainConfig) {
+        let (straight, split) = (dir.join("straight"), dir.join("split"));
+        run(c, &options(&straight, 4, false)).unwrap();
+        run(c, &options(&split, 2, false)).unwrap();
+        run(c, &options(&split, 4, true)).unwrap();
+        for file in [LORA_FILE, CHECKPOINT_FILE] {
+            assert_eq!(std::fs::read(straight.join(file)).unwrap(), std::fs::read(split.join(file)).unwrap(), "{}: {file}", c.stage);
+        }
+        let (a, b) = (column(&straight.with_extension("jsonl"), "loss"), column(&split.with_extension("jsonl"), "loss"));
+        assert_eq!((a.len(), &a), (4, &b), "{}", c.stage);
     }
 
     #[test]
-    fn a_resumed_run_is_bit_identical_and_a_changed_config_is_refused() {
-        let dir = std::env::temp_dir().join(format!("engine-train-resume-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let c = setup(&dir);
-        let run = |out: &str, max_steps: u64, resume: bool, c: &TrainConfig| {
-            let opts = RunOptions {
-                out: dir.join(out),
-                max_steps,
-                save_every: 0,
-                resume,
-                log: Some(dir.join(format!("{out}.jsonl"))),
-                stop: None,
-            };
-            train_sft(c, &opts, &mut |_, _, _| ())
-        };
-        run("straight", 6, false, &c).unwrap();
-        run("split", 3, false, &c).unwrap();
-        run("split", 6, true, &c).unwrap();
-        let read = |p: &str| std::fs::read(dir.join(p)).unwrap();
-        assert_eq!(read("straight/lora.safetensors"), read("split/lora.safetensors"));
-        assert_eq!(losses(&dir.join("straight.jsonl")), losses(&dir.join("split.jsonl")));
-        assert_eq!(losses(&dir.join("split.jsonl")).len(), 6);
-        let (a, b) = (read("straight/checkpoint.json"), read("split/checkpoint.json"));
-        assert_eq!(a, b, "optimiser state and step");
+    fn sft_resumes_bit_identically_and_refuses_a_changed_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, _) = write_data(dir.path());
+        let c = config(Stage::Sft, &images);
+        assert_resume_is_bit_identical(dir.path(), &c);
 
-        let changed = TrainConfig { lr: 2e-3, ..c.clone() };
-        let err = run("split", 8, true, &changed).unwrap_err();
-        assert!(err.to_string().contains("'lr'"), "{err}");
+        let split = dir.path().join("split");
+        for (changed, key) in [
+            (TrainConfig { lr: 2e-3, ..c.clone() }, "'lr'"),
+            (TrainConfig { grad_accum: 2, ..c.clone() }, "'grad_accum'"),
+            (TrainConfig { stage: Stage::Adversary, sft_lora: Some("x".into()), ..c.clone() }, "'stage'"),
+        ] {
+            let err = run(&changed, &options(&split, 8, true)).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(CHECKPOINT_FILE), "{err}");
+        }
 
-        // The written adapter loads as a LoRA on the model.
         // The written adapter reads back, in the diffusers/peft layout, as the trained factors:
         // fused qkv and linear1 split into one part per member (3 + 3 + 4 more than 13 linears).
-        let adapter = loaders::lora::LoraAdapter::open(&dir.join("straight/lora.safetensors"), 64).unwrap();
+        let adapter = LoraAdapter::open(&split.join(LORA_FILE), 64).unwrap();
         assert_eq!(adapter.layout, loaders::lora::LoraLayout::Peft);
         assert_eq!(adapter.parts.len(), 13 + 2 + 2 + 3);
-        let saved: Checkpoint = serde_json::from_str(&String::from_utf8(a).unwrap()).unwrap();
+        let saved = load(&split.join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!((saved.step, saved.optimizer.step, &saved.config), (4, 4, &c));
         for part in &adapter.parts {
-            let (down, up) =
-                (&saved.params[&super::super::sft::down_name(&part.target)], &saved.params[&super::super::sft::up_name(&part.target)]);
+            let (down, up) = (&saved.params.values[&format!("{}.lora_down", part.target)], &saved.params.values[&up_name(&part.target)]);
             let rank = part.rank();
             assert_eq!(&part.down.to_f32(), down, "{}", part.source);
             assert_eq!(part.up.to_f32(), up[part.out_offset * rank..(part.out_offset + part.out_len()) * rank], "{}", part.source);
             assert_eq!(part.scale, 1.0);
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A stop request ends the run after the current step with a checkpoint that resumes.
     #[test]
     fn a_stop_request_saves_a_checkpoint_that_resumes() {
         static STOP: AtomicBool = AtomicBool::new(true);
-        let dir = std::env::temp_dir().join(format!("engine-train-stop-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let c = setup(&dir);
-        let opts = RunOptions { out: dir.join("out"), max_steps: 4, save_every: 0, resume: false, log: None, stop: Some(&STOP) };
-        let err = train_sft(&c, &opts, &mut |_, _, _| ()).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let (images, _) = write_data(dir.path());
+        let c = config(Stage::Sft, &images);
+        let opts = RunOptions { stop: Some(&STOP), ..options(&dir.path().join("out"), 4, false) };
+        let err = run(&c, &opts).unwrap_err();
         assert!(err.to_string().contains("interrupted after step 1"), "{err}");
-        let saved: Checkpoint = serde_json::from_str(&std::fs::read_to_string(dir.join("out/checkpoint.json")).unwrap()).unwrap();
-        assert_eq!(saved.step, 1);
-        train_sft(&c, &RunOptions { resume: true, stop: None, ..opts }, &mut |_, _, _| ()).unwrap();
-        let saved: Checkpoint = serde_json::from_str(&std::fs::read_to_string(dir.join("out/checkpoint.json")).unwrap()).unwrap();
-        assert_eq!(saved.step, 4);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(load(&dir.path().join("out").join(CHECKPOINT_FILE)).unwrap().step, 1);
+        run(&c, &RunOptions { resume: true, stop: None, ..opts }).unwrap();
+        assert_eq!(load(&dir.path().join("out").join(CHECKPOINT_FILE)).unwrap().step, 4);
+    }
+
+    /// Files by name and content.
+    type Files = Vec<(String, Vec<u8>)>;
+
+    /// The state a crash leaves at each point of the save of step 3 (after a complete save of
+    /// step 2): the run resumes from it and ends as an uninterrupted one does.
+    #[test]
+    fn a_crash_anywhere_in_a_save_resumes_bit_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, _) = write_data(dir.path());
+        let c = config(Stage::Sft, &images);
+        let at = |name: &str| dir.path().join(name);
+        run(&c, &options(&at("straight"), 4, false)).unwrap();
+        run(&c, &options(&at("two"), 2, false)).unwrap();
+        run(&c, &options(&at("three"), 3, false)).unwrap();
+        let file = |run: &str, name: &str| std::fs::read(at(run).join(name)).unwrap();
+        let half = |bytes: Vec<u8>| bytes[..bytes.len() / 2].to_vec();
+        // (what the folder holds, what is in the log) after a crash.
+        let leftovers: Vec<(&str, Files)> = vec![
+            (
+                "while writing the adapter",
+                vec![(format!(".{LORA_FILE}.1.0.tmp"), half(file("three", LORA_FILE))), (LORA_FILE.into(), file("two", LORA_FILE))],
+            ),
+            ("after renaming the adapter", vec![(LORA_FILE.into(), file("three", LORA_FILE))]),
+            (
+                "while writing the checkpoint",
+                vec![
+                    (LORA_FILE.into(), file("three", LORA_FILE)),
+                    (format!(".{CHECKPOINT_FILE}.1.0.tmp"), half(file("three", CHECKPOINT_FILE))),
+                ],
+            ),
+            ("with the adapter missing", vec![]),
+        ];
+        for (k, (when, files)) in leftovers.into_iter().enumerate() {
+            let out = at(&format!("crash{k}"));
+            std::fs::create_dir_all(&out).unwrap();
+            std::fs::write(out.join(CHECKPOINT_FILE), file("two", CHECKPOINT_FILE)).unwrap();
+            for (name, bytes) in files {
+                std::fs::write(out.join(name), bytes).unwrap();
+            }
+            // The log of a run that got to step 3 before the crash.
+            std::fs::copy(at("three").with_extension("jsonl"), out.with_extension("jsonl")).unwrap();
+            run(&c, &options(&out, 4, true)).unwrap_or_else(|e| panic!("{when}: {e:#}"));
+            for name in [LORA_FILE, CHECKPOINT_FILE] {
+                assert_eq!(std::fs::read(out.join(name)).unwrap(), file("straight", name), "{when}: {name}");
+            }
+            let names: Vec<String> =
+                std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            assert_eq!(names.len(), 2, "{when}: leftovers are removed: {names:?}");
+            assert_eq!(column(&out.with_extension("jsonl"), "loss"), column(&at("straight").with_extension("jsonl"), "loss"), "{when}");
+        }
+        let err = run(&c, &options(&at("empty"), 4, true)).unwrap_err().to_string();
+        assert!(err.contains(CHECKPOINT_FILE) && err.contains("does not exist"), "{err}");
+    }
+
+    /// A stage that reports its draw: loss = draw, every gradient = draw + 1.
+    struct Echo {
+        draws: Vec<(u64, usize)>,
+    }
+
+    impl StageStep<CpuBackend> for Echo {
+        fn micro_step(&mut self, cx: &mut StepContext<CpuBackend>, samples: &[Sample]) -> Result<MicroStep> {
+            self.draws.push((cx.draw, samples.len()));
+            let grads = cx.trainable.tensors().values.iter().map(|(n, v)| (n.clone(), vec![(cx.draw + 1) as f32; v.len()])).collect();
+            Ok(MicroStep { loss: cx.draw as f64, grads, metrics: vec![("draw", cx.draw as f64)] })
+        }
+    }
+
+    #[test]
+    fn gradient_accumulation_averages_micro_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, _) = write_data(dir.path());
+        let c = TrainConfig { grad_accum: 3, max_grad_norm: 1e9, ..config(Stage::Sft, &images) };
+        let b = CpuBackend::new();
+        let mut models = Models::new(tiny_sr_model(3));
+        let mut params = LoraParams::new(&mut models.sr.flux, 2, 1).unwrap();
+        let data = Data { dataset: Dataset::open(&images, 32, 4, Baselines::Ignore).unwrap(), crop: 32, scale: 4 };
+        let mut echo = Echo { draws: Vec::new() };
+        let opts = options(&dir.path().join("out"), 2, false);
+        run_loop(&b, &c, &opts, &mut models, &mut params, AdamW::new(AdamWConfig::default()), None, &mut echo, &data, &mut |_| ()).unwrap();
+        assert_eq!(echo.draws, (0..6).map(|d| (d, 2)).collect::<Vec<_>>());
+        let count = (params.tensors.count() as f64).sqrt();
+        let log = dir.path().join("out.jsonl");
+        // Means over draws 0..3 and 3..6: losses 1 and 4, gradients 2 and 5 everywhere.
+        assert_eq!(column(&log, "loss"), vec![1.0, 4.0]);
+        assert_eq!(column(&log, "draw"), vec![1.0, 4.0]);
+        let norms = column(&log, "grad_norm");
+        assert!((norms[0] - 2.0 * count).abs() < 1e-9 * norms[0] && (norms[1] - 5.0 * count).abs() < 1e-9 * norms[1], "{norms:?}");
+    }
+
+    #[test]
+    fn preference_stages_start_at_ln_2_and_resume_bit_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, triples) = write_data(dir.path());
+        let (sft, adversary) = (dir.path().join("sft.safetensors"), dir.path().join("adversary.safetensors"));
+        random_lora(&sft, 11, 0.3);
+        random_lora(&adversary, 12, 1.0);
+        let with_sft = |stage: Stage, data: &Path| TrainConfig { sft_lora: Some(sft.clone()), ..config(stage, data) };
+        let cases = [
+            ("dpo-reference", TrainConfig { grad_accum: 2, ..with_sft(Stage::Dpo, &images) }),
+            ("dpo-triples", with_sft(Stage::Dpo, &triples)),
+            ("dpo-bicubic", TrainConfig { negatives: Some(Negatives::Bicubic), ..with_sft(Stage::Dpo, &triples) }),
+            ("asdpo", TrainConfig { adversary_lora: Some(adversary.clone()), ..with_sft(Stage::Asdpo, &images) }),
+            ("asdpo-closed-form", TrainConfig { closed_form: true, ..with_sft(Stage::Asdpo, &images) }),
+        ];
+        for (name, c) in cases {
+            let case = dir.path().join(name);
+            assert_resume_is_bit_identical(&case, &c);
+            let lines = log_lines(&case.join("straight.jsonl"));
+            let first = lines[0]["loss"].as_f64().unwrap();
+            assert!((first - LN_2).abs() <= 1e-9 * LN_2, "{name}: the first step's loss is {first}, not ln 2");
+            for key in ["implicit_acc", "reward_margin", "loser_deviation"] {
+                assert!(lines.iter().all(|l| l[key].as_f64().is_some_and(f64::is_finite)), "{name}: {key}");
+            }
+            assert_eq!(lines[0]["implicit_acc"], 0.0, "{name}: dE = 0 exactly, so no pair counts as won");
+            assert!(lines[1]["loss"].as_f64().unwrap() != LN_2, "{name}: the policy moves");
+            let deviation = column(&case.join("straight.jsonl"), "loser_deviation");
+            if name.starts_with("asdpo") {
+                assert!(deviation.iter().all(|&d| d <= c.rho * (1.0 + 1e-5)), "{name}: {deviation:?}");
+            }
+        }
+        // The negatives of a folder without baselines are the reference's restorations: triples
+        // are asked for in vain.
+        let c = TrainConfig { negatives: Some(Negatives::Triples), ..with_sft(Stage::Dpo, &images) };
+        let err = run(&c, &options(&dir.path().join("no-triples"), 1, false)).unwrap_err().to_string();
+        assert!(err.contains("baseline") && err.contains("--negatives triples"), "{err}");
+    }
+
+    /// One image, a fixed crop (the whole image): AS-DPO against a random adversary soon prefers
+    /// the winners on fresh noise and times.
+    #[test]
+    fn asdpo_overfits_one_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("one");
+        std::fs::create_dir_all(&images).unwrap();
+        loaders::image::write_png(&images.join("0.png"), &samples(1)[0].hq, true).unwrap();
+        let (sft, adversary) = (dir.path().join("sft.safetensors"), dir.path().join("adversary.safetensors"));
+        random_lora(&sft, 11, 0.3);
+        random_lora(&adversary, 12, 1.0);
+        let c = TrainConfig {
+            sft_lora: Some(sft),
+            adversary_lora: Some(adversary),
+            batch: 4,
+            lr: 2e-3,
+            warmup: 0,
+            sobolev_s: 1.5,
+            ..config(Stage::Asdpo, &images)
+        };
+        let out = dir.path().join("out");
+        run(&c, &options(&out, 20, false)).unwrap();
+        let accuracy = column(&out.with_extension("jsonl"), "implicit_acc");
+        let last: f64 = accuracy[accuracy.len() - 5..].iter().sum::<f64>() / 5.0;
+        assert!(last > 0.9, "implicit accuracy over the last 5 steps {last}: {accuracy:?}");
+        let loss = column(&out.with_extension("jsonl"), "loss");
+        assert!(loss[15..].iter().all(|&l| l < 0.1 * LN_2), "{loss:?}");
+    }
+
+    /// The adversary learns to mimic the baseline: its mimic loss falls, with and without the
+    /// hardness term.
+    #[test]
+    fn the_adversary_mimic_loss_decreases() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, triples) = write_data(dir.path());
+        let sft = dir.path().join("sft.safetensors");
+        random_lora(&sft, 11, 0.3);
+        for hardness in [0.0, 0.5] {
+            let c = TrainConfig { sft_lora: Some(sft.clone()), lr: 1e-2, warmup: 0, hardness, ..config(Stage::Adversary, &triples) };
+            let out = dir.path().join(format!("out{hardness}"));
+            run(&c, &options(&out, 30, false)).unwrap();
+            let mimic = column(&out.with_extension("jsonl"), "mimic");
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let (first, last) = (mean(&mimic[..5]), mean(&mimic[25..]));
+            assert!(last < 0.7 * first, "hardness {hardness}: mimic {first} -> {last}: {mimic:?}");
+        }
     }
 }
