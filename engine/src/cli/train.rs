@@ -123,6 +123,18 @@ pub struct Args {
     /// adversary: weight lambda_E of the hardness term E(v_ref(x^l_t) - u^l) [default: 0].
     #[arg(long, value_name = "LAMBDA")]
     hardness: Option<f64>,
+    /// sft: train every weight of the transformer, not a LoRA (a small model from scratch; a
+    /// random base then starts adaLN-Zero). Writes a model folder: OUT/model.json and
+    /// OUT/transformer.safetensors.
+    #[arg(long)]
+    #[serde(default)]
+    full: bool,
+    /// The flow's t is sigmoid(t-mean + t-std n), n standard normal [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    t_mean: Option<f64>,
+    /// See --t-mean; larger values put more samples near t = 0 and 1 [default: 1].
+    #[arg(long)]
+    t_std: Option<f64>,
     /// Save a checkpoint every N steps, 0: only at the end (and on Ctrl-C) [default: 0].
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
@@ -247,7 +259,8 @@ pub fn run(a: Args) -> Result<()> {
     );
     train(&config, &opts, &mut |p| match p {
         Progress::Started { trained, step, .. } => {
-            let what = format!("--stage {}: training {} LoRA parameters, from step {step}", config.stage, super::human_count(trained));
+            let kind = if config.full { "" } else { "LoRA " };
+            let what = format!("--stage {}: training {} {kind}parameters, from step {step}", config.stage, super::human_count(trained));
             bar.suspend(|| println!("{what}"));
             bar.set_position(step);
         }
@@ -257,6 +270,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     })?;
     bar.finish();
-    println!("wrote {}", out.join("lora.safetensors").display());
+    let product = if config.full { out.clone() } else { out.join("lora.safetensors") };
+    println!("wrote {}", product.display());
     Ok(())
 }

@@ -34,7 +34,7 @@ impl<B: BackwardOps + 'static> StageStep<B> for AdversaryMimic {
         let batch = encode_samples(b, &cx.models.sr, samples)?;
         let latent = batch.latent;
         let baseline = batch.baseline.as_ref().context("--stage adversary: the samples have no baseline")?;
-        let (t, eps) = draw_noise(batch.items, batch.x0.len(), cx.run_seed, cx.draw);
+        let (t, eps) = draw_noise(&cx.times, batch.items, batch.x0.len(), cx.run_seed, cx.draw);
         let winner = flow_target(&batch.x0, &eps, &t)?;
         let pass = forward_train(b, &cx.models.sr, latent, &winner.x_t, &batch.cond, &t)?;
         let grid = |v: &[f32]| latent.to_grid(v);
@@ -80,6 +80,7 @@ mod tests {
     use crate::train::preference::tests::randomise;
     use crate::train::sft::loss_operator;
     use crate::train::sft::tests::{samples, tiny_sr_model, B};
+    use crate::train::loss::LogitNormal;
     use crate::train::sobolev::DEFAULT_EXPONENT;
 
     /// The adversary's LoRA gradient, the hardness term's path through the synthesis and the
@@ -97,7 +98,7 @@ mod tests {
             let mut stage = AdversaryMimic { op, hardness: 2.0, rho };
             let mut at = |values: &LoraParams| -> MicroStep {
                 Trainable::<CpuBackend>::install(values, &B, &mut models.sr.flux).unwrap();
-                let mut cx = StepContext { b: &B, models: &mut models, trainable: values, run_seed: 3, draw: 5 };
+                let mut cx = StepContext { b: &B, models: &mut models, trainable: values, run_seed: 3, draw: 5, times: LogitNormal::default() };
                 stage.micro_step(&mut cx, &samples).unwrap()
             };
             let step = at(&params);

@@ -47,9 +47,9 @@ pub fn step_seed(run_seed: u64, draw: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The flow's noise draws of one micro-batch: t per item (logit-normal) and eps over `values`.
-pub fn draw_noise(items: usize, values: usize, run_seed: u64, draw: u64) -> (Vec<f32>, Vec<f32>) {
-    let t = LogitNormal::default().sample(items, step_seed(run_seed, draw, stream::TIME));
+/// The flow's noise draws of one micro-batch: t per item (from `times`) and eps over `values`.
+pub fn draw_noise(times: &LogitNormal, items: usize, values: usize, run_seed: u64, draw: u64) -> (Vec<f32>, Vec<f32>) {
+    let t = times.sample(items, step_seed(run_seed, draw, stream::TIME));
     let eps = gaussian_noise(values, step_seed(run_seed, draw, stream::NOISE));
     (t, eps)
 }

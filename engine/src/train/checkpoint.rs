@@ -25,6 +25,8 @@ use std::path::Path;
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// The exported adapter's file name inside the output folder.
 pub const LORA_FILE: &str = "lora.safetensors";
+/// What a full-parameter run exports: a model folder's files.
+pub const MODEL_FILES: [&str; 2] = ["transformer.safetensors", "model.json"];
 const FORMAT: &str = "asasr-train-checkpoint/1";
 
 /// All the state needed to continue a run from `step`.
@@ -91,15 +93,15 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { config, step, params, optimizer })
 }
 
-/// Removes the temporary files that an interrupted save of `CHECKPOINT_FILE` or `LORA_FILE`
-/// left in `dir` (`loaders::atomic` names them `.NAME.PID.N.tmp`).
+/// Removes the temporary files that an interrupted save of `CHECKPOINT_FILE` or an export
+/// (`LORA_FILE`, `MODEL_FILES`) left in `dir` (`loaders::atomic` names them `.NAME.PID.N.tmp`).
 pub fn remove_leftovers(dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let ours = [CHECKPOINT_FILE, LORA_FILE].iter().any(|f| name.starts_with(&format!(".{f}.")));
+        let ours = [CHECKPOINT_FILE, LORA_FILE].iter().chain(&MODEL_FILES).any(|f| name.starts_with(&format!(".{f}.")));
         if ours && name.ends_with(".tmp") {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("{}: cannot remove a leftover temporary file", entry.path().display()))?;

@@ -101,6 +101,12 @@ pub struct TrainConfig {
     pub closed_form: bool,
     /// adversary: `lambda_E` of the hardness term (0: none).
     pub hardness: f64,
+    /// sft: train every weight of the transformer instead of a LoRA (a small model from
+    /// scratch); a random base then starts adaLN-Zero (identity blocks, zero output).
+    pub full: bool,
+    /// The flow's t is `sigmoid(t_mean + t_std n)`, n standard normal (design.md: 0 and 1).
+    pub t_mean: f64,
+    pub t_std: f64,
 }
 
 /// The trust-region radius: a deviation of Sobolev norm 0.1 is, at s = 0, an RMS error of 0.1 on
@@ -137,6 +143,9 @@ impl TrainConfig {
             negative_steps: 4,
             closed_form: false,
             hardness: 0.0,
+            full: false,
+            t_mean: 0.0,
+            t_std: 1.0,
         }
     }
 
@@ -170,8 +179,20 @@ impl TrainConfig {
         if self.negative_steps < 1 {
             return fail("negative_steps", "must be at least 1".into());
         }
-        if stage.needs_sft_lora() && self.sft_lora.is_none() {
-            return fail("sft_lora", format!("--stage {stage} trains on top of the SFT adapter (the frozen reference): give its file"));
+        if stage.needs_sft_lora() && self.sft_lora.is_none() && self.base.is_none() {
+            return fail(
+                "sft_lora",
+                format!("--stage {stage} trains on top of the SFT model (the frozen reference): give its adapter, or its folder as --base"),
+            );
+        }
+        if self.full && stage != Stage::Sft {
+            return fail("full", format!("only --stage sft trains the whole model; --stage {stage} trains a LoRA against the frozen reference"));
+        }
+        if !self.t_mean.is_finite() {
+            return fail("t_mean", format!("must be finite, got {}", self.t_mean));
+        }
+        if !(self.t_std.is_finite() && self.t_std > 0.0) {
+            return fail("t_std", format!("must be positive and finite, got {}", self.t_std));
         }
         if stage != Stage::Asdpo && self.adversary_lora.is_some() {
             return fail("adversary_lora", format!("only --stage asdpo uses the adversary, not --stage {stage}"));
@@ -237,6 +258,10 @@ mod tests {
         assert_eq!(key(config(Stage::Sft)), None);
         assert_eq!(key(config(Stage::Dpo)), None);
         assert_eq!(key(TrainConfig { sft_lora: None, ..config(Stage::Dpo) }), Some("sft_lora"));
+        assert_eq!(key(TrainConfig { sft_lora: None, base: Some("model".into()), ..config(Stage::Dpo) }), None);
+        assert_eq!(key(TrainConfig { full: true, ..config(Stage::Sft) }), None);
+        assert_eq!(key(TrainConfig { full: true, ..config(Stage::Dpo) }), Some("full"));
+        assert_eq!(key(TrainConfig { t_std: 0.0, ..config(Stage::Sft) }), Some("t_std"));
         assert_eq!(key(config(Stage::Asdpo)), Some("adversary_lora"));
         assert_eq!(key(TrainConfig { closed_form: true, ..config(Stage::Asdpo) }), None);
         assert_eq!(key(TrainConfig { adversary_lora: Some("a".into()), ..config(Stage::Asdpo) }), None);

@@ -16,7 +16,9 @@ use crate::backend::Backend;
 use crate::model::backward::FluxGrads;
 use crate::model::layers::LoraDelta;
 use crate::model::Flux;
-use crate::sr::model_dir::SrModel;
+use crate::model::backward::Trainable as FluxTrainable;
+use crate::sr::model_dir::{SrConfig, SrModel};
+use super::checkpoint::{LORA_FILE, MODEL_FILES};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
 use loaders::HostTensor;
@@ -24,7 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Named f32 tensors and their shapes: the trained parameters' master copies.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -76,8 +78,9 @@ pub trait Trainable<B: Backend> {
     fn install(&self, b: &B, flux: &mut Flux<B>) -> Result<()>;
     /// The gradients of the master tensors, by the same names, from a model backward.
     fn gradients(&self, b: &B, grads: &FluxGrads<B>) -> Result<BTreeMap<String, Vec<f32>>>;
-    /// Writes what a user loads: `lora.safetensors` for a LoRA.
-    fn export(&self, path: &Path) -> Result<()>;
+    /// Writes what a user loads into the folder `out`: `lora.safetensors` for a LoRA, a model
+    /// folder for the whole model. Returns the path to name.
+    fn export(&self, out: &Path) -> Result<PathBuf>;
 }
 
 pub fn down_name(target: &str) -> String {
@@ -154,8 +157,78 @@ impl<B: BackwardOps> Trainable<B> for LoraParams {
         Ok(out)
     }
 
-    fn export(&self, path: &Path) -> Result<()> {
-        write_lora(path, &self.tensors)
+    fn export(&self, out: &Path) -> Result<PathBuf> {
+        let path = out.join(LORA_FILE);
+        write_lora(&path, &self.tensors)?;
+        Ok(path)
+    }
+}
+
+/// Every weight and bias of every linear of the transformer (`Flux::base_parameters_mut`, under
+/// their BFL keys), for training a small model from scratch (`--full`). The QK-norm scales stay
+/// frozen (and at 1 in a random base); they are kept aside to write whole model folders.
+pub struct FullParams {
+    pub tensors: TensorSet,
+    frozen: BTreeMap<String, HostTensor>,
+    config: SrConfig,
+}
+
+impl FullParams {
+    /// The model's own weights as the starting point; with `adaln_zero` (a random base) every
+    /// modulation linear and the final projection start at zero, DiT's adaLN-Zero: each block is
+    /// the identity and the model's output is zero until training opens the gates.
+    pub fn new<B: BackwardOps>(b: &B, sr: &mut SrModel<B>, adaln_zero: bool) -> Result<Self> {
+        let mut frozen = sr.flux.download_weights(b)?;
+        let names: Vec<String> = sr.flux.base_parameters_mut().into_iter().map(|(name, _)| name).collect();
+        let mut tensors = TensorSet::default();
+        for name in names {
+            let t = frozen.remove(&name).with_context(|| format!("no weight '{name}' in the model"))?;
+            let mut values = t.to_f32();
+            let modulation = ["_mod.lin.", "modulation.lin.", "adaLN_modulation."].iter().any(|m| name.contains(m));
+            if adaln_zero && (modulation || name.starts_with("final_layer.linear.")) {
+                values.fill(0.0);
+            }
+            tensors.insert(name, t.shape.clone(), values);
+        }
+        Ok(FullParams { tensors, frozen, config: sr.config.clone() })
+    }
+}
+
+impl<B: BackwardOps> Trainable<B> for FullParams {
+    fn tensors(&self) -> &TensorSet {
+        &self.tensors
+    }
+
+    fn tensors_mut(&mut self) -> &mut TensorSet {
+        &mut self.tensors
+    }
+
+    fn install(&self, b: &B, flux: &mut Flux<B>) -> Result<()> {
+        flux.trainable = FluxTrainable::Full;
+        for (name, tensor) in flux.base_parameters_mut() {
+            *tensor = b.input(&self.tensors.host(&name)?)?;
+        }
+        Ok(())
+    }
+
+    fn gradients(&self, b: &B, grads: &FluxGrads<B>) -> Result<BTreeMap<String, Vec<f32>>> {
+        let out: BTreeMap<String, Vec<f32>> =
+            grads.base.iter().map(|(name, g)| Ok((name.clone(), b.download(g)?.to_f32()))).collect::<Result<_>>()?;
+        ensure!(out.len() == self.tensors.values.len(), "the backward gave {} weight gradients, {} are trained", out.len(), self.tensors.values.len());
+        Ok(out)
+    }
+
+    fn export(&self, out: &Path) -> Result<PathBuf> {
+        let mut all: Vec<(String, HostTensor)> = self.frozen.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+        for name in self.tensors.values.keys() {
+            all.push((name.clone(), self.tensors.host(name)?));
+        }
+        let list: Vec<(&str, &HostTensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let [weights, json] = MODEL_FILES.map(|f| out.join(f));
+        loaders::safetensors::write(&weights, &list, &BTreeMap::new(), true)?;
+        let text = serde_json::to_string_pretty(&self.config)? + "\n";
+        loaders::atomic::write_atomic(&json, true, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+        Ok(out.to_path_buf())
     }
 }
 

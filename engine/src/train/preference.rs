@@ -47,7 +47,7 @@ impl<B: BackwardOps + 'static> StageStep<B> for Preference {
         let (b, op) = (cx.b, &self.op);
         let batch = encode_samples(b, &cx.models.sr, samples)?;
         let latent = batch.latent;
-        let (t, eps) = draw_noise(batch.items, batch.x0.len(), cx.run_seed, cx.draw);
+        let (t, eps) = draw_noise(&cx.times, batch.items, batch.x0.len(), cx.run_seed, cx.draw);
         let winner = flow_target(&batch.x0, &eps, &t)?;
         let mut metrics = Vec::new();
         let loser_x0 = match self.losers {
@@ -102,7 +102,7 @@ fn reference_restorations<B: BackwardOps + 'static>(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let opts = UpscaleOptions { steps, seed: step_seed(seed, i as u64, 0), tile: s.hq.width.max(s.hq.height) };
+                let opts = UpscaleOptions { steps, seed: step_seed(seed, i as u64, 0), tile: s.hq.width.max(s.hq.height), batch: 1 };
                 sr.upscale(b, &s.lq, &opts, &mut |_, _| ())
             })
             .collect()

@@ -14,19 +14,20 @@
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::adversary::AdversaryMimic;
+use super::loss::LogitNormal;
 use super::batch::{step_seed, stream, Latent};
-use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE, LORA_FILE};
+use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
 use super::config::{Negatives, Stage, TrainConfig};
 use super::data::{Baselines, Dataset, Sample};
-use super::params::{Adapters, LoraParams, Models, Trainable, Variant};
+use super::params::{Adapters, FullParams, LoraParams, Models, Trainable, Variant};
 use super::preference::{Losers, Preference};
 use super::sft::{loss_operator, Sft};
 use super::sobolev::Grid as FieldGrid;
 use crate::backend::backward::BackwardOps;
 use crate::backend::cpu::CpuBackend;
 use crate::model::weights::WeightLoader;
-use crate::model::{Flux, FluxParams, LoraMode};
-use crate::sr::model_dir::{zero_text, AeConfig, ConditioningMode, SrConfig, SrModel};
+use crate::model::{Flux, LoraMode};
+use crate::sr::model_dir::{zero_text, SrConfig, SrModel};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
 use std::collections::BTreeMap;
@@ -66,6 +67,8 @@ pub struct StepContext<'a, B: BackwardOps> {
     pub run_seed: u64,
     /// The micro-batch's index over the run, `step * grad_accum + micro`: the seed of its draws.
     pub draw: u64,
+    /// The distribution of the flow's t.
+    pub times: LogitNormal,
 }
 
 /// One micro-batch's result.
@@ -124,7 +127,10 @@ pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progre
             Box::new(Preference { op, beta: c.beta, losers })
         }
     };
-    let mut trainable = LoraParams::new(&mut models.sr.flux, c.rank, step_seed(c.seed, 0, 0))?;
+    let mut trainable: Box<dyn Trainable<CpuBackend>> = match c.full {
+        true => Box::new(FullParams::new(&b, &mut models.sr, c.base.is_none())?),
+        false => Box::new(LoraParams::new(&mut models.sr.flux, c.rank, step_seed(c.seed, 0, 0))?),
+    };
     let optimizer = AdamW::new(AdamWConfig {
         lr: c.lr,
         warmup_steps: c.warmup,
@@ -133,7 +139,7 @@ pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progre
         ..AdamWConfig::default()
     });
     let data = Data { dataset, crop: c.crop, scale };
-    run_loop(&b, c, opts, &mut models, &mut trainable, optimizer, resumed, stage.as_mut(), &data, progress)
+    run_loop(&b, c, opts, &mut models, trainable.as_mut(), optimizer, resumed, stage.as_mut(), &data, progress)
 }
 
 /// The checkpoint a resume continues from, refused if its config differs from `c`.
@@ -192,7 +198,7 @@ fn run_loop<B: BackwardOps + 'static>(
     progress(Progress::Started { trained: trainable.tensors().count(), step, max_steps: opts.max_steps });
 
     let save = |step: u64, trainable: &dyn Trainable<B>, optimizer: &AdamW| -> Result<()> {
-        trainable.export(&out.join(LORA_FILE))?;
+        trainable.export(out)?;
         checkpoint::save(&checkpoint_path, c, step, trainable.tensors(), optimizer)
     };
     let accum = c.grad_accum as u64;
@@ -202,7 +208,8 @@ fn run_loop<B: BackwardOps + 'static>(
         for micro in 0..accum {
             let draw = step * accum + micro;
             let samples = data.dataset.draw(c.batch, data.crop, data.scale, step_seed(c.seed, draw, stream::DATA))?;
-            let mut cx = StepContext { b, models: &mut *models, trainable: &*trainable, run_seed: c.seed, draw };
+            let times = LogitNormal { mean: c.t_mean, std: c.t_std };
+            let mut cx = StepContext { b, models: &mut *models, trainable: &*trainable, run_seed: c.seed, draw, times };
             let result = stage.micro_step(&mut cx, &samples)?;
             accumulate(&mut total, result)?;
         }
@@ -284,40 +291,30 @@ fn open_log(path: Option<&Path>, resumed_at: Option<u64>) -> Result<Option<std::
 }
 
 /// The base model with the SFT adapter (if any) merged: a folder, or a random one of a preset
-/// shape with a pixel-shuffle(2) autoencoder at x4 (no file at all).
+/// shape with the preset's pixel-shuffle autoencoder at x4 (no file at all).
 fn base_model(b: &CpuBackend, c: &TrainConfig) -> Result<SrModel<CpuBackend>> {
     let loras: Vec<&Path> = c.sft_lora.iter().map(PathBuf::as_path).collect();
     if let Some(dir) = &c.base {
         return Ok(SrModel::load(b, dir, &loras, LoraMode::Merged)?.0);
     }
-    let latent = 12;
-    let transformer = FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..FluxParams::preset(&c.preset)? };
-    let config = SrConfig {
-        scale: 4,
-        conditioning: ConditioningMode::Concat,
-        autoencoder: AeConfig::PixelShuffle { factor: 2 },
-        transformer,
-        steps: 28,
-        guidance: 3.5,
-        text_tokens: 1,
-    };
-    config.validate()?;
+    let config = SrConfig::preset(&c.preset, None)?;
+    let factor = config.ae_factor();
     let adapters = loras.iter().map(|p| LoraAdapter::open(p, config.transformer.hidden_size)).collect::<Result<Vec<_>, _>>()?;
     let mut w = WeightLoader::random(b, c.init_seed).with_lora(adapters, LoraMode::Merged);
     let flux = Flux::build(&config.transformer, &mut w)?;
     w.finish()?;
     let (txt, y) = zero_text(&config);
-    Ok(SrModel { config, flux, ae: Box::new(crate::ae::PixelShuffle::new(2)), txt, y })
+    Ok(SrModel { config, flux, ae: Box::new(crate::ae::PixelShuffle::new(factor)), txt, y })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sr::resample::resize;
-    use crate::train::checkpoint::load;
+    use crate::train::checkpoint::{load, LORA_FILE, MODEL_FILES};
     use crate::train::params::{up_name, write_lora, LoraParams};
     use crate::train::preference::tests::randomise;
-    use crate::train::sft::tests::{samples, tiny_sr_model};
+    use crate::train::sft::tests::{samples, tiny_sr_model, B};
     use std::f64::consts::LN_2;
 
     /// A folder of HQ images, and a prepared triples folder of the same images (LQ by area
@@ -385,7 +382,8 @@ mod tests {
         run(c, &options(&straight, 4, false)).unwrap();
         run(c, &options(&split, 2, false)).unwrap();
         run(c, &options(&split, 4, true)).unwrap();
-        for file in [LORA_FILE, CHECKPOINT_FILE] {
+        let exported: &[&str] = if c.full { &MODEL_FILES } else { &[LORA_FILE] };
+        for file in exported.iter().chain([&CHECKPOINT_FILE]) {
             assert_eq!(std::fs::read(straight.join(file)).unwrap(), std::fs::read(split.join(file)).unwrap(), "{}: {file}", c.stage);
         }
         let (a, b) = (column(&straight.with_extension("jsonl"), "loss"), column(&split.with_extension("jsonl"), "loss"));
@@ -423,6 +421,38 @@ mod tests {
             assert_eq!(part.up.to_f32(), up[part.out_offset * rank..(part.out_offset + part.out_len()) * rank], "{}", part.source);
             assert_eq!(part.scale, 1.0);
         }
+    }
+
+    /// `--full` trains every linear of a random base from adaLN-Zero: the model starts at zero
+    /// output, learns, exports a model folder holding exactly the checkpoint's weights, and
+    /// resumes bit-identically.
+    #[test]
+    fn full_training_starts_at_zero_output_learns_and_exports_a_model_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, _) = write_data(dir.path());
+
+        let mut sr = tiny_sr_model(3);
+        let params = FullParams::new(&B, &mut sr, true).unwrap();
+        Trainable::<CpuBackend>::install(&params, &B, &mut sr.flux).unwrap();
+        let inputs = crate::model::FluxInputs::random(&sr.flux.params, 1, (4, 4), 1, 5);
+        let out = sr.flux.forward_host(&B, &inputs).unwrap().to_f32();
+        assert!(out.iter().all(|&v| v == 0.0), "adaLN-Zero: the output is zero");
+
+        let c = TrainConfig { full: true, lr: 3e-3, ..config(Stage::Sft, &images) };
+        let out = dir.path().join("long");
+        run(&c, &options(&out, 12, false)).unwrap();
+        let loss = column(&out.with_extension("jsonl"), "loss");
+        let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+        assert!(mean(&loss[9..]) < 0.8 * mean(&loss[..3]), "{loss:?}");
+
+        let (model, _) = SrModel::load(&B, &out, &[], LoraMode::Merged).unwrap();
+        let weights = model.flux.download_weights(&B).unwrap();
+        let saved = load(&out.join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!(saved.params.values.len(), tiny_sr_model(3).flux.base_parameters_mut().len(), "every linear's weight and bias");
+        for (name, values) in &saved.params.values {
+            assert_eq!(&weights[name].to_f32(), values, "{name}");
+        }
+        assert_resume_is_bit_identical(dir.path(), &c);
     }
 
     /// A stop request ends the run after the current step with a checkpoint that resumes.

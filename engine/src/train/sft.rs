@@ -32,7 +32,7 @@ pub struct Sft {
 impl<B: BackwardOps + 'static> StageStep<B> for Sft {
     fn micro_step(&mut self, cx: &mut StepContext<B>, samples: &[Sample]) -> Result<MicroStep> {
         let batch = encode_samples(cx.b, &cx.models.sr, samples)?;
-        let (t, eps) = draw_noise(batch.items, batch.x0.len(), cx.run_seed, cx.draw);
+        let (t, eps) = draw_noise(&cx.times, batch.items, batch.x0.len(), cx.run_seed, cx.draw);
         sft_micro_step(cx.b, &cx.models.sr, cx.trainable, &self.op, &batch, &t, &eps)
     }
 }
@@ -67,6 +67,7 @@ pub(crate) mod tests {
     use crate::sr::resample::resize;
     use crate::train::adamw::{AdamW, AdamWConfig};
     use crate::train::batch::{conditioning, model_input};
+    use crate::train::loss::LogitNormal;
     use crate::train::params::LoraParams;
     use loaders::image::Image;
     use loaders::HostTensor;
@@ -124,7 +125,7 @@ pub(crate) mod tests {
         let op = loss_operator(&model.config.autoencoder, batch.latent.grid(), 0.0).unwrap();
 
         // The base model's velocity error, by the inference forward and a plain mean of squares.
-        let (t, eps) = draw_noise(2, batch.x0.len(), 9, 0);
+        let (t, eps) = draw_noise(&LogitNormal::default(), 2, batch.x0.len(), 9, 0);
         let x_t: Vec<f32> = (0..batch.x0.len())
             .map(|i| {
                 let ti = t[i / (batch.x0.len() / 2)];
@@ -142,7 +143,7 @@ pub(crate) mod tests {
         let mut optimizer = AdamW::new(AdamWConfig { lr: 1e-2, warmup_steps: 0, ..AdamWConfig::default() });
         let mut losses = Vec::new();
         for step in 0..40 {
-            let (t, eps) = draw_noise(2, batch.x0.len(), 9, step);
+            let (t, eps) = draw_noise(&LogitNormal::default(), 2, batch.x0.len(), 9, step);
             let micro = sft_micro_step(&B, &model, &params, &op, &batch, &t, &eps).unwrap();
             losses.push(micro.loss);
             apply(&mut model, &mut params, &mut optimizer, &micro);
