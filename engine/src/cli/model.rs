@@ -42,7 +42,7 @@ struct InitArgs {
     #[arg(long, default_value_t = 0)]
     init_seed: u64,
     /// Pixel-shuffle factor of the (weightless) autoencoder, latent channels 3 x F^2 (default:
-    /// the preset's, 8 for asasr-cpu and 2 for the others).
+    /// the preset's, 6 for asasr-cpu and 2 for the others).
     #[arg(long)]
     pixel_shuffle: Option<usize>,
     /// Output side / input side.
@@ -56,15 +56,17 @@ struct InitArgs {
     overwrite: bool,
 }
 
-/// Write a model folder whose transformer has LoRA adapters merged into its weights: the model
-/// folder's other files are copied, transformer.safetensors is rewritten (BFL layout).
+/// Write a model folder whose transformer has LoRA adapters merged into its weights, in bf16 or
+/// f32: the model folder's other files are copied, transformer.safetensors is rewritten (BFL
+/// layout).
 #[derive(clap::Args)]
 struct MergeArgs {
     /// Model folder to start from.
     #[arg(long)]
     model: PathBuf,
-    /// LoRA adapter to merge; repeat to merge several, in order.
-    #[arg(long, required = true)]
+    /// LoRA adapter to merge; repeat to merge several, in order. None: the model is only
+    /// rewritten in --dtype.
+    #[arg(long)]
     lora: Vec<PathBuf>,
     /// Folder to create.
     #[arg(long)]

@@ -109,9 +109,10 @@ impl FluxParams {
                 ..dev
             },
             // The shipped CPU model: single-stream blocks only (the text is a fixed embedding, so
-            // a text stream would be dead weight), as wide as a pixel-shuffle(8) token (16x16
-            // pixels, 768 values) so that the noise passes through without a bottleneck; MLP
-            // ratio 1 keeps it at 20M parameters (40 MB in bf16).
+            // a text stream would be dead weight), 1.8 times as wide as a pixel-shuffle(6) token
+            // (12x12 pixels, 432 values): velocity = noise - image must carry the whole noise
+            // through, so a width equal to the token's (pixel-shuffle 8) leaves no room for the
+            // image and the samples stay noisy. MLP ratio 1 keeps it under 20M parameters.
             "asasr-cpu" => FluxParams {
                 vec_in_dim: 32,
                 context_in_dim: 64,

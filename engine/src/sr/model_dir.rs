@@ -34,13 +34,13 @@ pub struct SrConfig {
 
 impl SrConfig {
     /// A x4 model around a preset transformer shape (`FluxParams::preset`) with the
-    /// autoencoder the preset is meant for, unless `pixel_shuffle` names another: pixel-shuffle(8)
+    /// autoencoder the preset is meant for, unless `pixel_shuffle` names another: pixel-shuffle(6)
     /// for `asasr-cpu`, (2) for the others. The transformer's channels fit the autoencoder:
     /// in = 2 x 4 x latent channels (noisy latent and LQ, packed 2x2, concatenated),
     /// out = 4 x latent channels.
     pub fn preset(name: &str, pixel_shuffle: Option<usize>) -> Result<Self> {
         let transformer = FluxParams::preset(name)?;
-        let factor = pixel_shuffle.unwrap_or(if name == "asasr-cpu" { 8 } else { 2 });
+        let factor = pixel_shuffle.unwrap_or(if name == "asasr-cpu" { 6 } else { 2 });
         ensure!(factor >= 1, "the pixel-shuffle factor must be at least 1");
         let latent = 3 * factor * factor;
         let config = SrConfig {

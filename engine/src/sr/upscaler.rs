@@ -85,8 +85,9 @@ impl<B: Backend + 'static> SrModel<B> {
             Ok(b.download(&v)?.to_f32())
         };
         let cond_refs: Vec<&[f32]> = conds.iter().map(|c| c.as_slice()).collect();
-        // A GPU too small for the tile gets the same images in tiles of half the side.
-        let mut tile = (opts.tile / unit).max(1);
+        // Whole tokens covering the tile side (a 512-pixel tile takes a 512-pixel output in one
+        // piece whatever the token size); a GPU too small for it gets tiles of half the side.
+        let mut tile = opts.tile.div_ceil(unit).max(1);
         let xs = loop {
             let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
             let attempt = euler_tiled(

@@ -76,11 +76,11 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
     use crate::sampler::gaussian_noise;
     use crate::sr::resample::resize;
+    use crate::train::loss::LogitNormal;
     use crate::train::params::{LoraParams, Models, Trainable};
     use crate::train::preference::tests::randomise;
     use crate::train::sft::loss_operator;
     use crate::train::sft::tests::{samples, tiny_sr_model, B};
-    use crate::train::loss::LogitNormal;
     use crate::train::sobolev::DEFAULT_EXPONENT;
 
     /// The adversary's LoRA gradient, the hardness term's path through the synthesis and the
@@ -98,7 +98,8 @@ mod tests {
             let mut stage = AdversaryMimic { op, hardness: 2.0, rho };
             let mut at = |values: &LoraParams| -> MicroStep {
                 Trainable::<CpuBackend>::install(values, &B, &mut models.sr.flux).unwrap();
-                let mut cx = StepContext { b: &B, models: &mut models, trainable: values, run_seed: 3, draw: 5, times: LogitNormal::default() };
+                let mut cx =
+                    StepContext { b: &B, models: &mut models, trainable: values, run_seed: 3, draw: 5, times: LogitNormal::default() };
                 stage.micro_step(&mut cx, &samples).unwrap()
             };
             let step = at(&params);

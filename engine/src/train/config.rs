@@ -186,7 +186,10 @@ impl TrainConfig {
             );
         }
         if self.full && stage != Stage::Sft {
-            return fail("full", format!("only --stage sft trains the whole model; --stage {stage} trains a LoRA against the frozen reference"));
+            return fail(
+                "full",
+                format!("only --stage sft trains the whole model; --stage {stage} trains a LoRA against the frozen reference"),
+            );
         }
         if !self.t_mean.is_finite() {
             return fail("t_mean", format!("must be finite, got {}", self.t_mean));

@@ -11,14 +11,14 @@
 //!   AS-DPO adversary A_phi is the model with the adversary's adapters in their place: a variant is
 //!   a set of unmerged adapters swapped onto the token-path linears for the duration of a call.
 
+use super::checkpoint::{LORA_FILE, MODEL_FILES};
 use crate::backend::backward::BackwardOps;
 use crate::backend::Backend;
 use crate::model::backward::FluxGrads;
+use crate::model::backward::Trainable as FluxTrainable;
 use crate::model::layers::LoraDelta;
 use crate::model::Flux;
-use crate::model::backward::Trainable as FluxTrainable;
 use crate::sr::model_dir::{SrConfig, SrModel};
-use super::checkpoint::{LORA_FILE, MODEL_FILES};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
 use loaders::HostTensor;
@@ -214,7 +214,12 @@ impl<B: BackwardOps> Trainable<B> for FullParams {
     fn gradients(&self, b: &B, grads: &FluxGrads<B>) -> Result<BTreeMap<String, Vec<f32>>> {
         let out: BTreeMap<String, Vec<f32>> =
             grads.base.iter().map(|(name, g)| Ok((name.clone(), b.download(g)?.to_f32()))).collect::<Result<_>>()?;
-        ensure!(out.len() == self.tensors.values.len(), "the backward gave {} weight gradients, {} are trained", out.len(), self.tensors.values.len());
+        ensure!(
+            out.len() == self.tensors.values.len(),
+            "the backward gave {} weight gradients, {} are trained",
+            out.len(),
+            self.tensors.values.len()
+        );
         Ok(out)
     }
 

@@ -14,11 +14,11 @@
 
 use super::adamw::{AdamW, AdamWConfig};
 use super::adversary::AdversaryMimic;
-use super::loss::LogitNormal;
 use super::batch::{step_seed, stream, Latent};
 use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
 use super::config::{Negatives, Stage, TrainConfig};
 use super::data::{Baselines, Dataset, Sample};
+use super::loss::LogitNormal;
 use super::params::{Adapters, FullParams, LoraParams, Models, Trainable, Variant};
 use super::preference::{Losers, Preference};
 use super::sft::{loss_operator, Sft};
