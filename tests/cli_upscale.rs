@@ -110,8 +110,12 @@ fn existing_outputs_shards_and_bad_files() {
     assert!(!bad.status.success() && stderr.contains("broken.png") && !stderr.contains("panicked"), "{stderr}");
     assert!(dir.path().join("out2/rgba16.png").exists(), "the good images are still written");
 
-    let none = engine(&["upscale", inputs.to_str().unwrap(), "-o", out.to_str().unwrap()]);
-    assert!(!none.status.success() && String::from_utf8_lossy(&none.stderr).contains("--model"));
+    // Without --model: the shipped model, found from the test binary's target folder.
+    let shipped = dir.path().join("shipped");
+    let run = ok(engine(&["upscale", inputs.join("sub").to_str().unwrap(), "-o", shipped.to_str().unwrap(), "--steps", "1"]));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("models/asasr-cpu"), "{}", String::from_utf8_lossy(&run.stderr));
+    let gray = image::read(&shipped.join("gray.png")).unwrap();
+    assert_eq!((gray.width, gray.height, gray.channels), (36, 24, 1));
 }
 
 #[test]
@@ -163,33 +167,14 @@ fn a_merged_model_upscales_as_the_model_with_its_adapter() {
     loaders::safetensors::write(&lora, &list, &Default::default(), false).unwrap();
 
     let (merged32, merged16) = (dir.path().join("merged32"), dir.path().join("merged16"));
-    let merge = |out: &Path, dtype: &str| {
-        ok(engine(&[
-            "model",
-            "merge",
-            "--model",
-            model.to_str().unwrap(),
-            "--lora",
-            lora.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--dtype",
-            dtype,
-        ]))
+    let merge = |out: &Path, extra: &[&str]| {
+        let (model, lora, out) = (model.to_str().unwrap(), lora.to_str().unwrap(), out.to_str().unwrap());
+        engine(&[&["model", "merge", "--model", model, "--lora", lora, "--out", out], extra].concat())
     };
-    merge(&merged32, "f32");
-    merge(&merged16, "bf16");
+    ok(merge(&merged32, &["--dtype", "f32"]));
+    ok(merge(&merged16, &["--dtype", "bf16"]));
     assert!(merged32.join("model.json").exists());
-    let again = engine(&[
-        "model",
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--lora",
-        lora.to_str().unwrap(),
-        "--out",
-        merged32.to_str().unwrap(),
-    ]);
+    let again = merge(&merged32, &[]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
 
     let run = |model: &Path, extra: &[&str], out: &str| {
