@@ -110,17 +110,17 @@ pub fn run(a: Args) -> Result<()> {
             eprintln!("warning: {w}");
         }
         eprintln!("model {} on {}, {} steps, x{}", model_dir.display(), b.name(), a.steps.unwrap_or(model.config.steps), model.config.scale);
-        upscale_all(b, &Upscaler::Model(model), &inputs, &a)
+        upscale_all(b, &Upscaler::Model(&model), &inputs, &a)
     })
 }
 
 /// What turns an LQ image into its enlargement.
-enum Upscaler<B: Backend> {
-    Model(SrModel<B>),
+enum Upscaler<'a, B: Backend> {
+    Model(&'a SrModel<B>),
     Bicubic,
 }
 
-impl<B: Backend + 'static> Upscaler<B> {
+impl<B: Backend + 'static> Upscaler<'_, B> {
     fn scale(&self) -> usize {
         match self {
             Upscaler::Model(m) => m.config.scale,
@@ -136,7 +136,7 @@ impl<B: Backend + 'static> Upscaler<B> {
     }
 }
 
-fn upscale_all<B: Backend + 'static>(b: &B, upscaler: &Upscaler<B>, inputs: &[Input], a: &Args) -> Result<()> {
+fn upscale_all<B: Backend + 'static>(b: &B, upscaler: &Upscaler<'_, B>, inputs: &[Input], a: &Args) -> Result<()> {
     let steps = match upscaler {
         Upscaler::Model(m) => a.steps.unwrap_or(m.config.steps),
         Upscaler::Bicubic => 1,
