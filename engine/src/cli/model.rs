@@ -3,14 +3,11 @@
 //! model with LoRA adapters merged into its weights (what is shipped after training).
 
 use anyhow::{ensure, Result};
-use engine::model::weights::{WeightLoader, WeightSource};
-use engine::model::{Flux, FluxParams, LoraMode, PartialFluxParams};
-use engine::sr::model_dir::SrConfig;
+use engine::model::weights::WeightLoader;
+use engine::model::{load_flux, Flux, LoraMode, PartialFluxParams};
+use engine::sr::model_dir::{write_model_folder, SrConfig};
 use engine::CpuBackend;
-use loaders::flux::FluxCheckpoint;
-use loaders::lora::LoraAdapter;
-use loaders::{safetensors, DType, HostTensor};
-use std::collections::BTreeMap;
+use loaders::{DType, HostTensor};
 use std::path::{Path, PathBuf};
 
 /// Manage super-resolution model folders.
@@ -92,14 +89,6 @@ pub fn run(a: Args) -> Result<()> {
     }
 }
 
-/// Writes `tensors` as `folder/transformer.safetensors` in `dtype`.
-fn write_transformer(folder: &Path, tensors: &[(String, HostTensor)], dtype: DType, overwrite: bool) -> Result<usize> {
-    let cast: Vec<(String, HostTensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.cast(dtype))).collect();
-    let list: Vec<(&str, &HostTensor)> = cast.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    safetensors::write(&folder.join("transformer.safetensors"), &list, &BTreeMap::new(), overwrite)?;
-    Ok(tensors.iter().map(|(_, t)| t.len()).sum())
-}
-
 fn merge(a: MergeArgs) -> Result<()> {
     ensure!(
         a.model.canonicalize().ok() != a.out.canonicalize().ok(),
@@ -107,15 +96,14 @@ fn merge(a: MergeArgs) -> Result<()> {
         a.out.display()
     );
     let config = SrConfig::read(&a.model.join("model.json"))?;
-    let ckpt = FluxCheckpoint::open(&a.model.join("transformer.safetensors"))?;
-    let params = FluxParams::infer(&ckpt.shapes(), &PartialFluxParams::from(&config.transformer))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", ckpt.origin()))?;
-    let adapters = a.lora.iter().map(|p| LoraAdapter::open(p, params.hidden_size)).collect::<Result<Vec<_>, _>>()?;
     let b = CpuBackend::new();
-    let mut w = WeightLoader::new(&b, &ckpt).with_dtype(Some(DType::F32)).with_lora(adapters, LoraMode::Merged).recording();
-    Flux::build(&params, &mut w)?;
-    let tensors = w.take_recorded();
-    w.finish()?;
+    let loras: Vec<&Path> = a.lora.iter().map(PathBuf::as_path).collect();
+    let given = PartialFluxParams::from(&config.transformer);
+    let (flux, warnings) = load_flux(&b, &a.model.join("transformer.safetensors"), &given, &loras, LoraMode::Merged)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let tensors = flux.download_weights(&b)?;
 
     let target = a.out.join("transformer.safetensors");
     ensure!(a.overwrite || !target.exists(), "{}: exists; pass --overwrite to replace it", target.display());
@@ -124,12 +112,13 @@ fn merge(a: MergeArgs) -> Result<()> {
         WeightDtype::Bf16 => DType::BF16,
         WeightDtype::F32 => DType::F32,
     };
-    let count = write_transformer(&a.out, &tensors, dtype, a.overwrite)?;
-    // The folder's other files (model.json, ae.safetensors, text.safetensors) as they are.
+    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let count = write_model_folder(&a.out, &config, &list, dtype, a.overwrite)?;
+    // The folder's other files (ae.safetensors, text.safetensors) as they are.
     for entry in std::fs::read_dir(&a.model).map_err(|e| anyhow::anyhow!("{}: {e}", a.model.display()))? {
         let path = entry?.path();
         let name = path.file_name().unwrap_or_default();
-        if path.is_file() && name != "transformer.safetensors" {
+        if path.is_file() && name != "transformer.safetensors" && name != "model.json" {
             let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             loaders::atomic::write_atomic(&a.out.join(name), a.overwrite, |out| std::io::Write::write_all(out, &bytes))?;
         }
@@ -158,9 +147,8 @@ fn init(a: InitArgs) -> Result<()> {
     let mut w = WeightLoader::random(&b, a.init_seed).recording();
     Flux::build(&config.transformer, &mut w)?;
     let tensors = w.take_recorded();
-    let params = write_transformer(&a.out, &tensors, DType::F32, a.overwrite)?;
-    let text = serde_json::to_string_pretty(&config)? + "\n";
-    loaders::atomic::write_atomic(&json, a.overwrite, |out| std::io::Write::write_all(out, text.as_bytes()))?;
+    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let params = write_model_folder(&a.out, &config, &list, DType::F32, a.overwrite)?;
     println!(
         "wrote {} ({} transformer, {} parameters, random init seed {}, pixel-shuffle {} autoencoder, x{})",
         a.out.display(),

@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::model::{load_flux, Flux, FluxParams, LoraMode, PartialFluxParams};
 use anyhow::{ensure, Context, Result};
 use loaders::safetensors::Checkpoint;
-use loaders::HostTensor;
+use loaders::{DType, HostTensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -55,6 +55,17 @@ impl SrConfig {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// Writes a model folder's `transformer.safetensors` (BFL layout, `tensors` cast to `dtype`) and
+/// `model.json`, each atomically. Returns the parameter count.
+pub fn write_model_folder(dir: &Path, config: &SrConfig, tensors: &[(&str, &HostTensor)], dtype: DType, overwrite: bool) -> Result<usize> {
+    let cast: Vec<HostTensor> = tensors.iter().map(|(_, t)| t.cast(dtype)).collect();
+    let list: Vec<(&str, &HostTensor)> = tensors.iter().zip(&cast).map(|((n, _), t)| (*n, t)).collect();
+    loaders::safetensors::write(&dir.join("transformer.safetensors"), &list, &std::collections::BTreeMap::new(), overwrite)?;
+    let text = serde_json::to_string_pretty(config)? + "\n";
+    loaders::atomic::write_atomic(&dir.join("model.json"), overwrite, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+    Ok(tensors.iter().map(|(_, t)| t.len()).sum())
 }
 
 /// The folder of the shipped model (`models/asasr-cpu` in the repository): beside the

@@ -11,17 +11,17 @@
 //!   AS-DPO adversary A_phi is the model with the adversary's adapters in their place: a variant is
 //!   a set of unmerged adapters swapped onto the token-path linears for the duration of a call.
 
-use super::checkpoint::{LORA_FILE, MODEL_FILES};
+use super::checkpoint::LORA_FILE;
 use crate::backend::backward::BackwardOps;
 use crate::backend::Backend;
 use crate::model::backward::FluxGrads;
 use crate::model::backward::Trainable as FluxTrainable;
 use crate::model::layers::LoraDelta;
 use crate::model::Flux;
-use crate::sr::model_dir::{SrConfig, SrModel};
+use crate::sr::model_dir::{write_model_folder, SrConfig, SrModel};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
-use loaders::HostTensor;
+use loaders::{DType, HostTensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -229,10 +229,7 @@ impl<B: BackwardOps> Trainable<B> for FullParams {
             all.push((name.clone(), self.tensors.host(name)?));
         }
         let list: Vec<(&str, &HostTensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let [weights, json] = MODEL_FILES.map(|f| out.join(f));
-        loaders::safetensors::write(&weights, &list, &BTreeMap::new(), true)?;
-        let text = serde_json::to_string_pretty(&self.config)? + "\n";
-        loaders::atomic::write_atomic(&json, true, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+        write_model_folder(out, &self.config, &list, DType::F32, true)?;
         Ok(out.to_path_buf())
     }
 }
