@@ -68,7 +68,9 @@ fn sft_trains_logs_and_writes_a_lora_that_upscale_loads() {
     // The defaults that `--help` states are the ones the run used.
     let help = String::from_utf8(ok(engine(&["train", "--help"])).stdout).unwrap();
     let saved = saved_config(&dir.path().join("preset"));
-    for key in ["grad_accum", "warmup", "weight_decay", "max_grad_norm", "sobolev_s", "beta", "rho", "negative_steps", "hardness"] {
+    for key in
+        ["grad_accum", "warmup", "decay_steps", "weight_decay", "max_grad_norm", "sobolev_s", "beta", "rho", "negative_steps", "hardness"]
+    {
         let flag = format!("--{} ", key.replace('_', "-"));
         let line = help.lines().find(|l| l.trim_start().starts_with(&flag)).unwrap_or_else(|| panic!("{flag}: not in {help}"));
         let stated = line.rsplit("[default: ").next().unwrap().split([']', ' ']).next().unwrap();

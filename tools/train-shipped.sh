@@ -5,13 +5,12 @@
 # (`--resume` when its checkpoint exists), so the script can be stopped and started again.
 #
 #   bash tools/train-shipped.sh            # everything, into data/runs
-#   SFT_STEPS=200 ANNEAL_STEPS=50 bash tools/train-shipped.sh   # a shorter run
+#   SFT_STEPS=200 bash tools/train-shipped.sh   # a shorter run
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-RUNS=data/runs
-SFT_STEPS="${SFT_STEPS:-1128}"
-ANNEAL_STEPS="${ANNEAL_STEPS:-350}"
+RUNS="${RUNS:-data/runs}"
+SFT_STEPS="${SFT_STEPS:-1800}"
 ADV_STEPS="${ADV_STEPS:-80}"
 DPO_STEPS="${DPO_STEPS:-80}"
 
@@ -22,29 +21,26 @@ mkdir -p "$RUNS"
 resume() { [ -f "$1/checkpoint.safetensors" ] && echo --resume || true; }
 
 # 1. SFT: every weight of the asasr-cpu transformer, from adaLN-Zero, flow matching (MSE) on
-#    192-pixel crops degraded on the fly. t ~ sigmoid(0.3 + 1.4 n): more samples near t = 1 than
-#    design.md's default, because few-step sampling spends its first steps there.
+#    192-pixel crops degraded on the fly. The preset's flow generates 4 x (HQ - bicubic) in its
+#    latent, not the HQ itself (model.json "flow"). t ~ sigmoid(0.3 + 1.4 n): more samples near
+#    t = 1 than design.md's default, because few-step sampling spends its first steps there. The
+#    learning rate decays to 0 along a half cosine.
 $E train --stage sft --full --preset asasr-cpu --init-seed 0 --data data/photos/train \
-  --out $RUNS/sft --crop 192 --batch 4 --lr 5e-4 --warmup 100 --t-mean 0.3 --t-std 1.4 --seed 1 \
-  --max-steps "$SFT_STEPS" --save-every 100 --log $RUNS/sft.jsonl $(resume $RUNS/sft)
-
-# 1b. Annealing: the same objective from the SFT weights at a fifth of the learning rate and
-#    twice the batch (fresh optimiser state): the constant-rate run plateaus on its gradient noise.
-$E train --stage sft --full --base $RUNS/sft --data data/photos/train --out $RUNS/sft-anneal \
-  --crop 192 --batch 8 --lr 1e-4 --warmup 20 --t-mean 0.3 --t-std 1.4 --seed 4 \
-  --max-steps "$ANNEAL_STEPS" --save-every 50 --log $RUNS/sft-anneal.jsonl $(resume $RUNS/sft-anneal)
-SFT=$RUNS/sft-anneal
+  --out $RUNS/sft --crop 192 --batch 4 --lr 5e-4 --warmup 100 --decay-steps "$SFT_STEPS" \
+  --t-mean 0.3 --t-std 1.4 --seed 1 --max-steps "$SFT_STEPS" --save-every 100 --log $RUNS/sft.jsonl $(resume $RUNS/sft)
+SFT=$RUNS/sft
 
 # 2. Triples for the adversary and the plain-DPO ablation: a fixed degradation of the training
 #    photographs (512-pixel centre crops), and the SFT model's own 2-step restorations as the
 #    baseline whose artifacts the adversary learns.
-if [ ! -d data/triples/baseline ]; then
-  $E degrade data/photos/train -o data/triples --seed 11 --crop 512 --overwrite
-  $E upscale data/triples/lq -o data/triples/baseline --model $SFT --steps 2 --color-fix none --overwrite
+TRIPLES=$RUNS/triples
+if [ ! -d $TRIPLES/baseline ]; then
+  $E degrade data/photos/train -o $TRIPLES --seed 11 --crop 512 --overwrite
+  $E upscale $TRIPLES/lq -o $TRIPLES/baseline --model $SFT --steps 2 --color-fix none --overwrite
 fi
 
 # 3. The adversary A_phi (AMG): a LoRA on the SFT model that mimics the baseline's velocity.
-$E train --stage adversary --base $SFT --data data/triples --out $RUNS/adversary \
+$E train --stage adversary --base $SFT --data $TRIPLES --out $RUNS/adversary \
   --crop 192 --batch 4 --rank 16 --lr 2e-4 --warmup 10 --seed 2 --max-steps "$ADV_STEPS" \
   --log $RUNS/adversary.jsonl $(resume $RUNS/adversary)
 
@@ -53,12 +49,12 @@ $E train --stage adversary --base $SFT --data data/triples --out $RUNS/adversary
 #    with the adversary's losers at s = 1.5.
 for variant in dpo-s0:0 dpo-s1.5:1.5; do
   name=${variant%%:*}
-  $E train --stage dpo --negatives triples --sobolev-s "${variant##*:}" --base $SFT --data data/triples \
-    --out $RUNS/$name --crop 192 --batch 2 --rank 16 --lr 2e-4 --warmup 10 --seed 3 --max-steps "$DPO_STEPS" \
+  $E train --stage dpo --negatives triples --sobolev-s "${variant##*:}" --base $SFT --data $TRIPLES \
+    --out $RUNS/$name --crop 192 --batch 2 --rank 16 --lr 3e-5 --warmup 10 --seed 3 --max-steps "$DPO_STEPS" \
     --log $RUNS/$name.jsonl $(resume $RUNS/$name)
 done
 $E train --stage asdpo --adversary-lora $RUNS/adversary/lora.safetensors --sobolev-s 1.5 --base $SFT \
-  --data data/photos/train --out $RUNS/asdpo --crop 192 --batch 2 --rank 16 --lr 2e-4 --warmup 10 --seed 3 \
+  --data data/photos/train --out $RUNS/asdpo --crop 192 --batch 2 --rank 16 --lr 3e-5 --warmup 10 --seed 3 \
   --max-steps "$DPO_STEPS" --log $RUNS/asdpo.jsonl $(resume $RUNS/asdpo)
 
 # 5. Models with the adapters merged (bf16). models/asasr-cpu is the best on validation: on

@@ -82,6 +82,10 @@ pub struct Args {
     /// Steps of linear learning-rate warm-up [default: 0].
     #[arg(long)]
     warmup: Option<u64>,
+    /// The step at which a half-cosine decay of the learning rate, starting after the warm-up,
+    /// reaches 0 (usually --max-steps); 0 keeps the rate constant [default: 0].
+    #[arg(long, value_name = "STEP")]
+    decay_steps: Option<u64>,
     /// Decoupled AdamW weight decay [default: 0].
     #[arg(long)]
     weight_decay: Option<f64>,

@@ -107,7 +107,9 @@ impl<B: Backend + 'static> SrModel<B> {
             }
         };
         xs.into_iter()
-            .map(|x| {
+            .zip(&conds)
+            .map(|(x, cond)| {
+                let x = self.config.flow.to_latent(&x, cond);
                 let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
                 let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
                 Ok(from_tensor(&decoded, w, h))

@@ -7,7 +7,8 @@
 //!   the reported grad norm is the one before clipping.
 //! - Weight decay is decoupled (Loshchilov and Hutter): `p -= lr wd p` beside the Adam update,
 //!   never folded into the gradient, and scaled by the same warmed-up learning rate.
-//! - The learning rate warms up linearly: step k (counted from 1) uses `lr min(1, k / warmup)`.
+//! - The learning rate warms up linearly: step k (counted from 1) uses `lr min(1, k / warmup)`;
+//!   with `decay_steps` D it then follows a half cosine from `lr` at the warm-up's end to 0 at D.
 //! - Arithmetic is f64 per element; the moments are stored in f32 so that a checkpoint is small
 //!   and a resumed run reads back exactly what an uninterrupted one keeps.
 
@@ -25,13 +26,25 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Steps over which the learning rate rises linearly to `lr`; 0 starts at `lr`.
     pub warmup_steps: u64,
+    /// The step at which the cosine decay after warm-up reaches 0; 0 keeps `lr` constant.
+    #[serde(default)]
+    pub decay_steps: u64,
     /// The largest global gradient norm; gradients above it are scaled down to it. None: no clip.
     pub max_grad_norm: Option<f64>,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, warmup_steps: 0, max_grad_norm: Some(1.0) }
+        AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            decay_steps: 0,
+            max_grad_norm: Some(1.0),
+        }
     }
 }
 
@@ -65,13 +78,18 @@ impl AdamW {
         AdamW { config, step: 0, moments: BTreeMap::new() }
     }
 
-    /// The learning rate of step `k` (counted from 1) under linear warm-up.
+    /// The learning rate of step `k` (counted from 1): linear warm-up, then constant or a cosine
+    /// decay.
     pub fn lr_at(&self, k: u64) -> f64 {
-        let warmup = self.config.warmup_steps;
-        if warmup == 0 {
+        let (warmup, decay) = (self.config.warmup_steps, self.config.decay_steps);
+        if k < warmup {
+            return self.config.lr * k as f64 / warmup as f64;
+        }
+        if decay == 0 {
             return self.config.lr;
         }
-        self.config.lr * (k as f64 / warmup as f64).min(1.0)
+        let progress = ((k - warmup) as f64 / decay.saturating_sub(warmup).max(1) as f64).min(1.0);
+        self.config.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
     /// One update of every parameter in `params` from the gradient of the same name in `grads`.
@@ -142,7 +160,16 @@ mod tests {
     /// p -= lr_k (m_k/(1-b1^k) / (sqrt(v_k/(1-b2^k)) + eps) + wd p), lr_k = lr min(1, k/2).
     #[test]
     fn three_steps_follow_the_closed_form() {
-        let config = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01, warmup_steps: 2, max_grad_norm: None };
+        let config = AdamWConfig {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            warmup_steps: 2,
+            decay_steps: 0,
+            max_grad_norm: None,
+        };
         let mut opt = AdamW::new(config);
         let mut p = one("w", vec![1.0]);
 
@@ -169,6 +196,19 @@ mod tests {
         opt.step(&mut p, &one("w", vec![2.0])).unwrap();
         close(p["w"][0], expected3, "step 3");
         assert_eq!(opt.step, 3);
+    }
+
+    /// Warm-up 4 then a cosine to 0 at step 12: lr/4 at step 1, lr at 4, lr (1 + cos(pi/4))/2
+    /// at 6, lr/2 at 8, 0 at 12 and after.
+    #[test]
+    fn the_learning_rate_warms_up_then_follows_a_half_cosine() {
+        let opt = AdamW::new(AdamWConfig { lr: 0.2, warmup_steps: 4, decay_steps: 12, ..AdamWConfig::default() });
+        let expected = [(1, 0.05), (4, 0.2), (6, 0.1 * (1.0 + 0.5f64.sqrt())), (8, 0.1), (12, 0.0), (20, 0.0)];
+        for (k, lr) in expected {
+            assert!((opt.lr_at(k) - lr).abs() < 1e-12, "step {k}: {} vs {lr}", opt.lr_at(k));
+        }
+        let constant = AdamW::new(AdamWConfig { lr: 0.2, warmup_steps: 4, ..AdamWConfig::default() });
+        assert_eq!(constant.lr_at(1000), 0.2);
     }
 
     /// Gradients (3, 4) over two tensors have norm 5; a clip at 1 scales them to (0.6, 0.8), and

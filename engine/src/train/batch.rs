@@ -95,11 +95,12 @@ impl Latent {
 /// A micro-batch of samples as packed `[B, L, F]` latents.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// The HQ latents (the flow's data end, `x0`; the winners of a preference pair).
+    /// The HQ images as the flow's data (`x0`, `SrConfig::flow` of their latents; the winners of
+    /// a preference pair).
     pub x0: Vec<f32>,
     /// The encoded bicubic upsample of each LQ, on the same tokens: the model's condition.
     pub cond: Vec<f32>,
-    /// The encoded baseline outputs, when the samples have them.
+    /// The baseline outputs as the flow's data, when the samples have them.
     pub baseline: Option<Vec<f32>>,
     pub items: usize,
     pub latent: Latent,
@@ -112,10 +113,12 @@ pub fn encode_samples<B: Backend + 'static>(b: &B, model: &SrModel<B>, samples: 
     ensure!(!samples.is_empty(), "encode_samples: no samples");
     let (w, h) = (samples[0].hq.width, samples[0].hq.height);
     let upsampled: Vec<Image> = samples.iter().map(|s| resize(&s.lq.to_rgb(), w, h)).collect();
-    let (x0, latent) = encode_images(b, model, &samples.iter().map(|s| &s.hq).collect::<Vec<_>>())?;
+    let (hq, latent) = encode_images(b, model, &samples.iter().map(|s| &s.hq).collect::<Vec<_>>())?;
     let (cond, _) = encode_images(b, model, &upsampled.iter().collect::<Vec<_>>())?;
+    let flow = &model.config.flow;
+    let x0 = flow.to_flow(&hq, &cond);
     let baseline = match samples.iter().map(|s| s.baseline.as_ref()).collect::<Option<Vec<_>>>() {
-        Some(images) => Some(encode_images(b, model, &images)?.0),
+        Some(images) => Some(flow.to_flow(&encode_images(b, model, &images)?.0, &cond)),
         None => None,
     };
     Ok(Batch { x0, cond, baseline, items: samples.len(), latent })
@@ -244,5 +247,32 @@ impl<B: BackwardOps + 'static> TrainPass<B> {
         let g_img = b.download(&grads.img)?.to_f32();
         let x_t = g_img.chunks(2 * features).flat_map(|token| token[..features].iter().copied()).collect();
         Ok(PassGrads { model: grads, x_t })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sr::model_dir::FlowData;
+    use crate::train::sft::tests::{samples, tiny_sr_model, B};
+
+    /// Pixel-shuffle and packing only move pixels, so a residual flow's data has the energy of
+    /// `scale * (HQ - bicubic)` computed on the images themselves.
+    #[test]
+    fn a_residual_flow_learns_scale_times_what_bicubic_misses() {
+        let mut model = tiny_sr_model(1);
+        let scale = 4.0;
+        model.config.flow = FlowData::Residual { scale };
+        let samples = samples(2);
+        let batch = encode_samples(&B, &model, &samples).unwrap();
+        let mut want = 0f64;
+        for s in &samples {
+            let up = resize(&s.lq, s.hq.width, s.hq.height);
+            want += s.hq.data.iter().zip(&up.data).map(|(h, u)| (scale as f64 * 2.0 * (h - u) as f64).powi(2)).sum::<f64>();
+        }
+        let got: f64 = batch.x0.iter().map(|&x| (x as f64).powi(2)).sum();
+        assert!(want > 1.0 && (got - want).abs() < 1e-4 * want, "energy {got}, expected {want}");
+        // The condition itself is the flow's zero.
+        assert!(FlowData::Residual { scale }.to_flow(&batch.cond, &batch.cond).iter().all(|&x| x == 0.0));
     }
 }

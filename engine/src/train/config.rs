@@ -81,6 +81,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub lr: f64,
     pub warmup: u64,
+    /// The step where the learning rate's cosine decay after warm-up reaches 0; 0: constant.
+    #[serde(default)]
+    pub decay_steps: u64,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub rank: usize,
@@ -131,6 +134,7 @@ impl TrainConfig {
             grad_accum: 1,
             lr: 1e-4,
             warmup: 0,
+            decay_steps: 0,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             rank: 16,
@@ -175,6 +179,12 @@ impl TrainConfig {
         }
         if !self.sobolev_s.is_finite() {
             return fail("sobolev_s", format!("must be finite, got {}", self.sobolev_s));
+        }
+        if self.decay_steps != 0 && self.decay_steps <= self.warmup {
+            return fail(
+                "decay_steps",
+                format!("must come after the warm-up's {} steps (or be 0: no decay), got {}", self.warmup, self.decay_steps),
+            );
         }
         if self.negative_steps < 1 {
             return fail("negative_steps", "must be at least 1".into());

@@ -54,11 +54,12 @@ impl<B: BackwardOps + 'static> StageStep<B> for Preference {
             Losers::Fixed { negatives: Negatives::Triples, .. } => {
                 batch.baseline.clone().context("--negatives triples: the samples have no baseline")?
             }
-            Losers::Fixed { negatives: Negatives::Bicubic, .. } => batch.cond.clone(),
+            Losers::Fixed { negatives: Negatives::Bicubic, .. } => cx.models.sr.config.flow.to_flow(&batch.cond, &batch.cond),
             Losers::Fixed { negatives: Negatives::Reference, steps } => {
                 let seed = step_seed(cx.run_seed, cx.draw, stream::NEGATIVES);
                 let restored = reference_restorations(b, cx.models, samples, steps, seed)?;
-                encode_images(b, &cx.models.sr, &restored.iter().collect::<Vec<_>>())?.0
+                let encoded = encode_images(b, &cx.models.sr, &restored.iter().collect::<Vec<_>>())?.0;
+                cx.models.sr.config.flow.to_flow(&encoded, &batch.cond)
             }
             Losers::Adversary { rho } => {
                 let adversary = cx.models.with(Variant::Adversary, |sr| velocity(b, sr, latent, &winner.x_t, &batch.cond, &t))?;

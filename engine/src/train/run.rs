@@ -134,6 +134,7 @@ pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progre
     let optimizer = AdamW::new(AdamWConfig {
         lr: c.lr,
         warmup_steps: c.warmup,
+        decay_steps: c.decay_steps,
         weight_decay: c.weight_decay,
         max_grad_norm: Some(c.max_grad_norm),
         ..AdamWConfig::default()

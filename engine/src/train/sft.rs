@@ -63,7 +63,7 @@ pub(crate) mod tests {
     use crate::model::flux::scalars;
     use crate::model::weights::WeightLoader;
     use crate::model::{Flux, FluxParams};
-    use crate::sr::model_dir::{zero_text, ConditioningMode, SrConfig};
+    use crate::sr::model_dir::{zero_text, ConditioningMode, FlowData, SrConfig};
     use crate::sr::resample::resize;
     use crate::train::adamw::{AdamW, AdamWConfig};
     use crate::train::batch::{conditioning, model_input};
@@ -81,6 +81,7 @@ pub(crate) mod tests {
         let config = SrConfig {
             scale: 4,
             conditioning: ConditioningMode::Concat,
+            flow: FlowData::Latent,
             autoencoder: AeConfig::PixelShuffle { factor: 2 },
             transformer,
             steps: 4,
