@@ -9,7 +9,7 @@ use engine::ae::PixelShuffle;
 use engine::backend::cpu::matmul::{matmul, Rhs};
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
-use engine::sr::model_dir::{zero_text, AeConfig, ConditioningMode, FlowData, SrConfig, SrModel};
+use engine::sr::model_dir::{zero_text, AeConfig, ConditioningMode, FlowData, Prediction, SrConfig, SrModel};
 use engine::sr::upscaler::UpscaleOptions;
 use engine::CpuBackend;
 use loaders::image::Image;
@@ -57,6 +57,7 @@ fn upscale_128_to_512(c: &mut Criterion) {
         scale: 4,
         conditioning: ConditioningMode::Concat,
         flow: FlowData::Latent,
+        prediction: Prediction::Velocity,
         autoencoder: AeConfig::PixelShuffle { factor },
         transformer,
         steps: 28,

@@ -22,6 +22,9 @@ pub struct SrConfig {
     /// What the flow generates at t = 0.
     #[serde(default)]
     pub flow: FlowData,
+    /// What the transformer's output stands for.
+    #[serde(default)]
+    pub prediction: Prediction,
     pub autoencoder: AeConfig,
     pub transformer: FluxParams,
     /// Sampling steps when the user gives none.
@@ -50,6 +53,7 @@ impl SrConfig {
             scale: 4,
             conditioning: ConditioningMode::Concat,
             flow: if name == "asasr-cpu" { FlowData::Residual { scale: 4.0 } } else { FlowData::Latent },
+            prediction: if name == "asasr-cpu" { Prediction::Data } else { Prediction::Velocity },
             autoencoder: AeConfig::PixelShuffle { factor },
             transformer: FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..transformer },
             steps: if name == "asasr-cpu" { 8 } else { default_steps() },
@@ -142,6 +146,57 @@ impl FlowData {
         match *self {
             FlowData::Latent => x.to_vec(),
             FlowData::Residual { scale } => x.iter().zip(cond).map(|(x, c)| c + x / scale).collect(),
+        }
+    }
+}
+
+/// What the transformer outputs; samplers and losses always see the velocity `eps - x0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prediction {
+    /// The velocity itself (FLUX).
+    #[default]
+    Velocity,
+    /// The clean data `x0`, turned into the velocity `(x_t - x0) / max(t, T_MIN)` (Li and He,
+    /// "Back to Basics: Let Denoising Generative Models Denoise", 2025). A velocity carries the
+    /// noise, all of a token's values, through the network; a narrow transformer (width near the
+    /// token's values) passes it on badly and its samples keep token-shaped noise. Data lies
+    /// near a low-dimensional manifold and fits through the bottleneck.
+    Data,
+}
+
+impl Prediction {
+    /// The smallest t divided by: below it the velocity of a data prediction would amplify the
+    /// output's error without bound.
+    pub const T_MIN: f32 = 0.05;
+
+    /// The divisor of item `i`'s velocity at time `t`.
+    fn divisor(t: f32) -> f32 {
+        t.max(Self::T_MIN)
+    }
+
+    /// The velocity from the transformer's `output` at `x_t` (both `n` items of equal length,
+    /// packed alike), item `i` at time `t[i]`.
+    pub fn velocity(&self, output: Vec<f32>, x_t: &[f32], t: &[f32]) -> Vec<f32> {
+        match self {
+            Prediction::Velocity => output,
+            Prediction::Data => {
+                let per_item = output.len() / t.len();
+                output.iter().zip(x_t).enumerate().map(|(i, (&x0, &x))| (x - x0) / Self::divisor(t[i / per_item])).collect()
+            }
+        }
+    }
+
+    /// The backward of [`Self::velocity`]: from d loss / d velocity, the gradients wrt the output
+    /// and the extra gradient wrt `x_t` that the velocity's direct dependence on it adds.
+    pub fn backward(&self, g_velocity: &[f32], t: &[f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        match self {
+            Prediction::Velocity => (g_velocity.to_vec(), None),
+            Prediction::Data => {
+                let per_item = g_velocity.len() / t.len();
+                let g_x: Vec<f32> = g_velocity.iter().enumerate().map(|(i, &g)| g / Self::divisor(t[i / per_item])).collect();
+                (g_x.iter().map(|g| -g).collect(), Some(g_x))
+            }
         }
     }
 }
@@ -286,7 +341,20 @@ mod tests {
         assert_eq!(serde_json::from_value::<SrConfig>(json).unwrap().flow, FlowData::Latent);
         let mut bad = SrConfig::preset("asasr-cpu", None).unwrap();
         assert_eq!(bad.flow, FlowData::Residual { scale: 4.0 });
+        assert_eq!(bad.prediction, Prediction::Data);
         bad.flow = FlowData::Residual { scale: 0.0 };
         assert!(bad.validate().unwrap_err().to_string().contains("residual scale"));
+    }
+
+    /// A data prediction x0 at x_t gives the velocity of the straight line through both, with
+    /// the divisor floored at T_MIN; its backward is that linear map's transpose.
+    #[test]
+    fn a_data_prediction_is_the_velocity_of_the_line_through_it() {
+        let (output, x_t, t) = (vec![1.0f32, 2.0, 3.0, 4.0], vec![2.0f32, 2.0, 4.0, 4.0], [0.5f32, 0.01]);
+        assert_eq!(Prediction::Data.velocity(output.clone(), &x_t, &t), [2.0, 0.0, 20.0, 0.0]);
+        assert_eq!(Prediction::Velocity.velocity(output, &x_t, &t), [1.0, 2.0, 3.0, 4.0]);
+        let (g_out, g_x) = Prediction::Data.backward(&[1.0, 1.0, 1.0, 2.0], &t);
+        assert_eq!(g_out, [-2.0, -2.0, -20.0, -40.0]);
+        assert_eq!(g_x.unwrap(), [2.0, 2.0, 20.0, 40.0]);
     }
 }

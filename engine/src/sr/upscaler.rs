@@ -81,8 +81,9 @@ impl<B: Backend + 'static> SrModel<B> {
                     false => None,
                 },
             };
-            let v = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![n], vec![t; n]))?, &c)?;
-            Ok(b.download(&v)?.to_f32())
+            let output = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![n], vec![t; n]))?, &c)?;
+            let x_t: Vec<f32> = img.to_f32().chunks(2 * features).flat_map(|token| token[..features].to_vec()).collect();
+            Ok(self.config.prediction.velocity(b.download(&output)?.to_f32(), &x_t, &vec![t; n]))
         };
         let cond_refs: Vec<&[f32]> = conds.iter().map(|c| c.as_slice()).collect();
         // Whole tokens covering the tile side (a 512-pixel tile takes a 512-pixel output in one

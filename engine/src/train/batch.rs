@@ -201,7 +201,8 @@ fn inputs<B: Backend + 'static>(b: &B, model: &SrModel<B>, latent: Latent, x_t: 
 /// The model's velocity at `x_t` (packed), without keeping anything for a backward.
 pub fn velocity<B: Backend + 'static>(b: &B, model: &SrModel<B>, latent: Latent, x_t: &[f32], cond: &[f32], t: &[f32]) -> Result<Vec<f32>> {
     let i = inputs(b, model, latent, x_t, cond, t)?;
-    Ok(b.download(&model.flux.forward(b, &i.img, &i.timesteps, &i.c)?)?.to_f32())
+    let output = b.download(&model.flux.forward(b, &i.img, &i.timesteps, &i.c)?)?.to_f32();
+    Ok(model.config.prediction.velocity(output, x_t, t))
 }
 
 /// A forward pass kept for its backward.
@@ -209,6 +210,7 @@ pub struct TrainPass<B: Backend> {
     inputs: Inputs<B>,
     acts: FluxActs<B>,
     latent: Latent,
+    t: Vec<f32>,
     /// The velocity, packed like `x_t`.
     pub velocity: Vec<f32>,
 }
@@ -231,8 +233,9 @@ pub fn forward_train<B: BackwardOps + 'static>(
     t: &[f32],
 ) -> Result<TrainPass<B>> {
     let inputs = inputs(b, model, latent, x_t, cond, t)?;
-    let (v, acts) = model.flux.forward_train(b, &inputs.img, &inputs.timesteps, &inputs.c, Checkpointing::Off)?;
-    Ok(TrainPass { velocity: b.download(&v)?.to_f32(), inputs, acts, latent })
+    let (output, acts) = model.flux.forward_train(b, &inputs.img, &inputs.timesteps, &inputs.c, Checkpointing::Off)?;
+    let velocity = model.config.prediction.velocity(b.download(&output)?.to_f32(), x_t, t);
+    Ok(TrainPass { velocity, inputs, acts, latent, t: t.to_vec() })
 }
 
 impl<B: BackwardOps + 'static> TrainPass<B> {
@@ -242,10 +245,14 @@ impl<B: BackwardOps + 'static> TrainPass<B> {
         ensure!(g_velocity.len() == self.velocity.len(), "backward: {} gradient values for {}", g_velocity.len(), self.velocity.len());
         let (tokens, features) = (self.latent.tokens(), self.latent.features());
         let shape = vec![self.velocity.len() / (tokens * features), tokens, features];
-        let g = b.input(&HostTensor::from_f32(shape, g_velocity.to_vec()))?;
+        let (g_output, g_x_direct) = model.config.prediction.backward(g_velocity, &self.t);
+        let g = b.input(&HostTensor::from_f32(shape, g_output))?;
         let grads = model.flux.backward(b, &self.inputs.img, &self.inputs.c, self.acts, &g)?;
         let g_img = b.download(&grads.img)?.to_f32();
-        let x_t = g_img.chunks(2 * features).flat_map(|token| token[..features].iter().copied()).collect();
+        let mut x_t: Vec<f32> = g_img.chunks(2 * features).flat_map(|token| token[..features].iter().copied()).collect();
+        if let Some(direct) = g_x_direct {
+            x_t.iter_mut().zip(direct).for_each(|(g, d)| *g += d);
+        }
         Ok(PassGrads { model: grads, x_t })
     }
 }
@@ -253,7 +260,7 @@ impl<B: BackwardOps + 'static> TrainPass<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sr::model_dir::FlowData;
+    use crate::sr::model_dir::{FlowData, Prediction};
     use crate::train::sft::tests::{samples, tiny_sr_model, B};
 
     /// Pixel-shuffle and packing only move pixels, so a residual flow's data has the energy of
@@ -274,5 +281,35 @@ mod tests {
         assert!(want > 1.0 && (got - want).abs() < 1e-4 * want, "energy {got}, expected {want}");
         // The condition itself is the flow's zero.
         assert!(FlowData::Residual { scale }.to_flow(&batch.cond, &batch.cond).iter().all(|&x| x == 0.0));
+    }
+
+    /// d loss / d x_t of a pass agrees with central differences of `velocity` for both kinds of
+    /// output, the data prediction's direct dependence on x_t included (t = 0.02 is below T_MIN).
+    #[test]
+    fn the_x_t_gradient_matches_finite_differences() {
+        for prediction in [Prediction::Velocity, Prediction::Data] {
+            let mut model = tiny_sr_model(3);
+            model.config.prediction = prediction;
+            let batch = encode_samples(&B, &model, &samples(2)).unwrap();
+            let t = [0.7f32, 0.02];
+            let x_t = gaussian_noise(batch.x0.len(), 4);
+            let weights = gaussian_noise(batch.x0.len(), 5);
+            let loss = |x: &[f32]| -> f64 {
+                let v = velocity(&B, &model, batch.latent, x, &batch.cond, &t).unwrap();
+                v.iter().zip(&weights).map(|(&v, &w)| v as f64 * w as f64).sum()
+            };
+            let pass = forward_train(&B, &model, batch.latent, &x_t, &batch.cond, &t).unwrap();
+            let grads = pass.backward(&B, &model, &weights).unwrap();
+            let h = 1e-2f32;
+            let half = x_t.len() / 2;
+            for i in [0, 17, half + 5, x_t.len() - 1] {
+                let (mut up, mut down) = (x_t.clone(), x_t.clone());
+                up[i] += h;
+                down[i] -= h;
+                let fd = (loss(&up) - loss(&down)) / (2.0 * h as f64);
+                let got = grads.x_t[i] as f64;
+                assert!((got - fd).abs() < 2e-2 * fd.abs().max(1.0), "{prediction:?} x_t[{i}]: {got} vs {fd}");
+            }
+        }
     }
 }

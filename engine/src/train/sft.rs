@@ -63,7 +63,7 @@ pub(crate) mod tests {
     use crate::model::flux::scalars;
     use crate::model::weights::WeightLoader;
     use crate::model::{Flux, FluxParams};
-    use crate::sr::model_dir::{zero_text, ConditioningMode, FlowData, SrConfig};
+    use crate::sr::model_dir::{zero_text, ConditioningMode, FlowData, Prediction, SrConfig};
     use crate::sr::resample::resize;
     use crate::train::adamw::{AdamW, AdamWConfig};
     use crate::train::batch::{conditioning, model_input};
@@ -82,6 +82,7 @@ pub(crate) mod tests {
             scale: 4,
             conditioning: ConditioningMode::Concat,
             flow: FlowData::Latent,
+            prediction: Prediction::Velocity,
             autoencoder: AeConfig::PixelShuffle { factor: 2 },
             transformer,
             steps: 4,
