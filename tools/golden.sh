@@ -27,4 +27,6 @@ if [ "$want" != "$have" ]; then
 fi
 
 "$VENV/bin/python" tools/golden/make_ae_goldens.py --out tests/golden/ae
-exec "$VENV/bin/python" tools/golden/make_goldens.py --out tests/golden "$@"
+"$VENV/bin/python" tools/golden/make_goldens.py --out tests/golden "$@"
+# after make_goldens.py: its guidance-b2 model is the base of the LoRA gradient goldens
+exec "$VENV/bin/python" tools/golden/make_lora_grad_goldens.py --golden tests/golden
