@@ -2,13 +2,17 @@
 # Run on a GPU machine (H100/H200: nvcc and PyTorch present, no Rust, no network) from the
 # repository root, with bundle/ made beforehand by tools/device-bundle.sh. Prints the machine's
 # facts, runs the ignored GPU tests and `engine selftest`, then the kernel and model benchmarks
-# when the binary has them; logs go to $OUT (default ./device-out); a short table comes last.
-# Every step has its own time limit so the whole run ends within 8 minutes.
+# when the binary has them, then the PyTorch + diffusers baseline on the same shapes
+# (tools/peer-bench, when bundle/ has its wheels; PEER_COMPILE=1 adds its torch.compile variant);
+# logs go to $OUT (default ./device-out); a short table comes last. Every step has its own time
+# limit so the whole run ends within 11 minutes (16 with PEER_COMPILE=1).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 OUT="${OUT:-$ROOT/device-out}"
 mkdir -p "$OUT"
+# Results of an earlier run in the same folder would be compared as if they were this run's.
+rm -f "$OUT"/{bench,kernels,peer-bench,peer-compile}.json "$OUT/logs.tar.gz"
 BIN="$ROOT/bundle"
 [ -x "$BIN/engine" ] || { echo "device-check: bundle/engine missing: run tools/device-bundle.sh on the build machine and carry bundle/" >&2; exit 1; }
 
@@ -57,7 +61,27 @@ fi
 if "$BIN/engine" --help | grep -q '^  bench'; then
     step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 28 --json "$OUT/bench.json"
 fi
+# The peer: the same step in PyTorch + diffusers (diffusers installed offline from bundle/) and
+# PyTorch's SDPA, printed beside the engine's JSON as ratios. A failure here stops nothing.
+if [ -f "$BIN/peer-wheels.tar.xz" ]; then
+    compare=()
+    for j in bench kernels; do
+        [ -f "$OUT/$j.json" ] && compare+=(--compare "$OUT/$j.json")
+    done
+    step peer-bench 180 bash tools/peer-bench/device-run.sh "$BIN/peer-wheels.tar.xz" \
+        --shape flux-dev --res 1024 --steps 28 --json "$OUT/peer-bench.json" "${compare[@]}"
+    if [ "${PEER_COMPILE:-0}" = 1 ]; then
+        step peer-compile 300 bash tools/peer-bench/device-run.sh "$BIN/peer-wheels.tar.xz" \
+            --compile --skip-attention --shape flux-dev --res 1024 --steps 28 --json "$OUT/peer-compile.json" "${compare[@]}"
+    fi
+fi
 
 echo
 echo "== device-check summary ($(date -u +%H:%MZ)) =="
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+# A device run brings back at most 8 files from $OUT: past that, the summary and the JSON results
+# stay loose and the logs go into one archive.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+    (cd "$OUT" && tar -czf logs.tar.gz machine.txt ./*.log && rm -f machine.txt ./*.log)
+    echo "(the logs above are packed into $OUT/logs.tar.gz with machine.txt: tar -xzf to read them)" | tee -a "$OUT/summary.txt"
+fi
