@@ -598,3 +598,267 @@ SIMT_KERNEL(attention_fwd_simt_dc2, 2, 8)
 SIMT_KERNEL(attention_fwd_simt_dc4, 4, 8)
 SIMT_KERNEL(attention_fwd_simt_dc8, 8, 8)
 SIMT_KERNEL(attention_fwd_simt_dc16, 16, 4)
+
+// ---- 3. Backward (SIMT, D <= 128): attention_bwd_delta, attention_bwd_{dkdv,dq}_d{32,64,128} -----
+//
+// FlashAttention-2's backward (Dao 2023, algorithm 2) on the CUDA cores, in three launches:
+//   delta: delta[b, h, i] = g_out_i . out_i (f32), one warp per query row;
+//   dkdv:  one CTA per (block of 32 keys, batch x head): K_j and V_j stay in shared memory while the
+//          CTA walks every block i of 32 query rows, rebuilding P_ij = exp(S_ij / sqrt(D) - lse_i)
+//          and dS_ij = P_ij (dO_i V_j^T - delta_i), and accumulates dV_j += P^T dO_i and
+//          dK_j += dS^T Q_i in registers;
+//   dq:    one CTA per (block of 32 query rows, batch x head): Q_i and dO_i stay while it walks
+//          every key block, rebuilding dS the same way, and accumulates dQ_i += dS K_j.
+// dQ has its own pass (recomputing S and dP: 2 products of the 5) rather than f32 atomics from the
+// dkdv CTAs, so that every gradient is written once, summed in a fixed order: the result is
+// deterministic (activation checkpointing reproduces it bit for bit) and needs no scratch.
+// The 1 / sqrt(D) of dQ and dK is applied once, at the store.
+//
+// Probabilities (bwd_probs, shared by both): lane = key of the block, warp w = query rows
+// 8w .. 8w + 7, as the forward's SIMT scores: Q and dO rows are f32 in shared memory read as float2
+// broadcasts, K and V rows bf16 with an odd stride in 32-bit words (the 32 lanes' reads hit 32
+// banks); each lane computes S and dP for its key and the warp's rows and writes P and dS to
+// shared [32][32] tiles. Keys >= Lk and rows >= Lq get P = dS = 0 (their K, V, Q, dO are zeros).
+// Accumulation: dkdv: lane = key, warp w = columns w + 4c (c < DMAX / 4), so dK and dV take
+// DMAX / 2 registers; it reads P[i][lane] (consecutive words) and dO[i][col], Q[i][col]
+// (broadcasts). dq: warp w = its own query rows (only __syncwarp between the steps), lane =
+// columns lane + 32c (c < DMAX / 32), 8 DMAX / 32 registers; reads dS[row][k] (broadcasts) and
+// K[k][col] (consecutive).
+// Shared memory (the launcher computes the same): Q and dO 32 x Dq f32 each, P and dS 32 x 32 f32,
+// lse and delta 32 f32, K and V 32 x Dk bf16 (Dq and Dk as the SIMT forward's): 57 KiB at D = 128.
+
+namespace {
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr int BWD_WARPS = 4, BWD_BLOCK = 32, BWD_ROWS_PER_WARP = BWD_BLOCK / BWD_WARPS;
+
+struct BwdTiles {
+    float *q, *dout, *p, *ds, *lse, *delta;
+    __nv_bfloat16 *k, *v;
+    int dq, dk;
+};
+
+__device__ __forceinline__ BwdTiles bwd_tiles(unsigned char *smem, int d) {
+    BwdTiles t;
+    t.dq = (d + 1) & ~1;
+    t.dk = t.dq % 4 == 0 ? t.dq + 2 : t.dq;
+    t.q = reinterpret_cast<float *>(smem);
+    t.dout = t.q + BWD_BLOCK * t.dq;
+    t.p = t.dout + BWD_BLOCK * t.dq;
+    t.ds = t.p + BWD_BLOCK * BWD_BLOCK;
+    t.lse = t.ds + BWD_BLOCK * BWD_BLOCK;
+    t.delta = t.lse + BWD_BLOCK;
+    t.k = reinterpret_cast<__nv_bfloat16 *>(t.delta + BWD_BLOCK);
+    t.v = t.k + BWD_BLOCK * t.dk;
+    return t;
+}
+
+// Query rows q0 .. q0 + 31 of head (b, h): Q, this head's columns of g_out (merged layout), lse in
+// log2 units and delta into the tiles; rows >= lq and columns >= d as zeros.
+__device__ __forceinline__ void bwd_load_rows(const BwdTiles &t, const __nv_bfloat16 *__restrict__ q,
+                                              const __nv_bfloat16 *__restrict__ g_out, const float *__restrict__ lse,
+                                              const float *__restrict__ delta, int b, int h, int heads, int lq, int d, int q0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t bh = static_cast<size_t>(b) * heads + h;
+    for (int r = warp; r < BWD_BLOCK; r += BWD_WARPS) {
+        const int row = min(q0 + r, lq - 1);  // a row past the end keeps an in-bounds address
+        const bool ok = q0 + r < lq;
+        const __nv_bfloat16 *qr = q + (bh * lq + row) * d;
+        const __nv_bfloat16 *gr = g_out + ((static_cast<size_t>(b) * lq + row) * heads + h) * d;
+        for (int c = lane; c < t.dq; c += 32) {
+            const bool in = ok && c < d;
+            t.q[r * t.dq + c] = in ? __bfloat162float(qr[c]) : 0.f;
+            t.dout[r * t.dq + c] = in ? __bfloat162float(gr[c]) : 0.f;
+        }
+        if (lane == 0) {
+            t.lse[r] = ok ? lse[bh * lq + row] * LOG2E : 0.f;
+            t.delta[r] = ok ? delta[bh * lq + row] : 0.f;
+        }
+    }
+}
+
+// Keys k0 .. k0 + 31 of head bh: K and V rows into the tiles; keys >= lk and columns >= d as zeros.
+__device__ __forceinline__ void bwd_load_keys(const BwdTiles &t, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v,
+                                              int bh, int lk, int d, int k0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const __nv_bfloat16 zero = __float2bfloat16(0.f);
+    for (int r = warp; r < BWD_BLOCK; r += BWD_WARPS) {
+        const bool ok = k0 + r < lk;
+        const size_t row = static_cast<size_t>(bh) * lk + min(k0 + r, lk - 1);
+        const __nv_bfloat16 *kr = k + row * d, *vr = v + row * d;
+        for (int c = lane; c < t.dk; c += 32) {
+            const bool in = ok && c < d;
+            t.k[r * t.dk + c] = in ? kr[c] : zero;
+            t.v[r * t.dk + c] = in ? vr[c] : zero;
+        }
+    }
+}
+
+// P and dS of the warp's rows for the lane's key into the tiles; rows >= rows_valid and an invalid
+// key give zeros. The tiles' rows and keys must be loaded (a barrier after the loads).
+__device__ __forceinline__ void bwd_probs(const BwdTiles &t, bool key_ok, int rows_valid, float scale_log2) {
+    constexpr int R = BWD_ROWS_PER_WARP;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float s[R], dp[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.f;
+    const __nv_bfloat162 *kr = reinterpret_cast<const __nv_bfloat162 *>(t.k + lane * t.dk);
+    const __nv_bfloat162 *vr = reinterpret_cast<const __nv_bfloat162 *>(t.v + lane * t.dk);
+    const float2 *qw = reinterpret_cast<const float2 *>(t.q + warp * R * t.dq);
+    const float2 *gw = reinterpret_cast<const float2 *>(t.dout + warp * R * t.dq);
+    const int pairs = t.dq / 2;
+#pragma unroll 4
+    for (int p = 0; p < pairs; ++p) {
+        const float2 kf = __bfloat1622float2(kr[p]), vf = __bfloat1622float2(vr[p]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float2 qf = qw[r * pairs + p], gf = gw[r * pairs + p];
+            s[r] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, s[r]));
+            dp[r] = fmaf(gf.x, vf.x, fmaf(gf.y, vf.y, dp[r]));
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int row = warp * R + r;
+        const float p = key_ok && row < rows_valid ? fast_exp2(fmaf(s[r], scale_log2, -t.lse[row])) : 0.f;
+        t.p[row * BWD_BLOCK + lane] = p;
+        t.ds[row * BWD_BLOCK + lane] = p * (dp[r] - t.delta[row]);
+    }
+}
+
+template <int DMAX>
+__device__ __forceinline__ void attn_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                                              const __nv_bfloat16 *__restrict__ v, const __nv_bfloat16 *__restrict__ g_out,
+                                              const float *__restrict__ lse, const float *__restrict__ delta, __nv_bfloat16 *__restrict__ gk,
+                                              __nv_bfloat16 *__restrict__ gv, int heads, int lq, int lk, int d, float scale_log2,
+                                              float scale, unsigned char *smem) {
+    constexpr int DC = DMAX / BWD_WARPS;
+    const BwdTiles t = bwd_tiles(smem, d);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    const int k0 = blockIdx.x * BWD_BLOCK;
+    const bool key_ok = k0 + lane < lk;
+    bwd_load_keys(t, k, v, bh, lk, d, k0);
+    float ak[DC], av[DC];
+#pragma unroll
+    for (int c = 0; c < DC; ++c) ak[c] = av[c] = 0.f;
+    for (int q0 = 0; q0 < lq; q0 += BWD_BLOCK) {
+        __syncthreads();  // the previous rows are consumed (and, the first time, K and V are in)
+        bwd_load_rows(t, q, g_out, lse, delta, b, h, heads, lq, d, q0);
+        __syncthreads();
+        bwd_probs(t, key_ok, lq - q0, scale_log2);
+        __syncthreads();  // every warp's P and dS rows are in
+#pragma unroll 2
+        for (int i = 0; i < BWD_BLOCK; ++i) {
+            const float p = t.p[i * BWD_BLOCK + lane], ds = t.ds[i * BWD_BLOCK + lane];
+            const float *qi = t.q + i * t.dq, *gi = t.dout + i * t.dq;
+#pragma unroll
+            for (int c = 0; c < DC; ++c) {
+                const int col = warp + BWD_WARPS * c;
+                if (col < d) {
+                    av[c] = fmaf(p, gi[col], av[c]);
+                    ak[c] = fmaf(ds, qi[col], ak[c]);
+                }
+            }
+        }
+    }
+    if (!key_ok) return;
+    const size_t row = (static_cast<size_t>(bh) * lk + k0 + lane) * d;
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+        const int col = warp + BWD_WARPS * c;
+        if (col < d) {
+            gk[row + col] = __float2bfloat16(ak[c] * scale);
+            gv[row + col] = __float2bfloat16(av[c]);
+        }
+    }
+}
+
+template <int DMAX>
+__device__ __forceinline__ void attn_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                                            const __nv_bfloat16 *__restrict__ v, const __nv_bfloat16 *__restrict__ g_out,
+                                            const float *__restrict__ lse, const float *__restrict__ delta, __nv_bfloat16 *__restrict__ gq,
+                                            int heads, int lq, int lk, int d, float scale_log2, float scale, unsigned char *smem) {
+    constexpr int DC = DMAX / 32, R = BWD_ROWS_PER_WARP;
+    const BwdTiles t = bwd_tiles(smem, d);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    const int q0 = blockIdx.x * BWD_BLOCK;
+    bwd_load_rows(t, q, g_out, lse, delta, b, h, heads, lq, d, q0);
+    float acc[R][DC];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < DC; ++c) acc[r][c] = 0.f;
+    for (int k0 = 0; k0 < lk; k0 += BWD_BLOCK) {
+        __syncthreads();  // every warp is done with the previous keys (and, the first time, the rows are in)
+        bwd_load_keys(t, k, v, bh, lk, d, k0);
+        __syncthreads();
+        bwd_probs(t, k0 + lane < lk, lq - q0, scale_log2);
+        __syncwarp();  // the warp reads back only the dS rows it wrote
+#pragma unroll 4
+        for (int j = 0; j < BWD_BLOCK; ++j) {
+            float kf[DC];
+#pragma unroll
+            for (int c = 0; c < DC; ++c) {
+                const int col = lane + 32 * c;
+                kf[c] = col < d ? __bfloat162float(t.k[j * t.dk + col]) : 0.f;
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float ds = t.ds[(warp * R + r) * BWD_BLOCK + j];
+#pragma unroll
+                for (int c = 0; c < DC; ++c) acc[r][c] = fmaf(ds, kf[c], acc[r][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int row = q0 + warp * R + r;
+        if (row >= lq) continue;
+        __nv_bfloat16 *dst = gq + (static_cast<size_t>(bh) * lq + row) * d;
+#pragma unroll
+        for (int c = 0; c < DC; ++c) {
+            const int col = lane + 32 * c;
+            if (col < d) dst[col] = __float2bfloat16(acc[r][c] * scale);
+        }
+    }
+}
+
+}  // namespace
+
+// delta[b, h, i] = g_out[b, i, h] . out[b, i, h] (both [B, Lq, H * D]): one warp per row of the
+// merged layout, r = (b Lq + i) H + h, 8 per block.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_bwd_delta(const __nv_bfloat16 *__restrict__ out, const __nv_bfloat16 *__restrict__ g_out, float *__restrict__ delta,
+                        int heads, int lq, int d, int rows) {
+    const int r = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= rows) return;  // uniform over the warp
+    const __nv_bfloat16 *o = out + static_cast<size_t>(r) * d, *g = g_out + static_cast<size_t>(r) * d;
+    float s = 0.f;
+    for (int c = lane; c < d; c += 32) s = fmaf(__bfloat162float(o[c]), __bfloat162float(g[c]), s);
+    s = warp_sum(s);
+    if (lane == 0) {
+        const int h = r % heads, bi = r / heads, b = bi / lq, i = bi - b * lq;
+        delta[(static_cast<size_t>(b) * heads + h) * lq + i] = s;
+    }
+}
+
+#define BWD_KERNELS(DMAX)                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) attention_bwd_dkdv_d##DMAX(                                   \
+        const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v,           \
+        const __nv_bfloat16 *__restrict__ g_out, const float *__restrict__ lse, const float *__restrict__ delta,                 \
+        __nv_bfloat16 *__restrict__ gk, __nv_bfloat16 *__restrict__ gv, int heads, int lq, int lk, int d, float scale_log2,    \
+        float scale) {                                                                                                           \
+        attn_bwd_dkdv<DMAX>(q, k, v, g_out, lse, delta, gk, gv, heads, lq, lk, d, scale_log2, scale, attention_smem);           \
+    }                                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * BWD_WARPS) attention_bwd_dq_d##DMAX(                                     \
+        const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v,           \
+        const __nv_bfloat16 *__restrict__ g_out, const float *__restrict__ lse, const float *__restrict__ delta,                 \
+        __nv_bfloat16 *__restrict__ gq, int heads, int lq, int lk, int d, float scale_log2, float scale) {                      \
+        attn_bwd_dq<DMAX>(q, k, v, g_out, lse, delta, gq, heads, lq, lk, d, scale_log2, scale, attention_smem);                 \
+    }
+
+BWD_KERNELS(32)
+BWD_KERNELS(64)
+BWD_KERNELS(128)

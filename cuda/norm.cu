@@ -31,6 +31,7 @@
 //      scalar path finds each element's channel by division.
 //   x is read twice (stats, apply) and written once; the scratch is 8 bytes per 8192 elements.
 #include "common.cuh"
+#include "reduce.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // Reductions
@@ -315,4 +316,86 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
                           const __nv_bfloat16 *__restrict__ bias, __nv_bfloat16 *__restrict__ out, int n, int chunks, int spatial, int cpg,
                           int groups) {
     group_norm_apply<false>(x, stats, weight, bias, out, n, chunks, spatial, cpg, groups);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm + modulation, training backward (the CPU twin is engine/src/backend/cpu/backward.rs).
+// The row statistics are recomputed from x, exactly as the scalar forward computes them (two-pass
+// mean and biased variance, f32), so that x_hat matches the forward's.
+
+
+// (mean, rstd) of one row of `dim` elements, by one warp, returned to every lane.
+__device__ __forceinline__ float2 layer_norm_row_stats(const __nv_bfloat16 *__restrict__ xr, int dim, float eps) {
+    const int lane = threadIdx.x % 32;
+    float sum = 0.0f;
+    for (int i = lane; i < dim; i += 32) sum += __bfloat162float(xr[i]);
+    const float mean = warp_sum(sum) / (float)dim;
+    float sq = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+        const float d = __bfloat162float(xr[i]) - mean;
+        sq += d * d;
+    }
+    return make_float2(mean, rsqrtf(warp_sum(sq) / (float)dim + eps));
+}
+
+// gx = rstd (g - mean(g) - x_hat mean(g x_hat)) with g = (1 + scale[b]) gy, the gradient of
+// x_hat. One warp per row, 4 rows per block; four passes over the row (the re-reads hit L1).
+extern "C" __global__ void __launch_bounds__(32 * LN_ROWS_PER_BLOCK)
+    layer_norm_modulate_backward_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ scale,
+                                      const __nv_bfloat16 *__restrict__ gy, __nv_bfloat16 *__restrict__ gx, int rows, int tokens, int dim,
+                                      float eps) {
+    const int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;  // uniform over the warp
+    const __nv_bfloat16 *xr = x + (size_t)row * dim, *gr = gy + (size_t)row * dim;
+    const __nv_bfloat16 *sc = scale + (size_t)(row / tokens) * dim;
+    const float2 st = layer_norm_row_stats(xr, dim, eps);
+    float sg = 0.0f, sgx = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+        const float g = (1.0f + __bfloat162float(sc[i])) * __bfloat162float(gr[i]);
+        sg += g;
+        sgx += g * (__bfloat162float(xr[i]) - st.x) * st.y;
+    }
+    const float mean_g = warp_sum(sg) / (float)dim, mean_gx = warp_sum(sgx) / (float)dim;
+    __nv_bfloat16 *o = gx + (size_t)row * dim;
+    for (int i = lane; i < dim; i += 32) {
+        const float g = (1.0f + __bfloat162float(sc[i])) * __bfloat162float(gr[i]);
+        const float xh = (__bfloat162float(xr[i]) - st.x) * st.y;
+        o[i] = __float2bfloat16(st.y * (g - mean_g - xh * mean_gx));
+    }
+}
+
+// (mean, rstd) of every row into stats [rows, 2] (f32), for the shift/scale gradients below.
+extern "C" __global__ void __launch_bounds__(32 * LN_ROWS_PER_BLOCK)
+    layer_norm_row_stats_bf16(const __nv_bfloat16 *__restrict__ x, float2 *__restrict__ stats, int rows, int dim, float eps) {
+    const int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
+    if (row >= rows) return;
+    const float2 st = layer_norm_row_stats(x + (size_t)row * dim, dim, eps);
+    if (threadIdx.x % 32 == 0) stats[row] = st;
+}
+
+// g_shift[b, c] = sum_l gy[b, l, c], g_scale[b, c] = sum_l gy[b, l, c] x_hat[b, l, c], both [B, D]
+// bf16, x_hat from the row statistics of layer_norm_row_stats_bf16. Grid (ceil(D / 32), B), 256
+// threads (reduce.cuh).
+extern "C" __global__ void __launch_bounds__(256)
+    layer_norm_modulate_backward_shift_scale_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ gy,
+                                                  const float2 *__restrict__ stats, __nv_bfloat16 *__restrict__ g_shift,
+                                                  __nv_bfloat16 *__restrict__ g_scale, int tokens, int dim) {
+    const int c = blockIdx.x * TOKEN_SUM_COLS + (int)threadIdx.x % TOKEN_SUM_COLS;
+    const int s = blockIdx.y;
+    float acc[2] = {0.0f, 0.0f};
+    if (c < dim) {
+        for (int l = (int)threadIdx.x / TOKEN_SUM_COLS; l < tokens; l += TOKEN_SUM_ROWS) {
+            const int row = s * tokens + l;
+            const size_t e = (size_t)row * dim + c;
+            const float g = __bfloat162float(gy[e]);
+            const float2 st = stats[row];
+            acc[0] += g;
+            acc[1] += g * (__bfloat162float(x[e]) - st.x) * st.y;
+        }
+    }
+    if (token_sums_finish(acc) && c < dim) {
+        g_shift[(size_t)s * dim + c] = __float2bfloat16(acc[0]);
+        g_scale[(size_t)s * dim + c] = __float2bfloat16(acc[1]);
+    }
 }

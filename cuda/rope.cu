@@ -126,3 +126,61 @@ extern "C" __global__ void __launch_bounds__(256)
         dst[2 * p + 1] = __float2bfloat16(si * x0 + co * x1);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training backward (the CPU twin is engine/src/backend/cpu/backward.rs): gx [B, L, W] from the
+// gradients gq, gk, gv [B, H, L, D] of the three outputs. For q and k, each pair of g is rotated
+// back (u0 = cos g0 + sin g1, u1 = cos g1 - sin g0, the transpose of the forward's rotation), then
+// through the RMSNorm: gx = r s u - x r^3 mean(x s u), r = rsqrt(mean(x^2) + eps); v's gradient
+// is copied. Each token row also gets its `tail` columns [3 H D, W) copied from tail [B, L, W - 3 H D]
+// (the part of x this op does not read, whose gradient another branch computed), so that every
+// element of gx is written exactly once. One warp per item: items = B L (3 H + 1), the last slot of
+// a token being the tail; two passes over the pairs (sums, then output; the re-read hits L1).
+extern "C" __global__ void __launch_bounds__(256)
+    qk_norm_rope_backward_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ q_scale,
+                               const __nv_bfloat16 *__restrict__ k_scale, const float *__restrict__ pe, const __nv_bfloat16 *__restrict__ gq,
+                               const __nv_bfloat16 *__restrict__ gk, const __nv_bfloat16 *__restrict__ gv,
+                               const __nv_bfloat16 *__restrict__ tail, __nv_bfloat16 *__restrict__ gx, int tokens, int width, int heads,
+                               int head_dim, int items, float eps) {
+    const int item = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (item >= items) return;  // uniform over the warp
+    const int slots = 3 * heads + 1;
+    const int t = item / slots, slot = item - t * slots;
+    const int qkv_width = 3 * heads * head_dim;
+    __nv_bfloat16 *dst = gx + (size_t)t * width + (size_t)slot * head_dim;
+    if (slot == 3 * heads) {
+        const int tail_width = width - qkv_width;
+        const __nv_bfloat16 *src = tail + (size_t)t * tail_width;
+        for (int c = lane; c < tail_width; c += 32) dst[c] = src[c];
+        return;
+    }
+    const int which = slot / heads, h = slot - which * heads;
+    const int b = t / tokens, l = t - b * tokens;
+    const __nv_bfloat16 *g = (which == 0 ? gq : (which == 1 ? gk : gv)) + (((size_t)b * heads + h) * tokens + l) * head_dim;
+    if (which == 2) {
+        for (int d = lane; d < head_dim; d += 32) dst[d] = g[d];
+        return;
+    }
+    const __nv_bfloat16 *xr = x + (size_t)t * width + (size_t)slot * head_dim;
+    const __nv_bfloat16 *scale = which == 0 ? q_scale : k_scale;
+    const float *cs = pe + (size_t)t * head_dim;
+    const int pairs = head_dim / 2;
+    float ss = 0.0f, xsu = 0.0f;
+    for (int p = lane; p < pairs; p += 32) {
+        const float x0 = __bfloat162float(xr[2 * p]), x1 = __bfloat162float(xr[2 * p + 1]);
+        const float g0 = __bfloat162float(g[2 * p]), g1 = __bfloat162float(g[2 * p + 1]);
+        const float co = cs[2 * p], si = cs[2 * p + 1];
+        ss += x0 * x0 + x1 * x1;
+        xsu += x0 * __bfloat162float(scale[2 * p]) * (co * g0 + si * g1) + x1 * __bfloat162float(scale[2 * p + 1]) * (co * g1 - si * g0);
+    }
+    const float r = rsqrtf(warp_sum(ss) / (float)head_dim + eps);
+    const float corr = r * r * r * warp_sum(xsu) / (float)head_dim;
+    for (int p = lane; p < pairs; p += 32) {
+        const float x0 = __bfloat162float(xr[2 * p]), x1 = __bfloat162float(xr[2 * p + 1]);
+        const float g0 = __bfloat162float(g[2 * p]), g1 = __bfloat162float(g[2 * p + 1]);
+        const float co = cs[2 * p], si = cs[2 * p + 1];
+        dst[2 * p] = __float2bfloat16(r * __bfloat162float(scale[2 * p]) * (co * g0 + si * g1) - x0 * corr);
+        dst[2 * p + 1] = __float2bfloat16(r * __bfloat162float(scale[2 * p + 1]) * (co * g1 - si * g0) - x1 * corr);
+    }
+}

@@ -3,7 +3,7 @@
 //! `cargo test --release --test gpu -- --ignored` (or through `tools/device-check.sh`).
 
 use engine::backend::cuda::CudaBackend;
-use engine::selftest::{model_check, op_checks, render_table};
+use engine::selftest::{backward_model_check, backward_op_checks, model_check, op_checks, render_table};
 
 fn gpu() -> CudaBackend {
     CudaBackend::new(0).expect("a CUDA GPU")
@@ -41,4 +41,22 @@ fn out_of_memory_is_a_typed_error_not_a_panic() {
     let Err(err) = gpu().placeholder(&[1 << 20, 1 << 20], loaders::DType::BF16) else { panic!("a 2 TiB allocation succeeded") };
     let oom = err.downcast_ref::<DeviceOutOfMemory>().unwrap_or_else(|| panic!("not an out-of-memory error: {err:#}"));
     assert_eq!(oom.bytes, 1 << 41);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_backward_op_matches_the_cpu() {
+    let checks = backward_op_checks(&gpu(), 14).unwrap();
+    let table = render_table(&checks);
+    println!("{table}");
+    assert!(checks.iter().all(|c| c.passed()), "{table}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn flux_tiny_training_backward_matches_the_cpu() {
+    let checks = backward_model_check(&gpu(), "flux-tiny", (6, 5), 15).unwrap();
+    let table = render_table(&checks);
+    println!("{table}");
+    assert!(checks.iter().all(|c| c.passed()), "{table}");
 }

@@ -9,14 +9,19 @@
 //! normwise: `max |candidate - reference| / max |reference|`, infinite on NaN, infinity or a
 //! shape mismatch.
 
+use crate::backend::backward::BackwardOps;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
+use crate::model::backward::{Checkpointing, Trainable};
+use crate::model::flux::scalars;
 use crate::model::weights::WeightLoader;
-use crate::model::{Flux, FluxInputs, FluxParams};
+use crate::model::{Conditioning, Flux, FluxInputs, FluxParams, LoraMode};
 use crate::tensor::Tensor;
 use anyhow::Result;
 use half::bf16;
+use loaders::lora::{LoraAdapter, LoraLayout, LoraPart};
 use loaders::{DType, HostData, HostTensor};
+use std::collections::BTreeMap;
 
 /// Relative error allowed for an op whose output is stored in bf16 (8 bits of mantissa: one
 /// rounding is 4e-3 relative).
@@ -289,12 +294,227 @@ pub fn model_check<D: Backend>(dut: &D, preset: &str, grid: (usize, usize), seed
     })
 }
 
-/// Every op, then the `flux-tiny` and `flux-small` forwards.
-pub fn run_all<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
+/// Every op, then the `flux-tiny` and `flux-small` forwards, then every backward op and a
+/// `flux-tiny` training backward.
+pub fn run_all<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Check>> {
     let mut checks = op_checks(dut, seed)?;
     checks.push(model_check(dut, "flux-tiny", (6, 5), seed)?);
     checks.push(model_check(dut, "flux-small", (16, 16), seed)?);
+    checks.extend(backward_op_checks(dut, seed)?);
+    checks.extend(backward_model_check(dut, "flux-tiny", (6, 5), seed)?);
     Ok(checks)
+}
+
+/// Relative error allowed for a whole training backward in bf16: it chains about twice the ops of
+/// the forward, and a parameter gradient sums rounded terms over every token.
+pub const BF16_BACKWARD_TOLERANCE: f64 = 5e-2;
+
+/// Every op of `BackwardOps` on `dut` against the CPU, as `op_checks` does for the forward ops:
+/// odd lengths and tails of every tile, LoRA windows at unaligned column offsets, head dims 32,
+/// 64, 128 and one that is none of them. Attention's backward takes each backend's own forward
+/// output and log-sum-exp, so that the check covers the pair as training uses it.
+pub fn backward_op_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Check>> {
+    let cpu = &CpuBackend::new();
+    let mut checks = Vec::new();
+    let mut s = seed.wrapping_add(1 << 32);
+    let mut next = || {
+        s += 1;
+        s
+    };
+    let tol = BF16_OP_TOLERANCE;
+
+    for &(rows, inf, outf) in &[(77usize, 256usize, 384usize), (130, 192, 200), (5, 24, 9)] {
+        let (x, gy, w) = (gaussian(&[2, rows, inf], next()), gaussian(&[2, rows, outf], next()), weight(&[outf, inf], next(), 0.1));
+        let shape = format!("gy [2,{rows},{outf}], w [{outf},{inf}]");
+        compare!(checks, dut, cpu, "linear_backward_input", shape.clone(), tol, |b| {
+            b.linear_backward_input(&b.input(&gy)?, &b.upload(&w)?).map(|g| vec![g])
+        });
+        compare!(checks, dut, cpu, "linear_backward_params", shape, tol, |b| {
+            b.linear_backward_params(&b.input(&gy)?, &b.input(&x)?).map(|(g_w, g_b)| vec![g_w, g_b])
+        });
+    }
+
+    // (rank, out_len, offset, width): a window at a 256-byte boundary, and one at an odd column
+    // of an odd width (no operand of the products aligned).
+    for &(rank, out_len, offset, width) in &[(4usize, 96usize, 128usize, 384usize), (3, 50, 37, 101)] {
+        let (gx, x, gy) = (gaussian(&[2, 77, 256], next()), gaussian(&[2, 77, 256], next()), gaussian(&[2, 77, width], next()));
+        let (down, up) = (weight(&[rank, 256], next(), 0.1), weight(&[out_len, rank], next(), 0.5));
+        let shape = format!("x [2,77,256], rank {rank}, cols {offset}..{} of {width}", offset + out_len);
+        compare!(checks, dut, cpu, "lora_backward", shape, tol, |b| {
+            let g = b.lora_backward(b.input(&gx)?, &b.input(&gy)?, &b.input(&x)?, &b.upload(&down)?, &b.upload(&up)?, 0.75, offset)?;
+            anyhow::Ok(vec![g.gx, g.down, g.up])
+        });
+    }
+
+    for shape in [vec![2usize, 77, 200], vec![2, 64, 256], vec![1, 3, 5]] {
+        let desc = format!("{shape:?}");
+        let (x, gy, y) = (gaussian(&shape, next()), gaussian(&shape, next()), gaussian(&shape, next()));
+        let gate = gaussian(&[shape[0], shape[2]], next());
+        compare!(checks, dut, cpu, "gelu_tanh_backward", desc.clone(), tol, |b| {
+            b.gelu_tanh_backward(&b.input(&x)?, &b.input(&gy)?).map(|g| vec![g])
+        });
+        compare!(checks, dut, cpu, "silu_backward", desc.clone(), tol, |b| b.silu_backward(&b.input(&x)?, &b.input(&gy)?).map(|g| vec![g]));
+        compare!(checks, dut, cpu, "gated_residual_backward", desc.clone(), tol, |b| {
+            b.gated_residual_backward(&b.input(&gy)?, &b.input(&gate)?).map(|g| vec![g])
+        });
+        compare!(checks, dut, cpu, "gated_residual_backward_gate", desc, tol, |b| {
+            b.gated_residual_backward_gate(&b.input(&gy)?, &b.input(&y)?).map(|g| vec![g])
+        });
+    }
+
+    for &(l, d) in &[(77usize, 256usize), (50, 3072), (33, 100), (300, 40)] {
+        let (x, gy, scale) = (gaussian(&[2, l, d], next()), gaussian(&[2, l, d], next()), gaussian(&[2, d], next()));
+        compare!(checks, dut, cpu, "layer_norm_modulate_backward", format!("[2,{l},{d}]"), tol, |b| {
+            b.layer_norm_modulate_backward(&b.input(&x)?, &b.input(&scale)?, &b.input(&gy)?, 1e-6).map(|g| vec![g])
+        });
+        compare!(checks, dut, cpu, "layer_norm_modulate_backward_shift_scale", format!("[2,{l},{d}]"), tol, |b| {
+            b.layer_norm_modulate_backward_shift_scale(&b.input(&x)?, &b.input(&gy)?, 1e-6).map(|(g_shift, g_scale)| vec![g_shift, g_scale])
+        });
+    }
+
+    for &(heads, d, l, tail_w) in &[(4usize, 64usize, 77usize, 100usize), (2, 128, 45, 0), (3, 96, 20, 2)] {
+        let width = 3 * heads * d + tail_w;
+        let x = gaussian(&[2, l, width], next());
+        let (qs, ks) = (weight(&[d], next(), 1.0), weight(&[d], next(), 1.0));
+        let angles = crate::sampler::gaussian_noise(2 * l * d / 2, next());
+        let pe = HostTensor::from_f32(vec![2, l, d / 2, 2], angles.iter().flat_map(|&a| [(3.0 * a).cos(), (3.0 * a).sin()]).collect());
+        let g: Vec<HostTensor> = (0..3).map(|_| gaussian(&[2, heads, l, d], next())).collect();
+        let tail = gaussian(&[2, l, tail_w], next());
+        compare!(checks, dut, cpu, "qk_norm_rope_backward", format!("[2,{l},{width}], {heads} heads x {d}, tail {tail_w}"), tol, |b| {
+            let (gq, gk, gv) = (b.input(&g[0])?, b.input(&g[1])?, b.input(&g[2])?);
+            let tail = if tail_w > 0 { Some(b.input(&tail)?) } else { None };
+            let (x, qs, ks, pe) = (b.input(&x)?, b.upload(&qs)?, b.upload(&ks)?, b.upload(&pe)?);
+            b.qk_norm_rope_backward(&x, heads, &qs, &ks, &pe, 1e-6, [&gq, &gk, &gv], tail.as_ref()).map(|g| vec![g])
+        });
+    }
+
+    for &(batch, heads, lq, lk, d) in
+        &[(2usize, 3usize, 77usize, 77usize, 64usize), (1, 2, 130, 130, 128), (1, 2, 50, 130, 64), (1, 1, 70, 33, 100), (1, 2, 40, 40, 32)]
+    {
+        let (q, k, v) =
+            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
+        let g_out = gaussian(&[batch, lq, heads * d], next());
+        let shape = format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens");
+        compare!(checks, dut, cpu, "attention_with_lse", shape.clone(), tol, |b| {
+            b.attention_with_lse(&b.input(&q)?, &b.input(&k)?, &b.input(&v)?).map(|(out, lse)| vec![out, lse])
+        });
+        compare!(checks, dut, cpu, "attention_backward", shape, tol, |b| {
+            let (q, k, v) = (b.input(&q)?, b.input(&k)?, b.input(&v)?);
+            let (out, lse) = b.attention_with_lse(&q, &k, &v)?;
+            b.attention_backward(&q, &k, &v, &out, &lse, &b.input(&g_out)?).map(Vec::from)
+        });
+    }
+    Ok(checks)
+}
+
+/// The worst error over named gradients, as one check (the name of the worst in its shape).
+fn worst_of(op: String, candidate: &BTreeMap<String, HostTensor>, reference: &BTreeMap<String, HostTensor>) -> Check {
+    let first = reference.keys().next().cloned().unwrap_or_default();
+    let mut worst = (if candidate.len() == reference.len() { 0.0 } else { f64::INFINITY }, first);
+    for (name, r) in reference {
+        let err = candidate.get(name).map_or(f64::INFINITY, |c| max_rel_err(c, r));
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    Check { op, shape: format!("{} tensors, worst {}", reference.len(), worst.1), max_rel_err: worst.0, tolerance: BF16_BACKWARD_TOLERANCE }
+}
+
+/// One training step's backward of the `preset` on `dut` and on the CPU, from the same seeded
+/// bf16 weights and inputs as `model_check` and a seeded output gradient: LoRA training (a rank-3
+/// adapter on every token-path linear, the input gradient and every adapter factor's compared),
+/// then full training of the same model without adapters (every base parameter's gradient).
+pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize, usize), seed: u64) -> Result<Vec<Check>> {
+    let cpu = &CpuBackend::new();
+    let params = FluxParams::preset(preset)?;
+    let inputs = FluxInputs::random(&params, 1, grid, 16, seed);
+    let round = |t: &HostTensor| HostTensor::from_f32(t.shape.clone(), t.to_f32().iter().map(|&x| bf16::from_f32(x).to_f32()).collect());
+    let inputs = FluxInputs { img: round(&inputs.img), txt: round(&inputs.txt), y: round(&inputs.y), ..inputs };
+    let out_shape = [1, grid.0 * grid.1, params.out_channels];
+    let g_out = gaussian(&out_shape, seed ^ 0x9e37);
+    let adapter = every_token_linear_adapter(&params, seed)?;
+    let shape = format!("{} img + 16 txt tokens", grid.0 * grid.1);
+
+    let mut checks = Vec::new();
+    for trainable in [Trainable::Lora, Trainable::Full] {
+        let adapters = if trainable == Trainable::Lora { vec![adapter.clone()] } else { vec![] };
+        let reference = training_grads(cpu, &params, &inputs, &g_out, adapters.clone(), trainable, seed)?;
+        dut.poison_outputs(true);
+        let candidate = training_grads(dut, &params, &inputs, &g_out, adapters, trainable, seed);
+        dut.poison_outputs(false);
+        let candidate = candidate?;
+        // The input gradient apart from the parameters' (whose names never are "img").
+        let split = |mut g: BTreeMap<String, HostTensor>| {
+            let img: BTreeMap<String, HostTensor> = g.remove_entry("img").into_iter().collect();
+            (img, g)
+        };
+        let ((cand_img, cand_params), (ref_img, ref_params)) = (split(candidate), split(reference));
+        let what = if trainable == Trainable::Lora { "lora" } else { "full" };
+        checks.push(worst_of(format!("backward {preset} {what}: input"), &cand_img, &ref_img));
+        checks.push(worst_of(format!("backward {preset} {what}: parameters"), &cand_params, &ref_params));
+    }
+    for c in &mut checks {
+        c.shape = format!("{shape}, {}", c.shape);
+    }
+    Ok(checks)
+}
+
+/// A rank-3 adapter on every token-path linear of the `preset` (whole outputs), with seeded bf16
+/// factors sized so that the update is a fair fraction of the base weight's.
+fn every_token_linear_adapter(params: &FluxParams, seed: u64) -> Result<LoraAdapter> {
+    let cpu = &CpuBackend::new();
+    let mut w = WeightLoader::random(cpu, seed).with_dtype(Some(DType::BF16));
+    let mut model = Flux::build(params, &mut w)?;
+    let rank = 3;
+    let parts = model
+        .token_path_linears_mut()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (target, lin))| {
+            let (out_f, in_f) = (lin.weight.dim(0), lin.weight.dim(1));
+            let down = weight(&[rank, in_f], seed ^ (2 * i as u64 + 1) << 20, 1.0 / (in_f as f32).sqrt());
+            let up = weight(&[out_f, rank], seed ^ (2 * i as u64 + 2) << 20, 0.5 / (rank as f32).sqrt());
+            LoraPart { target: target.clone(), out_offset: 0, down, up, up_bias: None, scale: 1.0, source: target }
+        })
+        .collect();
+    Ok(LoraAdapter { path: "selftest.safetensors".into(), layout: LoraLayout::Bfl, parts, replacements: vec![], skipped: vec![] })
+}
+
+/// The gradients of one training step on backend `b`, downloaded: "img" for the input, the
+/// adapter factors as "<target>[i].down" / ".up", the base parameters by checkpoint key.
+fn training_grads<B: BackwardOps>(
+    b: &B,
+    params: &FluxParams,
+    inputs: &FluxInputs,
+    g_out: &HostTensor,
+    adapters: Vec<LoraAdapter>,
+    trainable: Trainable,
+    seed: u64,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let mut w = WeightLoader::random(b, seed).with_dtype(Some(DType::BF16)).with_lora(adapters, LoraMode::Unmerged);
+    let mut model = Flux::build(params, &mut w)?;
+    w.finish()?; // every adapter part found its linear
+    model.trainable = trainable;
+    let c = Conditioning {
+        txt: b.input(&inputs.txt)?,
+        pe: model.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
+        y: b.input(&inputs.y)?,
+        guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
+    };
+    let img = b.input(&inputs.img)?;
+    let (_, acts) = model.forward_train(b, &img, &scalars(b, &inputs.timesteps)?, &c, Checkpointing::Off)?;
+    let grads = model.backward(b, &img, &c, acts, &b.input(g_out)?)?;
+    let mut out = BTreeMap::from([("img".to_string(), b.download(&grads.img)?)]);
+    for (target, deltas) in &grads.lora {
+        for (i, g) in deltas.iter().enumerate() {
+            out.insert(format!("{target}[{i}].down"), b.download(&g.down)?);
+            out.insert(format!("{target}[{i}].up"), b.download(&g.up)?);
+        }
+    }
+    for (name, g) in &grads.base {
+        out.insert(name.clone(), b.download(g)?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -336,5 +556,51 @@ mod tests {
         assert!(lines[1].starts_with("linear") && lines[1].ends_with("pass"), "{table}");
         assert!(lines[2].starts_with("attention") && lines[2].contains("NaN/inf") && lines[2].ends_with("FAIL"), "{table}");
         assert_eq!(lines[3], "2 checks, 1 passed, 1 failed");
+    }
+
+    /// The reference against itself: every check passes exactly, so the harness (inputs, shapes,
+    /// the closures' argument order) runs through without a GPU; and every op of `BackwardOps` is
+    /// covered.
+    #[test]
+    fn backward_op_checks_pass_on_the_reference_and_cover_every_op() {
+        let checks = backward_op_checks(&CpuBackend::new(), 3).unwrap();
+        assert!(checks.iter().all(|c| c.max_rel_err == 0.0), "{}", render_table(&checks));
+        let ops: std::collections::BTreeSet<&str> = checks.iter().map(|c| c.op.split('[').next().unwrap()).collect();
+        let every = [
+            "linear_backward_input",
+            "linear_backward_params",
+            "lora_backward",
+            "gelu_tanh_backward",
+            "layer_norm_modulate_backward",
+            "layer_norm_modulate_backward_shift_scale",
+            "qk_norm_rope_backward",
+            "attention_with_lse",
+            "attention_backward",
+            "gated_residual_backward",
+            "gated_residual_backward_gate",
+            "silu_backward",
+        ];
+        assert_eq!(ops, every.into_iter().collect());
+    }
+
+    #[test]
+    fn backward_model_check_passes_on_the_reference() {
+        let checks = backward_model_check(&CpuBackend::new(), "flux-tiny", (3, 4), 5).unwrap();
+        assert_eq!(checks.len(), 4, "{}", render_table(&checks));
+        assert!(checks.iter().all(|c| c.max_rel_err == 0.0), "{}", render_table(&checks));
+        // The LoRA parameters are the adapters' factors, full training's the base weights.
+        assert!(checks[1].shape.contains(".down") || checks[1].shape.contains(".up"), "{}", render_table(&checks));
+        assert!(checks[3].shape.contains(".weight") || checks[3].shape.contains(".bias"), "{}", render_table(&checks));
+    }
+
+    #[test]
+    fn the_worst_gradient_decides_and_a_missing_one_fails() {
+        let reference = BTreeMap::from([("a".to_string(), t(&[1.0, 2.0])), ("b".to_string(), t(&[4.0]))]);
+        let mut candidate = reference.clone();
+        candidate.insert("b".into(), t(&[4.4]));
+        let c = worst_of("x".into(), &candidate, &reference);
+        assert!((c.max_rel_err - 0.1).abs() < 1e-6 && c.shape.ends_with("worst b"), "{c:?}");
+        candidate.remove("a");
+        assert!(!worst_of("x".into(), &candidate, &reference).passed());
     }
 }

@@ -1,13 +1,14 @@
 //! `engine selftest`: the backend against the CPU reference, op by op and whole forwards.
 
 use anyhow::{ensure, Result};
+use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
 use engine::selftest::{render_table, run_all};
-use engine::Backend;
 use std::time::Instant;
 
 /// Check a backend against the CPU reference: every op on fresh random inputs (outputs poisoned
-/// with NaN first, every element compared), then whole `flux-tiny` and `flux-small` forwards.
+/// with NaN first, every element compared), then whole `flux-tiny` and `flux-small` forwards, then
+/// every training backward op and a `flux-tiny` training backward.
 /// Prints one table and exits non-zero if any check fails.
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,7 +25,7 @@ pub fn run(a: Args) -> Result<()> {
     engine::on_backend!(a.device, b => selftest(b, a.seed))
 }
 
-fn selftest<B: Backend>(b: &B, seed: u64) -> Result<()> {
+fn selftest<B: BackwardOps>(b: &B, seed: u64) -> Result<()> {
     println!("device  {}", b.name());
     let t0 = Instant::now();
     let checks = run_all(b, seed)?;

@@ -5,8 +5,11 @@
 //!
 //! Shapes are checked exactly as the CPU backend checks them; the kernels index with 32-bit ints
 //! (every tensor under 2^31 elements) and put batch x heads on the grid's y axis (at most 65,535).
+//!
+//! The training backward (`backward`) is FlashAttention-2's in three SIMT launches (the reasoning
+//! is in attention.cu's header, part 3) for head dims up to 128.
 
-use super::{bf16_of, bf16_tensor, i32_arg, CudaBackend, CudaStorage, T};
+use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, CudaStorage, T};
 use crate::backend::shapes::AttentionDims;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -86,7 +89,6 @@ pub(super) fn forward(b: &CudaBackend, q: &T, k: &T, v: &T) -> Result<T> {
 
 /// The forward pass plus the log-sum-exp of every query row's scaled scores, `[B, H, Lq]` f32
 /// (natural log; `-inf` when there are no keys), for the training backward.
-#[allow(dead_code)] // the backward pass (next issue) calls it
 pub(super) fn forward_with_lse(b: &CudaBackend, q: &T, k: &T, v: &T) -> Result<(T, T)> {
     let (out, lse) = run(b, q, k, v, None, true)?;
     Ok((out, lse.expect("log-sum-exp was requested")))
@@ -180,4 +182,219 @@ fn run(b: &CudaBackend, q: &T, k: &T, v: &T, forced: Option<FlashKernel>, want_l
     // rows past lq and keys past lk. Argument order and types match the kernels' signatures.
     unsafe { l.launch(cfg) }?;
     Ok(finish(out, lse))
+}
+
+/// The largest head dim the backward kernels take (FLUX's is 128).
+const BWD_MAX_HEAD_DIM: usize = 128;
+/// Keys per dK/dV CTA and query rows per dQ CTA (`BWD_BLOCK` in attention.cu).
+const BWD_BLOCK: usize = 32;
+
+/// The (dK dV, dQ) kernels for head dim `d` (1..=128): those of the smallest of 32, 64, 128 that
+/// holds it (their registers grow with it).
+fn backward_kernels(d: usize) -> (&'static str, &'static str) {
+    match d {
+        0..=32 => ("attention_bwd_dkdv_d32", "attention_bwd_dq_d32"),
+        33..=64 => ("attention_bwd_dkdv_d64", "attention_bwd_dq_d64"),
+        _ => ("attention_bwd_dkdv_d128", "attention_bwd_dq_d128"),
+    }
+}
+
+/// Dynamic shared memory of both backward kernels, as `bwd_tiles` in attention.cu lays it out: Q
+/// and dO rows in f32 (stride Dq, D rounded up to even), P and dS tiles, lse and delta, then K and
+/// V rows in bf16 (stride Dk: Dq, plus 2 when that is a multiple of 4, for an odd word stride).
+fn backward_shared_bytes(d: usize) -> usize {
+    let dq = (d + 1) & !1;
+    let dk = if dq % 4 == 0 { dq + 2 } else { dq };
+    4 * (2 * BWD_BLOCK * dq + 2 * BWD_BLOCK * BWD_BLOCK + 2 * BWD_BLOCK) + 2 * 2 * BWD_BLOCK * dk
+}
+
+/// `(gq, gk, gv)` of `attention(q, k, v)` (`BackwardOps::attention_backward`), in the inputs'
+/// layout, bf16.
+pub(super) fn backward(b: &CudaBackend, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
+    let op = "attention_backward";
+    ensure!(q.rank() == 4, "{op}: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
+    let (batch, heads, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    ensure!(k.rank() == 4, "{op}: k has shape {:?}, expected [batch, heads, tokens, head_dim]", k.shape());
+    let lk = k.dim(2);
+    expect_shape("k", op, k.shape(), &[batch, heads, lk, d])?;
+    expect_shape("v", op, v.shape(), &[batch, heads, lk, d])?;
+    expect_shape("output", op, out.shape(), &[batch, lq, heads * d])?;
+    expect_shape("output gradient", op, g_out.shape(), &[batch, lq, heads * d])?;
+    expect_shape("lse", op, lse.shape(), &[batch, heads, lq])?;
+    ensure!(d <= BWD_MAX_HEAD_DIM, "{op}: head_dim {d} is not supported on the GPU (at most {BWD_MAX_HEAD_DIM})");
+    let (qs, ks, vs) = (bf16_of(op, "q", q)?, bf16_of(op, "k", k)?, bf16_of(op, "v", v)?);
+    let (outs, gos) = (bf16_of(op, "output", out)?, bf16_of(op, "output gradient", g_out)?);
+    let lses = f32_of(op, "lse", lse)?;
+
+    let (mut gq, mut gk, mut gv) = (b.alloc_bf16(q.elem_count())?, b.alloc_bf16(k.elem_count())?, b.alloc_bf16(v.elem_count())?);
+    let finish =
+        |gq, gk, gv| [bf16_tensor(gq, q.shape().to_vec()), bf16_tensor(gk, k.shape().to_vec()), bf16_tensor(gv, v.shape().to_vec())];
+    let pairs = batch * heads;
+    if pairs == 0 || d == 0 {
+        return Ok(finish(gq, gk, gv));
+    }
+    ensure!(pairs <= 65_535, "{op}: batch {batch} x heads {heads} exceeds the 65,535 (batch, head) pairs one launch covers");
+    // 32-bit indexing inside the kernels, the last block's spare rows included.
+    for n in [q.elem_count(), k.elem_count(), pairs * (lq + BWD_BLOCK) * d, pairs * (lk + BWD_BLOCK) * d] {
+        i32_arg(op, n)?;
+    }
+    let (h32, lq32, lk32, d32) = (i32_arg(op, heads)?, i32_arg(op, lq)?, i32_arg(op, lk)?, i32_arg(op, d)?);
+    let scale = 1.0 / (d as f32).sqrt();
+    let scale_log2 = std::f32::consts::LOG2_E * scale;
+
+    // 1. delta = rowsum(g_out * out), one warp per query row.
+    let rows = pairs * lq;
+    let mut delta = b.alloc::<f32>(rows)?;
+    if rows > 0 {
+        let rows32 = i32_arg(op, rows)?;
+        let f = b.function("attention", "attention_bwd_delta")?;
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut l = b.stream().launch_builder(&f);
+        l.arg(outs).arg(gos).arg(&mut delta).arg(&h32).arg(&lq32).arg(&d32).arg(&rows32);
+        // SAFETY: out and g_out hold rows * d elements, delta rows floats.
+        unsafe { l.launch(cfg) }?;
+    }
+
+    // 2. dK, dV per key block; 3. dQ per query block (each writes zeros when the other length is 0).
+    let smem = backward_shared_bytes(d);
+    let (dkdv, dq) = backward_kernels(d);
+    for (name, blocks) in [(dkdv, lk.div_ceil(BWD_BLOCK)), (dq, lq.div_ceil(BWD_BLOCK))] {
+        if blocks == 0 {
+            continue;
+        }
+        let f = b.function("attention", name)?;
+        if smem > 48 * 1024 {
+            b.stream().context().bind_to_thread()?;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .with_context(|| format!("{op}: kernel {name} needs {smem} bytes of shared memory per block, more than this GPU allows"))?;
+        }
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, pairs as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let mut l = b.stream().launch_builder(&f);
+        l.arg(qs).arg(ks).arg(vs).arg(gos).arg(lses).arg(&delta);
+        if name == dkdv {
+            l.arg(&mut gk).arg(&mut gv);
+        } else {
+            l.arg(&mut gq);
+        }
+        l.arg(&h32).arg(&lq32).arg(&lk32).arg(&d32).arg(&scale_log2).arg(&scale);
+        // SAFETY: q and gq hold pairs * lq * d elements, k, v, gk, gv pairs * lk * d, g_out
+        // batch * lq * heads * d, lse and delta pairs * lq floats; the grid covers every key (or
+        // query) block of every head once and the kernels guard rows past lk and lq. Argument
+        // order and types match the kernels' signatures.
+        unsafe { l.launch(cfg) }?;
+    }
+    Ok(finish(gq, gk, gv))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The backward kernels' decomposition, modelled in f64 on the host: the same blocks of
+    //! `BWD_BLOCK` keys and query rows, the same masks for the tails, the same indexing of the
+    //! merged-head `g_out` and `out` (delta per row of the merged layout), the 1 / sqrt(D) applied
+    //! at the store; compared with the CPU reference on lengths that leave partial blocks.
+    use super::*;
+    use crate::backend::backward::BackwardOps;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::Backend;
+    use loaders::HostTensor;
+
+    /// What the three launches compute, block by block; `[gq, gk, gv]`.
+    #[allow(clippy::too_many_arguments)]
+    fn tiled_backward(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        g_out: &[f32],
+        (batch, heads, lq, lk, d): (usize, usize, usize, usize, usize),
+    ) -> [Vec<f64>; 3] {
+        let scale = 1.0 / (d as f64).sqrt();
+        // attention_bwd_delta: one merged row r = (b lq + i) heads + h at a time.
+        let mut delta = vec![0f64; batch * heads * lq];
+        for r in 0..batch * lq * heads {
+            let (h, bi) = (r % heads, r / heads);
+            let (b, i) = (bi / lq, bi % lq);
+            delta[(b * heads + h) * lq + i] = (0..d).map(|c| out[r * d + c] as f64 * g_out[r * d + c] as f64).sum();
+        }
+        // bwd_probs for query block q0 and key block k0 of head bh: P and dS, zero outside.
+        let probs = |bh: usize, q0: usize, k0: usize| {
+            let (b, h) = (bh / heads, bh % heads);
+            let mut p = [[0f64; BWD_BLOCK]; BWD_BLOCK];
+            let mut ds = [[0f64; BWD_BLOCK]; BWD_BLOCK];
+            for row in 0..BWD_BLOCK {
+                for key in 0..BWD_BLOCK {
+                    let (i, j) = (q0 + row, k0 + key);
+                    if i >= lq || j >= lk {
+                        continue;
+                    }
+                    let qi = &q[(bh * lq + i) * d..][..d];
+                    let gi = &g_out[((b * lq + i) * heads + h) * d..][..d];
+                    let (kj, vj) = (&k[(bh * lk + j) * d..][..d], &v[(bh * lk + j) * d..][..d]);
+                    let s: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let dp: f64 = gi.iter().zip(vj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    p[row][key] = (s * scale - lse[bh * lq + i] as f64).exp();
+                    ds[row][key] = p[row][key] * (dp - delta[bh * lq + i]);
+                }
+            }
+            (p, ds)
+        };
+        let (mut gq, mut gk, mut gv) = (vec![0f64; q.len()], vec![0f64; k.len()], vec![0f64; v.len()]);
+        for bh in 0..batch * heads {
+            let (b, h) = (bh / heads, bh % heads);
+            // attention_bwd_dkdv: per key block, over every query block.
+            for k0 in (0..lk).step_by(BWD_BLOCK) {
+                for q0 in (0..lq).step_by(BWD_BLOCK) {
+                    let (p, ds) = probs(bh, q0, k0);
+                    for key in 0..BWD_BLOCK.min(lk - k0) {
+                        for row in 0..BWD_BLOCK.min(lq - q0) {
+                            let i = q0 + row;
+                            for c in 0..d {
+                                gv[(bh * lk + k0 + key) * d + c] += p[row][key] * g_out[((b * lq + i) * heads + h) * d + c] as f64;
+                                gk[(bh * lk + k0 + key) * d + c] += ds[row][key] * q[(bh * lq + i) * d + c] as f64 * scale;
+                            }
+                        }
+                    }
+                }
+            }
+            // attention_bwd_dq: per query block, over every key block.
+            for q0 in (0..lq).step_by(BWD_BLOCK) {
+                for k0 in (0..lk).step_by(BWD_BLOCK) {
+                    let (_, ds) = probs(bh, q0, k0);
+                    for row in 0..BWD_BLOCK.min(lq - q0) {
+                        for key in 0..BWD_BLOCK.min(lk - k0) {
+                            for c in 0..d {
+                                gq[(bh * lq + q0 + row) * d + c] += ds[row][key] * k[(bh * lk + k0 + key) * d + c] as f64 * scale;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [gq, gk, gv]
+    }
+
+    #[test]
+    fn the_tiled_backward_is_the_reference_backward() {
+        let cpu = CpuBackend::new();
+        // Partial blocks of rows and keys, more keys than queries and fewer, several heads.
+        for dims @ (batch, heads, lq, lk, d) in [(2, 3, 37, 70, 8), (1, 2, 65, 31, 12), (1, 1, 32, 64, 6)] {
+            let gauss = |n: usize, seed: u64| crate::sampler::gaussian_noise(n, seed);
+            let (q, k, v) = (gauss(batch * heads * lq * d, 1), gauss(batch * heads * lk * d, 2), gauss(batch * heads * lk * d, 3));
+            let g_out = gauss(batch * lq * heads * d, 4);
+            let up = |data: &[f32], shape: &[usize]| cpu.upload(&HostTensor::from_f32(shape.to_vec(), data.to_vec())).unwrap();
+            let (qt, kt, vt) = (up(&q, &[batch, heads, lq, d]), up(&k, &[batch, heads, lk, d]), up(&v, &[batch, heads, lk, d]));
+            let (out, lse) = cpu.attention_with_lse(&qt, &kt, &vt).unwrap();
+            let (out_v, lse_v) = (cpu.download(&out).unwrap().to_f32(), cpu.download(&lse).unwrap().to_f32());
+            let reference = cpu.attention_backward(&qt, &kt, &vt, &out, &lse, &up(&g_out, &[batch, lq, heads * d])).unwrap();
+            let tiled = tiled_backward(&q, &k, &v, &out_v, &lse_v, &g_out, dims);
+            for (name, (want, got)) in ["gq", "gk", "gv"].iter().zip(reference.iter().zip(&tiled)) {
+                let want = cpu.download(want).unwrap().to_f32();
+                let scale = want.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+                for (i, (&w, &g)) in want.iter().zip(got).enumerate() {
+                    assert!((w as f64 - g).abs() <= 1e-4 * scale, "{name} {dims:?} at {i}: tiled {g} vs reference {w}");
+                }
+            }
+        }
+    }
 }

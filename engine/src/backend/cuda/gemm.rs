@@ -7,8 +7,9 @@
 //! row-major `y`. The bias is then per row of `y^T`, i.e. per output feature, as the epilogue wants.
 
 use super::{bf16_of, bf16_tensor, elementwise_config, expect_shape, i32_arg, CudaBackend, CudaStorage, T};
+use crate::backend::backward::LoraAddGrads;
 use anyhow::{bail, ensure, Result};
-use cudarc::cublaslt::{Activation, Matmul, MatmulConfig};
+use cudarc::cublaslt::{result as lt_result, sys as lt_sys, Activation, Matmul, MatmulConfig, MatmulShared};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 
@@ -186,4 +187,276 @@ pub(super) fn matmul_strided(
     // SAFETY: the loop above checked that every matrix of the batch lies inside its view.
     unsafe { b.blas.matmul(cfg, bm, a, c, None, None) }?;
     Ok(())
+}
+
+// ---- Training backward -------------------------------------------------------------------------
+
+/// The output element of a [`gemm_rm`]: bf16 for activation gradients (and the rank-sized
+/// intermediates of LoRA), f32 for parameter gradients, which are summed over every row.
+pub(super) trait GemmOut: cudarc::driver::DeviceRepr {
+    const TYPE: lt_sys::cudaDataType;
+}
+
+impl GemmOut for bf16 {
+    const TYPE: lt_sys::cudaDataType = lt_sys::cudaDataType::CUDA_R_16BF;
+}
+
+impl GemmOut for f32 {
+    const TYPE: lt_sys::cudaDataType = lt_sys::cudaDataType::CUDA_R_32F;
+}
+
+/// How a row-major operand of [`gemm_rm`] is stored: rows `ld` elements apart, and whether the
+/// product uses it transposed.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Stored {
+    pub ld: usize,
+    pub trans: bool,
+}
+
+/// cuBLASLt workspace per backward GEMM (stream-ordered, so it comes from the cached pool):
+/// room for the split-K algorithms that the long reductions of weight gradients want.
+const WORKSPACE_BYTES: usize = 4 << 20;
+
+/// Releases a cuBLASLt descriptor when dropped, so that every early return frees it.
+struct Desc<H: Copy>(H, unsafe fn(H) -> std::result::Result<(), lt_result::CublasError>);
+
+impl<H: Copy> Drop for Desc<H> {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by cuBLASLt and is destroyed once, here.
+        let _ = unsafe { (self.1)(self.0) };
+    }
+}
+
+/// The largest power of two (up to 256) dividing a device address: the alignment cuBLASLt may
+/// assume. Its heuristic assumes 256 unless told, and a column window (a LoRA's slice of a fused
+/// output) or an f32 buffer need not be.
+fn alignment(ptr: u64) -> u32 {
+    1 << ptr.trailing_zeros().min(8)
+}
+
+/// Row-major `C[m, n] = alpha op(A) op(B) + beta C`, with op(A) `[m, k]` and op(B) `[k, n]`:
+/// bf16 operands, f32 accumulation, C in bf16 or f32. `A` is stored `[m, k]`, or `[k, m]` when
+/// `la.trans`; `B` `[k, n]`, or `[n, k]` when `lb.trans`; C's rows are `ldc` apart. Extents are
+/// checked against the buffers. Unlike [`gemm`] (cudarc's `Matmul`, one element type for A, B
+/// and C) this drives cuBLASLt directly, for the mixed bf16 x bf16 -> f32 products of the
+/// parameter gradients and for operands that are views.
+///
+/// In cuBLAS' column-major view a row-major matrix is its transpose, so this is
+/// `C^T = op(B)^T op(A)^T`: cuBLAS' A is our B (transposed in cuBLAS' terms exactly when it is in
+/// ours), cuBLAS' B is our A, and its `m, n` are our `n, m`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_rm<E: GemmOut>(
+    b: &CudaBackend,
+    a: &impl DevicePtr<bf16>,
+    la: Stored,
+    bm: &impl DevicePtr<bf16>,
+    lb: Stored,
+    c: &mut impl DevicePtrMut<E>,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let op = "gemm";
+    ensure!(m > 0 && n > 0 && k > 0, "{op}: empty product m={m} n={n} k={k}");
+    let a_stored = if la.trans { (k, m) } else { (m, k) };
+    let b_stored = if lb.trans { (n, k) } else { (k, n) };
+    for (what, len, ld, (rows, cols)) in [("A", a.len(), la.ld, a_stored), ("B", bm.len(), lb.ld, b_stored), ("C", c.len(), ldc, (m, n))] {
+        let end = (rows - 1) * ld + cols;
+        ensure!(ld >= cols && end <= len, "{op}: {what} [{rows}, {cols}] with rows {ld} apart needs {end} elements, has {len}");
+    }
+    let mut workspace = b.alloc::<u8>(WORKSPACE_BYTES)?;
+    let stream = b.stream();
+    let (a_ptr, _a_sync) = a.device_ptr(stream);
+    let (b_ptr, _b_sync) = bm.device_ptr(stream);
+    let (c_ptr, _c_sync) = c.device_ptr_mut(stream);
+    let (w_ptr, _w_sync) = workspace.device_ptr_mut(stream);
+    let bf16_type = lt_sys::cudaDataType::CUDA_R_16BF;
+    // cuBLAS' operands (stored shapes in its column-major terms: a row-major [r, c] is c x r).
+    let layout = |ty, (rows, cols): (usize, usize), ld: usize| -> Result<Desc<lt_sys::cublasLtMatrixLayout_t>> {
+        let h = lt_result::create_matrix_layout(ty, cols as u64, rows as u64, ld as i64)?;
+        Ok(Desc(h, lt_result::destroy_matrix_layout))
+    };
+    let lay_a = layout(bf16_type, b_stored, lb.ld)?;
+    let lay_b = layout(bf16_type, a_stored, la.ld)?;
+    let lay_c = layout(E::TYPE, (m, n), ldc)?;
+    let desc = Desc(
+        lt_result::create_matmul_desc(lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt_sys::cudaDataType::CUDA_R_32F)?,
+        lt_result::destroy_matmul_desc,
+    );
+    let pref = Desc(lt_result::create_matmul_pref()?, lt_result::destroy_matmul_pref);
+    let workspace_bytes = WORKSPACE_BYTES as u64;
+    // SAFETY: each attribute gets a value of the type cuBLASLt documents for it (cublasOperation_t
+    // as i32, alignments u32, the workspace size u64), read during the call only.
+    unsafe {
+        use lt_sys::cublasLtMatmulDescAttributes_t as D;
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
+        for (attr, trans) in [(D::CUBLASLT_MATMUL_DESC_TRANSA, lb.trans), (D::CUBLASLT_MATMUL_DESC_TRANSB, la.trans)] {
+            let v = trans as i32;
+            lt_result::set_matmul_desc_attribute(desc.0, attr, (&v) as *const i32 as *const _, size_of::<i32>())?;
+        }
+        let ws = (&workspace_bytes) as *const u64 as *const _;
+        lt_result::set_matmul_pref_attribute(pref.0, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, ws, size_of::<u64>())?;
+        for (attr, ptr) in [
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, b_ptr),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, a_ptr),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c_ptr),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c_ptr),
+        ] {
+            let v = alignment(ptr);
+            lt_result::set_matmul_pref_attribute(pref.0, attr, (&v) as *const u32 as *const _, size_of::<u32>())?;
+        }
+    }
+    let handle = *b.blas.handle();
+    // SAFETY: the layouts describe extents checked above against the buffers; alpha and beta are
+    // f32 as the descriptor's scale type; everything runs on the backend's stream, which orders
+    // the workspace's reuse.
+    unsafe {
+        let heuristic = lt_result::get_matmul_algo_heuristic(handle, desc.0, lay_a.0, lay_b.0, lay_c.0, lay_c.0, pref.0)?;
+        lt_result::matmul(
+            handle,
+            desc.0,
+            (&alpha) as *const f32 as *const _,
+            (&beta) as *const f32 as *const _,
+            b_ptr as *const _,
+            lay_a.0,
+            a_ptr as *const _,
+            lay_b.0,
+            c_ptr as *const _,
+            lay_c.0,
+            c_ptr as *mut _,
+            lay_c.0,
+            &heuristic.algo,
+            w_ptr as *mut _,
+            WORKSPACE_BYTES,
+            stream.cu_stream() as *mut _,
+        )?;
+    }
+    Ok(())
+}
+
+/// f32 zeros: the parameter gradient of a product over no rows.
+fn zeros_f32(b: &CudaBackend, n: usize, shape: Vec<usize>) -> Result<T> {
+    Ok(T::from_storage(CudaStorage::F32(b.stream().alloc_zeros::<f32>(n.max(1))?), shape))
+}
+
+/// `gx = gy @ w` for gy `[.., out]`, w `[out, in]`.
+pub(super) fn linear_backward_input(b: &CudaBackend, gy: &T, w: &T) -> Result<T> {
+    let op = "linear_backward_input";
+    ensure!(w.rank() == 2, "{op}: weight has shape {:?}, expected [out, in]", w.shape());
+    let (out_f, in_f) = (w.dim(0), w.dim(1));
+    ensure!(
+        gy.rank() >= 1 && gy.dim(-1) == out_f,
+        "{op}: output gradient has shape {:?}, weight {:?} gives {out_f} features",
+        gy.shape(),
+        w.shape()
+    );
+    let rows: usize = gy.shape()[..gy.rank() - 1].iter().product();
+    let mut shape = gy.shape().to_vec();
+    *shape.last_mut().unwrap() = in_f;
+    let (gys, ws) = (bf16_of(op, "output gradient", gy)?, bf16_of(op, "weight", w)?);
+    if rows * in_f > 0 && out_f == 0 {
+        return Ok(bf16_tensor(b.stream().alloc_zeros::<bf16>(rows * in_f)?, shape));
+    }
+    let mut gx = b.alloc_bf16(rows * in_f)?;
+    if rows * in_f > 0 {
+        let normal = |ld| Stored { ld, trans: false };
+        gemm_rm(b, gys, normal(out_f), ws, normal(in_f), &mut gx, in_f, (rows, in_f, out_f), 1.0, 0.0)?;
+    }
+    Ok(bf16_tensor(gx, shape))
+}
+
+/// `(gy^T @ x, sum of gy's rows)`, both f32, for gy `[.., out]` and x `[.., in]`.
+pub(super) fn linear_backward_params(b: &CudaBackend, gy: &T, x: &T) -> Result<(T, T)> {
+    let op = "linear_backward_params";
+    ensure!(gy.rank() >= 1 && x.rank() >= 1, "{op}: output gradient {:?} and input {:?} must have features", gy.shape(), x.shape());
+    let (out_f, in_f) = (gy.dim(-1), x.dim(-1));
+    let leading = &x.shape()[..x.rank() - 1];
+    ensure!(
+        gy.shape()[..gy.rank() - 1] == *leading,
+        "{op}: output gradient has shape {:?}, input {:?}: their leading dimensions differ",
+        gy.shape(),
+        x.shape()
+    );
+    let rows: usize = leading.iter().product();
+    let (gys, xs) = (bf16_of(op, "output gradient", gy)?, bf16_of(op, "input", x)?);
+    if rows == 0 || out_f == 0 || in_f == 0 {
+        return Ok((zeros_f32(b, out_f * in_f, vec![out_f, in_f])?, zeros_f32(b, out_f, vec![out_f])?));
+    }
+    let mut g_weight = b.alloc::<f32>(out_f * in_f)?;
+    gemm_rm(
+        b,
+        gys,
+        Stored { ld: out_f, trans: true },
+        xs,
+        Stored { ld: in_f, trans: false },
+        &mut g_weight,
+        in_f,
+        (out_f, in_f, rows),
+        1.0,
+        0.0,
+    )?;
+    let g_bias = super::elementwise::token_sums::<f32>(b, op, gys, None, 1, rows, out_f)?;
+    Ok((T::from_storage(CudaStorage::F32(g_weight), vec![out_f, in_f]), T::from_storage(CudaStorage::F32(g_bias), vec![out_f])))
+}
+
+/// The LoRA backward (`BackwardOps::lora_backward`): with `g_h = scale gy_part @ up` (bf16, the
+/// gradient of the rank-sized `h = x @ down^T`), `gx += g_h @ down` in place, `g_down = g_h^T @ x`
+/// and `g_up = scale gy_part^T @ h`, h recomputed as the forward computes it. `gy_part` is read in
+/// place as a column window of gy (rows `width` apart).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn lora_backward(
+    b: &CudaBackend,
+    gx: T,
+    gy: &T,
+    x: &T,
+    down: &T,
+    up: &T,
+    scale: f32,
+    offset: usize,
+) -> Result<LoraAddGrads<CudaBackend>> {
+    let op = "lora_backward";
+    ensure!(down.rank() == 2 && up.rank() == 2, "{op}: down {:?} and up {:?} must be matrices", down.shape(), up.shape());
+    let (rank, in_f, out_len) = (down.dim(0), down.dim(1), up.dim(0));
+    expect_shape("up", op, up.shape(), &[out_len, rank])?;
+    ensure!(x.rank() >= 1 && x.dim(-1) == in_f, "{op}: input has shape {:?}, down expects {in_f} features", x.shape());
+    expect_shape("input gradient", op, gx.shape(), x.shape())?;
+    let (rows, width): (usize, usize) = (x.shape()[..x.rank() - 1].iter().product(), gy.dim(-1));
+    ensure!(
+        gy.elem_count() == rows * width && offset + out_len <= width,
+        "{op}: update of {out_len} columns at {offset} does not fit output gradient {:?} of input {:?}",
+        gy.shape(),
+        x.shape()
+    );
+    let (xs, gys, downs, ups) =
+        (bf16_of(op, "input", x)?, bf16_of(op, "output gradient", gy)?, bf16_of(op, "down", down)?, bf16_of(op, "up", up)?);
+    let gx_shape = gx.shape().to_vec();
+    let mut gxs = match gx.into_storage() {
+        CudaStorage::BF16(s) => s,
+        other => bail!("{op}: input gradient is {} on the GPU, expected BF16", other.dtype()),
+    };
+    if rows == 0 || rank == 0 || in_f == 0 || out_len == 0 {
+        return Ok(LoraAddGrads {
+            gx: bf16_tensor(gxs, gx_shape),
+            down: zeros_f32(b, rank * in_f, vec![rank, in_f])?,
+            up: zeros_f32(b, out_len * rank, vec![out_len, rank])?,
+        });
+    }
+    let normal = |ld| Stored { ld, trans: false };
+    let transposed = |ld| Stored { ld, trans: true };
+    let gy_part = gys.slice(offset..);
+    let mut g_h = b.alloc_bf16(rows * rank)?;
+    gemm_rm(b, &gy_part, normal(width), ups, normal(rank), &mut g_h, rank, (rows, rank, out_len), scale, 0.0)?;
+    gemm_rm(b, &g_h, normal(rank), downs, normal(in_f), &mut gxs, in_f, (rows, in_f, rank), 1.0, 1.0)?;
+    let mut g_down = b.alloc::<f32>(rank * in_f)?;
+    gemm_rm(b, &g_h, transposed(rank), xs, normal(in_f), &mut g_down, in_f, (rank, in_f, rows), 1.0, 0.0)?;
+    let mut h = b.alloc_bf16(rows * rank)?;
+    gemm(b, xs, downs, &mut h, (rows, in_f, rank, rank), 1.0, 0.0, None, Epilogue::None)?;
+    let mut g_up = b.alloc::<f32>(out_len * rank)?;
+    gemm_rm(b, &gy_part, transposed(width), &h, normal(rank), &mut g_up, rank, (out_len, rank, rows), scale, 0.0)?;
+    Ok(LoraAddGrads {
+        gx: bf16_tensor(gxs, gx_shape),
+        down: T::from_storage(CudaStorage::F32(g_down), vec![rank, in_f]),
+        up: T::from_storage(CudaStorage::F32(g_up), vec![out_len, rank]),
+    })
 }

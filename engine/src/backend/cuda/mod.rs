@@ -12,6 +12,7 @@
 //! next allocation of the step instead of going back to the driver.
 
 mod attention;
+mod backward;
 mod elementwise;
 mod embed;
 mod gemm;

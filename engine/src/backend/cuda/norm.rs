@@ -1,6 +1,7 @@
 //! Launches for `cuda/norm.cu`: the modulated LayerNorm and GroupNorm. Shapes are checked as
 //! strictly as the CPU backend checks them, with the same messages.
 
+use super::elementwise::token_sum_config;
 use super::{bf16_of, bf16_tensor, expect_shape, i32_arg, CudaBackend, T};
 use anyhow::{ensure, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -112,6 +113,74 @@ pub(super) fn group_norm(b: &CudaBackend, x: &T, groups: usize, weight: &T, bias
     // SAFETY: x and out hold all_groups * n elements, weight and bias `channels`, stats 2 per group.
     unsafe { l.launch(per_chunk) }?;
     Ok(bf16_tensor(out, x.shape().to_vec()))
+}
+
+/// The rows of `x` `[batch, tokens, dim]` and the checks shared by the LayerNorm backward ops.
+fn layer_norm_rows(op: &str, x: &T, gy: &T) -> Result<(usize, usize, usize)> {
+    ensure!(x.rank() == 3, "{op}: x has shape {:?}, expected [batch, tokens, dim]", x.shape());
+    expect_shape("output gradient", op, gy.shape(), x.shape())?;
+    Ok((x.dim(0), x.dim(1), x.dim(2)))
+}
+
+/// One warp per row, `LN_ROWS_PER_BLOCK` rows per block.
+fn per_row_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(LN_ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: (32 * LN_ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+pub(super) fn layer_norm_modulate_backward(b: &CudaBackend, x: &T, scale: &T, gy: &T, eps: f32) -> Result<T> {
+    let op = "layer_norm_modulate_backward";
+    let (batch, tokens, dim) = layer_norm_rows(op, x, gy)?;
+    expect_shape("scale", op, scale.shape(), &[batch, dim])?;
+    let (xs, scs, gys) = (bf16_of(op, "x", x)?, bf16_of(op, "scale", scale)?, bf16_of(op, "output gradient", gy)?);
+    let rows = batch * tokens;
+    let mut gx = b.alloc_bf16(x.elem_count())?;
+    if rows == 0 || dim == 0 {
+        return Ok(bf16_tensor(gx, x.shape().to_vec()));
+    }
+    i32_arg(op, rows + LN_ROWS_PER_BLOCK)?;
+    let (r32, t32, d32) = (i32_arg(op, rows)?, i32_arg(op, tokens)?, i32_arg(op, dim)?);
+    let f = b.function("norm", "layer_norm_modulate_backward_bf16")?;
+    let mut l = b.stream().launch_builder(&f);
+    l.arg(xs).arg(scs).arg(gys).arg(&mut gx).arg(&r32).arg(&t32).arg(&d32).arg(&eps);
+    // SAFETY: x, gy and gx hold rows * dim elements, scale batch * dim.
+    unsafe { l.launch(per_row_config(rows)) }?;
+    Ok(bf16_tensor(gx, x.shape().to_vec()))
+}
+
+/// `(g_shift, g_scale)`: the row statistics in one launch (f32 scratch, 8 bytes per row), then
+/// the per-sample sums over tokens in another.
+pub(super) fn layer_norm_modulate_backward_shift_scale(b: &CudaBackend, x: &T, gy: &T, eps: f32) -> Result<(T, T)> {
+    let op = "layer_norm_modulate_backward_shift_scale";
+    let (batch, tokens, dim) = layer_norm_rows(op, x, gy)?;
+    let (xs, gys) = (bf16_of(op, "x", x)?, bf16_of(op, "output gradient", gy)?);
+    let (mut g_shift, mut g_scale) = (b.alloc_bf16(batch * dim)?, b.alloc_bf16(batch * dim)?);
+    let rows = batch * tokens;
+    if batch * dim > 0 {
+        ensure!(batch <= 65_535, "{op}: batch {batch} exceeds the 65,535 samples one launch covers");
+        i32_arg(op, x.elem_count())?;
+        i32_arg(op, rows + LN_ROWS_PER_BLOCK)?;
+        let (r32, t32, d32) = (i32_arg(op, rows)?, i32_arg(op, tokens)?, i32_arg(op, dim)?);
+        let mut stats = b.alloc::<f32>(2 * rows)?;
+        if rows > 0 {
+            let f = b.function("norm", "layer_norm_row_stats_bf16")?;
+            let mut l = b.stream().launch_builder(&f);
+            l.arg(xs).arg(&mut stats).arg(&r32).arg(&d32).arg(&eps);
+            // SAFETY: x holds rows * dim elements, stats 2 floats per row.
+            unsafe { l.launch(per_row_config(rows)) }?;
+        }
+        let f = b.function("norm", "layer_norm_modulate_backward_shift_scale_bf16")?;
+        let mut l = b.stream().launch_builder(&f);
+        l.arg(xs).arg(gys).arg(&stats).arg(&mut g_shift).arg(&mut g_scale).arg(&t32).arg(&d32);
+        // SAFETY: x and gy hold batch * tokens * dim elements, stats 2 floats per row (a whole
+        // allocation, so the float2 reads are aligned), g_shift and g_scale batch * dim; the grid
+        // covers every (column, sample) once and the kernel guards columns past dim.
+        unsafe { l.launch(token_sum_config(batch, dim)) }?;
+    }
+    Ok((bf16_tensor(g_shift, vec![batch, dim]), bf16_tensor(g_scale, vec![batch, dim])))
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Launch for `cuda/rope.cu`: the fused head split, QK-RMSNorm and rotary embedding. Shapes are
 //! checked as strictly as the CPU backend checks them, with the same messages.
 
-use super::{bf16_of, bf16_tensor, f32_of, i32_arg, CudaBackend, T};
+use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, T};
 use crate::backend::shapes::QkDims;
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 const THREADS: u32 = 256;
@@ -77,6 +77,81 @@ pub(super) fn qk_norm_rope(b: &CudaBackend, x: &T, heads: usize, q_scale: &T, k_
         }
     }
     Ok([bf16_tensor(q, shape.clone()), bf16_tensor(k, shape.clone()), bf16_tensor(v, shape)])
+}
+
+/// The backward of `qk_norm_rope` wrt x (`BackwardOps::qk_norm_rope_backward`): one warp per head
+/// vector of q, k, v, plus one per token for the `tail` columns, so that every element of the
+/// `[B, L, W]` result is written once.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn qk_norm_rope_backward(
+    b: &CudaBackend,
+    x: &T,
+    heads: usize,
+    q_scale: &T,
+    k_scale: &T,
+    pe: &T,
+    eps: f32,
+    g_qkv: [&T; 3],
+    tail: Option<&T>,
+) -> Result<T> {
+    let op = "qk_norm_rope_backward";
+    ensure!(x.rank() == 3, "{op}: x has shape {:?}, expected [batch, tokens, width]", x.shape());
+    let (batch, tokens, width) = (x.dim(0), x.dim(1), x.dim(2));
+    ensure!(q_scale.rank() == 1, "{op}: query scale has shape {:?}", q_scale.shape());
+    let hd = q_scale.dim(0);
+    expect_shape("key scale", op, k_scale.shape(), &[hd])?;
+    expect_shape("pe", op, pe.shape(), &[batch, tokens, hd / 2, 2])?;
+    for (name, g) in ["query gradient", "key gradient", "value gradient"].into_iter().zip(g_qkv) {
+        expect_shape(name, op, g.shape(), &[batch, heads, tokens, hd])?;
+    }
+    let qkv_w = 3 * heads * hd;
+    let tail_w = match tail {
+        Some(t) => {
+            ensure!(
+                t.rank() == 3 && t.dim(0) == batch && t.dim(1) == tokens,
+                "{op}: tail has shape {:?}, expected [{batch}, {tokens}, _]",
+                t.shape()
+            );
+            t.dim(2)
+        }
+        None => 0,
+    };
+    ensure!(
+        hd % 2 == 0 && qkv_w + tail_w == width,
+        "{op}: q, k, v of {heads} heads x {hd} and a tail of {tail_w} columns do not make up the input's width {width}"
+    );
+    let xs = bf16_of(op, "x", x)?;
+    let (qs, ks) = (bf16_of(op, "query scale", q_scale)?, bf16_of(op, "key scale", k_scale)?);
+    let pes = f32_of(op, "pe (the RoPE table is uploaded in f32)", pe)?;
+    let [gq, gk, gv] =
+        [("query gradient", g_qkv[0]), ("key gradient", g_qkv[1]), ("value gradient", g_qkv[2])].map(|(what, g)| bf16_of(op, what, g));
+    let (gq, gk, gv) = (gq?, gk?, gv?);
+    let tails = tail.map(|t| bf16_of(op, "tail", t)).transpose()?;
+
+    let mut gx = b.alloc_bf16(x.elem_count())?;
+    let items = batch * tokens * (3 * heads + 1);
+    if x.elem_count() > 0 {
+        let warps = THREADS as usize / 32;
+        i32_arg(op, items + warps)?;
+        i32_arg(op, x.elem_count())?;
+        let (t32, w32, h32, d32, i32_items) =
+            (i32_arg(op, tokens)?, i32_arg(op, width)?, i32_arg(op, heads)?, i32_arg(op, hd)?, i32_arg(op, items)?);
+        let f = b.function("rope", "qk_norm_rope_backward_bf16")?;
+        let cfg = LaunchConfig { grid_dim: (items.div_ceil(warps) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let no_tail = 0u64; // a null pointer: with no tail columns the kernel never reads it
+        let mut l = b.stream().launch_builder(&f);
+        l.arg(xs).arg(qs).arg(ks).arg(pes).arg(gq).arg(gk).arg(gv);
+        match tails {
+            Some(t) => l.arg(t),
+            None => l.arg(&no_tail),
+        };
+        l.arg(&mut gx).arg(&t32).arg(&w32).arg(&h32).arg(&d32).arg(&i32_items).arg(&eps);
+        // SAFETY: x and gx hold batch * tokens * width elements, pe batch * tokens * hd floats,
+        // the gradients batch * heads * tokens * hd, tail batch * tokens * (width - 3 heads hd);
+        // the kernel makes only 2- and 4-byte accesses.
+        unsafe { l.launch(cfg) }?;
+    }
+    Ok(bf16_tensor(gx, vec![batch, tokens, width]))
 }
 
 #[cfg(test)]
