@@ -42,3 +42,12 @@ fn out_of_memory_is_a_typed_error_not_a_panic() {
     let oom = err.downcast_ref::<DeviceOutOfMemory>().unwrap_or_else(|| panic!("not an out-of-memory error: {err:#}"));
     assert_eq!(oom.bytes, 1 << 41);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn training_kernels_match_the_cpu() {
+    let checks = engine::selftest::training_checks(&gpu(), 14).unwrap();
+    let table = render_table(&checks);
+    println!("{table}");
+    assert!(checks.iter().all(|c| c.passed()), "{table}");
+}

@@ -297,6 +297,9 @@ pub fn run_all<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
+mod training;
+pub use training::{training_checks, SDPO_TOLERANCE};
+
 #[cfg(test)]
 mod tests {
     use super::*;
