@@ -60,3 +60,12 @@ fn flux_tiny_training_backward_matches_the_cpu() {
     println!("{table}");
     assert!(checks.iter().all(|c| c.passed()), "{table}");
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn training_kernels_match_the_cpu() {
+    let checks = engine::selftest::training_checks(&gpu(), 14).unwrap();
+    let table = render_table(&checks);
+    println!("{table}");
+    assert!(checks.iter().all(|c| c.passed()), "{table}");
+}

@@ -516,6 +516,8 @@ fn training_grads<B: BackwardOps>(
     }
     Ok(out)
 }
+mod training;
+pub use training::{training_checks, SDPO_TOLERANCE};
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! `engine kernels`: microbenchmarks of the hand-written kernels against the roofline of the
 //! machine measured in the same run (a large copy for bandwidth, a large GEMM for compute).
 
+use super::kernels_training::TrainingBench;
 use anyhow::{ensure, Result};
 use engine::backend::device::Device;
 use engine::{Backend, Tensor};
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// Time the hand-written kernels (attention, LayerNorm + modulation, QK-norm + RoPE, gated
-/// residual, GELU, LoRA matmul) on FLUX.1-dev shapes and report achieved TFLOP/s (compute-bound
+/// residual, GELU, LoRA matmul; the AdamW step, the Sobolev energy and S-DPO) on FLUX.1-dev shapes and report achieved TFLOP/s (compute-bound
 /// kernels) or GB/s (memory-bound ones) beside the ceiling measured in the same run: a large copy
 /// and a large GEMM through the same backend.
 #[derive(clap::Args)]
@@ -88,7 +89,7 @@ fn activation<B: Backend>(b: &B, shape: &[usize], seed: u64) -> Result<Tensor<B>
     b.input(&HostTensor::from_f32(shape.to_vec(), engine::sampler::gaussian_noise(shape.iter().product(), seed)))
 }
 
-fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
+fn bench<B: TrainingBench>(b: &B, a: &Args) -> Result<()> {
     // FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens, hidden 3072, 24 heads of 128.
     let (l, d, heads, hd, gemm_side) = match a.size {
         Size::Full => (4608, 3072, 24, 128, 8192),
@@ -159,6 +160,10 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
     let s = time(b, n, || b.lora_add(b.narrow(&x, 0, 0, 1)?, &x, &down, &up, None, 1.0, 0))?;
     let lora_flops = 2.0 * 2.0 * (l * d * rank) as f64;
     rows.push(Row { kernel: "lora_add (r16)", shape: format!("[1,{l},{d}]"), seconds: s, work: lora_flops, bound: Bound::Compute });
+
+    for (kernel, shape, seconds, bytes) in b.training_rows(a.size == Size::Full, &|f| time(b, n, f))? {
+        rows.push(Row { kernel, shape, seconds, work: bytes, bound: Bound::Memory });
+    }
 
     let (copy_rate, gemm_rate) = (rows[0].rate(), rows[1].rate());
     println!("device  {}", b.name());

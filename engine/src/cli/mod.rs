@@ -7,6 +7,7 @@ mod eval;
 mod forward;
 mod info;
 mod kernels;
+mod kernels_training;
 mod model;
 mod plan;
 mod selftest;

@@ -3,12 +3,14 @@
 use anyhow::{ensure, Result};
 use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
-use engine::selftest::{render_table, run_all};
+use engine::selftest::{render_table, run_all, training_checks};
+use engine::train::kernels::TrainingKernels;
 use std::time::Instant;
 
 /// Check a backend against the CPU reference: every op on fresh random inputs (outputs poisoned
-/// with NaN first, every element compared), then whole `flux-tiny` and `flux-small` forwards, then
-/// every training backward op and a `flux-tiny` training backward.
+/// with NaN first, every element compared), then whole `flux-tiny` and `flux-small` forwards,
+/// every training backward op and a `flux-tiny` training backward, then the training kernels
+/// (AdamW, the Sobolev operator, S-DPO).
 /// Prints one table and exits non-zero if any check fails.
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,10 +27,11 @@ pub fn run(a: Args) -> Result<()> {
     engine::on_backend!(a.device, b => selftest(b, a.seed))
 }
 
-fn selftest<B: BackwardOps>(b: &B, seed: u64) -> Result<()> {
+fn selftest<B: BackwardOps + TrainingKernels>(b: &B, seed: u64) -> Result<()> {
     println!("device  {}", b.name());
     let t0 = Instant::now();
-    let checks = run_all(b, seed)?;
+    let mut checks = run_all(b, seed)?;
+    checks.extend(training_checks(b, seed)?);
     print!("{}", render_table(&checks));
     println!("time    {:.1} s", t0.elapsed().as_secs_f64());
     let failed = checks.iter().filter(|c| !c.passed()).count();

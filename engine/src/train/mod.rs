@@ -3,6 +3,8 @@
 //!
 //! - `loss`, `sobolev`, `adamw`: the host reference of the losses, the Sobolev operator and the
 //!   optimiser (plain f32-in / f64-accumulate code over slices; the GPU kernels answer to it).
+//! - `kernels`: those references and their GPU kernels behind one host-level trait, for the
+//!   self-test.
 //! - `config`: what defines a run; `data`: what `--data` holds; `batch`: a micro-batch as the
 //!   transformer sees it and the passes through it; `params`: the trained tensors and the frozen
 //!   model variants; `checkpoint`: the checkpoint file.
@@ -15,6 +17,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod kernels;
 pub mod loss;
 pub mod params;
 pub mod preference;

@@ -145,12 +145,44 @@ impl Sobolev {
 
     /// The precision `L r = IDCT(lambda . DCT(r))`.
     pub fn precision(&self, r: &[f32]) -> Result<Vec<f32>> {
-        self.filter(r, "precision", |lambda| lambda)
+        self.apply(r, Filter::Precision)
     }
 
     /// The covariance `L^-1 r = IDCT(lambda^-1 . DCT(r))`.
     pub fn covariance(&self, r: &[f32]) -> Result<Vec<f32>> {
-        self.filter(r, "covariance", |lambda| 1.0 / lambda)
+        self.apply(r, Filter::Covariance)
+    }
+
+    /// `IDCT(w . DCT(r))` with the spectral weights `w` of `filter` ([`Sobolev::filter_weights`]).
+    pub fn apply(&self, r: &[f32], filter: Filter) -> Result<Vec<f32>> {
+        self.batch(r.len(), filter.name())?;
+        Ok(self.apply_weights(r, &self.filter_weights(filter)))
+    }
+
+    /// The weights `w_pq` of `filter` over the spectral plane `[H, W]`, row-major: what both the
+    /// host and the GPU multiply the DCT coefficients by.
+    pub fn filter_weights(&self, filter: Filter) -> Vec<f64> {
+        let gradient_scale = 2.0 / self.field.elements() as f64;
+        self.lambda
+            .iter()
+            .map(|&lambda| match filter {
+                Filter::Precision => lambda,
+                Filter::Covariance => 1.0 / lambda,
+                Filter::EnergyGrad => gradient_scale * lambda,
+                Filter::ColoredNoise => lambda.sqrt().recip(),
+            })
+            .collect()
+    }
+
+    /// The orthonormal DCT-II matrices `(D_H, D_W)` of the spectral grid, row-major `[n, n]`,
+    /// row p = frequency p.
+    pub fn dct_matrices(&self) -> (&[f64], &[f64]) {
+        (&self.dct_height, &self.dct_width)
+    }
+
+    /// The depth-to-space factor from the field grid to the spectral grid (1: the same grid).
+    pub fn shuffle_factor(&self) -> usize {
+        self.shuffle
     }
 
     /// The Sobolev energy of each field, `E(r) = mean_{c,p,q} lambda_pq R_cpq^2` (= `mean(r^2)` at s = 0).
@@ -172,8 +204,7 @@ impl Sobolev {
 
     /// The gradient of each field's energy, `dE/dr = (2/N) L r` (L is self-adjoint), N = C H W.
     pub fn energy_grad(&self, r: &[f32]) -> Result<Vec<f32>> {
-        let scale = 2.0 / self.field.elements() as f64;
-        self.filter(r, "energy_grad", |lambda| scale * lambda)
+        self.apply(r, Filter::EnergyGrad)
     }
 
     /// The Sobolev norm of each field, `||d||_H = sqrt(E(d))`.
@@ -186,15 +217,7 @@ impl Sobolev {
     /// same noise on every machine.
     pub fn colored_noise(&self, batch: usize, seed: u64) -> Vec<f32> {
         let white = gaussian_noise(batch * self.field.elements(), seed);
-        let inverse_sqrt: Vec<f64> = self.lambda.iter().map(|lambda| lambda.sqrt().recip()).collect();
-        self.apply_weights(&white, &inverse_sqrt)
-    }
-
-    /// `IDCT(weight(lambda) . DCT(r))`.
-    fn filter(&self, r: &[f32], what: &str, weight: impl Fn(f64) -> f64) -> Result<Vec<f32>> {
-        self.batch(r.len(), what)?;
-        let weights: Vec<f64> = self.lambda.iter().map(|&lambda| weight(lambda)).collect();
-        Ok(self.apply_weights(r, &weights))
+        self.apply_weights(&white, &self.filter_weights(Filter::ColoredNoise))
     }
 
     /// `IDCT(weights . DCT(r))` for `r` of a checked length.
@@ -273,6 +296,31 @@ impl Sobolev {
                 );
             },
         );
+    }
+}
+
+/// A spectral filter `IDCT(w . DCT(r))` of the operator, by its weights `w_pq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// `lambda`: the precision `L`.
+    Precision,
+    /// `1 / lambda`: the covariance `L^-1`.
+    Covariance,
+    /// `(2/N) lambda`: the energy gradient `(2/N) L r`.
+    EnergyGrad,
+    /// `lambda^-1/2`: white noise in, noise of covariance `L^-1` out.
+    ColoredNoise,
+}
+
+impl Filter {
+    /// The method name that errors carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::Precision => "precision",
+            Filter::Covariance => "covariance",
+            Filter::EnergyGrad => "energy_grad",
+            Filter::ColoredNoise => "colored_noise",
+        }
     }
 }
 
@@ -587,6 +635,28 @@ mod tests {
         let on_image = latent_op.energy(&smooth).unwrap()[0];
         let on_latent = Sobolev::new(latent, DEFAULT_EXPONENT).unwrap().energy(&smooth).unwrap()[0];
         assert!(on_image < 0.5 * on_latent, "energy {on_image} on the image grid, {on_latent} on the latent grid");
+    }
+
+    /// The filters' weights against their closed forms: covariance and colored noise invert
+    /// the precision (exactly and in square), the gradient weights are `2/N` of it, and the
+    /// filters applied agree with the named methods.
+    #[test]
+    fn filter_weights_are_the_closed_forms_of_lambda() {
+        let grid = Grid::new(2, 5, 7);
+        let op = Sobolev::new(grid, DEFAULT_EXPONENT).unwrap();
+        let [precision, covariance, gradient, noise] =
+            [Filter::Precision, Filter::Covariance, Filter::EnergyGrad, Filter::ColoredNoise].map(|f| op.filter_weights(f));
+        assert_eq!(precision, op.weights());
+        for k in 0..precision.len() {
+            assert!((precision[k] * covariance[k] - 1.0).abs() < 1e-14);
+            assert!((precision[k] * noise[k] * noise[k] - 1.0).abs() < 1e-14);
+            assert!((gradient[k] - 2.0 / grid.elements() as f64 * precision[k]).abs() < 1e-15);
+        }
+        let r = random_fields(2 * grid.elements(), 11);
+        assert_eq!(op.apply(&r, Filter::EnergyGrad).unwrap(), op.energy_grad(&r).unwrap());
+        assert_eq!(op.apply(&r, Filter::ColoredNoise).unwrap(), op.colored_noise(2, 11));
+        let message = op.apply(&r[1..], Filter::ColoredNoise).unwrap_err().to_string();
+        assert!(message.contains("colored_noise") && message.contains("2x5x7"), "{message}");
     }
 
     #[test]

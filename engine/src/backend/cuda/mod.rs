@@ -21,6 +21,10 @@ mod norm;
 mod rope;
 mod spatial;
 
+pub mod optim;
+pub mod sobolev;
+mod training;
+
 use super::{expect_shape, shapes, Backend, MemoryPeak};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
