@@ -102,10 +102,8 @@ impl TrainingBench for CudaBackend {
         let mut step = 0;
         let adamw = time(&mut || {
             step += 1;
-            let mut tensors: Vec<AdamWTensor> = buffers
-                .iter_mut()
-                .map(|[param, m, v, grad]| AdamWTensor { name: "bench", param, m, v, grad: &*grad })
-                .collect();
+            let mut tensors: Vec<AdamWTensor> =
+                buffers.iter_mut().map(|[param, m, v, grad]| AdamWTensor { name: "bench", param, m, v, grad: &*grad }).collect();
             self.adamw_step(&mut tensors, &config, step, config.lr).map(drop)
         })?;
         let op = CudaSobolev::new(self, &Sobolev::new(z.grid, DEFAULT_EXPONENT)?)?;

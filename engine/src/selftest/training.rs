@@ -84,7 +84,12 @@ pub fn training_checks<D: TrainingKernels>(dut: &D, seed: u64) -> Result<Vec<Che
         compare_sdpo(&mut checks, &shape, dut.sdpo_step(&op, &residuals, DEFAULT_BETA)?, cpu.sdpo_step(&op, &residuals, DEFAULT_BETA)?);
         // The first step of Dual-LoRA: policy = reference gives dE = 0 and the loss ln 2 exactly.
         let same = PairResiduals { policy_winner: &reference_winner, policy_loser: &reference_loser, ..residuals };
-        compare_sdpo(&mut checks, &format!("{shape}, policy = reference"), dut.sdpo_step(&op, &same, DEFAULT_BETA)?, cpu.sdpo_step(&op, &same, DEFAULT_BETA)?);
+        compare_sdpo(
+            &mut checks,
+            &format!("{shape}, policy = reference"),
+            dut.sdpo_step(&op, &same, DEFAULT_BETA)?,
+            cpu.sdpo_step(&op, &same, DEFAULT_BETA)?,
+        );
     }
 
     let sizes = [1usize, 3, 2047, 2048, 2049, 5000];
@@ -101,7 +106,8 @@ pub fn training_checks<D: TrainingKernels>(dut: &D, seed: u64) -> Result<Vec<Che
         }
         let shape = format!("{sizes:?}, 3 steps, {clip}");
         let all = |map: &BTreeMap<String, Vec<f32>>| host(map.values().flatten().copied().collect());
-        let moments = |opt: &AdamW, first: bool| host(opt.moments.values().flat_map(|m| if first { &m.m } else { &m.v }).copied().collect());
+        let moments =
+            |opt: &AdamW, first: bool| host(opt.moments.values().flat_map(|m| if first { &m.m } else { &m.v }).copied().collect());
         check(&mut checks, "adamw params", &shape, F32_TOLERANCE, all(&got.1), all(&want.1));
         check(&mut checks, "adamw m", &shape, F32_TOLERANCE, moments(&got.0, true), moments(&want.0, true));
         check(&mut checks, "adamw v", &shape, F32_TOLERANCE, moments(&got.0, false), moments(&want.0, false));
@@ -165,7 +171,12 @@ mod tests {
             Ok(step)
         }
 
-        fn adamw_step(&self, opt: &mut AdamW, params: &mut BTreeMap<String, Vec<f32>>, grads: &BTreeMap<String, Vec<f32>>) -> Result<StepStats> {
+        fn adamw_step(
+            &self,
+            opt: &mut AdamW,
+            params: &mut BTreeMap<String, Vec<f32>>,
+            grads: &BTreeMap<String, Vec<f32>>,
+        ) -> Result<StepStats> {
             let before = params.clone();
             let stats = opt.step(params, grads)?;
             for (p, old) in params.values_mut().zip(before.values()) {

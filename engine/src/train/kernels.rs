@@ -22,7 +22,8 @@ pub trait TrainingKernels {
     fn sdpo_step(&self, op: &Sobolev, residuals: &PairResiduals, beta: f64) -> Result<SdpoStep>;
 
     /// `opt.step(params, grads)`.
-    fn adamw_step(&self, opt: &mut AdamW, params: &mut BTreeMap<String, Vec<f32>>, grads: &BTreeMap<String, Vec<f32>>) -> Result<StepStats>;
+    fn adamw_step(&self, opt: &mut AdamW, params: &mut BTreeMap<String, Vec<f32>>, grads: &BTreeMap<String, Vec<f32>>)
+        -> Result<StepStats>;
 }
 
 impl TrainingKernels for CpuBackend {
@@ -38,7 +39,12 @@ impl TrainingKernels for CpuBackend {
         sdpo_step(op, residuals, beta)
     }
 
-    fn adamw_step(&self, opt: &mut AdamW, params: &mut BTreeMap<String, Vec<f32>>, grads: &BTreeMap<String, Vec<f32>>) -> Result<StepStats> {
+    fn adamw_step(
+        &self,
+        opt: &mut AdamW,
+        params: &mut BTreeMap<String, Vec<f32>>,
+        grads: &BTreeMap<String, Vec<f32>>,
+    ) -> Result<StepStats> {
         opt.step(params, grads)
     }
 }

@@ -65,7 +65,12 @@ impl TrainingKernels for CudaBackend {
 
     /// The CPU step's bookkeeping (names, lengths, moments starting at zero, the step count and
     /// the warmed-up learning rate) around one device step of every tensor.
-    fn adamw_step(&self, opt: &mut AdamW, params: &mut BTreeMap<String, Vec<f32>>, grads: &BTreeMap<String, Vec<f32>>) -> Result<StepStats> {
+    fn adamw_step(
+        &self,
+        opt: &mut AdamW,
+        params: &mut BTreeMap<String, Vec<f32>>,
+        grads: &BTreeMap<String, Vec<f32>>,
+    ) -> Result<StepStats> {
         ensure!(
             params.keys().eq(grads.keys()),
             "AdamW: parameters {:?} and gradients {:?} differ",
@@ -81,11 +86,8 @@ impl TrainingKernels for CudaBackend {
         }
         let (k, config) = (opt.step + 1, opt.config.clone());
         let lr = opt.lr_at(k);
-        let mut tensors: Vec<AdamWTensor> = params
-            .keys()
-            .zip(device.iter_mut())
-            .map(|(name, (param, m, v, grad))| AdamWTensor { name, param, m, v, grad })
-            .collect();
+        let mut tensors: Vec<AdamWTensor> =
+            params.keys().zip(device.iter_mut()).map(|(name, (param, m, v, grad))| AdamWTensor { name, param, m, v, grad }).collect();
         let stats = self.adamw_step(&mut tensors, &config, k, lr)?;
         let grad_norm = self.grad_norm(&stats)?;
         for ((name, p), (param, m, v, _)) in params.iter_mut().zip(&device) {
