@@ -172,8 +172,12 @@ fn a_merged_model_upscales_as_the_model_with_its_adapter() {
         engine(&[&["model", "merge", "--model", model, "--lora", lora, "--out", out], extra].concat())
     };
     ok(merge(&merged32, &["--dtype", "f32"]));
-    ok(merge(&merged16, &["--dtype", "bf16"]));
-    assert!(merged32.join("model.json").exists());
+    ok(merge(&merged16, &["--dtype", "bf16", "--steps", "3"]));
+    let steps = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("model.json")).unwrap()).unwrap()["steps"].clone()
+    };
+    assert_eq!(steps(&merged16), 3);
+    assert_eq!(steps(&merged32), steps(&model));
     let again = merge(&merged32, &[]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
 

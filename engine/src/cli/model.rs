@@ -71,6 +71,9 @@ struct MergeArgs {
     /// Dtype of the written weights.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: WeightDtype,
+    /// The default sampling steps written to the new model.json [default: the model's].
+    #[arg(long, value_name = "N")]
+    steps: Option<usize>,
     /// Replace files in an existing folder.
     #[arg(long)]
     overwrite: bool,
@@ -95,7 +98,11 @@ fn merge(a: MergeArgs) -> Result<()> {
         "--out {}: is the model folder itself; write the merged model to a new folder",
         a.out.display()
     );
-    let config = SrConfig::read(&a.model.join("model.json"))?;
+    let mut config = SrConfig::read(&a.model.join("model.json"))?;
+    if let Some(steps) = a.steps {
+        ensure!(steps >= 1, "--steps {steps}: must be at least 1");
+        config.steps = steps;
+    }
     let b = CpuBackend::new();
     let loras: Vec<&Path> = a.lora.iter().map(PathBuf::as_path).collect();
     let given = PartialFluxParams::from(&config.transformer);

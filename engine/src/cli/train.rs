@@ -133,6 +133,12 @@ pub struct Args {
     #[arg(long)]
     #[serde(default)]
     full: bool,
+    /// HQ folders: draw each crop from a region up to twice its side, reduced by area averaging,
+    /// mirrored and turned into one of the 8 orientations of the square (more distinct samples
+    /// from few photographs).
+    #[arg(long)]
+    #[serde(default)]
+    augment: bool,
     /// The flow's t is sigmoid(t-mean + t-std n), n standard normal [default: 0].
     #[arg(long, allow_negative_numbers = true)]
     t_mean: Option<f64>,

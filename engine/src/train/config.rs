@@ -107,6 +107,9 @@ pub struct TrainConfig {
     /// sft: train every weight of the transformer instead of a LoRA (a small model from
     /// scratch); a random base then starts adaLN-Zero (identity blocks, zero output).
     pub full: bool,
+    /// HQ folders: crops from regions up to twice the side, area-reduced, in any of 8 orientations.
+    #[serde(default)]
+    pub augment: bool,
     /// The flow's t is `sigmoid(t_mean + t_std n)`, n standard normal (design.md: 0 and 1).
     pub t_mean: f64,
     pub t_std: f64,
@@ -148,6 +151,7 @@ impl TrainConfig {
             closed_form: false,
             hardness: 0.0,
             full: false,
+            augment: false,
             t_mean: 0.0,
             t_std: 1.0,
         }

@@ -12,7 +12,7 @@
 //!
 //! Every draw comes from a seed, so a run's data are a function of (seed, draw index).
 
-use crate::degrade::{crop, degrade};
+use crate::degrade::{crop, degrade, resize, Rgb};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::image::Image;
 use loaders::walk::collect_inputs;
@@ -158,14 +158,24 @@ impl Dataset {
 
     /// `count` samples from `seed`: an image, a crop position and (HQ folders) a degradation
     /// seed per sample.
-    pub fn draw(&self, count: usize, crop_side: usize, scale: usize, seed: u64) -> Result<Vec<Sample>> {
+    /// With `augment`, an HQ folder's crops also come from a region up to twice the side, reduced
+    /// to it by area averaging, in one of the 8 orientations of the square.
+    pub fn draw(&self, count: usize, crop_side: usize, scale: usize, augment: bool, seed: u64) -> Result<Vec<Sample>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         (0..count)
             .map(|_| match self {
                 Dataset::Degraded { images } => {
                     let img = &images[rng.random_range(0..images.len())];
-                    let (x, y) = (rng.random_range(0..=img.width - crop_side), rng.random_range(0..=img.height - crop_side));
-                    let hq = crop(img, x, y, crop_side, crop_side);
+                    let region = match augment {
+                        true => rng.random_range(crop_side..=(2 * crop_side).min(img.width).min(img.height)),
+                        false => crop_side,
+                    };
+                    let (x, y) = (rng.random_range(0..=img.width - region), rng.random_range(0..=img.height - region));
+                    let mut hq = crop(img, x, y, region, region);
+                    if augment {
+                        let reduced = resize::resize(&Rgb::from_image(&hq), crop_side, crop_side, resize::Mode::Area, None);
+                        hq = orient(&reduced.into_image(), rng.random_range(0..8));
+                    }
                     let lq = degrade(&hq, scale, rng.random())?;
                     Ok(Sample { hq, lq, baseline: None })
                 }
@@ -184,6 +194,26 @@ impl Dataset {
             })
             .collect()
     }
+}
+
+/// A square image in orientation `k` of 8: `k & 1` mirrors left-right, `k & 2` mirrors
+/// top-bottom, `k & 4` transposes.
+fn orient(img: &Image, k: u32) -> Image {
+    let (n, c) = (img.width, img.channels);
+    let mut data = Vec::with_capacity(img.data.len());
+    for y in 0..n {
+        for x in 0..n {
+            let (mut sx, mut sy) = if k & 4 != 0 { (y, x) } else { (x, y) };
+            if k & 1 != 0 {
+                sx = n - 1 - sx;
+            }
+            if k & 2 != 0 {
+                sy = n - 1 - sy;
+            }
+            data.extend_from_slice(&img.data[(sy * n + sx) * c..(sy * n + sx + 1) * c]);
+        }
+    }
+    Image::new(n, n, c, data)
 }
 
 fn ensure_fits(path: &Path, img: &Image, crop_side: usize) -> Result<()> {
@@ -240,7 +270,7 @@ mod tests {
 
         let data = Dataset::open(d, 16, 4, Baselines::Required("the adversary")).unwrap();
         assert!(data.has_baselines());
-        for s in data.draw(6, 16, 4, 3).unwrap() {
+        for s in data.draw(6, 16, 4, false, 3).unwrap() {
             let b = s.baseline.as_ref().unwrap();
             // Find the crop's corner from the HQ, then check the LQ and the baseline against it.
             let corner =
@@ -249,7 +279,7 @@ mod tests {
             assert_eq!(s.lq, crop(&lq, x / 4, y / 4, 4, 4));
             assert_eq!(*b, crop(&baseline, x, y, 16, 16));
         }
-        assert_eq!(data.draw(3, 16, 4, 9).unwrap(), data.draw(3, 16, 4, 9).unwrap());
+        assert_eq!(data.draw(3, 16, 4, false, 9).unwrap(), data.draw(3, 16, 4, false, 9).unwrap());
         assert!(!Dataset::open(d, 16, 4, Baselines::Ignore).unwrap().has_baselines());
 
         write(&d.join("hq/b.png"), &image(48, 40, 3));
@@ -269,5 +299,26 @@ mod tests {
         assert!(err.contains("baseline") && err.contains("the adversary"), "{err}");
         let err = Dataset::open(d, 64, 4, Baselines::Ignore).err().unwrap().to_string();
         assert!(err.contains("hq/b.png") && err.contains("64px"), "{err}");
+    }
+
+    /// The 8 orientations of an image whose pixels are all distinct are 8 different images, each
+    /// a permutation of the same pixels; an augmented draw keeps the crop's size.
+    #[test]
+    fn the_eight_orientations_are_distinct_permutations() {
+        let img = Image::new(3, 3, 1, (0..9).map(|v| v as f32 / 8.0).collect());
+        let mut seen: Vec<Vec<f32>> = (0..8).map(|k| orient(&img, k).data).collect();
+        for o in &seen {
+            let mut sorted = o.clone();
+            sorted.sort_by(f32::total_cmp);
+            assert_eq!(sorted, img.data);
+        }
+        assert_eq!(orient(&img, 5).data, [2.0, 5.0, 8.0, 1.0, 4.0, 7.0, 0.0, 3.0, 6.0].map(|v| v / 8.0));
+        seen.sort_by(|a, b| a.iter().zip(b).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(std::cmp::Ordering::Equal));
+        seen.dedup();
+        assert_eq!(seen.len(), 8);
+        let data = Dataset::Degraded { images: vec![image(40, 36, 1)] };
+        for s in data.draw(5, 16, 4, true, 2).unwrap() {
+            assert_eq!((s.hq.width, s.hq.height, s.lq.width), (16, 16, 4));
+        }
     }
 }
