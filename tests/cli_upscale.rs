@@ -128,7 +128,7 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
 
     let (_dir, model, _) = setup();
     let lq = Image::new(24, 16, 3, (0..24 * 16 * 3).map(|i| ((i * 53) % 97) as f32 / 96.0).collect());
-    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1 };
+    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1, average: 1 };
     let cpu = CpuBackend::new();
     let (plain, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
     let want = plain.upscale(&cpu, &lq, &UpscaleOptions { tile: 32, ..opts }, &mut |_, _| {}).unwrap();
@@ -146,6 +146,36 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
     let (model_on_none, _) = SrModel::load(&no_gpu, &model, &[], LoraMode::Merged).unwrap();
     let err = model_on_none.upscale(&no_gpu, &lq, &opts, &mut |_, _| {}).unwrap_err();
     assert!(format!("{err:#}").contains("GPU out of memory"), "{err:#}");
+}
+
+/// `average: 3` is the mean of the runs with seeds s, s + 1 and s + 2 wherever no run clamps.
+#[test]
+fn averaged_samples_are_the_mean_of_their_seeds() {
+    use engine::model::LoraMode;
+    use engine::sr::model_dir::SrModel;
+    use engine::sr::upscaler::UpscaleOptions;
+    use engine::CpuBackend;
+
+    let (_dir, model, _) = setup();
+    let lq = Image::new(12, 8, 3, (0..12 * 8 * 3).map(|i| ((i * 31) % 89) as f32 / 88.0).collect());
+    let cpu = CpuBackend::new();
+    let (sr, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
+    let run = |seed: u64, average: usize| {
+        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average }, &mut |_, _| {}).unwrap().data
+    };
+    let (mean, runs) = (run(7, 3), [run(7, 1), run(8, 1), run(9, 1)]);
+    let mut compared = 0;
+    for (i, &m) in mean.iter().enumerate() {
+        let each: Vec<f32> = runs.iter().map(|r| r[i]).collect();
+        if each.iter().chain([&m]).all(|&v| v > 0.0 && v < 1.0) {
+            let want = each.iter().sum::<f32>() / 3.0;
+            assert!((m - want).abs() < 1e-5, "pixel value {i}: {m} vs the mean {want}");
+            compared += 1;
+        }
+    }
+    // The random test model saturates most pixels; a few hundred unclamped ones remain.
+    assert!(compared > 100, "only {compared} of {} values unclamped", mean.len());
+    assert_ne!(runs[0], runs[1], "the seeds must give different samples");
 }
 
 /// `engine model merge` writes the model with the adapter in its weights: in f32 it upscales
@@ -172,12 +202,12 @@ fn a_merged_model_upscales_as_the_model_with_its_adapter() {
         engine(&[&["model", "merge", "--model", model, "--lora", lora, "--out", out], extra].concat())
     };
     ok(merge(&merged32, &["--dtype", "f32"]));
-    ok(merge(&merged16, &["--dtype", "bf16", "--steps", "3"]));
-    let steps = |dir: &Path| -> serde_json::Value {
-        serde_json::from_slice::<serde_json::Value>(&std::fs::read(dir.join("model.json")).unwrap()).unwrap()["steps"].clone()
-    };
-    assert_eq!(steps(&merged16), 3);
-    assert_eq!(steps(&merged32), steps(&model));
+    ok(merge(&merged16, &["--dtype", "bf16"]));
+    let resampled = dir.path().join("resampled");
+    ok(merge(&resampled, &["--steps", "3", "--average", "2"]));
+    let config = |dir: &Path| -> serde_json::Value { serde_json::from_slice(&std::fs::read(dir.join("model.json")).unwrap()).unwrap() };
+    assert_eq!((config(&resampled)["steps"].clone(), config(&resampled)["average"].clone()), (3.into(), 2.into()));
+    assert_eq!(config(&merged32)["steps"], config(&model)["steps"]);
     let again = merge(&merged32, &[]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
 

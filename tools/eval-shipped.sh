@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped model's validation table and spectral figure (issue 7), from the models that
 # tools/train-shipped.sh leaves in RUNS (default data/runs): bicubic, SFT, SFT + S-DPO (s = 0 and
-# 1.5) and SFT + AS-DPO, each at one step (the posterior-mean estimate), 4 steps and its default,
+# 1.5) and SFT + AS-DPO, each at its defaults, at one step and at 4 steps (single samples),
 # upscaled with the CLI's defaults (seed 0, wavelet colour fix) from data/val/lq and scored
 # against data/val/hq. Writes RUNS/eval/*.csv, prints the table as Markdown, and draws
 # docs/spectrum.png (EveningGlow_a: HQ black, bicubic-of-HQ blue, SFT + AS-DPO red, then SFT
@@ -22,17 +22,19 @@ score "$OUT/bicubic" bicubic
 echo "| variant | steps | PSNR-Y (dB) | SSIM-Y | LSD |"
 echo "|---|---|---|---|---|"
 echo "| bicubic | - | $(mean "$OUT/bicubic.csv") |"
-# The models' default steps (model.json), shown in the figure, and also scored.
-d=$(sed -n 's/^  "steps": \([0-9]*\),*$/\1/p' "$RUNS/model-sft/model.json")
+# Each model at its defaults (model.json: one step, the mean of 4 samples), and single samples at
+# one step (the posterior-mean estimate) and at 4 steps.
 for name in sft dpo-s0 dpo-s1.5 asdpo; do
-  for steps in $(printf '%s\n' 1 4 "$d" | sort -un); do
-    dir="$OUT/$name-$steps"
-    $E upscale data/val/lq -o "$dir" --model "$RUNS/model-$name" --steps "$steps" --overwrite 2> "$dir.log" || { cat "$dir.log"; exit 1; }
-    score "$dir" "$name-$steps"
-    echo "| $name | $steps | $(mean "$OUT/$name-$steps.csv") |"
+  for setting in default 1 4; do
+    dir="$OUT/$name-$setting"
+    flags=()
+    [ "$setting" = default ] || flags=(--steps "$setting" --average 1)
+    $E upscale data/val/lq -o "$dir" --model "$RUNS/model-$name" "${flags[@]}" --overwrite 2> "$dir.log" || { cat "$dir.log"; exit 1; }
+    score "$dir" "$name-$setting"
+    echo "| $name | $setting | $(mean "$OUT/$name-$setting.csv") |"
   done
 done
-$E eval "$OUT/asdpo-$d" data/val/hq --plot docs/spectrum.png --plot-stem EveningGlow_a --overwrite \
-  --plot-also "$OUT/sft-$d" --plot-also "$OUT/dpo-s0-$d" --plot-also "$OUT/dpo-s1.5-$d" \
+$E eval "$OUT/asdpo-default" data/val/hq --plot docs/spectrum.png --plot-stem EveningGlow_a --overwrite \
+  --plot-also "$OUT/sft-default" --plot-also "$OUT/dpo-s0-default" --plot-also "$OUT/dpo-s1.5-default" \
   --plot-also "$OUT/bicubic" > /dev/null
 echo "wrote docs/spectrum.png"

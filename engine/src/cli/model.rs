@@ -74,6 +74,10 @@ struct MergeArgs {
     /// The default sampling steps written to the new model.json [default: the model's].
     #[arg(long, value_name = "N")]
     steps: Option<usize>,
+    /// The default number of samples averaged per image written to the new model.json
+    /// (`engine upscale --average`) [default: the model's].
+    #[arg(long, value_name = "N")]
+    average: Option<usize>,
     /// Replace files in an existing folder.
     #[arg(long)]
     overwrite: bool,
@@ -103,6 +107,10 @@ fn merge(a: MergeArgs) -> Result<()> {
         ensure!(steps >= 1, "--steps {steps}: must be at least 1");
         config.steps = steps;
     }
+    if let Some(average) = a.average {
+        ensure!(average >= 1, "--average {average}: must be at least 1");
+        config.average = average;
+    }
     let b = CpuBackend::new();
     let loras: Vec<&Path> = a.lora.iter().map(PathBuf::as_path).collect();
     let given = PartialFluxParams::from(&config.transformer);
@@ -121,11 +129,11 @@ fn merge(a: MergeArgs) -> Result<()> {
     };
     let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let count = write_model_folder(&a.out, &config, &list, dtype, a.overwrite)?;
-    // The folder's other files (ae.safetensors, text.safetensors) as they are.
-    for entry in std::fs::read_dir(&a.model).map_err(|e| anyhow::anyhow!("{}: {e}", a.model.display()))? {
-        let path = entry?.path();
-        let name = path.file_name().unwrap_or_default();
-        if path.is_file() && name != "transformer.safetensors" && name != "model.json" {
+    // The model's other files as they are; not what else shares the folder (a training run's
+    // checkpoint.safetensors, say).
+    for name in ["ae.safetensors", "text.safetensors"] {
+        let path = a.model.join(name);
+        if path.is_file() {
             let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             loaders::atomic::write_atomic(&a.out.join(name), a.overwrite, |out| std::io::Write::write_all(out, &bytes))?;
         }

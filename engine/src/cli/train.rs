@@ -145,6 +145,10 @@ pub struct Args {
     /// See --t-mean; larger values put more samples near t = 0 and 1 [default: 1].
     #[arg(long)]
     t_std: Option<f64>,
+    /// The fraction of samples drawn at t = 1 exactly (pure noise), where the model learns the
+    /// posterior mean that one-step sampling returns [default: 0].
+    #[arg(long, value_name = "FRACTION")]
+    t_one: Option<f64>,
     /// Save a checkpoint every N steps, 0: only at the end (and on Ctrl-C) [default: 0].
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,

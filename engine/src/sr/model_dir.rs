@@ -30,6 +30,9 @@ pub struct SrConfig {
     /// Sampling steps when the user gives none.
     #[serde(default = "default_steps")]
     pub steps: usize,
+    /// Samples averaged per image when the user gives no number (`engine upscale --average`).
+    #[serde(default = "default_average")]
+    pub average: usize,
     /// The guidance value fed to guidance-distilled backbones, the same in training and sampling.
     #[serde(default = "default_guidance")]
     pub guidance: f32,
@@ -57,6 +60,7 @@ impl SrConfig {
             autoencoder: AeConfig::PixelShuffle { factor },
             transformer: FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..transformer },
             steps: if name == "asasr-cpu" { 1 } else { default_steps() },
+            average: default_average(),
             guidance: default_guidance(),
             text_tokens: default_text_tokens(),
         };
@@ -104,6 +108,10 @@ fn default_guidance() -> f32 {
 }
 
 fn default_text_tokens() -> usize {
+    1
+}
+
+fn default_average() -> usize {
     1
 }
 
@@ -241,6 +249,7 @@ impl SrConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.scale >= 1, "scale must be at least 1");
         ensure!(self.steps >= 1, "steps must be at least 1");
+        ensure!(self.average >= 1, "average must be at least 1");
         ensure!(self.text_tokens >= 1, "text_tokens must be at least 1");
         if let AeConfig::PixelShuffle { factor } = self.autoencoder {
             ensure!(factor >= 1, "autoencoder factor must be at least 1");

@@ -22,6 +22,9 @@ pub struct UpscaleOptions {
     pub tile: usize,
     /// Tiles per model call (of one image or of several of one size).
     pub batch: usize,
+    /// Samples averaged per image, from seeds `seed`, `seed + 1`, ...: with more than one, an
+    /// estimate of the posterior mean instead of one sample.
+    pub average: usize,
 }
 
 impl<B: Backend + 'static> SrModel<B> {
@@ -89,24 +92,33 @@ impl<B: Backend + 'static> SrModel<B> {
         // Whole tokens covering the tile side (a 512-pixel tile takes a 512-pixel output in one
         // piece whatever the token size); a GPU too small for it gets tiles of half the side.
         let mut tile = opts.tile.div_ceil(unit).max(1);
-        let xs = loop {
-            let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
-            let attempt = euler_tiled(
-                vec![gaussian_noise(grid.len(), opts.seed); lqs.len()],
-                &cond_refs,
-                grid,
-                grid.features,
-                &times,
-                (tile, (tile / 4).max(1)),
-                opts.batch,
-                &mut velocity,
-                &mut |s| progress(s, opts.steps),
-            );
-            match attempt {
-                Err(e) if tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => tile /= 2,
-                result => break result?,
+        let total = opts.steps * opts.average.max(1);
+        let mut xs = vec![vec![0f32; grid.len()]; lqs.len()];
+        for k in 0..opts.average.max(1) {
+            let seed = opts.seed.wrapping_add(k as u64);
+            let sample = loop {
+                let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
+                let attempt = euler_tiled(
+                    vec![gaussian_noise(grid.len(), seed); lqs.len()],
+                    &cond_refs,
+                    grid,
+                    grid.features,
+                    &times,
+                    (tile, (tile / 4).max(1)),
+                    opts.batch,
+                    &mut velocity,
+                    &mut |s| progress(k * opts.steps + s, total),
+                );
+                match attempt {
+                    Err(e) if tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => tile /= 2,
+                    result => break result?,
+                }
+            };
+            let weight = 1.0 / opts.average.max(1) as f32;
+            for (sum, x) in xs.iter_mut().zip(sample) {
+                sum.iter_mut().zip(x).for_each(|(s, x)| *s += weight * x);
             }
-        };
+        }
         xs.into_iter()
             .zip(&conds)
             .map(|(x, cond)| {

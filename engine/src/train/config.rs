@@ -113,6 +113,9 @@ pub struct TrainConfig {
     /// The flow's t is `sigmoid(t_mean + t_std n)`, n standard normal (design.md: 0 and 1).
     pub t_mean: f64,
     pub t_std: f64,
+    /// The fraction of samples at t = 1 exactly.
+    #[serde(default)]
+    pub t_one: f64,
 }
 
 /// The trust-region radius: a deviation of Sobolev norm 0.1 is, at s = 0, an RMS error of 0.1 on
@@ -154,6 +157,7 @@ impl TrainConfig {
             augment: false,
             t_mean: 0.0,
             t_std: 1.0,
+            t_one: 0.0,
         }
     }
 
@@ -207,6 +211,9 @@ impl TrainConfig {
         }
         if !self.t_mean.is_finite() {
             return fail("t_mean", format!("must be finite, got {}", self.t_mean));
+        }
+        if !(0.0..=1.0).contains(&self.t_one) {
+            return fail("t_one", format!("must be a fraction between 0 and 1, got {}", self.t_one));
         }
         if !(self.t_std.is_finite() && self.t_std > 0.0) {
             return fail("t_std", format!("must be positive and finite, got {}", self.t_std));

@@ -103,7 +103,8 @@ fn reference_restorations<B: BackwardOps + 'static>(
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let opts = UpscaleOptions { steps, seed: step_seed(seed, i as u64, 0), tile: s.hq.width.max(s.hq.height), batch: 1 };
+                let opts =
+                    UpscaleOptions { steps, seed: step_seed(seed, i as u64, 0), tile: s.hq.width.max(s.hq.height), batch: 1, average: 1 };
                 sr.upscale(b, &s.lq, &opts, &mut |_, _| ())
             })
             .collect()

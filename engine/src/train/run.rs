@@ -209,7 +209,7 @@ fn run_loop<B: BackwardOps + 'static>(
         for micro in 0..accum {
             let draw = step * accum + micro;
             let samples = data.dataset.draw(c.batch, data.crop, data.scale, c.augment, step_seed(c.seed, draw, stream::DATA))?;
-            let times = LogitNormal { mean: c.t_mean, std: c.t_std };
+            let times = LogitNormal { mean: c.t_mean, std: c.t_std, one: c.t_one };
             let mut cx = StepContext { b, models: &mut *models, trainable: &*trainable, run_seed: c.seed, draw, times };
             let result = stage.micro_step(&mut cx, &samples)?;
             accumulate(&mut total, result)?;

@@ -86,6 +86,7 @@ pub(crate) mod tests {
             autoencoder: AeConfig::PixelShuffle { factor: 2 },
             transformer,
             steps: 4,
+            average: 1,
             guidance: 3.5,
             text_tokens: 1,
         };
