@@ -133,7 +133,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.train {
         let t = training_memory_estimate(&params, shape, dtype, a.lora_rank, HOPPER_CUBLASLT_WORKSPACE)?;
         println!();
-        println!("training step: estimates, the backward pass is not built yet");
+        println!("training step: estimates, not a plan of the backward's own buffers");
         println!(
             "  {:<15} {:>12}   forward + backward, the backward counted as 2 x forward",
             "FLOPs",

@@ -31,7 +31,7 @@ impl FlopCount {
 
 /// FLOPs of one training step from those of its forward: `forward + backward` with the backward
 /// counted as twice the forward (design section 11), so `3 x forward`. This is the accounting
-/// rule, not a count: the backward pass is not built yet.
+/// rule, not a count of the backward ops.
 pub fn training_step_flops(forward: u64) -> u64 {
     3 * forward
 }
