@@ -139,3 +139,53 @@ impl QkDims {
         Ok(QkDims { batch, tokens, width, head_dim })
     }
 }
+
+/// The dims of `qk_norm_rope_backward(x, heads, q_scale, k_scale, pe, eps, g_qkv, tail)`,
+/// checked: x, scales and pe as for `qk_norm_rope`, the three gradients
+/// `[batch, heads, tokens, head_dim]`, and the tail `[batch, tokens, tail]` that with q, k and v
+/// makes up x's width exactly.
+#[derive(Debug, Clone, Copy)]
+pub struct QkBackwardDims {
+    pub batch: usize,
+    pub tokens: usize,
+    pub width: usize,
+    pub head_dim: usize,
+    /// Columns of q, k and v together.
+    pub qkv: usize,
+    /// Columns after them.
+    pub tail: usize,
+}
+
+impl QkBackwardDims {
+    pub fn new(
+        x: &[usize],
+        heads: usize,
+        (q_scale, k_scale, pe): (&[usize], &[usize], &[usize]),
+        g_qkv: [&[usize]; 3],
+        tail: Option<&[usize]>,
+    ) -> Result<Self> {
+        let op = "qk_norm_rope_backward";
+        ensure!(x.len() == 3, "{op}: x has shape {x:?}, expected [batch, tokens, width]");
+        let (batch, tokens, width) = (x[0], x[1], x[2]);
+        ensure!(q_scale.len() == 1, "{op}: query scale has shape {q_scale:?}");
+        let head_dim = q_scale[0];
+        super::expect_shape("key scale", op, k_scale, &[head_dim])?;
+        super::expect_shape("pe", op, pe, &[batch, tokens, head_dim / 2, 2])?;
+        for (name, g) in ["query gradient", "key gradient", "value gradient"].into_iter().zip(g_qkv) {
+            super::expect_shape(name, op, g, &[batch, heads, tokens, head_dim])?;
+        }
+        let qkv = 3 * heads * head_dim;
+        let tail = match tail {
+            Some(t) => {
+                ensure!(t.len() == 3 && t[0] == batch && t[1] == tokens, "{op}: tail has shape {t:?}, expected [{batch}, {tokens}, _]");
+                t[2]
+            }
+            None => 0,
+        };
+        ensure!(
+            head_dim % 2 == 0 && qkv + tail == width,
+            "{op}: q, k, v of {heads} heads x {head_dim} and a tail of {tail} columns do not make up the input's width {width}"
+        );
+        Ok(QkBackwardDims { batch, tokens, width, head_dim, qkv, tail })
+    }
+}

@@ -8,6 +8,7 @@
 use super::matmul::{matmul, Rhs};
 use super::{act, dtype_of, f32_tensor, layout, per_sample_dims, spatial, widen, CpuBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
+use crate::backend::shapes::QkBackwardDims;
 use crate::backend::{expect_shape, Backend};
 use anyhow::{bail, ensure, Result};
 use loaders::HostData;
@@ -187,27 +188,9 @@ impl BackwardOps for CpuBackend {
         tail: Option<&T>,
     ) -> Result<T> {
         const OP: &str = "qk_norm_rope_backward";
-        ensure!(x.rank() == 3, "{OP}: x has shape {:?}, expected [batch, tokens, width]", x.shape());
-        let (b, l, w) = (x.dim(0), x.dim(1), x.dim(2));
-        ensure!(q_scale.rank() == 1, "{OP}: query scale has shape {:?}", q_scale.shape());
-        let hd = q_scale.dim(0);
-        expect_shape("key scale", OP, k_scale.shape(), &[hd])?;
-        expect_shape("pe", OP, pe.shape(), &[b, l, hd / 2, 2])?;
-        for (name, g) in ["query gradient", "key gradient", "value gradient"].into_iter().zip(g_qkv) {
-            expect_shape(name, OP, g.shape(), &[b, heads, l, hd])?;
-        }
-        let qkv_w = 3 * heads * hd;
-        let tail_w = match tail {
-            Some(t) => {
-                ensure!(t.rank() == 3 && t.dim(0) == b && t.dim(1) == l, "{OP}: tail has shape {:?}, expected [{b}, {l}, _]", t.shape());
-                t.dim(2)
-            }
-            None => 0,
-        };
-        ensure!(
-            hd % 2 == 0 && qkv_w + tail_w == w,
-            "{OP}: q, k, v of {heads} heads x {hd} and a tail of {tail_w} columns do not make up the input's width {w}"
-        );
+        let d =
+            QkBackwardDims::new(x.shape(), heads, (q_scale.shape(), k_scale.shape(), pe.shape()), g_qkv.map(T::shape), tail.map(T::shape))?;
+        let (b, l, w, hd, qkv_w, tail_w) = (d.batch, d.tokens, d.width, d.head_dim, d.qkv, d.tail);
         let (x_v, pe_v, q_scale, k_scale) = (act(OP, x)?, widen(pe), widen(q_scale), widen(k_scale));
         let g = [act(OP, g_qkv[0])?, act(OP, g_qkv[1])?, act(OP, g_qkv[2])?];
         let tail_v = tail.map(|t| act(OP, t)).transpose()?;

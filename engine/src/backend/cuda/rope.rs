@@ -1,9 +1,9 @@
 //! Launch for `cuda/rope.cu`: the fused head split, QK-RMSNorm and rotary embedding. Shapes are
 //! checked as strictly as the CPU backend checks them, with the same messages.
 
-use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, T};
-use crate::backend::shapes::QkDims;
-use anyhow::{ensure, Result};
+use super::{bf16_of, bf16_tensor, f32_of, i32_arg, CudaBackend, T};
+use crate::backend::shapes::{QkBackwardDims, QkDims};
+use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 const THREADS: u32 = 256;
@@ -95,31 +95,8 @@ pub(super) fn qk_norm_rope_backward(
     tail: Option<&T>,
 ) -> Result<T> {
     let op = "qk_norm_rope_backward";
-    ensure!(x.rank() == 3, "{op}: x has shape {:?}, expected [batch, tokens, width]", x.shape());
-    let (batch, tokens, width) = (x.dim(0), x.dim(1), x.dim(2));
-    ensure!(q_scale.rank() == 1, "{op}: query scale has shape {:?}", q_scale.shape());
-    let hd = q_scale.dim(0);
-    expect_shape("key scale", op, k_scale.shape(), &[hd])?;
-    expect_shape("pe", op, pe.shape(), &[batch, tokens, hd / 2, 2])?;
-    for (name, g) in ["query gradient", "key gradient", "value gradient"].into_iter().zip(g_qkv) {
-        expect_shape(name, op, g.shape(), &[batch, heads, tokens, hd])?;
-    }
-    let qkv_w = 3 * heads * hd;
-    let tail_w = match tail {
-        Some(t) => {
-            ensure!(
-                t.rank() == 3 && t.dim(0) == batch && t.dim(1) == tokens,
-                "{op}: tail has shape {:?}, expected [{batch}, {tokens}, _]",
-                t.shape()
-            );
-            t.dim(2)
-        }
-        None => 0,
-    };
-    ensure!(
-        hd % 2 == 0 && qkv_w + tail_w == width,
-        "{op}: q, k, v of {heads} heads x {hd} and a tail of {tail_w} columns do not make up the input's width {width}"
-    );
+    let d = QkBackwardDims::new(x.shape(), heads, (q_scale.shape(), k_scale.shape(), pe.shape()), g_qkv.map(T::shape), tail.map(T::shape))?;
+    let (batch, tokens, width, hd) = (d.batch, d.tokens, d.width, d.head_dim);
     let xs = bf16_of(op, "x", x)?;
     let (qs, ks) = (bf16_of(op, "query scale", q_scale)?, bf16_of(op, "key scale", k_scale)?);
     let pes = f32_of(op, "pe (the RoPE table is uploaded in f32)", pe)?;
