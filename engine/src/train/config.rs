@@ -281,6 +281,10 @@ mod tests {
         let key = |c: TrainConfig| c.check().err().map(|e| e.key);
         assert_eq!(key(config(Stage::Sft)), None);
         assert_eq!(key(config(Stage::Dpo)), None);
+        assert_eq!(key(TrainConfig { t_one: 1.5, ..config(Stage::Sft) }), Some("t_one"));
+        assert_eq!(key(TrainConfig { t_one: 0.25, ..config(Stage::Sft) }), None);
+        assert_eq!(key(TrainConfig { warmup: 10, decay_steps: 10, ..config(Stage::Sft) }), Some("decay_steps"));
+        assert_eq!(key(TrainConfig { warmup: 10, decay_steps: 11, ..config(Stage::Sft) }), None);
         assert_eq!(key(TrainConfig { sft_lora: None, ..config(Stage::Dpo) }), Some("sft_lora"));
         assert_eq!(key(TrainConfig { sft_lora: None, base: Some("model".into()), ..config(Stage::Dpo) }), None);
         assert_eq!(key(TrainConfig { full: true, ..config(Stage::Sft) }), None);
