@@ -237,6 +237,7 @@ fn refusals_name_the_flag_or_key() {
     assert_fails_with(&train(&data, &out, &log, &["--resume", "--rank", "4"]), &["'rank'", "checkpoint.safetensors"]);
     assert_fails_with(&train(&data, &out, &log, &["--crop", "30"]), &["crop", "30"]);
     assert_fails_with(&train(&data, &out, &log, &["--device", "cuda"]), &["--device"]);
+    assert_fails_with(&train(&data, &out, &log, &["--device", "gpu"]), &["--device gpu", "auto, cpu or cuda"]);
     assert_fails_with(&train(&data, &out, &log, &["--stage", "dpo"]), &["--sft-lora"]);
     assert_fails_with(&train(&data, &out, &log, &["--stage", "asdpo", "--sft-lora", s(&log)]), &["--adversary-lora", "--closed-form"]);
     assert_fails_with(&train(&data, &out, &log, &["--closed-form"]), &["--closed-form", "asdpo"]);

@@ -133,11 +133,36 @@ fn cli_bench_times_steps_and_reports_flops() {
     assert!(by_class.contains_key("gemm") && by_class.contains_key("attention"));
     assert!(doc["mfu"].is_null() && doc["memory_peak_bytes"].is_null(), "the CPU has neither a peak rate nor device memory");
 
+    // One more step had every op timed: the classes' times fit inside that step's wall time.
+    let profiled = doc["profiled_step_seconds"].as_f64().unwrap();
+    let classes = doc["by_class"].as_object().unwrap();
+    let timed: f64 = classes.values().map(|c| c["seconds"].as_f64().unwrap()).sum();
+    assert!(timed > 0.0 && timed <= profiled * 1.001, "classes {timed} s, step {profiled} s");
+    for class in ["gemm", "attention", "norm/elementwise"] {
+        assert!(classes[class]["ops"].as_u64().unwrap() > 0, "no {class} op timed: {classes:?}");
+    }
+    let inference_flops = doc["flops_per_step"].as_u64().unwrap();
+
+    // A LoRA training step: forward, backward (counted as twice the forward) and AdamW.
+    let mut train = with_json.clone();
+    train.extend(["--train", "--rank", "4"]);
+    let out = engine(&train);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (doc["train"].as_bool(), doc["lora_rank"].as_u64(), doc["checkpointing"].as_str()),
+        (Some(true), Some(4), Some("per-block"))
+    );
+    let flops = doc["flops_per_step"].as_u64().unwrap();
+    assert!(flops % 3 == 0 && flops > 3 * inference_flops, "training {flops} FLOPs against inference {inference_flops}");
+    assert!(doc["optimizer_seconds_per_step"].as_f64().unwrap() > 0.0);
+    assert!(doc["by_class"]["lora"]["ops"].as_u64().unwrap() > 0);
+
     let mut bad = args.to_vec();
     bad[7] = "1000";
     assert_fails_with(&engine(&bad), &["--res 1000", "multiple of 16"]);
-    let mut train = args.to_vec();
-    train.push("--train");
-    assert_fails_with(&engine(&train), &["--train"]);
+    let mut bad_rank = args.to_vec();
+    bad_rank.extend(["--train", "--rank", "0"]);
+    assert_fails_with(&engine(&bad_rank), &["--rank"]);
     assert_fails_with(&engine(&args[..5].iter().chain(&args[6..]).copied().collect::<Vec<_>>()), &["--random-weights"]);
 }

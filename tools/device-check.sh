@@ -5,7 +5,7 @@
 # when the binary has them, then the PyTorch + diffusers baseline on the same shapes
 # (tools/peer-bench, when bundle/ has its wheels; PEER_COMPILE=1 adds its torch.compile variant);
 # logs go to $OUT (default ./device-out); a short table comes last. Every step has its own time
-# limit so the whole run ends within 11 minutes (16 with PEER_COMPILE=1).
+# limit so the whole run ends within 14 minutes (19 with PEER_COMPILE=1); most finish far sooner.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -60,6 +60,10 @@ if "$BIN/engine" --help | grep -q '^  kernels'; then
 fi
 if "$BIN/engine" --help | grep -q '^  bench'; then
     step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 28 --json "$OUT/bench.json"
+    # The other shapes of the performance table (their figures are in the logs).
+    step bench-512 45 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 10
+    step bench-b4 60 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --batch 4 --steps 4
+    step bench-train 90 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 3 --train
 fi
 # The peer: the same step in PyTorch + diffusers (diffusers installed offline from bundle/) and
 # PyTorch's SDPA, printed beside the engine's JSON as ratios. A failure here stops nothing.

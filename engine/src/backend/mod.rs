@@ -12,6 +12,7 @@ pub mod backward;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod profile;
 pub mod shapes;
 
 use crate::tensor::Tensor;
@@ -52,6 +53,18 @@ pub trait Backend: Sized + Send + Sync {
 
     fn reset_memory_peak(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Starts attributing each op's time to its class (`profile`), for benchmarks; false where
+    /// this backend does not time its ops.
+    fn start_op_timing(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Stops op timing and returns the time per class since `start_op_timing`, after waiting for
+    /// every op issued so far.
+    fn take_op_times(&self) -> Result<profile::OpTimes> {
+        Ok(profile::OpTimes::new())
     }
 
     /// Uploads host data keeping its dtype exactly (weights, position tables).

@@ -1,22 +1,34 @@
-//! `engine bench`: the transformer's sampling steps timed at a given shape, with model FLOPs (the
-//! meta backend's count, design section 11), TFLOP/s, MFU and peak memory.
+//! `engine bench`: the transformer's sampling steps (or LoRA training steps) timed at a given
+//! shape, with model FLOPs (the meta backend's count, design section 11), TFLOP/s, MFU, peak
+//! memory and the time per op class.
 
 use super::human_bytes;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
+use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
+use engine::backend::profile::OpTimes;
+use engine::model::backward::Checkpointing;
+use engine::model::flux::{scalars, Conditioning};
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
-use engine::perf::flops::FlopCount;
+use engine::perf::flops::{training_step_flops, FlopCount};
+use engine::perf::meta::OpClass;
 use engine::perf::{trace_flux_step, StepShape};
-use engine::{Backend, Tensor};
+use engine::train::adamw::{AdamW, AdamWConfig};
+use engine::train::kernels::TrainingKernels;
+use engine::train::params::{LoraParams, Trainable};
+use engine::Tensor;
 use loaders::{DType, HostTensor};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 /// Time the transformer's sampling steps at a model shape with random weights of the real shapes
 /// (timings are those of the real model): latency per step and per image, TFLOP/s, MFU against
 /// the card's peak dense bf16 rate and against a cuBLAS GEMM measured in the same run, peak memory,
-/// and the FLOPs per op class. The autoencoder is not included.
+/// and the FLOPs and time per op class (from one more step with every op timed). The autoencoder
+/// is not included. With --train, LoRA training steps as `engine train` runs them: forward keeping
+/// activations, backward, the adapters' gradients to the host, AdamW, the adapters back.
 #[derive(clap::Args)]
 pub struct Args {
     /// Model shape: flux-dev, flux-small or flux-tiny.
@@ -38,9 +50,17 @@ pub struct Args {
     /// Text tokens (FLUX.1-dev: 512).
     #[arg(long, default_value_t = 512)]
     txt_tokens: usize,
-    /// Time a training step instead (forward + backward): needs the training engine.
+    /// Time LoRA training steps instead (forward, backward, AdamW); FLOPs count the backward as
+    /// twice the forward.
     #[arg(long)]
     train: bool,
+    /// LoRA rank for --train.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Activation checkpointing for --train: per-block keeps each block's input and reruns its
+    /// forward in the backward; off keeps every activation (faster, much more memory).
+    #[arg(long, value_enum, default_value = "per-block")]
+    checkpointing: CheckpointingArg,
     /// Where to run: cuda, cpu or auto.
     #[arg(long, value_enum, default_value = "cuda")]
     device: Device,
@@ -54,50 +74,145 @@ fn peak_bf16_flops(device: &str) -> Option<f64> {
     [("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A800", 312e12)].into_iter().find(|(n, _)| device.contains(n)).map(|(_, f)| f)
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CheckpointingArg {
+    PerBlock,
+    Off,
+}
+
+impl CheckpointingArg {
+    /// The value as the flag spells it.
+    fn flag(self) -> &'static str {
+        match self {
+            CheckpointingArg::PerBlock => "per-block",
+            CheckpointingArg::Off => "off",
+        }
+    }
+}
+
+impl From<CheckpointingArg> for Checkpointing {
+    fn from(c: CheckpointingArg) -> Self {
+        match c {
+            CheckpointingArg::PerBlock => Checkpointing::PerBlock,
+            CheckpointingArg::Off => Checkpointing::Off,
+        }
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     ensure!(a.res > 0 && a.res % 16 == 0, "--res {}: the output side must be a positive multiple of 16", a.res);
     ensure!(a.steps >= 1, "--steps must be at least 1");
     ensure!(a.batch >= 1, "--batch must be at least 1");
+    ensure!(a.rank >= 1, "--rank must be at least 1");
     ensure!(a.random_weights, "pass --random-weights: only random weights of the shape's real sizes are benchmarked for now");
-    if a.train {
-        bail!("--train: the training step is not benchmarked yet (the training engine is being built); time inference for now");
-    }
     engine::on_backend!(a.device, b => bench(b, &a))
 }
 
-fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
+/// What one timed step runs: a sampling step, or a LoRA training step.
+enum Work<B: BackwardOps> {
+    Sample,
+    Train { trainable: LoraParams, optimizer: AdamW, g_out: Tensor<B>, checkpointing: Checkpointing },
+}
+
+/// The model and its inputs at the benchmark's shape.
+struct Setup<B: BackwardOps> {
+    model: Flux<B>,
+    img: Tensor<B>,
+    c: Conditioning<B>,
+    batch: usize,
+}
+
+impl<B: BackwardOps + TrainingKernels> Setup<B> {
+    /// One step at time `t`; for training, returns the seconds spent in the optimiser (the
+    /// adapters' gradients to the host, AdamW, the adapters back), measured after a sync.
+    fn step(&mut self, b: &B, work: &mut Work<B>, t: f32) -> Result<f64> {
+        let timesteps = scalars(b, &HostTensor::from_f32(vec![self.batch], vec![t; self.batch]))?;
+        match work {
+            Work::Sample => {
+                drop(self.model.forward(b, &self.img, &timesteps, &self.c)?);
+                Ok(0.0)
+            }
+            Work::Train { trainable, optimizer, g_out, checkpointing } => {
+                let (out, acts) = self.model.forward_train(b, &self.img, &timesteps, &self.c, *checkpointing)?;
+                drop(out);
+                let grads = self.model.backward(b, &self.img, &self.c, acts, g_out)?;
+                b.synchronize()?;
+                let t = Instant::now();
+                let g = trainable.gradients(b, &grads)?;
+                drop(grads);
+                b.adamw_step(optimizer, &mut Trainable::<B>::tensors_mut(trainable).values, &g)?;
+                trainable.install(b, &mut self.model)?;
+                b.synchronize()?;
+                Ok(t.elapsed().as_secs_f64())
+            }
+        }
+    }
+}
+
+fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     let params = FluxParams::preset(&a.shape)?;
     let side = a.res / 16;
     let shape = StepShape { batch: a.batch, img_tokens: side * side, txt_tokens: a.txt_tokens };
-    let flops = FlopCount::of(&trace_flux_step(&params, shape, DType::BF16, None)?);
+    let dtype = b.weight_dtype().unwrap_or(DType::F32);
+    // Training counts the backward as twice the forward, per class as in total.
+    let forward = FlopCount::of(&trace_flux_step(&params, shape, DType::BF16, a.train.then_some(a.rank))?);
+    let flops = match a.train {
+        false => forward,
+        true => FlopCount {
+            by_class: forward.by_class.iter().map(|(&c, &f)| (c, training_step_flops(f))).collect(),
+            total: training_step_flops(forward.total),
+        },
+    };
 
     let t0 = Instant::now();
-    let model = Flux::build(&params, &mut WeightLoader::shapes_only(b, b.weight_dtype().unwrap_or(DType::F32)))?;
-    b.synchronize()?;
-    let build_s = t0.elapsed().as_secs_f64();
+    let mut model = Flux::build(&params, &mut WeightLoader::shapes_only(b, dtype))?;
     let inputs = FluxInputs::random(&params, a.batch, (side, side), a.txt_tokens, 0);
-    let c = engine::model::Conditioning {
+    let mut work = match a.train {
+        false => Work::Sample,
+        true => {
+            let trainable = LoraParams::new(&mut model, a.rank, 0)?;
+            Trainable::<B>::install(&trainable, b, &mut model)?;
+            let n = a.batch * side * side * params.in_channels;
+            let g_out = b.input(&HostTensor::from_f32(vec![a.batch, side * side, params.in_channels], vec![1.0 / n as f32; n]))?;
+            let optimizer = AdamW::new(AdamWConfig::default());
+            Work::Train { trainable, optimizer, g_out, checkpointing: a.checkpointing.into() }
+        }
+    };
+    let c = Conditioning {
         txt: b.input(&inputs.txt)?,
         pe: model.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
         y: b.input(&inputs.y)?,
-        guidance: inputs.guidance.as_ref().map(|g| engine::model::flux::scalars(b, g)).transpose()?,
+        guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
     };
-    let img = b.input(&inputs.img)?;
-    let step = |t: f32| -> Result<Tensor<B>> {
-        model.forward(b, &img, &engine::model::flux::scalars(b, &HostTensor::from_f32(vec![a.batch], vec![t; a.batch]))?, &c)
-    };
+    let mut setup = Setup { img: b.input(&inputs.img)?, model, c, batch: a.batch };
+    b.synchronize()?;
+    let build_s = t0.elapsed().as_secs_f64();
 
-    drop(step(1.0)?); // warm-up: kernel JIT, cuBLASLt heuristics, the memory pool
+    setup.step(b, &mut work, 1.0)?; // warm-up: kernel JIT, cuBLASLt heuristics, the memory pool
     b.synchronize()?;
     b.reset_memory_peak()?;
     let mut times = Vec::with_capacity(a.steps);
+    let mut optimizer_s = 0.0;
     for i in 0..a.steps {
         let t = Instant::now();
-        drop(step(1.0 - i as f32 / a.steps as f32)?);
+        optimizer_s += setup.step(b, &mut work, 1.0 - i as f32 / a.steps as f32)?;
         b.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
     let memory = b.memory_peak()?;
+    // One more step with every op timed, for the breakdown; its events are kept out of the
+    // timed steps above.
+    let profiled = match b.start_op_timing()? {
+        true => {
+            let t = Instant::now();
+            setup.step(b, &mut work, 0.5)?;
+            let op_times = b.take_op_times()?;
+            Some((op_times, t.elapsed().as_secs_f64()))
+        }
+        false => None,
+    };
+    drop(setup);
+
     let total: f64 = times.iter().sum();
     let mean = total / a.steps as f64;
     let mut sorted = times.clone();
@@ -108,7 +223,7 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
     // The cuBLAS ceiling on this machine: a square bf16 GEMM through the same backend.
     let n = if b.memory_peak()?.is_some() { 8192 } else { 512 };
     let x = b.placeholder(&[n, n], DType::BF16).and_then(|t| b.input(&b.download(&t)?))?;
-    let w = b.placeholder(&[n, n], b.weight_dtype().unwrap_or(DType::F32))?;
+    let w = b.placeholder(&[n, n], dtype)?;
     drop(b.linear(&x, &w, None)?);
     b.synchronize()?;
     let t = Instant::now();
@@ -127,6 +242,13 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
         a.shape, params.depth, params.depth_single_blocks, params.hidden_size
     );
     println!("shape       {}x{} output, {} image + {} text tokens, batch {}", a.res, a.res, side * side, a.txt_tokens, a.batch);
+    if a.train {
+        let mode = match a.checkpointing {
+            CheckpointingArg::PerBlock => "per-block activation checkpointing",
+            CheckpointingArg::Off => "every activation kept",
+        };
+        println!("training    LoRA rank {} on every token-path linear, {mode}, AdamW", a.rank);
+    }
     println!(
         "steps       {}: {:.3} s in all, {:.1} ms per step (median {:.1} ms), {:.3} s per image",
         a.steps,
@@ -135,6 +257,9 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
         median * 1e3,
         total / a.batch as f64
     );
+    if a.train {
+        println!("optimizer   {:.1} ms per step of that (gradients to the host, AdamW, adapters back)", optimizer_s / a.steps as f64 * 1e3);
+    }
     println!("flops       {:.2} TFLOP per step, {:.1} TFLOP/s achieved", flops.total as f64 / 1e12, achieved / 1e12);
     match peak {
         Some(p) => println!("mfu         {:.1}% of the card's {:.0} TFLOP/s dense bf16", 100.0 * achieved / p, p / 1e12),
@@ -147,23 +272,79 @@ fn bench<B: Backend>(b: &B, a: &Args) -> Result<()> {
         }
         None => println!("memory      (not measured on this backend)"),
     }
-    println!("by class    (model FLOPs per step; per-class timing is not measured yet)");
-    for (class, f) in &flops.by_class {
-        println!("  {:<10} {:>9.3} TFLOP  {:>5.1}%", class.name(), *f as f64 / 1e12, 100.0 * *f as f64 / flops.total as f64);
+    let breakdown = class_breakdown(&flops, profiled.as_ref());
+    match &profiled {
+        Some((_, step_s)) => println!("by class    (one more step, every op timed: {:.1} ms in all)", step_s * 1e3),
+        None => println!("by class    (model FLOPs per step; this backend does not time its ops)"),
+    }
+    println!("  {:<18} {:>10} {:>6} {:>11} {:>7} {:>10}", "class", "TFLOP", "flops", "ms", "time", "TFLOP/s");
+    for row in &breakdown {
+        let share = |x: f64, all: f64| if all > 0.0 { format!("{:.1}%", 100.0 * x / all) } else { "-".into() };
+        let (ms, time_share, rate) = match row.seconds {
+            Some(s) => {
+                let rate = if row.flops > 0 && s > 0.0 { format!("{:.1}", row.flops as f64 / s / 1e12) } else { "-".into() };
+                (format!("{:.2}", s * 1e3), share(s, profiled.as_ref().map_or(0.0, |p| p.1)), rate)
+            }
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "  {:<18} {:>10.3} {:>6} {:>11} {:>7} {:>10}",
+            row.class.name(),
+            row.flops as f64 / 1e12,
+            share(row.flops as f64, flops.total as f64),
+            ms,
+            time_share,
+            rate
+        );
     }
 
     if let Some(path) = &a.json {
+        let classes: BTreeMap<&str, serde_json::Value> = breakdown
+            .iter()
+            .map(|r| (r.class.name(), serde_json::json!({ "flops": r.flops, "seconds": r.seconds, "ops": r.ops })))
+            .collect();
         let doc = serde_json::json!({
             "device": device, "shape": a.shape, "res": a.res, "batch": a.batch, "steps": a.steps,
             "image_tokens": side * side, "text_tokens": a.txt_tokens,
+            "train": a.train, "lora_rank": a.train.then_some(a.rank),
+            "checkpointing": a.train.then_some(a.checkpointing.flag()),
             "seconds_per_step": mean, "seconds_per_step_median": median, "seconds_per_image": total / a.batch as f64,
+            "optimizer_seconds_per_step": a.train.then(|| optimizer_s / a.steps as f64),
             "flops_per_step": flops.total, "flops_per_second": achieved,
             "mfu": peak.map(|p| achieved / p), "gemm_flops_per_second": gemm_rate, "fraction_of_gemm": achieved / gemm_rate,
             "memory_peak_bytes": memory.map(|m| m.allocator_high_water), "memory_driver_used_bytes": memory.map(|m| m.driver_used),
-            "flops_by_class": flops.by_class.iter().map(|(c, f)| (c.name().to_string(), *f)).collect::<std::collections::BTreeMap<_, _>>(),
+            "profiled_step_seconds": profiled.as_ref().map(|p| p.1),
+            "flops_by_class": flops.by_class.iter().map(|(c, f)| (c.name().to_string(), *f)).collect::<BTreeMap<_, _>>(),
+            "by_class": classes,
         });
         let text = serde_json::to_string_pretty(&doc)?;
         loaders::atomic::write_atomic(path, true, |f| std::io::Write::write_all(f, text.as_bytes()))?;
     }
     Ok(())
+}
+
+/// One op class's row of the breakdown.
+struct ClassRow {
+    class: OpClass,
+    flops: u64,
+    /// Time in the profiled step; None when ops were not timed.
+    seconds: Option<f64>,
+    ops: Option<usize>,
+}
+
+/// Every class that has FLOPs or was timed, with both.
+fn class_breakdown(flops: &FlopCount, profiled: Option<&(OpTimes, f64)>) -> Vec<ClassRow> {
+    let mut classes: Vec<OpClass> = flops.by_class.keys().copied().collect();
+    if let Some((times, _)) = profiled {
+        classes.extend(times.keys().copied());
+    }
+    classes.sort();
+    classes.dedup();
+    classes
+        .into_iter()
+        .map(|class| {
+            let time = profiled.map(|(times, _)| times.get(&class).copied().unwrap_or_default());
+            ClassRow { class, flops: flops.class(class), seconds: time.map(|t| t.seconds), ops: time.map(|t| t.ops) }
+        })
+        .collect()
 }

@@ -7,6 +7,8 @@
 //! the flag, or the file and the key the bad value came from.
 
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use engine::backend::device::Device;
 use engine::train::config::{flag, Negatives, Stage, TrainConfig};
 use engine::train::run::{train, Progress, RunOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -160,7 +162,9 @@ pub struct Args {
     /// values (implicit_acc, reward_margin, ...); appended to on resume.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
-    /// Where to run: only cpu so far [default: cpu].
+    /// Where to run the model's forward and backward and the optimiser: auto (a CUDA GPU when
+    /// usable, else the CPU), cpu or cuda [default: auto]. Data, losses and master weights stay on
+    /// the host.
     #[arg(long)]
     device: Option<String>,
 }
@@ -179,7 +183,7 @@ struct RunSettings {
 
 impl Default for RunSettings {
     fn default() -> Self {
-        RunSettings { out: None, max_steps: 1000, save_every: 0, resume: false, log: None, device: "cpu".into() }
+        RunSettings { out: None, max_steps: 1000, save_every: 0, resume: false, log: None, device: "auto".into() }
     }
 }
 
@@ -252,9 +256,8 @@ fn settings(a: &Args) -> Result<(TrainConfig, RunSettings)> {
 
 pub fn run(a: Args) -> Result<()> {
     let (config, settings) = settings(&a)?;
-    if settings.device != "cpu" {
-        bail!("--device {}: training runs on the CPU only so far (use --device cpu)", settings.device);
-    }
+    let device = Device::from_str(&settings.device, true)
+        .map_err(|_| anyhow::anyhow!("--device {}: expected auto, cpu or cuda", settings.device))?;
     let out = settings.out.context("--out: no output folder given (the flag, or 'out' in the config file)")?;
     let opts = RunOptions {
         out: out.clone(),
@@ -271,10 +274,14 @@ pub fn run(a: Args) -> Result<()> {
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]").unwrap_or(ProgressStyle::default_bar()),
     );
-    train(&config, &opts, &mut |p| match p {
-        Progress::Started { trained, step, .. } => {
+    train(device, &config, &opts, &mut |p| match p {
+        Progress::Started { device, trained, step, .. } => {
             let kind = if config.full { "" } else { "LoRA " };
-            let what = format!("--stage {}: training {} {kind}parameters, from step {step}", config.stage, super::human_count(trained));
+            let what = format!(
+                "--stage {}: training {} {kind}parameters on {device}, from step {step}",
+                config.stage,
+                super::human_count(trained)
+            );
             bar.suspend(|| println!("{what}"));
             bar.set_position(step);
         }

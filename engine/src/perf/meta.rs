@@ -59,6 +59,24 @@ pub enum OpClass {
 }
 
 impl OpClass {
+    /// A linear's class by the rank of its input: per-sample vectors `[batch, features]`, or
+    /// token rows.
+    pub fn of_linear(x_rank: usize) -> OpClass {
+        if x_rank <= 2 {
+            OpClass::PerSample
+        } else {
+            OpClass::Gemm
+        }
+    }
+
+    /// A LoRA update's class by the rank of its input, like `of_linear`.
+    pub fn of_lora(x_rank: usize) -> OpClass {
+        match OpClass::of_linear(x_rank) {
+            OpClass::Gemm => OpClass::Lora,
+            class => class,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             OpClass::Gemm => "gemm",
@@ -269,7 +287,8 @@ impl MetaBackend {
     /// A linear op; per-sample when `x` has no token dimension (see the module docs).
     fn linear_op(&self, name: &'static str, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
         let (rows, out_f, in_f) = self.linear_dims(name, x, w, bias)?;
-        let (class, flops) = if x.rank() <= 2 { (OpClass::PerSample, 0) } else { (OpClass::Gemm, 2 * (rows * out_f * in_f) as u64) };
+        let class = OpClass::of_linear(x.rank());
+        let flops = if class == OpClass::Gemm { 2 * (rows * out_f * in_f) as u64 } else { 0 };
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("rank checked") = out_f;
         let inputs: Vec<&T> = [x, w].into_iter().chain(bias).collect();
@@ -333,8 +352,8 @@ impl Backend for MetaBackend {
         if let Some(b) = up_bias {
             expect_shape("up bias", "lora", b.shape(), &[out_len])?;
         }
-        let (class, flops) =
-            if x.rank() <= 2 { (OpClass::PerSample, 0) } else { (OpClass::Lora, 2 * (rows * rank * in_f + rows * out_len * rank) as u64) };
+        let class = OpClass::of_lora(x.rank());
+        let flops = if class == OpClass::Lora { 2 * (rows * rank * in_f + rows * out_len * rank) as u64 } else { 0 };
         let inputs: Vec<&T> = [&y, x, down, up].into_iter().chain(up_bias).collect();
         let low_rank = NewBuffer { shape: vec![rows, rank], dtype: self.activation_dtype, kind: BufferKind::Activation };
         // The [rows, rank] intermediate lives for this op only: dropping it records its free.

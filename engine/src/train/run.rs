@@ -18,13 +18,14 @@ use super::batch::{step_seed, stream, Latent};
 use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
 use super::config::{Negatives, Stage, TrainConfig};
 use super::data::{Baselines, Dataset, Sample};
+use super::kernels::TrainingKernels;
 use super::loss::LogitNormal;
 use super::params::{Adapters, FullParams, LoraParams, Models, Trainable, Variant};
 use super::preference::{Losers, Preference};
 use super::sft::{loss_operator, Sft};
 use super::sobolev::Grid as FieldGrid;
 use crate::backend::backward::BackwardOps;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::device::Device;
 use crate::model::weights::WeightLoader;
 use crate::model::{Flux, LoraMode};
 use crate::sr::model_dir::{zero_text, SrConfig, SrModel};
@@ -50,10 +51,11 @@ pub struct RunOptions {
 }
 
 /// What the run reports as it goes.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Progress {
-    /// The model is loaded: `trained` parameters, starting at `step` (not 0 on resume).
-    Started { trained: usize, step: u64, max_steps: u64 },
+    /// The model is loaded on `device` (the backend's name): `trained` parameters, starting at
+    /// `step` (not 0 on resume).
+    Started { device: String, trained: usize, step: u64, max_steps: u64 },
     /// An optimiser step is done.
     Step { step: u64, max_steps: u64, loss: f64 },
 }
@@ -86,13 +88,25 @@ pub trait StageStep<B: BackwardOps> {
     fn micro_step(&mut self, cx: &mut StepContext<B>, samples: &[Sample]) -> Result<MicroStep>;
 }
 
-/// Runs (or resumes) `c.stage` to `opts.max_steps` on the CPU.
-pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+/// Runs (or resumes) `c.stage` to `opts.max_steps` on `device`.
+pub fn train(device: Device, c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
     c.validate()?;
     // A resume is checked against its checkpoint before anything is loaded.
     let resumed = if opts.resume { Some(resume_point(c, &opts.out.join(CHECKPOINT_FILE))?) } else { None };
-    let b = CpuBackend::new();
-    let mut models = Models::new(base_model(&b, c)?);
+    crate::on_backend!(device, b => train_on(b, c, opts, resumed, progress))
+}
+
+/// `train` on an opened backend: the model's forward and backward run there, the optimiser on
+/// its `TrainingKernels`; the data, the losses and the trained tensors' master copies are on the
+/// host.
+fn train_on<B: BackwardOps + TrainingKernels + 'static>(
+    b: &B,
+    c: &TrainConfig,
+    opts: &RunOptions,
+    resumed: Option<Checkpoint>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    let mut models = Models::new(base_model(b, c)?);
     let config = models.sr.config.clone();
     let (scale, unit) = (config.scale, models.sr.token_pixels());
     ensure!(
@@ -112,10 +126,10 @@ pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progre
     let op = loss_operator(&config.autoencoder, latent.grid(), c.sobolev_s)?;
     if let Some(path) = &c.adversary_lora {
         let adapter = LoraAdapter::open(path, config.transformer.hidden_size)?;
-        let adversary = Adapters::from_adapter(&b, &mut models.sr.flux, &adapter)?;
+        let adversary = Adapters::from_adapter(b, &mut models.sr.flux, &adapter)?;
         models.add_variant(Variant::Adversary, adversary);
     }
-    let mut stage: Box<dyn StageStep<CpuBackend>> = match c.stage {
+    let mut stage: Box<dyn StageStep<B>> = match c.stage {
         Stage::Sft => Box::new(Sft { op }),
         Stage::Adversary => Box::new(AdversaryMimic { op, hardness: c.hardness, rho: c.rho }),
         Stage::Dpo => {
@@ -127,8 +141,8 @@ pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progre
             Box::new(Preference { op, beta: c.beta, losers })
         }
     };
-    let mut trainable: Box<dyn Trainable<CpuBackend>> = match c.full {
-        true => Box::new(FullParams::new(&b, &mut models.sr, c.base.is_none())?),
+    let mut trainable: Box<dyn Trainable<B>> = match c.full {
+        true => Box::new(FullParams::new(b, &mut models.sr, c.base.is_none())?),
         false => Box::new(LoraParams::new(&mut models.sr.flux, c.rank, step_seed(c.seed, 0, 0))?),
     };
     let optimizer = AdamW::new(AdamWConfig {
@@ -140,7 +154,7 @@ pub fn train(c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progre
         ..AdamWConfig::default()
     });
     let data = Data { dataset, crop: c.crop, scale };
-    run_loop(&b, c, opts, &mut models, trainable.as_mut(), optimizer, resumed, stage.as_mut(), &data, progress)
+    run_loop(b, c, opts, &mut models, trainable.as_mut(), optimizer, resumed, stage.as_mut(), &data, progress)
 }
 
 /// The checkpoint a resume continues from, refused if its config differs from `c`.
@@ -170,7 +184,7 @@ struct Data {
 
 /// The common loop: resume, then steps of `grad_accum` micro-batches, logs and checkpoints.
 #[allow(clippy::too_many_arguments)]
-fn run_loop<B: BackwardOps + 'static>(
+fn run_loop<B: BackwardOps + TrainingKernels + 'static>(
     b: &B,
     c: &TrainConfig,
     opts: &RunOptions,
@@ -196,7 +210,7 @@ fn run_loop<B: BackwardOps + 'static>(
     }
     trainable.install(b, &mut models.sr.flux)?;
     let mut log = open_log(opts.log.as_deref(), resuming.then_some(step))?;
-    progress(Progress::Started { trained: trainable.tensors().count(), step, max_steps: opts.max_steps });
+    progress(Progress::Started { device: b.name(), trained: trainable.tensors().count(), step, max_steps: opts.max_steps });
 
     let save = |step: u64, trainable: &dyn Trainable<B>, optimizer: &AdamW| -> Result<()> {
         trainable.export(out)?;
@@ -218,7 +232,7 @@ fn run_loop<B: BackwardOps + 'static>(
         for g in total.grads.values_mut() {
             g.iter_mut().for_each(|x| *x = (*x as f64 / accum as f64) as f32);
         }
-        let stats = optimizer.step(&mut trainable.tensors_mut().values, &total.grads)?;
+        let stats = b.adamw_step(&mut optimizer, &mut trainable.tensors_mut().values, &total.grads)?;
         trainable.install(b, &mut models.sr.flux)?;
         step += 1;
 
@@ -293,7 +307,7 @@ fn open_log(path: Option<&Path>, resumed_at: Option<u64>) -> Result<Option<std::
 
 /// The base model with the SFT adapter (if any) merged: a folder, or a random one of a preset
 /// shape with the preset's pixel-shuffle autoencoder at x4 (no file at all).
-fn base_model(b: &CpuBackend, c: &TrainConfig) -> Result<SrModel<CpuBackend>> {
+fn base_model<B: BackwardOps + 'static>(b: &B, c: &TrainConfig) -> Result<SrModel<B>> {
     let loras: Vec<&Path> = c.sft_lora.iter().map(PathBuf::as_path).collect();
     if let Some(dir) = &c.base {
         return Ok(SrModel::load(b, dir, &loras, LoraMode::Merged)?.0);
@@ -311,6 +325,7 @@ fn base_model(b: &CpuBackend, c: &TrainConfig) -> Result<SrModel<CpuBackend>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
     use crate::sr::resample::resize;
     use crate::train::checkpoint::{load, LORA_FILE, MODEL_FILES};
     use crate::train::params::{up_name, write_lora, LoraParams};
@@ -365,7 +380,7 @@ mod tests {
     }
 
     fn run(c: &TrainConfig, opts: &RunOptions) -> Result<()> {
-        train(c, opts, &mut |_| ())
+        train(Device::Cpu, c, opts, &mut |_| ())
     }
 
     fn log_lines(log: &Path) -> Vec<serde_json::Value> {

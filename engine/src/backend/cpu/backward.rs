@@ -6,10 +6,11 @@
 //! `k` times larger.
 
 use super::matmul::{matmul, Rhs};
-use super::{act, dtype_of, f32_tensor, layout, per_sample_dims, spatial, widen, CpuBackend, T};
+use super::{act, dtype_of, f32_tensor, layout, per_sample_dims, spatial, timed, widen, CpuBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
 use crate::backend::shapes::QkBackwardDims;
 use crate::backend::{expect_shape, Backend};
+use crate::perf::meta::OpClass;
 use anyhow::{bail, ensure, Result};
 use loaders::HostData;
 use rayon::prelude::*;
@@ -20,160 +21,172 @@ const QUERY_BLOCK: usize = 64;
 
 impl BackwardOps for CpuBackend {
     fn linear_backward_input(&self, gy: &T, w: &T) -> Result<T> {
-        const OP: &str = "linear_backward_input";
-        ensure!(w.rank() == 2, "{OP}: weight has shape {:?}, expected [out, in]", w.shape());
-        let (out_f, in_f) = (w.dim(0), w.dim(1));
-        ensure!(
-            gy.rank() >= 1 && gy.dim(-1) == out_f,
-            "{OP}: output gradient has shape {:?}, weight {:?} gives {out_f} features",
-            gy.shape(),
-            w.shape()
-        );
-        let rows = gy.elem_count() / out_f;
-        let mut gx = vec![0f32; rows * in_f];
-        matmul(&mut gx, act(OP, gy)?, &widen(w), rows, in_f, out_f, Rhs::Normal, false, true);
-        let mut shape = gy.shape().to_vec();
-        *shape.last_mut().unwrap() = in_f;
-        Ok(f32_tensor(gx, shape))
+        timed(OpClass::of_linear(gy.rank()), || {
+            const OP: &str = "linear_backward_input";
+            ensure!(w.rank() == 2, "{OP}: weight has shape {:?}, expected [out, in]", w.shape());
+            let (out_f, in_f) = (w.dim(0), w.dim(1));
+            ensure!(
+                gy.rank() >= 1 && gy.dim(-1) == out_f,
+                "{OP}: output gradient has shape {:?}, weight {:?} gives {out_f} features",
+                gy.shape(),
+                w.shape()
+            );
+            let rows = gy.elem_count() / out_f;
+            let mut gx = vec![0f32; rows * in_f];
+            matmul(&mut gx, act(OP, gy)?, &widen(w), rows, in_f, out_f, Rhs::Normal, false, true);
+            let mut shape = gy.shape().to_vec();
+            *shape.last_mut().unwrap() = in_f;
+            Ok(f32_tensor(gx, shape))
+        })
     }
 
     fn linear_backward_params(&self, gy: &T, x: &T) -> Result<(T, T)> {
-        const OP: &str = "linear_backward_params";
-        ensure!(gy.rank() >= 1 && x.rank() >= 1, "{OP}: output gradient {:?} and input {:?} must have features", gy.shape(), x.shape());
-        let (out_f, in_f) = (gy.dim(-1), x.dim(-1));
-        let leading = &x.shape()[..x.rank() - 1];
-        ensure!(
-            gy.shape()[..gy.rank() - 1] == *leading,
-            "{OP}: output gradient has shape {:?}, input {:?}: their leading dimensions differ",
-            gy.shape(),
-            x.shape()
-        );
-        let rows: usize = leading.iter().product();
-        let (gy_v, x_v) = (act(OP, gy)?, act(OP, x)?);
-        // g_weight = gy^T @ x transposes the narrower operand: gy as it stands, or x for the
-        // product's transpose x^T @ gy, whose result is then turned back (a weight-sized copy,
-        // against a product `rows` times larger).
-        let g_weight = if out_f <= in_f {
-            let mut g = vec![0f32; out_f * in_f];
-            matmul(&mut g, &spatial::transpose_last2(gy_v, 1, rows, out_f), x_v, out_f, in_f, rows, Rhs::Normal, false, true);
-            g
-        } else {
-            let mut g_t = vec![0f32; in_f * out_f];
-            matmul(&mut g_t, &spatial::transpose_last2(x_v, 1, rows, in_f), gy_v, in_f, out_f, rows, Rhs::Normal, false, true);
-            spatial::transpose_last2(&g_t, 1, in_f, out_f)
-        };
-        let g_bias = sum_over_tokens(1, rows, out_f, |row, acc| {
-            for (a, &g) in acc.iter_mut().zip(&gy_v[row * out_f..(row + 1) * out_f]) {
-                *a += g as f64;
-            }
-        });
-        Ok((f32_tensor(g_weight, vec![out_f, in_f]), f32_tensor(g_bias, vec![out_f])))
+        timed(OpClass::of_linear(gy.rank()), || {
+            const OP: &str = "linear_backward_params";
+            ensure!(gy.rank() >= 1 && x.rank() >= 1, "{OP}: output gradient {:?} and input {:?} must have features", gy.shape(), x.shape());
+            let (out_f, in_f) = (gy.dim(-1), x.dim(-1));
+            let leading = &x.shape()[..x.rank() - 1];
+            ensure!(
+                gy.shape()[..gy.rank() - 1] == *leading,
+                "{OP}: output gradient has shape {:?}, input {:?}: their leading dimensions differ",
+                gy.shape(),
+                x.shape()
+            );
+            let rows: usize = leading.iter().product();
+            let (gy_v, x_v) = (act(OP, gy)?, act(OP, x)?);
+            // g_weight = gy^T @ x transposes the narrower operand: gy as it stands, or x for the
+            // product's transpose x^T @ gy, whose result is then turned back (a weight-sized copy,
+            // against a product `rows` times larger).
+            let g_weight = if out_f <= in_f {
+                let mut g = vec![0f32; out_f * in_f];
+                matmul(&mut g, &spatial::transpose_last2(gy_v, 1, rows, out_f), x_v, out_f, in_f, rows, Rhs::Normal, false, true);
+                g
+            } else {
+                let mut g_t = vec![0f32; in_f * out_f];
+                matmul(&mut g_t, &spatial::transpose_last2(x_v, 1, rows, in_f), gy_v, in_f, out_f, rows, Rhs::Normal, false, true);
+                spatial::transpose_last2(&g_t, 1, in_f, out_f)
+            };
+            let g_bias = sum_over_tokens(1, rows, out_f, |row, acc| {
+                for (a, &g) in acc.iter_mut().zip(&gy_v[row * out_f..(row + 1) * out_f]) {
+                    *a += g as f64;
+                }
+            });
+            Ok((f32_tensor(g_weight, vec![out_f, in_f]), f32_tensor(g_bias, vec![out_f])))
+        })
     }
 
     fn lora_backward(&self, gx: T, gy: &T, x: &T, down: &T, up: &T, scale: f32, offset: usize) -> Result<LoraAddGrads<Self>> {
-        const OP: &str = "lora_backward";
-        ensure!(down.rank() == 2 && up.rank() == 2, "{OP}: down {:?} and up {:?} must be matrices", down.shape(), up.shape());
-        let (rank, in_f, out_len) = (down.dim(0), down.dim(1), up.dim(0));
-        expect_shape("up", OP, up.shape(), &[out_len, rank])?;
-        ensure!(x.rank() >= 1 && x.dim(-1) == in_f, "{OP}: input has shape {:?}, down expects {in_f} features", x.shape());
-        expect_shape("input gradient", OP, gx.shape(), x.shape())?;
-        let (rows, width) = (x.elem_count() / in_f, gy.dim(-1));
-        ensure!(
-            gy.elem_count() == rows * width && offset + out_len <= width,
-            "{OP}: update of {out_len} columns at {offset} does not fit output gradient {:?} of input {:?}",
-            gy.shape(),
-            x.shape()
-        );
-        let (x_v, gy_v, down_v, up_v) = (act(OP, x)?, act(OP, gy)?, widen(down), widen(up));
-        // The adapter's columns of gy, contiguous for the products.
-        let gy_part: Cow<[f32]> =
-            if out_len == width { Cow::Borrowed(gy_v) } else { Cow::Owned(layout::narrow(gy_v, width, offset, out_len, rows, 1)) };
+        timed(OpClass::of_lora(x.rank()), || {
+            const OP: &str = "lora_backward";
+            ensure!(down.rank() == 2 && up.rank() == 2, "{OP}: down {:?} and up {:?} must be matrices", down.shape(), up.shape());
+            let (rank, in_f, out_len) = (down.dim(0), down.dim(1), up.dim(0));
+            expect_shape("up", OP, up.shape(), &[out_len, rank])?;
+            ensure!(x.rank() >= 1 && x.dim(-1) == in_f, "{OP}: input has shape {:?}, down expects {in_f} features", x.shape());
+            expect_shape("input gradient", OP, gx.shape(), x.shape())?;
+            let (rows, width) = (x.elem_count() / in_f, gy.dim(-1));
+            ensure!(
+                gy.elem_count() == rows * width && offset + out_len <= width,
+                "{OP}: update of {out_len} columns at {offset} does not fit output gradient {:?} of input {:?}",
+                gy.shape(),
+                x.shape()
+            );
+            let (x_v, gy_v, down_v, up_v) = (act(OP, x)?, act(OP, gy)?, widen(down), widen(up));
+            // The adapter's columns of gy, contiguous for the products.
+            let gy_part: Cow<[f32]> =
+                if out_len == width { Cow::Borrowed(gy_v) } else { Cow::Owned(layout::narrow(gy_v, width, offset, out_len, rows, 1)) };
 
-        // g_h = scale * gy_part @ up: the gradient of the rank-sized activation h = x @ down^T.
-        let mut g_h = vec![0f32; rows * rank];
-        matmul(&mut g_h, &gy_part, &up_v, rows, rank, out_len, Rhs::Normal, false, true);
-        g_h.iter_mut().for_each(|v| *v *= scale);
+            // g_h = scale * gy_part @ up: the gradient of the rank-sized activation h = x @ down^T.
+            let mut g_h = vec![0f32; rows * rank];
+            matmul(&mut g_h, &gy_part, &up_v, rows, rank, out_len, Rhs::Normal, false, true);
+            g_h.iter_mut().for_each(|v| *v *= scale);
 
-        let gx_shape = gx.shape().to_vec();
-        let mut gx_v = into_activation(OP, gx)?;
-        matmul(&mut gx_v, &g_h, &down_v, rows, in_f, rank, Rhs::Normal, true, true);
+            let gx_shape = gx.shape().to_vec();
+            let mut gx_v = into_activation(OP, gx)?;
+            matmul(&mut gx_v, &g_h, &down_v, rows, in_f, rank, Rhs::Normal, true, true);
 
-        let mut g_down = vec![0f32; rank * in_f];
-        matmul(&mut g_down, &spatial::transpose_last2(&g_h, 1, rows, rank), x_v, rank, in_f, rows, Rhs::Normal, false, true);
+            let mut g_down = vec![0f32; rank * in_f];
+            matmul(&mut g_down, &spatial::transpose_last2(&g_h, 1, rows, rank), x_v, rank, in_f, rows, Rhs::Normal, false, true);
 
-        // g_up = scale * gy_part^T @ h, computed as its transpose h^T @ gy_part so that only the
-        // rank-sized operands are transposed.
-        let mut h = vec![0f32; rows * rank];
-        matmul(&mut h, x_v, &down_v, rows, rank, in_f, Rhs::Transposed, false, true);
-        let mut g_up_t = vec![0f32; rank * out_len];
-        matmul(&mut g_up_t, &spatial::transpose_last2(&h, 1, rows, rank), &gy_part, rank, out_len, rows, Rhs::Normal, false, true);
-        let mut g_up = spatial::transpose_last2(&g_up_t, 1, rank, out_len);
-        g_up.iter_mut().for_each(|v| *v *= scale);
+            // g_up = scale * gy_part^T @ h, computed as its transpose h^T @ gy_part so that only the
+            // rank-sized operands are transposed.
+            let mut h = vec![0f32; rows * rank];
+            matmul(&mut h, x_v, &down_v, rows, rank, in_f, Rhs::Transposed, false, true);
+            let mut g_up_t = vec![0f32; rank * out_len];
+            matmul(&mut g_up_t, &spatial::transpose_last2(&h, 1, rows, rank), &gy_part, rank, out_len, rows, Rhs::Normal, false, true);
+            let mut g_up = spatial::transpose_last2(&g_up_t, 1, rank, out_len);
+            g_up.iter_mut().for_each(|v| *v *= scale);
 
-        Ok(LoraAddGrads {
-            gx: f32_tensor(gx_v, gx_shape),
-            down: f32_tensor(g_down, vec![rank, in_f]),
-            up: f32_tensor(g_up, vec![out_len, rank]),
+            Ok(LoraAddGrads {
+                gx: f32_tensor(gx_v, gx_shape),
+                down: f32_tensor(g_down, vec![rank, in_f]),
+                up: f32_tensor(g_up, vec![out_len, rank]),
+            })
         })
     }
 
     fn gelu_tanh_backward(&self, x_pre: &T, gy: &T) -> Result<T> {
-        const OP: &str = "gelu_tanh_backward";
-        expect_shape("output gradient", OP, gy.shape(), x_pre.shape())?;
-        let gx = act(OP, x_pre)?.par_iter().zip(act(OP, gy)?).map(|(&x, &g)| g * gelu_tanh_derivative(x)).collect();
-        Ok(f32_tensor(gx, x_pre.shape().to_vec()))
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "gelu_tanh_backward";
+            expect_shape("output gradient", OP, gy.shape(), x_pre.shape())?;
+            let gx = act(OP, x_pre)?.par_iter().zip(act(OP, gy)?).map(|(&x, &g)| g * gelu_tanh_derivative(x)).collect();
+            Ok(f32_tensor(gx, x_pre.shape().to_vec()))
+        })
     }
 
     fn layer_norm_modulate_backward(&self, x: &T, scale: &T, gy: &T, eps: f32) -> Result<T> {
-        const OP: &str = "layer_norm_modulate_backward";
-        let (_, tokens, dim) = per_sample_dims(OP, x, &[("scale", scale)])?;
-        expect_shape("output gradient", OP, gy.shape(), x.shape())?;
-        let (x_v, gy_v, scale_v) = (act(OP, x)?, act(OP, gy)?, widen(scale));
-        let mut gx = vec![0f32; x.elem_count()];
-        gx.par_chunks_mut(dim).zip(x_v.par_chunks(dim).zip(gy_v.par_chunks(dim))).enumerate().for_each(|(row, (gx, (xr, gr)))| {
-            let sc = &scale_v[(row / tokens) * dim..(row / tokens + 1) * dim];
-            let n = dim as f64;
-            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-            let rstd = 1.0 / (var + eps as f64).sqrt();
-            // With x_hat = (x - mean) rstd and g = (1 + scale) gy the gradient of x_hat:
-            // gx = rstd (g - mean(g) - x_hat mean(g x_hat)).
-            let g_hat = |i: usize| (1.0 + sc[i] as f64) * gr[i] as f64;
-            let x_hat = |i: usize| (xr[i] as f64 - mean) * rstd;
-            let mean_g = (0..dim).map(g_hat).sum::<f64>() / n;
-            let mean_g_x = (0..dim).map(|i| g_hat(i) * x_hat(i)).sum::<f64>() / n;
-            for (i, v) in gx.iter_mut().enumerate() {
-                *v = (rstd * (g_hat(i) - mean_g - x_hat(i) * mean_g_x)) as f32;
-            }
-        });
-        Ok(f32_tensor(gx, x.shape().to_vec()))
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "layer_norm_modulate_backward";
+            let (_, tokens, dim) = per_sample_dims(OP, x, &[("scale", scale)])?;
+            expect_shape("output gradient", OP, gy.shape(), x.shape())?;
+            let (x_v, gy_v, scale_v) = (act(OP, x)?, act(OP, gy)?, widen(scale));
+            let mut gx = vec![0f32; x.elem_count()];
+            gx.par_chunks_mut(dim).zip(x_v.par_chunks(dim).zip(gy_v.par_chunks(dim))).enumerate().for_each(|(row, (gx, (xr, gr)))| {
+                let sc = &scale_v[(row / tokens) * dim..(row / tokens + 1) * dim];
+                let n = dim as f64;
+                let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let rstd = 1.0 / (var + eps as f64).sqrt();
+                // With x_hat = (x - mean) rstd and g = (1 + scale) gy the gradient of x_hat:
+                // gx = rstd (g - mean(g) - x_hat mean(g x_hat)).
+                let g_hat = |i: usize| (1.0 + sc[i] as f64) * gr[i] as f64;
+                let x_hat = |i: usize| (xr[i] as f64 - mean) * rstd;
+                let mean_g = (0..dim).map(g_hat).sum::<f64>() / n;
+                let mean_g_x = (0..dim).map(|i| g_hat(i) * x_hat(i)).sum::<f64>() / n;
+                for (i, v) in gx.iter_mut().enumerate() {
+                    *v = (rstd * (g_hat(i) - mean_g - x_hat(i) * mean_g_x)) as f32;
+                }
+            });
+            Ok(f32_tensor(gx, x.shape().to_vec()))
+        })
     }
 
     fn layer_norm_modulate_backward_shift_scale(&self, x: &T, gy: &T, eps: f32) -> Result<(T, T)> {
-        const OP: &str = "layer_norm_modulate_backward_shift_scale";
-        ensure!(x.rank() == 3, "{OP}: x has shape {:?}, expected [batch, tokens, dim]", x.shape());
-        expect_shape("output gradient", OP, gy.shape(), x.shape())?;
-        let (b, l, d) = (x.dim(0), x.dim(1), x.dim(2));
-        let (x_v, gy_v) = (act(OP, x)?, act(OP, gy)?);
-        // Each sample's accumulator holds g_shift then g_scale.
-        let sums = sum_over_tokens(b, l, 2 * d, |row, acc| {
-            let (xr, gr) = (&x_v[row * d..(row + 1) * d], &gy_v[row * d..(row + 1) * d]);
-            let n = d as f64;
-            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-            let rstd = 1.0 / (var + eps as f64).sqrt();
-            let (g_shift, g_scale) = acc.split_at_mut(d);
-            for i in 0..d {
-                g_shift[i] += gr[i] as f64;
-                g_scale[i] += gr[i] as f64 * (xr[i] as f64 - mean) * rstd;
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "layer_norm_modulate_backward_shift_scale";
+            ensure!(x.rank() == 3, "{OP}: x has shape {:?}, expected [batch, tokens, dim]", x.shape());
+            expect_shape("output gradient", OP, gy.shape(), x.shape())?;
+            let (b, l, d) = (x.dim(0), x.dim(1), x.dim(2));
+            let (x_v, gy_v) = (act(OP, x)?, act(OP, gy)?);
+            // Each sample's accumulator holds g_shift then g_scale.
+            let sums = sum_over_tokens(b, l, 2 * d, |row, acc| {
+                let (xr, gr) = (&x_v[row * d..(row + 1) * d], &gy_v[row * d..(row + 1) * d]);
+                let n = d as f64;
+                let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let rstd = 1.0 / (var + eps as f64).sqrt();
+                let (g_shift, g_scale) = acc.split_at_mut(d);
+                for i in 0..d {
+                    g_shift[i] += gr[i] as f64;
+                    g_scale[i] += gr[i] as f64 * (xr[i] as f64 - mean) * rstd;
+                }
+            });
+            let (mut g_shift, mut g_scale) = (Vec::with_capacity(b * d), Vec::with_capacity(b * d));
+            for sample in sums.chunks(2 * d) {
+                g_shift.extend_from_slice(&sample[..d]);
+                g_scale.extend_from_slice(&sample[d..]);
             }
-        });
-        let (mut g_shift, mut g_scale) = (Vec::with_capacity(b * d), Vec::with_capacity(b * d));
-        for sample in sums.chunks(2 * d) {
-            g_shift.extend_from_slice(&sample[..d]);
-            g_scale.extend_from_slice(&sample[d..]);
-        }
-        Ok((f32_tensor(g_shift, vec![b, d]), f32_tensor(g_scale, vec![b, d])))
+            Ok((f32_tensor(g_shift, vec![b, d]), f32_tensor(g_scale, vec![b, d])))
+        })
     }
 
     fn qk_norm_rope_backward(
@@ -187,103 +200,121 @@ impl BackwardOps for CpuBackend {
         g_qkv: [&T; 3],
         tail: Option<&T>,
     ) -> Result<T> {
-        const OP: &str = "qk_norm_rope_backward";
-        let d =
-            QkBackwardDims::new(x.shape(), heads, (q_scale.shape(), k_scale.shape(), pe.shape()), g_qkv.map(T::shape), tail.map(T::shape))?;
-        let (b, l, w, hd, qkv_w, tail_w) = (d.batch, d.tokens, d.width, d.head_dim, d.qkv, d.tail);
-        let (x_v, pe_v, q_scale, k_scale) = (act(OP, x)?, widen(pe), widen(q_scale), widen(k_scale));
-        let g = [act(OP, g_qkv[0])?, act(OP, g_qkv[1])?, act(OP, g_qkv[2])?];
-        let tail_v = tail.map(|t| act(OP, t)).transpose()?;
-        let mut gx = vec![0f32; b * l * w];
-        // One task per token row: it gathers the row's head vectors from the three gradients.
-        gx.par_chunks_mut(w).enumerate().for_each(|(row, gx_row)| {
-            let (bi, li) = (row / l, row % l);
-            let rot = &pe_v[row * hd..(row + 1) * hd];
-            for (which, g_which) in g.iter().enumerate() {
-                for h in 0..heads {
-                    let col = (which * heads + h) * hd;
-                    let src = ((bi * heads + h) * l + li) * hd;
-                    let (g_head, dst) = (&g_which[src..src + hd], &mut gx_row[col..col + hd]);
-                    if which == 2 {
-                        dst.copy_from_slice(g_head);
-                    } else {
-                        unrotate_pairs(dst, g_head, rot);
-                        let x_head = &x_v[row * w + col..row * w + col + hd];
-                        rms_norm_backward_in_place(dst, x_head, if which == 0 { &q_scale } else { &k_scale }, eps);
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "qk_norm_rope_backward";
+            let d = QkBackwardDims::new(
+                x.shape(),
+                heads,
+                (q_scale.shape(), k_scale.shape(), pe.shape()),
+                g_qkv.map(T::shape),
+                tail.map(T::shape),
+            )?;
+            let (b, l, w, hd, qkv_w, tail_w) = (d.batch, d.tokens, d.width, d.head_dim, d.qkv, d.tail);
+            let (x_v, pe_v, q_scale, k_scale) = (act(OP, x)?, widen(pe), widen(q_scale), widen(k_scale));
+            let g = [act(OP, g_qkv[0])?, act(OP, g_qkv[1])?, act(OP, g_qkv[2])?];
+            let tail_v = tail.map(|t| act(OP, t)).transpose()?;
+            let mut gx = vec![0f32; b * l * w];
+            // One task per token row: it gathers the row's head vectors from the three gradients.
+            gx.par_chunks_mut(w).enumerate().for_each(|(row, gx_row)| {
+                let (bi, li) = (row / l, row % l);
+                let rot = &pe_v[row * hd..(row + 1) * hd];
+                for (which, g_which) in g.iter().enumerate() {
+                    for h in 0..heads {
+                        let col = (which * heads + h) * hd;
+                        let src = ((bi * heads + h) * l + li) * hd;
+                        let (g_head, dst) = (&g_which[src..src + hd], &mut gx_row[col..col + hd]);
+                        if which == 2 {
+                            dst.copy_from_slice(g_head);
+                        } else {
+                            unrotate_pairs(dst, g_head, rot);
+                            let x_head = &x_v[row * w + col..row * w + col + hd];
+                            rms_norm_backward_in_place(dst, x_head, if which == 0 { &q_scale } else { &k_scale }, eps);
+                        }
                     }
                 }
-            }
-            if let Some(t) = tail_v {
-                gx_row[qkv_w..].copy_from_slice(&t[row * tail_w..(row + 1) * tail_w]);
-            }
-        });
-        Ok(f32_tensor(gx, vec![b, l, w]))
+                if let Some(t) = tail_v {
+                    gx_row[qkv_w..].copy_from_slice(&t[row * tail_w..(row + 1) * tail_w]);
+                }
+            });
+            Ok(f32_tensor(gx, vec![b, l, w]))
+        })
     }
 
     fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
-        // The forward checks the shapes, and its output is the one inference computes.
-        let out = self.attention(q, k, v)?;
-        let (b, h, lq, lk, d) = (q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3));
-        let lse = row_log_sum_exp(act("attention_with_lse", q)?, act("attention_with_lse", k)?, b * h, lq, lk, d);
-        Ok((out, f32_tensor(lse, vec![b, h, lq])))
+        timed(OpClass::Attention, || {
+            // The forward checks the shapes, and its output is the one inference computes.
+            let out = self.attention(q, k, v)?;
+            let (b, h, lq, lk, d) = (q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3));
+            let lse = row_log_sum_exp(act("attention_with_lse", q)?, act("attention_with_lse", k)?, b * h, lq, lk, d);
+            Ok((out, f32_tensor(lse, vec![b, h, lq])))
+        })
     }
 
     fn attention_backward(&self, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
-        const OP: &str = "attention_backward";
-        ensure!(q.rank() == 4, "{OP}: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
-        let (b, h, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
-        ensure!(k.rank() == 4, "{OP}: k has shape {:?}, expected [batch, heads, tokens, head_dim]", k.shape());
-        let lk = k.dim(2);
-        expect_shape("k", OP, k.shape(), &[b, h, lk, d])?;
-        expect_shape("v", OP, v.shape(), &[b, h, lk, d])?;
-        expect_shape("output", OP, out.shape(), &[b, lq, h * d])?;
-        expect_shape("output gradient", OP, g_out.shape(), &[b, lq, h * d])?;
-        expect_shape("lse", OP, lse.shape(), &[b, h, lq])?;
-        let dims = AttentionDims { batch: b, heads: h, lq, lk, d };
-        let [gq, gk, gv] = attention_backward(act(OP, q)?, act(OP, k)?, act(OP, v)?, act(OP, out)?, act(OP, lse)?, act(OP, g_out)?, &dims);
-        Ok([f32_tensor(gq, q.shape().to_vec()), f32_tensor(gk, k.shape().to_vec()), f32_tensor(gv, v.shape().to_vec())])
+        timed(OpClass::Attention, || {
+            const OP: &str = "attention_backward";
+            ensure!(q.rank() == 4, "{OP}: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
+            let (b, h, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+            ensure!(k.rank() == 4, "{OP}: k has shape {:?}, expected [batch, heads, tokens, head_dim]", k.shape());
+            let lk = k.dim(2);
+            expect_shape("k", OP, k.shape(), &[b, h, lk, d])?;
+            expect_shape("v", OP, v.shape(), &[b, h, lk, d])?;
+            expect_shape("output", OP, out.shape(), &[b, lq, h * d])?;
+            expect_shape("output gradient", OP, g_out.shape(), &[b, lq, h * d])?;
+            expect_shape("lse", OP, lse.shape(), &[b, h, lq])?;
+            let dims = AttentionDims { batch: b, heads: h, lq, lk, d };
+            let [gq, gk, gv] =
+                attention_backward(act(OP, q)?, act(OP, k)?, act(OP, v)?, act(OP, out)?, act(OP, lse)?, act(OP, g_out)?, &dims);
+            Ok([f32_tensor(gq, q.shape().to_vec()), f32_tensor(gk, k.shape().to_vec()), f32_tensor(gv, v.shape().to_vec())])
+        })
     }
 
     fn gated_residual_backward(&self, gy: &T, gate: &T) -> Result<T> {
-        const OP: &str = "gated_residual_backward";
-        let (_, tokens, dim) = per_sample_dims(OP, gy, &[("gate", gate)])?;
-        let (gy_v, gate_v) = (act(OP, gy)?, widen(gate));
-        let mut g_branch = vec![0f32; gy.elem_count()];
-        g_branch.par_chunks_mut(dim).zip(gy_v.par_chunks(dim)).enumerate().for_each(|(row, (o, gr))| {
-            let gate_row = &gate_v[(row / tokens) * dim..(row / tokens + 1) * dim];
-            for ((o, &g), &t) in o.iter_mut().zip(gr).zip(gate_row) {
-                *o = t * g;
-            }
-        });
-        Ok(f32_tensor(g_branch, gy.shape().to_vec()))
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "gated_residual_backward";
+            let (_, tokens, dim) = per_sample_dims(OP, gy, &[("gate", gate)])?;
+            let (gy_v, gate_v) = (act(OP, gy)?, widen(gate));
+            let mut g_branch = vec![0f32; gy.elem_count()];
+            g_branch.par_chunks_mut(dim).zip(gy_v.par_chunks(dim)).enumerate().for_each(|(row, (o, gr))| {
+                let gate_row = &gate_v[(row / tokens) * dim..(row / tokens + 1) * dim];
+                for ((o, &g), &t) in o.iter_mut().zip(gr).zip(gate_row) {
+                    *o = t * g;
+                }
+            });
+            Ok(f32_tensor(g_branch, gy.shape().to_vec()))
+        })
     }
 
     fn gated_residual_backward_gate(&self, gy: &T, y: &T) -> Result<T> {
-        const OP: &str = "gated_residual_backward_gate";
-        ensure!(gy.rank() == 3, "{OP}: output gradient has shape {:?}, expected [batch, tokens, dim]", gy.shape());
-        expect_shape("branch", OP, y.shape(), gy.shape())?;
-        let (b, l, d) = (gy.dim(0), gy.dim(1), gy.dim(2));
-        let (gy_v, y_v) = (act(OP, gy)?, act(OP, y)?);
-        let g_gate = sum_over_tokens(b, l, d, |row, acc| {
-            for ((a, &g), &v) in acc.iter_mut().zip(&gy_v[row * d..(row + 1) * d]).zip(&y_v[row * d..(row + 1) * d]) {
-                *a += g as f64 * v as f64;
-            }
-        });
-        Ok(f32_tensor(g_gate, vec![b, d]))
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "gated_residual_backward_gate";
+            ensure!(gy.rank() == 3, "{OP}: output gradient has shape {:?}, expected [batch, tokens, dim]", gy.shape());
+            expect_shape("branch", OP, y.shape(), gy.shape())?;
+            let (b, l, d) = (gy.dim(0), gy.dim(1), gy.dim(2));
+            let (gy_v, y_v) = (act(OP, gy)?, act(OP, y)?);
+            let g_gate = sum_over_tokens(b, l, d, |row, acc| {
+                for ((a, &g), &v) in acc.iter_mut().zip(&gy_v[row * d..(row + 1) * d]).zip(&y_v[row * d..(row + 1) * d]) {
+                    *a += g as f64 * v as f64;
+                }
+            });
+            Ok(f32_tensor(g_gate, vec![b, d]))
+        })
     }
 
     fn silu_backward(&self, x: &T, gy: &T) -> Result<T> {
-        const OP: &str = "silu_backward";
-        expect_shape("output gradient", OP, gy.shape(), x.shape())?;
-        let gx = act(OP, x)?
-            .par_iter()
-            .zip(act(OP, gy)?)
-            .map(|(&x, &g)| {
-                let s = 1.0 / (1.0 + (-x).exp());
-                g * s * (1.0 + x * (1.0 - s))
-            })
-            .collect();
-        Ok(f32_tensor(gx, x.shape().to_vec()))
+        timed(OpClass::Elementwise, || {
+            const OP: &str = "silu_backward";
+            expect_shape("output gradient", OP, gy.shape(), x.shape())?;
+            let gx = act(OP, x)?
+                .par_iter()
+                .zip(act(OP, gy)?)
+                .map(|(&x, &g)| {
+                    let s = 1.0 / (1.0 + (-x).exp());
+                    g * s * (1.0 + x * (1.0 - s))
+                })
+                .collect();
+            Ok(f32_tensor(gx, x.shape().to_vec()))
+        })
     }
 }
 

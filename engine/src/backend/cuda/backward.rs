@@ -4,31 +4,32 @@
 
 use super::{attention, elementwise, gemm, norm, rope, CudaBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
+use crate::perf::meta::OpClass;
 use anyhow::Result;
 
 impl BackwardOps for CudaBackend {
     fn linear_backward_input(&self, gy: &T, w: &T) -> Result<T> {
-        gemm::linear_backward_input(self, gy, w)
+        self.timed(OpClass::of_linear(gy.rank()), || gemm::linear_backward_input(self, gy, w))
     }
 
     fn linear_backward_params(&self, gy: &T, x: &T) -> Result<(T, T)> {
-        gemm::linear_backward_params(self, gy, x)
+        self.timed(OpClass::of_linear(gy.rank()), || gemm::linear_backward_params(self, gy, x))
     }
 
     fn lora_backward(&self, gx: T, gy: &T, x: &T, down: &T, up: &T, scale: f32, offset: usize) -> Result<LoraAddGrads<Self>> {
-        gemm::lora_backward(self, gx, gy, x, down, up, scale, offset)
+        self.timed(OpClass::of_lora(x.rank()), || gemm::lora_backward(self, gx, gy, x, down, up, scale, offset))
     }
 
     fn gelu_tanh_backward(&self, x_pre: &T, gy: &T) -> Result<T> {
-        elementwise::unary_backward(self, elementwise::Unary::GeluTanh, x_pre, gy)
+        self.timed(OpClass::Elementwise, || elementwise::unary_backward(self, elementwise::Unary::GeluTanh, x_pre, gy))
     }
 
     fn layer_norm_modulate_backward(&self, x: &T, scale: &T, gy: &T, eps: f32) -> Result<T> {
-        norm::layer_norm_modulate_backward(self, x, scale, gy, eps)
+        self.timed(OpClass::Elementwise, || norm::layer_norm_modulate_backward(self, x, scale, gy, eps))
     }
 
     fn layer_norm_modulate_backward_shift_scale(&self, x: &T, gy: &T, eps: f32) -> Result<(T, T)> {
-        norm::layer_norm_modulate_backward_shift_scale(self, x, gy, eps)
+        self.timed(OpClass::Elementwise, || norm::layer_norm_modulate_backward_shift_scale(self, x, gy, eps))
     }
 
     fn qk_norm_rope_backward(
@@ -42,26 +43,26 @@ impl BackwardOps for CudaBackend {
         g_qkv: [&T; 3],
         tail: Option<&T>,
     ) -> Result<T> {
-        rope::qk_norm_rope_backward(self, x, heads, q_scale, k_scale, pe, eps, g_qkv, tail)
+        self.timed(OpClass::Elementwise, || rope::qk_norm_rope_backward(self, x, heads, q_scale, k_scale, pe, eps, g_qkv, tail))
     }
 
     fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
-        attention::forward_with_lse(self, q, k, v)
+        self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
     }
 
     fn attention_backward(&self, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
-        attention::backward(self, q, k, v, out, lse, g_out)
+        self.timed(OpClass::Attention, || attention::backward(self, q, k, v, out, lse, g_out))
     }
 
     fn gated_residual_backward(&self, gy: &T, gate: &T) -> Result<T> {
-        elementwise::gated_residual_backward(self, gy, gate)
+        self.timed(OpClass::Elementwise, || elementwise::gated_residual_backward(self, gy, gate))
     }
 
     fn gated_residual_backward_gate(&self, gy: &T, y: &T) -> Result<T> {
-        elementwise::gated_residual_backward_gate(self, gy, y)
+        self.timed(OpClass::Elementwise, || elementwise::gated_residual_backward_gate(self, gy, y))
     }
 
     fn silu_backward(&self, x: &T, gy: &T) -> Result<T> {
-        elementwise::unary_backward(self, elementwise::Unary::Silu, x, gy)
+        self.timed(OpClass::Elementwise, || elementwise::unary_backward(self, elementwise::Unary::Silu, x, gy))
     }
 }

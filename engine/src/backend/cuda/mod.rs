@@ -25,12 +25,16 @@ pub mod optim;
 pub mod sobolev;
 mod training;
 
+use super::profile::{Clock, OpProfiler, OpTimes};
 use super::{expect_shape, shapes, Backend, MemoryPeak};
+use crate::perf::meta::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::sys::{CUdevice_attribute, CUmemPool_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg,
+};
 use half::{bf16, f16};
 use loaders::{DType, HostData, HostTensor};
 use std::collections::HashMap;
@@ -70,6 +74,8 @@ pub struct CudaBackend {
     placeholders: AtomicU64,
     device_name: String,
     compute_capability: (i32, i32),
+    /// Op timing for benchmarks (`Backend::start_op_timing`), on CUDA events.
+    op_times: OpProfiler<CudaEvent>,
 }
 
 type T = Tensor<CudaBackend>;
@@ -138,6 +144,7 @@ impl CudaBackend {
             placeholders: AtomicU64::new(0),
             device_name: ctx.name()?,
             compute_capability,
+            op_times: OpProfiler::new(),
         };
         backend.warm_up()?;
         Ok(backend)
@@ -167,6 +174,11 @@ impl CudaBackend {
         &self.stream
     }
 
+    /// Runs `op`, attributing its device time to `class` while op timing is on.
+    fn timed<R>(&self, class: OpClass, op: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.op_times.time(&EventClock(&self.stream), class, op)
+    }
+
     /// A kernel by module (the `cuda/<module>.cu` file) and name, loaded once.
     fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap();
@@ -194,6 +206,24 @@ impl CudaBackend {
 
     fn alloc_bf16(&self, n: usize) -> Result<CudaSlice<bf16>> {
         self.alloc::<bf16>(n)
+    }
+}
+
+/// Marks in the stream as CUDA events; the time between two is the device's.
+struct EventClock<'a>(&'a Arc<CudaStream>);
+
+impl Clock for EventClock<'_> {
+    type Mark = CudaEvent;
+
+    fn mark(&self) -> Result<CudaEvent> {
+        // Timing events (not CU_EVENT_DISABLE_TIMING, which cudarc uses by default).
+        let event = self.0.context().new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        event.record(self.0)?;
+        Ok(event)
+    }
+
+    fn seconds(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        Ok(start.elapsed_ms(end)? as f64 / 1e3)
     }
 }
 
@@ -345,18 +375,32 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn start_op_timing(&self) -> Result<bool> {
+        self.op_times.start();
+        Ok(true)
+    }
+
+    fn take_op_times(&self) -> Result<OpTimes> {
+        self.stream.synchronize()?;
+        self.op_times.take(&EventClock(&self.stream))
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<T> {
-        let s = match &t.data {
-            HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v)?),
-            HostData::F16(v) => CudaStorage::F16(self.stream.clone_htod(v)?),
-            HostData::BF16(v) => CudaStorage::BF16(self.stream.clone_htod(v)?),
-        };
-        Ok(Tensor::from_storage(s, t.shape.clone()))
+        self.timed(OpClass::Transfer, || {
+            let s = match &t.data {
+                HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v)?),
+                HostData::F16(v) => CudaStorage::F16(self.stream.clone_htod(v)?),
+                HostData::BF16(v) => CudaStorage::BF16(self.stream.clone_htod(v)?),
+            };
+            Ok(Tensor::from_storage(s, t.shape.clone()))
+        })
     }
 
     fn input(&self, t: &HostTensor) -> Result<T> {
-        let v: Vec<bf16> = t.to_f32().iter().map(|&x| bf16::from_f32(x)).collect();
-        Ok(bf16_tensor(self.stream.clone_htod(&v)?, t.shape.clone()))
+        self.timed(OpClass::Transfer, || {
+            let v: Vec<bf16> = t.to_f32().iter().map(|&x| bf16::from_f32(x)).collect();
+            Ok(bf16_tensor(self.stream.clone_htod(&v)?, t.shape.clone()))
+        })
     }
 
     /// Made on the device, never in host memory (a FLUX.1-dev-size model for benchmarks): bf16
@@ -364,118 +408,125 @@ impl Backend for CudaBackend {
     /// bounds, fan_in the last dim; 0.02-scale for vectors), so that benchmarks run on non-zero
     /// data; other dtypes hold zeros.
     fn placeholder(&self, shape: &[usize], dtype: DType) -> Result<T> {
-        let n: usize = shape.iter().product();
-        let oom = |e| out_of_memory(e, n * dtype.size());
-        let s = match dtype {
-            DType::F32 => CudaStorage::F32(self.stream.alloc_zeros(n).map_err(oom)?),
-            DType::F16 => CudaStorage::F16(self.stream.alloc_zeros(n).map_err(oom)?),
-            DType::BF16 => {
-                let mut x = self.alloc::<bf16>(n)?;
-                let bound = match shape {
-                    [.., fan_in] if shape.len() >= 2 => (3.0 / (*fan_in).max(1) as f32).sqrt(),
-                    _ => 0.02 * 3f32.sqrt(),
-                };
-                let seed = self.placeholders.fetch_add(1, Ordering::Relaxed);
-                let f = self.function("elementwise", "fill_uniform_bf16")?;
-                let n64 = n as i64;
-                let cfg =
-                    LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                let mut l = self.stream.launch_builder(&f);
-                l.arg(&mut x).arg(&seed).arg(&bound).arg(&n64);
-                // SAFETY: x holds n elements; the kernel writes each once (grid-strided).
-                unsafe { l.launch(cfg) }?;
-                CudaStorage::BF16(x)
-            }
-        };
-        Ok(Tensor::from_storage(s, shape.to_vec()))
+        self.timed(OpClass::Transfer, || {
+            let n: usize = shape.iter().product();
+            let oom = |e| out_of_memory(e, n * dtype.size());
+            let s = match dtype {
+                DType::F32 => CudaStorage::F32(self.stream.alloc_zeros(n).map_err(oom)?),
+                DType::F16 => CudaStorage::F16(self.stream.alloc_zeros(n).map_err(oom)?),
+                DType::BF16 => {
+                    let mut x = self.alloc::<bf16>(n)?;
+                    let bound = match shape {
+                        [.., fan_in] if shape.len() >= 2 => (3.0 / (*fan_in).max(1) as f32).sqrt(),
+                        _ => 0.02 * 3f32.sqrt(),
+                    };
+                    let seed = self.placeholders.fetch_add(1, Ordering::Relaxed);
+                    let f = self.function("elementwise", "fill_uniform_bf16")?;
+                    let n64 = n as i64;
+                    let cfg = LaunchConfig {
+                        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut l = self.stream.launch_builder(&f);
+                    l.arg(&mut x).arg(&seed).arg(&bound).arg(&n64);
+                    // SAFETY: x holds n elements; the kernel writes each once (grid-strided).
+                    unsafe { l.launch(cfg) }?;
+                    CudaStorage::BF16(x)
+                }
+            };
+            Ok(Tensor::from_storage(s, shape.to_vec()))
+        })
     }
 
     fn download(&self, t: &T) -> Result<HostTensor> {
-        let data = match t.storage() {
-            CudaStorage::F32(s) => self.stream.clone_dtoh(s)?,
-            CudaStorage::F16(s) => self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect(),
-            CudaStorage::BF16(s) => self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect(),
-        };
-        Ok(HostTensor::from_f32(t.shape().to_vec(), data))
+        self.timed(OpClass::Transfer, || {
+            let data = match t.storage() {
+                CudaStorage::F32(s) => self.stream.clone_dtoh(s)?,
+                CudaStorage::F16(s) => self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect(),
+                CudaStorage::BF16(s) => self.stream.clone_dtoh(s)?.iter().map(|x| x.to_f32()).collect(),
+            };
+            Ok(HostTensor::from_f32(t.shape().to_vec(), data))
+        })
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
-        gemm::linear(self, x, w, bias, gemm::Epilogue::None)
+        self.timed(OpClass::of_linear(x.rank()), || gemm::linear(self, x, w, bias, gemm::Epilogue::None))
     }
 
     fn linear_gelu(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
-        gemm::linear(self, x, w, bias, gemm::Epilogue::GeluTanh)
+        self.timed(OpClass::of_linear(x.rank()), || gemm::linear(self, x, w, bias, gemm::Epilogue::GeluTanh))
     }
 
     fn lora_add(&self, y: T, x: &T, down: &T, up: &T, up_bias: Option<&T>, scale: f32, offset: usize) -> Result<T> {
-        gemm::lora_add(self, y, x, down, up, up_bias, scale, offset)
+        self.timed(OpClass::of_lora(x.rank()), || gemm::lora_add(self, y, x, down, up, up_bias, scale, offset))
     }
 
     fn layer_norm_modulate(&self, x: &T, shift: &T, scale: &T, eps: f32) -> Result<T> {
-        norm::layer_norm_modulate(self, x, shift, scale, eps)
+        self.timed(OpClass::Elementwise, || norm::layer_norm_modulate(self, x, shift, scale, eps))
     }
 
     fn qk_norm_rope(&self, x: &T, heads: usize, q_scale: &T, k_scale: &T, pe: &T, eps: f32) -> Result<[T; 3]> {
-        rope::qk_norm_rope(self, x, heads, q_scale, k_scale, pe, eps)
+        self.timed(OpClass::Elementwise, || rope::qk_norm_rope(self, x, heads, q_scale, k_scale, pe, eps))
     }
 
     fn attention(&self, q: &T, k: &T, v: &T) -> Result<T> {
-        attention::forward(self, q, k, v)
+        self.timed(OpClass::Attention, || attention::forward(self, q, k, v))
     }
 
     fn gelu_tanh(&self, x: &T) -> Result<T> {
-        elementwise::unary(self, elementwise::Unary::GeluTanh, x)
+        self.timed(OpClass::Elementwise, || elementwise::unary(self, elementwise::Unary::GeluTanh, x))
     }
 
     fn silu(&self, x: &T) -> Result<T> {
-        elementwise::unary(self, elementwise::Unary::Silu, x)
+        self.timed(OpClass::Elementwise, || elementwise::unary(self, elementwise::Unary::Silu, x))
     }
 
     fn add(&self, a: &T, b: &T) -> Result<T> {
-        elementwise::add(self, a, b)
+        self.timed(OpClass::Elementwise, || elementwise::add(self, a, b))
     }
 
     fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {
-        elementwise::gated_residual(self, x, gate, y)
+        self.timed(OpClass::Elementwise, || elementwise::gated_residual(self, x, gate, y))
     }
 
     fn concat(&self, xs: &[&T], dim: usize) -> Result<T> {
-        layout::concat(self, xs, dim)
+        self.timed(OpClass::Layout, || layout::concat(self, xs, dim))
     }
 
     fn narrow(&self, x: &T, dim: usize, start: usize, len: usize) -> Result<T> {
-        layout::narrow(self, x, dim, start, len)
+        self.timed(OpClass::Layout, || layout::narrow(self, x, dim, start, len))
     }
 
     fn timestep_embedding(&self, t: &T, dim: usize, max_period: f32, time_factor: f32) -> Result<T> {
-        embed::timestep_embedding(self, t, dim, max_period, time_factor)
+        self.timed(OpClass::Elementwise, || embed::timestep_embedding(self, t, dim, max_period, time_factor))
     }
 
     fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> Result<T> {
-        spatial::conv2d(self, x, w, bias, stride, pad)
+        self.timed(OpClass::Conv, || spatial::conv2d(self, x, w, bias, stride, pad))
     }
 
     fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
-        norm::group_norm(self, x, groups, weight, bias, eps)
+        self.timed(OpClass::Elementwise, || norm::group_norm(self, x, groups, weight, bias, eps))
     }
 
     fn upsample_nearest2x(&self, x: &T) -> Result<T> {
-        spatial::upsample_nearest2x(self, x)
+        self.timed(OpClass::Layout, || spatial::upsample_nearest2x(self, x))
     }
 
     fn transpose_last2(&self, x: &T) -> Result<T> {
-        layout::transpose_last2(self, x)
+        self.timed(OpClass::Layout, || layout::transpose_last2(self, x))
     }
 
     fn pixel_unshuffle(&self, x: &T, f: usize) -> Result<T> {
-        spatial::pixel_shuffle(self, x, f, spatial::Direction::SpaceToDepth)
+        self.timed(OpClass::Layout, || spatial::pixel_shuffle(self, x, f, spatial::Direction::SpaceToDepth))
     }
 
     fn pixel_shuffle(&self, x: &T, f: usize) -> Result<T> {
-        spatial::pixel_shuffle(self, x, f, spatial::Direction::DepthToSpace)
+        self.timed(OpClass::Layout, || spatial::pixel_shuffle(self, x, f, spatial::Direction::DepthToSpace))
     }
 
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
-        elementwise::affine(self, x, scale, offset)
+        self.timed(OpClass::Elementwise, || elementwise::affine(self, x, scale, offset))
     }
 }
