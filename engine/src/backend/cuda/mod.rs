@@ -12,6 +12,7 @@
 //! next allocation of the step instead of going back to the driver.
 
 mod attention;
+mod attention_hopper;
 mod backward;
 mod elementwise;
 mod embed;
@@ -23,6 +24,8 @@ mod spatial;
 
 pub mod optim;
 pub mod sobolev;
+
+pub use attention_hopper::AttentionKernel;
 mod training;
 
 use super::{expect_shape, shapes, Backend, MemoryPeak};
@@ -70,6 +73,10 @@ pub struct CudaBackend {
     placeholders: AtomicU64,
     device_name: String,
     compute_capability: (i32, i32),
+    /// Whether the default attention forward uses the Hopper kernel: set at initialisation when
+    /// the GPU has it, `ENGINE_ATTENTION` allows it and its start-up probe agreed with the
+    /// portable kernel (attention_hopper.rs).
+    sm90a_attention: AtomicBool,
 }
 
 type T = Tensor<CudaBackend>;
@@ -117,7 +124,7 @@ impl CudaBackend {
             compute_capability.0,
             compute_capability.1
         );
-        let hopper = compute_capability == (9, 0);
+        let hopper = attention_hopper::runs_on(compute_capability);
         let mut modules = HashMap::new();
         for &(name, ptx) in kernels::MODULES {
             if name.ends_with("_sm90a") && !hopper {
@@ -138,8 +145,10 @@ impl CudaBackend {
             placeholders: AtomicU64::new(0),
             device_name: ctx.name()?,
             compute_capability,
+            sm90a_attention: AtomicBool::new(false),
         };
         backend.warm_up()?;
+        attention_hopper::enable_after_probe(&backend)?;
         Ok(backend)
     }
 
