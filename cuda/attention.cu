@@ -106,21 +106,9 @@
 // (Dq = D rounded up to even), P 4 x R x 32 f32, K 32 x Dk bf16 (Dk = Dq, plus 2 when Dq % 4 == 0,
 // so the row stride in 32-bit words is odd), V 32 x D bf16: 98 KiB at D = 512 (fits the 99 KiB
 // per-block limit of sm_86/89 too). f32 everywhere but the stored K/V.
-#include "common.cuh"
+#include "flash.cuh"
 
 namespace {
-
-constexpr float LN2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 // 16 bytes global -> shared.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src) {
@@ -158,12 +146,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as a bf16 pair, `lo` in the low half (the lower column / k index).
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
 }
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][D] bf16 tile.

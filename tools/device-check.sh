@@ -53,6 +53,16 @@ step() { # name, limit in seconds, command...
     ldd "$BIN/engine" | sed 's/^/  /'
 } 2>&1 | tee "$OUT/machine.txt"
 
+# The Hopper attention kernel has its own step first: if it faults, the CUDA context of the process
+# is lost, and every later step would fail with it. On a failure or a disabled probe the rest runs
+# on the portable kernel (ENGINE_ATTENTION=portable), and the summary says so.
+if "$BIN/engine" --help | grep -q '^  kernels'; then
+    step hopper-probe 60 "$BIN/engine" kernels --size small --device cuda
+    if ! grep -q 'attention fwd (hopper)' "$OUT/hopper-probe.log" || grep -q 'sm90a attention kernel disabled' "$OUT/hopper-probe.log"; then
+        export ENGINE_ATTENTION=portable
+        SUMMARY+=("(the Hopper attention kernel is not used below: see hopper-probe.log; ENGINE_ATTENTION=portable)")
+    fi
+fi
 step gpu-tests 150 "$BIN/gpu-tests" --ignored --test-threads=1
 step selftest 90 "$BIN/engine" selftest --device cuda
 if "$BIN/engine" --help | grep -q '^  kernels'; then

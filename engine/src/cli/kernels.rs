@@ -3,14 +3,16 @@
 
 use super::kernels_training::TrainingBench;
 use anyhow::{ensure, Result};
+use engine::backend::cuda::{AttentionKernel, CudaBackend};
 use engine::backend::device::Device;
 use engine::{Backend, Tensor};
 use half::bf16;
 use loaders::{HostData, HostTensor};
+use std::any::Any;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Time the hand-written kernels (attention, LayerNorm + modulation, QK-norm + RoPE, gated
+/// Time the hand-written kernels (attention, both forwards side by side on Hopper, LayerNorm + modulation, QK-norm + RoPE, gated
 /// residual, GELU, LoRA matmul; the AdamW step, the Sobolev energy and S-DPO) on FLUX.1-dev shapes and report achieved TFLOP/s (compute-bound
 /// kernels) or GB/s (memory-bound ones) beside the ceiling measured in the same run: a large copy
 /// and a large GEMM through the same backend.
@@ -89,7 +91,7 @@ fn activation<B: Backend>(b: &B, shape: &[usize], seed: u64) -> Result<Tensor<B>
     b.input(&HostTensor::from_f32(shape.to_vec(), engine::sampler::gaussian_noise(shape.iter().product(), seed)))
 }
 
-fn bench<B: TrainingBench>(b: &B, a: &Args) -> Result<()> {
+fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     // FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens, hidden 3072, 24 heads of 128.
     let (l, d, heads, hd, gemm_side) = match a.size {
         Size::Full => (4608, 3072, 24, 128, 8192),
@@ -122,6 +124,17 @@ fn bench<B: TrainingBench>(b: &B, a: &Args) -> Result<()> {
     let attn_flops = 4.0 * (l * l * hd * heads) as f64;
     rows.push(Row { kernel: "attention fwd", shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: attn_flops, bound: Bound::Compute });
     drop((q, k, v));
+    // On Hopper, both forwards side by side, each forced (whichever the default picked above);
+    // both also write the log-sum-exp, so the pair compares like with like.
+    if let Some(cuda) = (b as &dyn Any).downcast_ref::<CudaBackend>().filter(|c| c.has_sm90a_attention()) {
+        let (q, k, v) =
+            (activation(cuda, &[1, heads, l, hd], 4)?, activation(cuda, &[1, heads, l, hd], 5)?, activation(cuda, &[1, heads, l, hd], 6)?);
+        for (kernel, which) in [("attention fwd (portable)", AttentionKernel::Portable), ("attention fwd (hopper)", AttentionKernel::Sm90a)]
+        {
+            let s = time(cuda, n, || cuda.attention_using(&q, &k, &v, which))?;
+            rows.push(Row { kernel, shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: attn_flops, bound: Bound::Compute });
+        }
+    }
 
     let x = activation(b, &[1, l, d], 7)?;
     let (shift, scale) = (activation(b, &[1, d], 8)?, activation(b, &[1, d], 9)?);
@@ -167,14 +180,14 @@ fn bench<B: TrainingBench>(b: &B, a: &Args) -> Result<()> {
 
     let (copy_rate, gemm_rate) = (rows[0].rate(), rows[1].rate());
     println!("device  {}", b.name());
-    println!("{:<22} {:<20} {:>10} {:>14} {:>10}", "kernel", "shape", "time", "achieved", "of ceiling");
+    println!("{:<26} {:<20} {:>10} {:>14} {:>10}", "kernel", "shape", "time", "achieved", "of ceiling");
     for r in &rows {
         let (rate, unit, ceiling) = match r.bound {
             Bound::Compute => (r.rate() / 1e12, "TFLOP/s", gemm_rate),
             Bound::Memory => (r.rate() / 1e9, "GB/s", copy_rate),
         };
         println!(
-            "{:<22} {:<20} {:>7.3} ms {:>6.1} {:<7} {:>9.0}%",
+            "{:<26} {:<20} {:>7.3} ms {:>6.1} {:<7} {:>9.0}%",
             r.kernel,
             r.shape,
             r.seconds * 1e3,

@@ -9,9 +9,9 @@
 //! The training backward (`backward`) is FlashAttention-2's in three SIMT launches (the reasoning
 //! is in attention.cu's header, part 3) for head dims up to 128.
 
-use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, CudaStorage, T};
+use super::{attention_hopper, bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, CudaStorage, T};
 use crate::backend::shapes::AttentionDims;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -82,15 +82,36 @@ fn simt_kernel(d: usize) -> (&'static str, usize, usize) {
     (name, rows, smem)
 }
 
+/// Which forward kernel `run` launches.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Route {
+    /// The Hopper kernel when the backend enabled it (compute capability 9.0, `ENGINE_ATTENTION`,
+    /// the start-up probe) and the inputs suit it; the portable default otherwise.
+    Default,
+    /// The portable default for the head dim (tensor cores for 64 and 128, SIMT otherwise).
+    Portable,
+    /// This tensor-core kernel of attention.cu.
+    Flash(FlashKernel),
+    /// The Hopper kernel (attention_sm90a.cu), whether or not the probe enabled it; an error
+    /// where it cannot run.
+    Sm90a,
+}
+
 /// `softmax(q k^T / sqrt(D)) v` with heads merged: the `Backend::attention` entry.
 pub(super) fn forward(b: &CudaBackend, q: &T, k: &T, v: &T) -> Result<T> {
-    Ok(run(b, q, k, v, None, false)?.0)
+    Ok(run(b, q, k, v, Route::Default, false)?.0)
 }
 
 /// The forward pass plus the log-sum-exp of every query row's scaled scores, `[B, H, Lq]` f32
 /// (natural log; `-inf` when there are no keys), for the training backward.
 pub(super) fn forward_with_lse(b: &CudaBackend, q: &T, k: &T, v: &T) -> Result<(T, T)> {
-    let (out, lse) = run(b, q, k, v, None, true)?;
+    forward_routed(b, q, k, v, Route::Default)
+}
+
+/// The forward pass and log-sum-exp through a chosen route (for the start-up probe, the
+/// self-test and timing the variants side by side).
+pub(super) fn forward_routed(b: &CudaBackend, q: &T, k: &T, v: &T, route: Route) -> Result<(T, T)> {
+    let (out, lse) = run(b, q, k, v, route, true)?;
     Ok((out, lse.expect("log-sum-exp was requested")))
 }
 
@@ -98,7 +119,7 @@ pub(super) fn forward_with_lse(b: &CudaBackend, q: &T, k: &T, v: &T) -> Result<(
 /// the kernel does not fit the head dim or the inputs are not 16-byte aligned.
 #[allow(dead_code)] // for the kernel bench harness
 pub(super) fn forward_using(b: &CudaBackend, q: &T, k: &T, v: &T, kernel: FlashKernel) -> Result<T> {
-    Ok(run(b, q, k, v, Some(kernel), false)?.0)
+    Ok(run(b, q, k, v, Route::Flash(kernel), false)?.0)
 }
 
 fn aligned16(b: &CudaBackend, s: &CudaSlice<bf16>) -> bool {
@@ -106,7 +127,7 @@ fn aligned16(b: &CudaBackend, s: &CudaSlice<bf16>) -> bool {
     ptr % 16 == 0
 }
 
-fn run(b: &CudaBackend, q: &T, k: &T, v: &T, forced: Option<FlashKernel>, want_lse: bool) -> Result<(T, Option<T>)> {
+fn run(b: &CudaBackend, q: &T, k: &T, v: &T, route: Route, want_lse: bool) -> Result<(T, Option<T>)> {
     let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
     let (batch, heads, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
     let (qs, ks, vs) = (bf16_of(OP, "q", q)?, bf16_of(OP, "k", k)?, bf16_of(OP, "v", v)?);
@@ -132,15 +153,32 @@ fn run(b: &CudaBackend, q: &T, k: &T, v: &T, forced: Option<FlashKernel>, want_l
     let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
 
     // Tensor cores for D in {64, 128} when the 16-byte copies are legal (fresh device buffers
-    // always are); the SIMT kernel otherwise.
+    // always are); the SIMT kernel otherwise. On Hopper, wgmma + TMA where enabled.
     let aligned = aligned16(b, qs) && aligned16(b, ks) && aligned16(b, vs) && aligned16(b, &out);
-    let flash = match forced {
-        Some(kernel) => {
+    let hopper = match route {
+        Route::Sm90a => {
+            ensure!(
+                b.has_sm90a_attention(),
+                "attention: the sm90a kernel needs compute capability 9.0 (this GPU is {})",
+                b.device_description()
+            );
+            Some(attention_hopper::kernel_for(d, lq, lk, grid_y, aligned).map_err(|e| anyhow!("attention: {e}"))?)
+        }
+        Route::Default if b.sm90a_attention_enabled() => attention_hopper::kernel_for(d, lq, lk, grid_y, aligned).ok(),
+        _ => None,
+    };
+    if let Some(kernel) = hopper {
+        let shape = attention_hopper::Launch { pairs: grid_y, heads: heads32, lq, lk, scale_log2 };
+        attention_hopper::launch(b, kernel, (qs, ks, vs), &mut out, lse.as_mut(), &shape)?;
+        return Ok(finish(out, lse));
+    }
+    let flash = match route {
+        Route::Flash(kernel) => {
             ensure!(kernel.head_dim == d, "attention: kernel {} is for head_dim {}, the inputs have {d}", kernel.name, kernel.head_dim);
             ensure!(aligned, "attention: kernel {} needs 16-byte-aligned q, k, v", kernel.name);
             Some(kernel)
         }
-        None => default_flash_kernel(d).filter(|_| aligned),
+        _ => default_flash_kernel(d).filter(|_| aligned),
     };
 
     let (name, rows_per_cta, threads, smem) = match flash {

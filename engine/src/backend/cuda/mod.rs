@@ -12,6 +12,7 @@
 //! next allocation of the step instead of going back to the driver.
 
 mod attention;
+mod attention_hopper;
 mod backward;
 mod elementwise;
 mod embed;
@@ -23,6 +24,8 @@ mod spatial;
 
 pub mod optim;
 pub mod sobolev;
+
+pub use attention_hopper::AttentionKernel;
 mod training;
 
 use super::profile::{Clock, OpProfiler, OpTimes};
@@ -76,6 +79,10 @@ pub struct CudaBackend {
     compute_capability: (i32, i32),
     /// Op timing for benchmarks (`Backend::start_op_timing`), on CUDA events.
     op_times: OpProfiler<CudaEvent>,
+    /// Whether the default attention forward uses the Hopper kernel: set at initialisation when
+    /// the GPU has it, `ENGINE_ATTENTION` allows it and its start-up probe agreed with the
+    /// portable kernel (attention_hopper.rs).
+    sm90a_attention: AtomicBool,
 }
 
 type T = Tensor<CudaBackend>;
@@ -123,7 +130,7 @@ impl CudaBackend {
             compute_capability.0,
             compute_capability.1
         );
-        let hopper = compute_capability == (9, 0);
+        let hopper = attention_hopper::runs_on(compute_capability);
         let mut modules = HashMap::new();
         for &(name, ptx) in kernels::MODULES {
             if name.ends_with("_sm90a") && !hopper {
@@ -145,8 +152,10 @@ impl CudaBackend {
             device_name: ctx.name()?,
             compute_capability,
             op_times: OpProfiler::new(),
+            sm90a_attention: AtomicBool::new(false),
         };
         backend.warm_up()?;
+        attention_hopper::enable_after_probe(&backend)?;
         Ok(backend)
     }
 
