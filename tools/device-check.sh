@@ -14,7 +14,15 @@ mkdir -p "$OUT"
 # Results of an earlier run in the same folder would be compared as if they were this run's.
 rm -f "$OUT"/{bench,kernels,peer-bench,peer-compile}.json "$OUT/logs.tar.gz"
 BIN="$ROOT/bundle"
-[ -x "$BIN/engine" ] || { echo "device-check: bundle/engine missing: run tools/device-bundle.sh on the build machine and carry bundle/" >&2; exit 1; }
+[ -f "$BIN/bin.tar.xz" ] || { echo "device-check: bundle/bin.tar.xz missing: run tools/device-bundle.sh on the build machine and carry bundle/" >&2; exit 1; }
+# The binaries travel xz-compressed (the carry limit); Python unpacks them (the machine may lack xz).
+python3 -c 'import sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    try:
+        t.extractall(sys.argv[2], filter="data")
+    except TypeError:  # a Python without extraction filters
+        t.extractall(sys.argv[2])' "$BIN/bin.tar.xz" "$BIN" ||
+    { echo "device-check: cannot unpack bundle/bin.tar.xz" >&2; exit 1; }
 
 # cuBLASLt: from a CUDA toolkit, or from the NVIDIA wheels PyTorch ships with.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
