@@ -132,6 +132,9 @@ fn cli_bench_times_steps_and_reports_flops() {
     assert_eq!(sum, doc["flops_per_step"].as_u64().unwrap());
     assert!(by_class.contains_key("gemm") && by_class.contains_key("attention"));
     assert!(doc["mfu"].is_null() && doc["memory_peak_bytes"].is_null(), "the CPU has neither a peak rate nor device memory");
+    // The planner's peak is there to compare with a GPU's measured one: at least the weights.
+    let weights = 2 * doc["parameters"].as_u64().unwrap();
+    assert!(doc["memory_planned_peak_bytes"].as_u64().unwrap() > weights, "{doc}");
 
     // One more step had every op timed: the classes' times fit inside that step's wall time.
     let profiled = doc["profiled_step_seconds"].as_f64().unwrap();

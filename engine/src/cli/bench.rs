@@ -13,7 +13,8 @@ use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
 use engine::perf::flops::{training_step_flops, FlopCount};
 use engine::perf::meta::OpClass;
-use engine::perf::{trace_flux_step, StepShape};
+use engine::perf::plan::{MemoryPlan, HOPPER_CUBLASLT_WORKSPACE};
+use engine::perf::{trace_flux_step, training_memory_estimate, StepShape};
 use engine::train::adamw::{AdamW, AdamWConfig};
 use engine::train::kernels::TrainingKernels;
 use engine::train::params::{LoraParams, Trainable};
@@ -155,7 +156,19 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     let shape = StepShape { batch: a.batch, img_tokens: side * side, txt_tokens: a.txt_tokens };
     let dtype = b.weight_dtype().unwrap_or(DType::F32);
     // Training counts the backward as twice the forward, per class as in total.
-    let forward = FlopCount::of(&trace_flux_step(&params, shape, DType::BF16, a.train.then_some(a.rank))?);
+    let trace = trace_flux_step(&params, shape, DType::BF16, a.train.then_some(a.rank))?;
+    let forward = FlopCount::of(&trace);
+    // What the planner predicts for this step (`engine plan`), printed beside the measured peak.
+    let planned_peak = match a.train {
+        false => MemoryPlan::of(&trace, HOPPER_CUBLASLT_WORKSPACE).peak(),
+        true => {
+            let estimate = training_memory_estimate(&params, shape, DType::BF16, Some(a.rank), HOPPER_CUBLASLT_WORKSPACE)?;
+            match a.checkpointing {
+                CheckpointingArg::PerBlock => estimate.peak_block_checkpointing(),
+                CheckpointingArg::Off => estimate.peak_all_kept(),
+            }
+        }
+    };
     let flops = match a.train {
         false => forward,
         true => FlopCount {
@@ -266,11 +279,15 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
         None => println!("mfu         (no peak rate known for this device)"),
     }
     println!("gemm        {:.1} TFLOP/s measured ({n}^3); the steps reach {:.1}% of it", gemm_rate / 1e12, 100.0 * achieved / gemm_rate);
+    let planned =
+        format!("planned {}{}", human_bytes(planned_peak), if a.train { " (engine plan --train's estimate)" } else { " (engine plan)" });
     match memory {
-        Some(m) => {
-            println!("memory      peak {} (allocator), {} in use (driver)", human_bytes(m.allocator_high_water), human_bytes(m.driver_used))
-        }
-        None => println!("memory      (not measured on this backend)"),
+        Some(m) => println!(
+            "memory      peak {} (allocator), {} in use (driver); {planned}",
+            human_bytes(m.allocator_high_water),
+            human_bytes(m.driver_used)
+        ),
+        None => println!("memory      not measured on this backend; {planned}"),
     }
     let breakdown = class_breakdown(&flops, profiled.as_ref());
     match &profiled {
@@ -305,7 +322,7 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
             .collect();
         let doc = serde_json::json!({
             "device": device, "shape": a.shape, "res": a.res, "batch": a.batch, "steps": a.steps,
-            "image_tokens": side * side, "text_tokens": a.txt_tokens,
+            "image_tokens": side * side, "text_tokens": a.txt_tokens, "parameters": trace.parameters(),
             "train": a.train, "lora_rank": a.train.then_some(a.rank),
             "checkpointing": a.train.then_some(a.checkpointing.flag()),
             "seconds_per_step": mean, "seconds_per_step_median": median, "seconds_per_image": total / a.batch as f64,
@@ -313,6 +330,7 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
             "flops_per_step": flops.total, "flops_per_second": achieved,
             "mfu": peak.map(|p| achieved / p), "gemm_flops_per_second": gemm_rate, "fraction_of_gemm": achieved / gemm_rate,
             "memory_peak_bytes": memory.map(|m| m.allocator_high_water), "memory_driver_used_bytes": memory.map(|m| m.driver_used),
+            "memory_planned_peak_bytes": planned_peak,
             "profiled_step_seconds": profiled.as_ref().map(|p| p.1),
             "flops_by_class": flops.by_class.iter().map(|(c, f)| (c.name().to_string(), *f)).collect::<BTreeMap<_, _>>(),
             "by_class": classes,
