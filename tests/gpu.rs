@@ -3,7 +3,7 @@
 //! `cargo test --release --test gpu -- --ignored` (or through `tools/device-check.sh`).
 
 use engine::backend::cuda::CudaBackend;
-use engine::selftest::{backward_model_check, backward_op_checks, model_check, op_checks, render_table};
+use engine::selftest::{attention_kernel_checks, backward_model_check, backward_op_checks, model_check, op_checks, render_table};
 
 fn gpu() -> CudaBackend {
     CudaBackend::new(0).expect("a CUDA GPU")
@@ -16,6 +16,15 @@ fn every_op_matches_the_cpu() {
     let table = render_table(&checks);
     println!("{table}");
     assert!(checks.iter().all(|c| c.passed()), "{table}");
+}
+
+/// On Hopper: the portable and the sm90a attention kernels, each forced (no checks elsewhere).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_attention_kernel_matches_the_cpu() {
+    let checks = attention_kernel_checks(&gpu(), 12).unwrap();
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    assert_eq!(failed, 0, "{}", render_table(&checks));
 }
 
 #[test]

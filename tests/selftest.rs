@@ -8,7 +8,7 @@ mod common;
 use common::hooked::Hooked;
 use common::{assert_fails_with, engine, s};
 use engine::backend::cpu::CpuBackend;
-use engine::selftest::{model_check, op_checks};
+use engine::selftest::{attention_kernel_checks, model_check, op_checks};
 
 /// The CPU with two planted bugs: `silu` 10% too large, and `gelu_tanh` leaving its first
 /// element unwritten (NaN) while outputs are poisoned.
@@ -48,6 +48,22 @@ fn every_op_is_checked_and_exactly_the_faulty_ones_fail() {
     assert_eq!(failed, ["gelu_tanh", "silu"].into_iter().collect(), "{}", engine::selftest::render_table(&checks));
     let gelu = checks.iter().find(|c| c.op == "gelu_tanh").unwrap();
     assert!(gelu.max_rel_err.is_infinite(), "the unwritten element must read as NaN");
+}
+
+#[test]
+fn each_attention_kernel_of_a_backend_is_checked_forced_and_a_wrong_one_fails() {
+    assert!(attention_kernel_checks(&CpuBackend::new(), 1).unwrap().is_empty(), "the CPU has no choice of kernels");
+    let hooked = Hooked { attention_kernels: vec![("portable", 1.0), ("sm90a", 1.02)], ..Hooked::default() };
+    let checks = attention_kernel_checks(&hooked, 1).unwrap();
+    let table = engine::selftest::render_table(&checks);
+    for kernel in ["portable", "sm90a"] {
+        let outputs: Vec<_> = checks.iter().filter(|c| c.op == format!("attention ({kernel})")).collect();
+        let lse: Vec<_> = checks.iter().filter(|c| c.op == format!("attention ({kernel}) lse")).collect();
+        assert!(outputs.len() >= 4 && outputs.len() == lse.len(), "{table}");
+        // The planted 2% error is in the output only.
+        assert!(outputs.iter().all(|c| c.passed() == (kernel == "portable")), "{table}");
+        assert!(lse.iter().all(|c| c.passed()), "{table}");
+    }
 }
 
 #[test]

@@ -66,7 +66,7 @@ step() { # name, limit in seconds, command...
 # on the portable kernel (ENGINE_ATTENTION=portable), and the summary says so.
 if "$BIN/engine" --help | grep -q '^  kernels'; then
     step hopper-probe 60 "$BIN/engine" kernels --size small --device cuda
-    if ! grep -q 'attention fwd (hopper)' "$OUT/hopper-probe.log" || grep -q 'sm90a attention kernel disabled' "$OUT/hopper-probe.log"; then
+    if ! grep -q 'attention fwd (sm90a)' "$OUT/hopper-probe.log" || grep -q 'sm90a attention kernel disabled' "$OUT/hopper-probe.log"; then
         export ENGINE_ATTENTION=portable
         SUMMARY+=("(the Hopper attention kernel is not used below: see hopper-probe.log; ENGINE_ATTENTION=portable)")
     fi

@@ -294,17 +294,13 @@ pub fn model_check<D: Backend>(dut: &D, preset: &str, grid: (usize, usize), seed
     })
 }
 
-/// The Hopper attention kernel (cuda/attention_sm90a.cu) on its own against the CPU, where the
-/// backend under test has it (CUDA on compute capability 9.0; no checks elsewhere). It is run
-/// explicitly, whether or not the start-up probe enabled it for the default dispatch, so that a
-/// wrong kernel shows here as failing checks. Shapes: lengths that are no multiple of its
-/// 128-row and 128-key tiles, fewer keys than one tile, a single key, a single query row.
-pub fn sm90a_attention_checks(dut: &dyn std::any::Any, seed: u64) -> Result<Vec<Check>> {
-    use crate::backend::cuda::{AttentionKernel, CudaBackend};
-    let Some(cuda) = dut.downcast_ref::<CudaBackend>() else { return Ok(Vec::new()) };
-    if !cuda.has_sm90a_attention() {
-        return Ok(Vec::new());
-    }
+/// Each attention kernel the backend chooses between (`BackwardOps::attention_kernels`: on a
+/// Hopper GPU the portable one and cuda/attention_sm90a.cu; none elsewhere) on its own against
+/// the CPU, forced, whether or not the dispatch (and the Hopper kernel's start-up probe) would
+/// pick it, so that a wrong kernel shows here as failing checks. Shapes: lengths that are no
+/// multiple of the 128-row and 128-key tiles, fewer keys than one tile, a single key, a single
+/// query row.
+pub fn attention_kernel_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Check>> {
     let cpu = CpuBackend::new();
     let mut checks = Vec::new();
     let mut s = seed.wrapping_add(90 << 32);
@@ -324,25 +320,27 @@ pub fn sm90a_attention_checks(dut: &dyn std::any::Any, seed: u64) -> Result<Vec<
             (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
         let shape = format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens");
         let (out_ref, lse_ref) = cpu.attention_with_lse(&cpu.input(&q)?, &cpu.input(&k)?, &cpu.input(&v)?)?;
-        cuda.poison_outputs(true);
-        let got = (|| cuda.attention_using(&cuda.input(&q)?, &cuda.input(&k)?, &cuda.input(&v)?, AttentionKernel::Sm90a))();
-        cuda.poison_outputs(false);
-        let (out, lse) = got.map_err(|e| e.context(format!("attention (sm90a) on {shape}")))?;
-        for (op, c, r) in [
-            ("attention (sm90a)", cuda.download(&out)?, cpu.download(&out_ref)?),
-            ("attention (sm90a) lse", cuda.download(&lse)?, cpu.download(&lse_ref)?),
-        ] {
-            checks.push(Check { op: op.into(), shape: shape.clone(), max_rel_err: max_rel_err(&c, &r), tolerance: BF16_OP_TOLERANCE });
+        for kernel in dut.attention_kernels() {
+            dut.poison_outputs(true);
+            let got = (|| dut.attention_with_lse_using(kernel, &dut.input(&q)?, &dut.input(&k)?, &dut.input(&v)?))();
+            dut.poison_outputs(false);
+            let (out, lse) = got.map_err(|e| e.context(format!("attention ({kernel}) on {shape}")))?;
+            for (op, c, r) in [
+                (format!("attention ({kernel})"), dut.download(&out)?, cpu.download(&out_ref)?),
+                (format!("attention ({kernel}) lse"), dut.download(&lse)?, cpu.download(&lse_ref)?),
+            ] {
+                checks.push(Check { op, shape: shape.clone(), max_rel_err: max_rel_err(&c, &r), tolerance: BF16_OP_TOLERANCE });
+            }
         }
     }
     Ok(checks)
 }
 
-/// Every op (and the Hopper attention kernel where the device has it), then the `flux-tiny` and
+/// Every op (and each attention kernel where the device has a choice), then the `flux-tiny` and
 /// `flux-small` forwards, then every backward op and a `flux-tiny` training backward.
-pub fn run_all<D: BackwardOps + 'static>(dut: &D, seed: u64) -> Result<Vec<Check>> {
+pub fn run_all<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Check>> {
     let mut checks = op_checks(dut, seed)?;
-    checks.extend(sm90a_attention_checks(dut, seed)?);
+    checks.extend(attention_kernel_checks(dut, seed)?);
     checks.push(model_check(dut, "flux-tiny", (6, 5), seed)?);
     checks.push(model_check(dut, "flux-small", (16, 16), seed)?);
     checks.extend(backward_op_checks(dut, seed)?);

@@ -1,6 +1,7 @@
 //! The CPU backend with faults planted on request: the self-test must catch them, and callers
 //! must survive a device running out of memory.
 
+use engine::backend::backward::{BackwardOps, LoraAddGrads};
 use engine::backend::cpu::CpuBackend;
 use engine::backend::cuda::DeviceOutOfMemory;
 use engine::{Backend, Tensor};
@@ -16,6 +17,9 @@ pub struct Hooked {
     pub gelu_skips_first_when_poisoned: bool,
     /// `attention` over more query tokens than this fails as a GPU out of memory would.
     pub attention_token_limit: usize,
+    /// Attention kernels to choose between (`BackwardOps::attention_kernels`) and the factor each
+    /// multiplies its output by.
+    pub attention_kernels: Vec<(&'static str, f32)>,
 }
 
 impl Default for Hooked {
@@ -26,6 +30,7 @@ impl Default for Hooked {
             silu_scale: 1.0,
             gelu_skips_first_when_poisoned: false,
             attention_token_limit: usize::MAX,
+            attention_kernels: Vec::new(),
         }
     }
 }
@@ -137,5 +142,81 @@ impl Backend for Hooked {
     }
     fn affine(&self, x: &T, scale: f32, offset: f32) -> anyhow::Result<T> {
         self.cpu.affine(&inner(x), scale, offset).map(wrap)
+    }
+}
+
+/// The backward ops are the CPU's; only the choice of attention kernels is planted.
+impl BackwardOps for Hooked {
+    fn linear_backward_input(&self, gy: &T, w: &T) -> anyhow::Result<T> {
+        self.cpu.linear_backward_input(&inner(gy), &inner(w)).map(wrap)
+    }
+    fn linear_backward_params(&self, gy: &T, x: &T) -> anyhow::Result<(T, T)> {
+        let (w, b) = self.cpu.linear_backward_params(&inner(gy), &inner(x))?;
+        Ok((wrap(w), wrap(b)))
+    }
+    fn lora_backward(&self, gx: T, gy: &T, x: &T, down: &T, up: &T, scale: f32, offset: usize) -> anyhow::Result<LoraAddGrads<Self>> {
+        let g = self.cpu.lora_backward(inner(&gx), &inner(gy), &inner(x), &inner(down), &inner(up), scale, offset)?;
+        Ok(LoraAddGrads { gx: wrap(g.gx), down: wrap(g.down), up: wrap(g.up) })
+    }
+    fn gelu_tanh_backward(&self, x_pre: &T, gy: &T) -> anyhow::Result<T> {
+        self.cpu.gelu_tanh_backward(&inner(x_pre), &inner(gy)).map(wrap)
+    }
+    fn layer_norm_modulate_backward(&self, x: &T, scale: &T, gy: &T, eps: f32) -> anyhow::Result<T> {
+        self.cpu.layer_norm_modulate_backward(&inner(x), &inner(scale), &inner(gy), eps).map(wrap)
+    }
+    fn layer_norm_modulate_backward_shift_scale(&self, x: &T, gy: &T, eps: f32) -> anyhow::Result<(T, T)> {
+        let (shift, scale) = self.cpu.layer_norm_modulate_backward_shift_scale(&inner(x), &inner(gy), eps)?;
+        Ok((wrap(shift), wrap(scale)))
+    }
+    fn qk_norm_rope_backward(
+        &self,
+        x: &T,
+        heads: usize,
+        q_scale: &T,
+        k_scale: &T,
+        pe: &T,
+        eps: f32,
+        g_qkv: [&T; 3],
+        tail: Option<&T>,
+    ) -> anyhow::Result<T> {
+        let g = g_qkv.map(inner);
+        let tail = tail.map(inner);
+        self.cpu
+            .qk_norm_rope_backward(
+                &inner(x),
+                heads,
+                &inner(q_scale),
+                &inner(k_scale),
+                &inner(pe),
+                eps,
+                [&g[0], &g[1], &g[2]],
+                tail.as_ref(),
+            )
+            .map(wrap)
+    }
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> anyhow::Result<(T, T)> {
+        let (out, lse) = self.cpu.attention_with_lse(&inner(q), &inner(k), &inner(v))?;
+        Ok((wrap(out), wrap(lse)))
+    }
+    fn attention_backward(&self, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> anyhow::Result<[T; 3]> {
+        let [gq, gk, gv] = self.cpu.attention_backward(&inner(q), &inner(k), &inner(v), &inner(out), &inner(lse), &inner(g_out))?;
+        Ok([wrap(gq), wrap(gk), wrap(gv)])
+    }
+    fn gated_residual_backward(&self, gy: &T, gate: &T) -> anyhow::Result<T> {
+        self.cpu.gated_residual_backward(&inner(gy), &inner(gate)).map(wrap)
+    }
+    fn gated_residual_backward_gate(&self, gy: &T, y: &T) -> anyhow::Result<T> {
+        self.cpu.gated_residual_backward_gate(&inner(gy), &inner(y)).map(wrap)
+    }
+    fn silu_backward(&self, x: &T, gy: &T) -> anyhow::Result<T> {
+        self.cpu.silu_backward(&inner(x), &inner(gy)).map(wrap)
+    }
+    fn attention_kernels(&self) -> Vec<&'static str> {
+        self.attention_kernels.iter().map(|(name, _)| *name).collect()
+    }
+    fn attention_with_lse_using(&self, kernel: &str, q: &T, k: &T, v: &T) -> anyhow::Result<(T, T)> {
+        let &(_, factor) = self.attention_kernels.iter().find(|(name, _)| *name == kernel).expect("a planted kernel");
+        let (out, lse) = self.attention_with_lse(q, k, v)?;
+        Ok((edit(out, usize::MAX, |x| x * factor), lse))
     }
 }

@@ -128,6 +128,24 @@ pub trait BackwardOps: Backend {
     /// `attention`'s, so that a training forward computes what inference does.
     fn attention_with_lse(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
+    /// The attention forward kernels this backend chooses between, by name, where it has more
+    /// than one (a Hopper GPU: "portable" and "sm90a"); empty where there is no choice. The
+    /// self-test checks each and `engine kernels` times each, whichever the dispatch picks.
+    fn attention_kernels(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
+    /// `attention_with_lse` through one of `attention_kernels`, forced.
+    fn attention_with_lse_using(
+        &self,
+        kernel: &str,
+        _q: &Tensor<Self>,
+        _k: &Tensor<Self>,
+        _v: &Tensor<Self>,
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        anyhow::bail!("attention kernel '{kernel}': this backend has no choice of attention kernels")
+    }
+
     /// Backward of `attention(q, k, v)`: given the forward's inputs, its output `out` and `lse`
     /// (from `attention_with_lse`) and the output gradient `g_out` `[B, Lq, H * D]` (heads merged,
     /// as the output), returns (gq, gk, gv) in the inputs' layout `[B, H, L, D]`. With

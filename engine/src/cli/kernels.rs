@@ -3,12 +3,11 @@
 
 use super::kernels_training::TrainingBench;
 use anyhow::{ensure, Result};
-use engine::backend::cuda::{AttentionKernel, CudaBackend};
+use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
 use engine::{Backend, Tensor};
 use half::bf16;
 use loaders::{HostData, HostTensor};
-use std::any::Any;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -47,7 +46,7 @@ enum Bound {
 }
 
 struct Row {
-    kernel: &'static str,
+    kernel: String,
     shape: String,
     seconds: f64,
     /// FLOPs for compute-bound kernels, bytes moved for memory-bound ones.
@@ -91,7 +90,7 @@ fn activation<B: Backend>(b: &B, shape: &[usize], seed: u64) -> Result<Tensor<B>
     b.input(&HostTensor::from_f32(shape.to_vec(), engine::sampler::gaussian_noise(shape.iter().product(), seed)))
 }
 
-fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
+fn bench<B: TrainingBench + BackwardOps>(b: &B, a: &Args) -> Result<()> {
     // FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens, hidden 3072, 24 heads of 128.
     let (l, d, heads, hd, gemm_side) = match a.size {
         Size::Full => (4608, 3072, 24, 128, 8192),
@@ -106,7 +105,7 @@ fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     let big = activation(b, &[l * 4, d * 8], 1)?;
     let s = time(b, n, || b.narrow(&big, 0, 0, l * 4))?;
     rows.push(Row {
-        kernel: "copy (ceiling)",
+        kernel: "copy (ceiling)".into(),
         shape: format!("{:?}", big.shape()),
         seconds: s,
         work: 2.0 * big.elem_count() as f64 * elem,
@@ -116,23 +115,36 @@ fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     let (x, w) = (activation(b, &[gemm_side, gemm_side], 2)?, random(b, &[gemm_side, gemm_side], 3, 0.01)?);
     let s = time(b, n, || b.linear(&x, &w, None))?;
     let g = gemm_side as f64;
-    rows.push(Row { kernel: "gemm (ceiling)", shape: format!("{gemm_side}^3"), seconds: s, work: 2.0 * g * g * g, bound: Bound::Compute });
+    rows.push(Row {
+        kernel: "gemm (ceiling)".into(),
+        shape: format!("{gemm_side}^3"),
+        seconds: s,
+        work: 2.0 * g * g * g,
+        bound: Bound::Compute,
+    });
     drop((x, w));
 
     let (q, k, v) = (activation(b, &[1, heads, l, hd], 4)?, activation(b, &[1, heads, l, hd], 5)?, activation(b, &[1, heads, l, hd], 6)?);
     let s = time(b, n, || b.attention(&q, &k, &v))?;
     let attn_flops = 4.0 * (l * l * hd * heads) as f64;
-    rows.push(Row { kernel: "attention fwd", shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: attn_flops, bound: Bound::Compute });
+    rows.push(Row {
+        kernel: "attention fwd".into(),
+        shape: format!("[1,{heads},{l},{hd}]"),
+        seconds: s,
+        work: attn_flops,
+        bound: Bound::Compute,
+    });
     drop((q, k, v));
-    // On Hopper, both forwards side by side, each forced (whichever the default picked above);
-    // both also write the log-sum-exp, so the pair compares like with like.
-    if let Some(cuda) = (b as &dyn Any).downcast_ref::<CudaBackend>().filter(|c| c.has_sm90a_attention()) {
+    // Where the backend chooses between attention kernels (Hopper), each forced, side by side;
+    // all write the log-sum-exp, so they compare like with like.
+    let kernels = b.attention_kernels();
+    if !kernels.is_empty() {
         let (q, k, v) =
-            (activation(cuda, &[1, heads, l, hd], 4)?, activation(cuda, &[1, heads, l, hd], 5)?, activation(cuda, &[1, heads, l, hd], 6)?);
-        for (kernel, which) in [("attention fwd (portable)", AttentionKernel::Portable), ("attention fwd (hopper)", AttentionKernel::Sm90a)]
-        {
-            let s = time(cuda, n, || cuda.attention_using(&q, &k, &v, which))?;
-            rows.push(Row { kernel, shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: attn_flops, bound: Bound::Compute });
+            (activation(b, &[1, heads, l, hd], 4)?, activation(b, &[1, heads, l, hd], 5)?, activation(b, &[1, heads, l, hd], 6)?);
+        for kernel in kernels {
+            let s = time(b, n, || b.attention_with_lse_using(kernel, &q, &k, &v))?;
+            let name = format!("attention fwd ({kernel})");
+            rows.push(Row { kernel: name, shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: attn_flops, bound: Bound::Compute });
         }
     }
 
@@ -141,7 +153,7 @@ fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     let s = time(b, n, || b.layer_norm_modulate(&x, &shift, &scale, 1e-6))?;
     let act_bytes = (l * d) as f64 * elem;
     rows.push(Row {
-        kernel: "layer_norm_modulate",
+        kernel: "layer_norm_modulate".into(),
         shape: format!("[1,{l},{d}]"),
         seconds: s,
         work: 2.0 * act_bytes,
@@ -149,9 +161,15 @@ fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     });
     let gate = activation(b, &[1, d], 10)?;
     let s = time(b, n, || b.gated_residual(&x, &gate, &x))?;
-    rows.push(Row { kernel: "gated_residual", shape: format!("[1,{l},{d}]"), seconds: s, work: 3.0 * act_bytes, bound: Bound::Memory });
+    rows.push(Row {
+        kernel: "gated_residual".into(),
+        shape: format!("[1,{l},{d}]"),
+        seconds: s,
+        work: 3.0 * act_bytes,
+        bound: Bound::Memory,
+    });
     let s = time(b, n, || b.gelu_tanh(&x))?;
-    rows.push(Row { kernel: "gelu_tanh", shape: format!("[1,{l},{d}]"), seconds: s, work: 2.0 * act_bytes, bound: Bound::Memory });
+    rows.push(Row { kernel: "gelu_tanh".into(), shape: format!("[1,{l},{d}]"), seconds: s, work: 2.0 * act_bytes, bound: Bound::Memory });
 
     let qkv = activation(b, &[1, l, 3 * d], 11)?;
     let (qs, ks) = (random(b, &[hd], 12, 1.0)?, random(b, &[hd], 13, 1.0)?);
@@ -159,7 +177,7 @@ fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     let s = time(b, n, || b.qk_norm_rope(&qkv, heads, &qs, &ks, &pe, 1e-6))?;
     let pe_bytes = (l * hd) as f64 * 4.0;
     rows.push(Row {
-        kernel: "qk_norm_rope",
+        kernel: "qk_norm_rope".into(),
         shape: format!("[1,{l},{}]", 3 * d),
         seconds: s,
         work: 2.0 * 3.0 * act_bytes + pe_bytes,
@@ -172,10 +190,10 @@ fn bench<B: TrainingBench + 'static>(b: &B, a: &Args) -> Result<()> {
     let (down, up) = (random(b, &[rank, d], 14, 0.02)?, random(b, &[d, rank], 15, 0.02)?);
     let s = time(b, n, || b.lora_add(b.narrow(&x, 0, 0, 1)?, &x, &down, &up, None, 1.0, 0))?;
     let lora_flops = 2.0 * 2.0 * (l * d * rank) as f64;
-    rows.push(Row { kernel: "lora_add (r16)", shape: format!("[1,{l},{d}]"), seconds: s, work: lora_flops, bound: Bound::Compute });
+    rows.push(Row { kernel: "lora_add (r16)".into(), shape: format!("[1,{l},{d}]"), seconds: s, work: lora_flops, bound: Bound::Compute });
 
     for (kernel, shape, seconds, bytes) in b.training_rows(a.size == Size::Full, &|f| time(b, n, f))? {
-        rows.push(Row { kernel, shape, seconds, work: bytes, bound: Bound::Memory });
+        rows.push(Row { kernel: kernel.into(), shape, seconds, work: bytes, bound: Bound::Memory });
     }
 
     let (copy_rate, gemm_rate) = (rows[0].rate(), rows[1].rate());

@@ -27,7 +27,7 @@ pub fn run(a: Args) -> Result<()> {
     engine::on_backend!(a.device, b => selftest(b, a.seed))
 }
 
-fn selftest<B: BackwardOps + TrainingKernels + 'static>(b: &B, seed: u64) -> Result<()> {
+fn selftest<B: BackwardOps + TrainingKernels>(b: &B, seed: u64) -> Result<()> {
     println!("device  {}", b.name());
     let t0 = Instant::now();
     let mut checks = run_all(b, seed)?;

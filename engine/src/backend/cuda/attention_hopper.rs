@@ -298,28 +298,40 @@ pub(super) fn enable_after_probe(b: &CudaBackend) -> Result<()> {
 /// Which attention forward to run, for the self-test and `engine kernels`, which compare the
 /// kernels side by side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttentionKernel {
+pub(super) enum AttentionKernel {
     /// The portable tensor-core (or SIMT) kernels of attention.cu, whatever the GPU.
     Portable,
     /// The Hopper kernel of attention_sm90a.cu, whether or not the start-up probe enabled it.
     Sm90a,
 }
 
+impl AttentionKernel {
+    pub const ALL: [AttentionKernel; 2] = [AttentionKernel::Portable, AttentionKernel::Sm90a];
+
+    /// The name `BackwardOps::attention_kernels` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::Portable => "portable",
+            AttentionKernel::Sm90a => "sm90a",
+        }
+    }
+}
+
 impl CudaBackend {
     /// Whether this GPU has the Hopper attention kernel (compute capability 9.0).
-    pub fn has_sm90a_attention(&self) -> bool {
+    pub(super) fn has_sm90a_attention(&self) -> bool {
         self.modules.contains_key(MODULE)
     }
 
     /// Whether the default `attention` uses the Hopper kernel (where the inputs allow): the GPU
     /// has it, `ENGINE_ATTENTION` allows it, and it passed the start-up probe.
-    pub fn sm90a_attention_enabled(&self) -> bool {
+    pub(super) fn sm90a_attention_enabled(&self) -> bool {
         self.sm90a_attention.load(Ordering::Relaxed)
     }
 
     /// Attention forward and log-sum-exp through the chosen kernel; fails with one line when it
     /// cannot take the inputs (`Sm90a` on another GPU, another head dim, ...).
-    pub fn attention_using(&self, q: &T, k: &T, v: &T, kernel: AttentionKernel) -> Result<(T, T)> {
+    pub(super) fn attention_using(&self, q: &T, k: &T, v: &T, kernel: AttentionKernel) -> Result<(T, T)> {
         let route = match kernel {
             AttentionKernel::Portable => attention::Route::Portable,
             AttentionKernel::Sm90a => attention::Route::Sm90a,

@@ -2,7 +2,7 @@
 //! through cuBLASLt (`gemm.rs`), the rest in kernels beside their forward in `cuda/<family>.cu`,
 //! launched from the matching file here. This file only dispatches.
 
-use super::{attention, elementwise, gemm, norm, rope, CudaBackend, T};
+use super::{attention, elementwise, gemm, norm, rope, AttentionKernel, CudaBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
 use crate::perf::meta::OpClass;
 use anyhow::Result;
@@ -48,6 +48,21 @@ impl BackwardOps for CudaBackend {
 
     fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
         self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
+    }
+
+    fn attention_kernels(&self) -> Vec<&'static str> {
+        match self.has_sm90a_attention() {
+            true => AttentionKernel::ALL.iter().map(|k| k.name()).collect(),
+            false => Vec::new(),
+        }
+    }
+
+    fn attention_with_lse_using(&self, kernel: &str, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        let kernel = AttentionKernel::ALL
+            .into_iter()
+            .find(|k| k.name() == kernel)
+            .ok_or_else(|| anyhow::anyhow!("attention kernel '{kernel}': expected one of {:?}", AttentionKernel::ALL.map(|k| k.name())))?;
+        self.timed(OpClass::Attention, || self.attention_using(q, k, v, kernel))
     }
 
     fn attention_backward(&self, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {

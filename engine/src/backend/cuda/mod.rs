@@ -25,7 +25,7 @@ mod spatial;
 pub mod optim;
 pub mod sobolev;
 
-pub use attention_hopper::AttentionKernel;
+use attention_hopper::AttentionKernel;
 mod training;
 
 use super::profile::{Clock, OpProfiler, OpTimes};
