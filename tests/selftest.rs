@@ -115,9 +115,16 @@ fn cli_kernels_reports_every_kernel_against_the_ceilings() {
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let kernels = doc["kernels"].as_array().unwrap();
     let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
-    for k in
-        ["copy (ceiling)", "gemm (ceiling)", "attention fwd", "layer_norm_modulate", "qk_norm_rope", "gated_residual", "lora_add (r16)"]
-    {
+    for k in [
+        "copy (ceiling)",
+        "gemm (ceiling)",
+        "attention fwd",
+        "attention bwd",
+        "layer_norm_modulate",
+        "qk_norm_rope",
+        "gated_residual",
+        "lora_add (r16)",
+    ] {
         assert!(names.contains(&k), "{k} missing from {names:?}");
     }
     for k in kernels {

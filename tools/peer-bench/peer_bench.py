@@ -486,18 +486,20 @@ def compare(doc, bench, kernels):
         gemm = by_name.get("gemm (ceiling)")
         if gemm and "seconds_per_step" not in doc:
             rows.append(("GEMM ceiling", gemm["rate"], doc["gemm_flops_per_second"], tflops, True))
-        engine_attn = by_name.get("attention fwd")
-        for r in doc.get("attention", []):
-            if not r["kernel"].endswith(" fwd"):
-                continue
-            if engine_attn is None:
-                notes.append(f"{path}: no 'attention fwd' row to set beside SDPA")
-                break
-            if engine_attn["shape"] != r["shape"]:
-                notes.append(f"attention shapes differ: engine {engine_attn['shape']}, peer {r['shape']} "
-                             "(--attn-size must match `engine kernels --size`)")
-                break
-            rows.append((f"attn fwd vs {r['kernel'][:-4]} ({r['backend']})", engine_attn["rate"], r["rate"], tflops, True))
+        for direction in ("fwd", "bwd"):
+            engine_attn = by_name.get(f"attention {direction}")
+            for r in doc.get("attention", []):
+                if not r["kernel"].endswith(f" {direction}"):
+                    continue
+                if engine_attn is None:
+                    notes.append(f"{path}: no 'attention {direction}' row to set beside SDPA")
+                    break
+                if engine_attn["shape"] != r["shape"]:
+                    notes.append(f"attention shapes differ: engine {engine_attn['shape']}, peer {r['shape']} "
+                                 "(--attn-size must match `engine kernels --size`)")
+                    break
+                label = f"attn {direction} vs {r['kernel'][:-4]} ({r['backend']})"
+                rows.append((label, engine_attn["rate"], r["rate"], tflops, True))
         if k.get("device") != doc["device"]:
             notes.append(f"devices differ: engine kernels '{k.get('device')}', peer '{doc['device']}'")
     if not rows:

@@ -32,7 +32,9 @@ def peer_doc(**over):
            "flops_per_second": 1.3e9, "flops_by_class": {}, "memory_peak_bytes": None, "memory_driver_used_bytes": None,
            "peak_flops_per_second": None, "mfu": None, "fraction_of_gemm": 0.026,
            "attention": [{"kernel": "sdpa fwd", "backend": "flash", "shape": "[1,4,256,128]", "seconds": 0.01,
-                          "flops": 1.3e8, "rate": 1.3e10, "unit": "FLOP/s"}],
+                          "flops": 1.3e8, "rate": 1.3e10, "unit": "FLOP/s"},
+                         {"kernel": "sdpa bwd", "backend": "flash", "shape": "[1,4,256,128]", "seconds": 0.025,
+                          "flops": 3.25e8, "rate": 1.3e10, "unit": "FLOP/s"}],
            "attention_skipped": [], "attention_iters": 20}
     doc.update(over)
     return doc
@@ -107,13 +109,16 @@ class Compare(unittest.TestCase):
     def test_side_by_side_with_ratios(self):
         bench = self.write("bench.json", engine_bench_doc())
         kernels = self.write("kernels.json", {"device": "cpu (2 threads)", "iters": 5, "kernels": [
-            {"kernel": "attention fwd", "shape": "[1,4,256,128]", "seconds": 0.005, "rate": 2.6e10}]})
+            {"kernel": "attention fwd", "shape": "[1,4,256,128]", "seconds": 0.005, "rate": 2.6e10},
+            {"kernel": "attention bwd", "shape": "[1,4,256,128]", "seconds": 0.05, "rate": 6.5e9}]})
         code, out, err = run_main(["--load", self.peer, "--compare", bench, "--compare", kernels])
         self.assertEqual(code, 0, err)
         step = next(line for line in out.splitlines() if line.startswith("step (mean)"))
         self.assertTrue(step.endswith("2.00x"), step)  # peer 4 ms / engine 2 ms
         attn = next(line for line in out.splitlines() if line.startswith("attn fwd"))
         self.assertTrue(attn.endswith("2.00x"), attn)  # engine 26 / peer 13 GFLOP/s
+        attn_bwd = next(line for line in out.splitlines() if line.startswith("attn bwd"))
+        self.assertTrue(attn_bwd.endswith("0.50x"), attn_bwd)  # engine 6.5 / peer 13 GFLOP/s
         self.assertNotIn("FLOP counts differ", out)
 
     def test_other_work_is_refused(self):

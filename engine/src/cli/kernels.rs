@@ -134,7 +134,19 @@ fn bench<B: TrainingBench + BackwardOps>(b: &B, a: &Args) -> Result<()> {
         work: attn_flops,
         bound: Bound::Compute,
     });
-    drop((q, k, v));
+    // The backward counted as FlashAttention's papers count it, 2.5 x the forward (five L x L x d
+    // products against two), so that its rate compares with theirs.
+    let (out, lse) = b.attention_with_lse(&q, &k, &v)?;
+    let g_out = activation(b, out.shape(), 7)?;
+    let s = time(b, n, || b.attention_backward(&q, &k, &v, &out, &lse, &g_out))?;
+    rows.push(Row {
+        kernel: "attention bwd".into(),
+        shape: format!("[1,{heads},{l},{hd}]"),
+        seconds: s,
+        work: 2.5 * attn_flops,
+        bound: Bound::Compute,
+    });
+    drop((q, k, v, out, lse, g_out));
     // Where the backend chooses between attention kernels (Hopper), each forced, side by side;
     // all write the log-sum-exp, so they compare like with like.
     let kernels = b.attention_kernels();
