@@ -13,15 +13,18 @@ OUT="${OUT:-$ROOT/device-out}"
 mkdir -p "$OUT"
 # Results of an earlier run in the same folder would be compared as if they were this run's.
 rm -f "$OUT"/{bench,kernels,peer-bench,peer-compile}.json "$OUT/logs.tar.gz"
-BIN="$ROOT/bundle"
-[ -f "$BIN/bin.tar.xz" ] || { echo "device-check: bundle/bin.tar.xz missing: run tools/device-bundle.sh on the build machine and carry bundle/" >&2; exit 1; }
-# The binaries travel xz-compressed (the carry limit); Python unpacks them (the machine may lack xz).
+BUNDLE="$ROOT/bundle"
+[ -f "$BUNDLE/bin.tar.xz" ] || { echo "device-check: bundle/bin.tar.xz missing: run tools/device-bundle.sh on the build machine and carry bundle/" >&2; exit 1; }
+# The binaries travel xz-compressed (the carry limit); Python unpacks them (the machine may lack
+# xz) outside bundle/, so that bundle/ stays small enough to carry again.
+BIN="$(mktemp -d)"
+trap 'rm -rf "$BIN"' EXIT
 python3 -c 'import sys, tarfile
 with tarfile.open(sys.argv[1]) as t:
     try:
         t.extractall(sys.argv[2], filter="data")
     except TypeError:  # a Python without extraction filters
-        t.extractall(sys.argv[2])' "$BIN/bin.tar.xz" "$BIN" ||
+        t.extractall(sys.argv[2])' "$BUNDLE/bin.tar.xz" "$BIN" ||
     { echo "device-check: cannot unpack bundle/bin.tar.xz" >&2; exit 1; }
 
 # cuBLASLt: from a CUDA toolkit, or from the NVIDIA wheels PyTorch ships with.
@@ -53,7 +56,7 @@ step() { # name, limit in seconds, command...
 
 {
     echo "date:    $(date -u +%Y-%m-%dT%H:%MZ)"
-    echo "commit:  $(cat "$BIN/commit" 2>/dev/null)"
+    echo "commit:  $(cat "$BUNDLE/commit" 2>/dev/null)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/gpu:     /'
     command -v nvcc >/dev/null && nvcc --version | tail -1 | sed 's/^/nvcc:    /'
     echo "LD_LIBRARY_PATH: $LD_LIBRARY_PATH"
@@ -85,15 +88,15 @@ if "$BIN/engine" --help | grep -q '^  bench'; then
 fi
 # The peer: the same step in PyTorch + diffusers (diffusers installed offline from bundle/) and
 # PyTorch's SDPA, printed beside the engine's JSON as ratios. A failure here stops nothing.
-if [ -f "$BIN/peer-wheels.tar.xz" ]; then
+if [ -f "$BUNDLE/peer-wheels.tar.xz" ]; then
     compare=()
     for j in bench kernels; do
         [ -f "$OUT/$j.json" ] && compare+=(--compare "$OUT/$j.json")
     done
-    step peer-bench 180 bash tools/peer-bench/device-run.sh "$BIN/peer-wheels.tar.xz" \
+    step peer-bench 180 bash tools/peer-bench/device-run.sh "$BUNDLE/peer-wheels.tar.xz" \
         --shape flux-dev --res 1024 --steps 28 --json "$OUT/peer-bench.json" "${compare[@]}"
     if [ "${PEER_COMPILE:-0}" = 1 ]; then
-        step peer-compile 300 bash tools/peer-bench/device-run.sh "$BIN/peer-wheels.tar.xz" \
+        step peer-compile 300 bash tools/peer-bench/device-run.sh "$BUNDLE/peer-wheels.tar.xz" \
             --compile --skip-attention --shape flux-dev --res 1024 --steps 28 --json "$OUT/peer-compile.json" "${compare[@]}"
     fi
 fi
