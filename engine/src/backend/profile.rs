@@ -67,10 +67,10 @@ impl<M> OpProfiler<M> {
         {
             let mut s = self.state.lock().unwrap();
             if s.on {
-                s.depth += 1;
-                if s.depth == 1 {
+                if s.depth == 0 {
                     s.open = Some((class, clock.mark()?));
                 }
+                s.depth += 1;
             }
         }
         // The lock is not held while the op runs: it may call other timed ops.
