@@ -205,11 +205,13 @@ constexpr int SM90A_ROWS = 128;      // query rows per CTA (64 per consumer warp
 constexpr int CONSUMER_WARPS = 8;    // arrivals on each empty barrier
 constexpr uint32_t SPAN = 128;       // bytes of one tile row in one panel (the swizzle span)
 constexpr uint32_t ATOM = 8 * SPAN;  // one swizzle pattern: 8 rows
+constexpr int SM90A_STAGES = 2;      // K/V buffers each
+constexpr int SM90A_BARRIERS = 1 + 4 * SM90A_STAGES;  // q_full, then k_full, v_full, k_empty, v_empty per stage
 
 template <int D, int BC, int STAGES>
 __device__ __forceinline__ void flash_fwd_sm90a(const CUtensorMap *tq, const CUtensorMap *tk, const CUtensorMap *tv,
                                                 __nv_bfloat16 *__restrict__ out, float *__restrict__ lse, int heads, int lq, int lk,
-                                                float scale_log2, unsigned char *smem) {
+                                                float scale_log2, unsigned char *smem, uint64_t *bars) {
     constexpr int BR = SM90A_ROWS;
     constexpr int DH = D / 64;               // 64-column panels (one swizzle span each)
     constexpr int ND = D / 8, NS = BC / 8;   // n-tiles of O and S
@@ -217,8 +219,7 @@ __device__ __forceinline__ void flash_fwd_sm90a(const CUtensorMap *tq, const CUt
     constexpr uint32_t Q_BYTES = DH * PANEL_Q, KV_BYTES = DH * PANEL_KV;
     static_assert(D % 64 == 0 && BC % 16 == 0 && BC <= 256, "tile shapes of the TMA boxes and wgmma");
 
-    // q_full, then k_full, v_full, k_empty, v_empty per stage.
-    __shared__ __align__(8) uint64_t bars[1 + 4 * STAGES];
+    static_assert(STAGES == SM90A_STAGES, "the kernels declare SM90A_BARRIERS barriers");
     const uint32_t q_full = smem_addr(bars);
     auto k_full = [&](int s) { return q_full + 8 * (1 + s); };
     auto v_full = [&](int s) { return q_full + 8 * (1 + STAGES + s); };
@@ -396,7 +397,10 @@ extern __shared__ __align__(128) unsigned char attention_sm90a_smem[];
     extern "C" __global__ void __launch_bounds__(SM90A_THREADS, 1)                                                           \
         name(const __grid_constant__ CUtensorMap tq, const __grid_constant__ CUtensorMap tk, const __grid_constant__ CUtensorMap tv, \
              __nv_bfloat16 *__restrict__ out, float *__restrict__ lse, int heads, int lq, int lk, float scale_log2) {          \
-        flash_fwd_sm90a<D, 128, 2>(&tq, &tk, &tv, out, lse, heads, lq, lk, scale_log2, attention_sm90a_smem);                \
+        /* Declared here, not in the anonymous namespace: the PTX name of a static shared variable there */              \
+        /* carries a hash of the source path, and the committed PTX must not depend on the checkout. */                 \
+        __shared__ __align__(8) uint64_t bars[SM90A_BARRIERS];                                                               \
+        flash_fwd_sm90a<D, 128, SM90A_STAGES>(&tq, &tk, &tv, out, lse, heads, lq, lk, scale_log2, attention_sm90a_smem, bars); \
     }
 
 SM90A_KERNEL(attention_fwd_sm90a_d128, 128)
