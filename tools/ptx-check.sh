@@ -19,6 +19,13 @@ if ! diff -r -q "$committed" ptx >/dev/null; then
     diff -r -q "$committed" ptx >&2 || true
     exit 1
 fi
+# Internal-linkage names (a static __shared__ variable in an anonymous namespace, for one) carry
+# a hash of the source file's path into the PTX, which then differs between checkouts.
+if grep -l '_INTERNAL_' ptx/*.ptx >/dev/null 2>&1; then
+    echo "ptx-check: PTX names that depend on the checkout's path (_INTERNAL_); declare those variables outside anonymous namespaces:" >&2
+    grep -l '_INTERNAL_' ptx/*.ptx >&2
+    exit 1
+fi
 for cu in cuda/*.cu; do
     name="$(basename "$cu" .cu)"
     [ -f "ptx/$name.ptx" ] || { echo "ptx-check: $cu has no ptx/$name.ptx" >&2; exit 1; }
