@@ -154,28 +154,29 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
     return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
-// Copies rows [0, ROWS) of a [*, D] bf16 matrix starting at `src` into the swizzled tile at shared
+// Copies rows [0, ROWS) of a bf16 matrix with D columns and `stride` elements between rows (D for
+// q, k, v; H * D for the merged-head g_out) starting at `src` into the swizzled tile at shared
 // address `dst`; rows >= `valid` (>= 1) are zero-filled. All NT threads take part (one commit group is
 // the caller's business). Thread tid copies chunk tid % CH of rows tid / CH + STEP * i: STEP is a
 // multiple of 8, so every row a thread touches has the same swizzle and the addresses are one
 // base plus immediates.
 template <int ROWS, int D, int NT>
-__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16 *src, int valid, unsigned tid) {
+__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16 *src, int stride, int valid, unsigned tid) {
     constexpr int CH = D / 8, STEP = NT / CH;
     static_assert(NT % CH == 0 && STEP % 8 == 0 && ROWS % STEP == 0, "tile rows must divide among the threads");
     const int row0 = static_cast<int>(tid / CH), ch = static_cast<int>(tid % CH);
     const uint32_t d0 = dst + swz<D>(row0, ch);
     if (valid >= ROWS) {  // every tile but the last: no guards, one base plus immediates
-        const __nv_bfloat16 *s0 = src + row0 * D + ch * 8;
+        const __nv_bfloat16 *s0 = src + row0 * stride + ch * 8;
 #pragma unroll
-        for (int i = 0; i < ROWS / STEP; ++i) cp_async_16(d0 + i * STEP * D * 2, s0 + i * STEP * D);
+        for (int i = 0; i < ROWS / STEP; ++i) cp_async_16(d0 + i * STEP * D * 2, s0 + i * STEP * stride);
     } else {
         const __nv_bfloat16 *s0 = src + ch * 8;
 #pragma unroll
         for (int i = 0; i < ROWS / STEP; ++i) {
             const int row = row0 + i * STEP;
             // A zero-filled row still gets an in-bounds address (the last valid row; valid >= 1).
-            cp_async_16_zfill(d0 + i * STEP * D * 2, s0 + min(row, valid - 1) * D, row < valid);
+            cp_async_16_zfill(d0 + i * STEP * D * 2, s0 + min(row, valid - 1) * stride, row < valid);
         }
     }
 }
@@ -234,11 +235,11 @@ __device__ __forceinline__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, c
 
     // Prologue: Q, K0, V0 as three commit groups (the K/V groups empty when Lk = 0, so that the
     // group arithmetic below holds regardless).
-    load_tile<BR, D, NT>(sq, qg, lq - q0, tid);
+    load_tile<BR, D, NT>(sq, qg, D, lq - q0, tid);
     cp_async_commit();
-    if (nt > 0) load_tile<BC, D, NT>(skv, kg, lk, tid);
+    if (nt > 0) load_tile<BC, D, NT>(skv, kg, D, lk, tid);
     cp_async_commit();
-    if (nt > 0) load_tile<BC, D, NT>(skv + TILE_KV, vg, lk, tid);
+    if (nt > 0) load_tile<BC, D, NT>(skv + TILE_KV, vg, D, lk, tid);
     cp_async_commit();
 
     // A fragment of Q for m-tile mt and k-step kd (16 columns): rows mt * 16.., chunks 2 kd, 2 kd + 1.
@@ -274,9 +275,9 @@ __device__ __forceinline__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, c
         if (more) {
             const uint32_t nk = skv + (2 * TILE_KV - stage);
             const int r0 = (j + 1) * BC;
-            load_tile<BC, D, NT>(nk, kg + static_cast<size_t>(r0) * D, lk - r0, tid);
+            load_tile<BC, D, NT>(nk, kg + static_cast<size_t>(r0) * D, D, lk - r0, tid);
             cp_async_commit();
-            load_tile<BC, D, NT>(nk + TILE_KV, vg + static_cast<size_t>(r0) * D, lk - r0, tid);
+            load_tile<BC, D, NT>(nk + TILE_KV, vg + static_cast<size_t>(r0) * D, D, lk - r0, tid);
             cp_async_commit();
         }
 
@@ -844,3 +845,288 @@ extern "C" __global__ void __launch_bounds__(256)
 BWD_KERNELS(32)
 BWD_KERNELS(64)
 BWD_KERNELS(128)
+
+// ---- 4. Backward on tensor cores (D = 64 and 128): attention_bwd_{dkdv,dq}_mma_d{64,128} ----------
+//
+// The same three launches and the same arithmetic as part 3 (delta is part 3's kernel), with the
+// five products on mma.m16n8k16 (bf16 in, f32 accumulate) and one template, flash_bwd<D, BN, DKDV>,
+// for both gradient passes. Each pass is "rows resident, columns streamed":
+//     dkdv: rows = 64 keys (X = K, Y = V), columns = query tiles of BN (U = Q, W = dO);
+//     dq:   rows = 64 queries (X = Q, Y = dO), columns = key tiles of BN (U = K, W = V).
+// Per column tile, warp w (rows 16w .. 16w + 15) computes
+//     S  = X U^T, dP = Y W^T                     (A = X, Y rows; B = U, W rows: K's pattern below)
+//     P  = exp2(S c - lse log2 e)                (c = log2(e) / sqrt(D), lse from the forward)
+//     dS = P (dP - delta)
+// and accumulates, with P and dS going from the accumulators to A fragments in registers as the
+// forward's P does:
+//     dkdv: dV += P W, dK += dS U                (B = W, U rows through ldmatrix.trans: V's pattern)
+//     dq:   dQ += dS U
+// In dkdv, S, P and dS are the transposes of the forward's (keys down, queries across), which is
+// what lets dV and dK be A x B products with the key rows owned by the warp; lse and delta then
+// vary along the columns, and come with each query tile (4-byte cp.async into shared memory). In
+// dq they vary along the rows and each thread keeps its two rows' values in registers. 1 / sqrt(D)
+// is applied to dK and dQ at the store, as in part 3.
+//
+// Fragment layouts are the forward's (part 1's table): PTX ISA, "Matrix Fragments for
+// mma.m16n8k16 with floating point type" (the A, B and C/D fragment figures for .bf16), and
+// ldmatrix's "fragment layout of one 8x8 matrix" figure (.trans swaps the roles of row and column):
+//     X, Y (A operand, row-major 16 x 16 of the warp's rows): Q's pattern, lane -> row lane % 16,
+//          chunk member lane / 16.
+//     U, W as B of S = X U^T (B[k][n] = U[n][k], no transpose): K's pattern, lane -> row
+//          (lane % 8) + 8 (lane / 16), chunk member (lane / 8) % 2 -> b0, b1 of n-tiles 2p, 2p + 1.
+//     U, W as B of dK += dS U (B[k][n] = U[k][n], .trans): V's pattern, lane -> row lane % 16,
+//          chunk member lane / 16 -> b0, b1 of d-tiles 2p, 2p + 1.
+//     P, dS (A operand of the accumulations): the forward's P packing of n-tiles 2s, 2s + 1.
+// Accumulator element c of n-tile n of a thread sits at row g + 8 (c / 2), column n * 8 + 2t + c % 2.
+//
+// Pipeline: X and Y are loaded once; U and W (and, in dkdv, the tile's lse and delta) are
+// double-buffered, one cp.async commit group per column tile: tile j + 1 is issued right after
+// the barrier that opens iteration j, so it lands while tile j is computed. One barrier per tile:
+// tile j landed (wait_group 0 before it) and every warp finished tile j - 1, whose stage the
+// prefetch overwrites.
+//
+// Masking: rows and columns past the end are zero-filled by cp.async (so every product stays
+// finite); in the last column tile, S of columns past the end is set to -inf, giving P = dS = 0
+// (ex2(-inf) = +0, and dP there is 0), so that they add nothing to dV, dK or dQ. Rows past the
+// end compute finite values that are never stored. lse is finite for every stored row (a row
+// has keys whenever there is a key tile to walk; with no keys the dq loop is empty and stores 0).
+//
+// Numerics: as FlashAttention-2: f32 S, dP, P, dS; P and dS rounded to bf16 as MMA operands; f32
+// accumulators; outputs rounded to bf16 once.
+//
+// Kernels (registers: accumulators D / 2 floats each per thread, S and dP BN / 2 each):
+//   attention_bwd_dkdv_mma_d128  BN 32: dK + dV 128 + S, dP 32 registers; smem X, Y 2 x 16 KiB,
+//                                2 stages x (U + W) 2 x 16 KiB, lse/delta 2 x 256 B = 64.5 KiB
+//   attention_bwd_dq_mma_d128    BN 64: dQ 64 + S, dP 64; smem 32 + 64 = 96 KiB
+//   attention_bwd_dkdv_mma_d64   BN 64: 64 + 64; smem 16 + 32 + 1 KiB = 49 KiB
+//   attention_bwd_dq_mma_d64     BN 64: 32 + 64; smem 16 + 32 = 48 KiB
+// All within the 99 KiB a block may use on sm_86/89 as on A100/H100. Block 128 threads; grid
+// x = row blocks of 64 (keys for dkdv, queries for dq), y = B * H. The launcher
+// (engine/src/backend/cuda/attention.rs) computes the same shared memory and requires 16-byte-
+// aligned q, k, v and g_out.
+
+namespace {
+
+// 4 bytes global -> shared (through L1: .cg takes only 16), zero-filled when !valid; src must
+// still be a valid address.
+__device__ __forceinline__ void cp_async_4_zfill(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+constexpr int BWD_MMA_WARPS = 4, BWD_MMA_ROWS = 16 * BWD_MMA_WARPS;
+
+template <int D, int BN, bool DKDV>
+__device__ __forceinline__ void flash_bwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                                          const __nv_bfloat16 *__restrict__ v, const __nv_bfloat16 *__restrict__ g_out,
+                                          const float *__restrict__ lse, const float *__restrict__ delta,
+                                          __nv_bfloat16 *__restrict__ gv, __nv_bfloat16 *__restrict__ grad, int heads, int lq,
+                                          int lk, float scale_log2, float scale, unsigned char *smem) {
+    constexpr int NT = 32 * BWD_MMA_WARPS;
+    constexpr int KD = D / 16;  // k-steps of S and dP over the head dim
+    constexpr int NS = BN / 8;  // n-tiles of S and dP
+    constexpr int ND = D / 8;   // n-tiles of the accumulators
+    constexpr int NACC = DKDV ? 2 : 1;  // dkdv: acc[0] = dV, acc[1] = dK; dq: acc[0] = dQ
+    constexpr uint32_t TILE_R = BWD_MMA_ROWS * D * 2, TILE_N = BN * D * 2;
+    static_assert(D % 64 == 0, "rows must be whole 128-byte swizzle periods");
+    static_assert(BN % 16 == 0 && 2 * BN <= NT, "column tiles come in pairs of n-tiles; one thread per lse/delta value");
+
+    const unsigned tid = threadIdx.x;
+    const int warp = static_cast<int>(tid >> 5), lane = static_cast<int>(tid & 31);
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.y, b = bh / heads, h = bh - b * heads;
+    const int r0 = blockIdx.x * BWD_MMA_ROWS;
+    const int n_rows = DKDV ? lk : lq, n_cols = DKDV ? lq : lk;
+
+    const __nv_bfloat16 *qg = q + static_cast<size_t>(bh) * lq * D;
+    const __nv_bfloat16 *kg = k + static_cast<size_t>(bh) * lk * D;
+    const __nv_bfloat16 *vg = v + static_cast<size_t>(bh) * lk * D;
+    const __nv_bfloat16 *og = g_out + (static_cast<size_t>(b) * lq * heads + h) * D;  // row i at og + i * heads * D
+    const int ostride = heads * D;
+    const __nv_bfloat16 *xg = DKDV ? kg : qg, *yg = DKDV ? vg : og, *ug = DKDV ? qg : kg, *wg = DKDV ? og : vg;
+    const int ystride = DKDV ? D : ostride, ustride = D, wstride = DKDV ? ostride : D;
+    const float *lse_bh = lse + static_cast<size_t>(bh) * lq, *delta_bh = delta + static_cast<size_t>(bh) * lq;
+
+    // Layout: [X][Y][U0 W0][U1 W1], then for dkdv [lse0 delta0][lse1 delta1] (BN floats each).
+    const uint32_t sx = smem_addr(smem), sy = sx + TILE_R, sst = sy + TILE_R, sld = sst + 4 * TILE_N;
+
+    // Issues column tile j into stage j % 2 as one commit group.
+    auto issue = [&](int j) {
+        const int c0 = j * BN;
+        const uint32_t su = sst + (j & 1) * 2 * TILE_N;
+        load_tile<BN, D, NT>(su, ug + static_cast<size_t>(c0) * ustride, ustride, n_cols - c0, tid);
+        load_tile<BN, D, NT>(su + TILE_N, wg + static_cast<size_t>(c0) * wstride, wstride, n_cols - c0, tid);
+        if constexpr (DKDV) {
+            if (tid < 2 * BN) {
+                const int i = static_cast<int>(tid % BN);
+                const float *src = (tid < BN ? lse_bh : delta_bh) + min(c0 + i, lq - 1);
+                cp_async_4_zfill(sld + (j & 1) * 2 * BN * 4 + tid * 4, src, c0 + i < lq);
+            }
+        }
+        cp_async_commit();
+    };
+
+    // With no column tile (lq = 0 for dkdv, lk = 0 for dq) nothing is loaded and zeros are stored:
+    // no copy may still be in flight when the CTA exits.
+    const int nt = (n_cols + BN - 1) / BN;
+    if (nt > 0) {
+        load_tile<BWD_MMA_ROWS, D, NT>(sx, xg + static_cast<size_t>(r0) * D, D, n_rows - r0, tid);
+        load_tile<BWD_MMA_ROWS, D, NT>(sy, yg + static_cast<size_t>(r0) * ystride, ystride, n_rows - r0, tid);
+        cp_async_commit();
+        issue(0);
+    }
+
+    // ldmatrix sources, as the forward's (see swizzle_offsets): offa for the A operands and the
+    // .trans B operands (row lane % 16, member lane / 16), offb for the plain B operands (row
+    // (lane % 8) + 8 (lane / 16), member (lane / 8) % 2). Every such row has row % 8 == lane % 8.
+    uint32_t offa[4], offb[4];
+    swizzle_offsets((lane & 15) * (D * 2), (lane >> 4) ^ (lane & 7), offa);
+    swizzle_offsets(((lane & 7) + ((lane >> 4) << 3)) * (D * 2), ((lane >> 3) & 1) ^ (lane & 7), offb);
+    const uint32_t sxw = sx + warp * 16 * (D * 2), syw = sy + warp * 16 * (D * 2);
+
+    // dq: lse (log2 units) and delta of the thread's rows g and g + 8; rows past lq get 0 (never stored).
+    float lse_r[2] = {0.f, 0.f}, delta_r[2] = {0.f, 0.f};
+    if constexpr (!DKDV) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = r0 + warp * 16 + g + 8 * hh;
+            if (row < lq) {
+                lse_r[hh] = lse_bh[row] * LOG2E;
+                delta_r[hh] = delta_bh[row];
+            }
+        }
+    }
+
+    float acc[NACC][ND][4];
+#pragma unroll
+    for (int a = 0; a < NACC; ++a)
+#pragma unroll
+        for (int n = 0; n < ND; ++n) acc[a][n][0] = acc[a][n][1] = acc[a][n][2] = acc[a][n][3] = 0.f;
+
+    for (int j = 0; j < nt; ++j) {
+        cp_async_wait<0>();  // tile j (and, the first time, X and Y) landed for this thread
+        __syncthreads();     // ... for every thread, and every warp is done with tile j - 1
+        if (j + 1 < nt) issue(j + 1);
+        const uint32_t su = sst + (j & 1) * 2 * TILE_N, sw = su + TILE_N;
+
+        // S = X U^T, dP = Y W^T. Fragment pair p: columns 16 p.., chunks 2 kd, 2 kd + 1.
+        float s[NS][4], dp[NS][4];
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[n][c] = dp[n][c] = 0.f;
+#pragma unroll
+        for (int kd = 0; kd < KD; ++kd) {
+            uint32_t ax[4], ay[4];
+            ldsm_x4(sxw + offa[kd & 3] + (kd >> 2) * 128, ax);
+            ldsm_x4(syw + offa[kd & 3] + (kd >> 2) * 128, ay);
+#pragma unroll
+            for (int p = 0; p < NS / 2; ++p) {
+                uint32_t bu[4], bw[4];
+                ldsm_x4(su + offb[kd & 3] + p * 16 * D * 2 + (kd >> 2) * 128, bu);
+                ldsm_x4(sw + offb[kd & 3] + p * 16 * D * 2 + (kd >> 2) * 128, bw);
+                mma_bf16(s[2 * p], ax, bu[0], bu[1]);
+                mma_bf16(s[2 * p + 1], ax, bu[2], bu[3]);
+                mma_bf16(dp[2 * p], ay, bw[0], bw[1]);
+                mma_bf16(dp[2 * p + 1], ay, bw[2], bw[3]);
+            }
+        }
+
+        // Columns past the end only occur in the last tile.
+        if ((j + 1) * BN > n_cols) {
+#pragma unroll
+            for (int n = 0; n < NS; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    if (j * BN + n * 8 + 2 * t + (c & 1) >= n_cols) s[n][c] = neg_inf();
+        }
+
+        // P into s, dS into dp.
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+            float2 lc = make_float2(0.f, 0.f), dc = make_float2(0.f, 0.f);
+            if constexpr (DKDV) {
+                const float *lsej = reinterpret_cast<const float *>(smem + 2 * TILE_R + 4 * TILE_N) + (j & 1) * 2 * BN;
+                lc = *reinterpret_cast<const float2 *>(lsej + n * 8 + 2 * t);
+                dc = *reinterpret_cast<const float2 *>(lsej + BN + n * 8 + 2 * t);
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float l2 = DKDV ? ((c & 1) ? lc.y : lc.x) * LOG2E : lse_r[c >> 1];
+                const float de = DKDV ? ((c & 1) ? dc.y : dc.x) : delta_r[c >> 1];
+                const float p = fast_exp2(fmaf(s[n][c], scale_log2, -l2));
+                s[n][c] = p;
+                dp[n][c] = p * (dp[n][c] - de);
+            }
+        }
+
+        // dkdv: dV += P W, dK += dS U; dq: dQ += dS U. U/W fragment pair p (.trans): columns
+        // 16 ks.. of the tile, chunks 2 p, 2 p + 1.
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks) {
+            uint32_t ads[4];
+            ads[0] = pack_bf16(dp[2 * ks][0], dp[2 * ks][1]);
+            ads[1] = pack_bf16(dp[2 * ks][2], dp[2 * ks][3]);
+            ads[2] = pack_bf16(dp[2 * ks + 1][0], dp[2 * ks + 1][1]);
+            ads[3] = pack_bf16(dp[2 * ks + 1][2], dp[2 * ks + 1][3]);
+            uint32_t ap[4];
+            if constexpr (DKDV) {
+                ap[0] = pack_bf16(s[2 * ks][0], s[2 * ks][1]);
+                ap[1] = pack_bf16(s[2 * ks][2], s[2 * ks][3]);
+                ap[2] = pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]);
+                ap[3] = pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+            }
+#pragma unroll
+            for (int p = 0; p < D / 16; ++p) {
+                const uint32_t off = offa[p & 3] + ks * 16 * D * 2 + (p >> 2) * 128;
+                uint32_t bu[4];
+                ldsm_x4_trans(su + off, bu);
+                mma_bf16(acc[NACC - 1][2 * p], ads, bu[0], bu[1]);
+                mma_bf16(acc[NACC - 1][2 * p + 1], ads, bu[2], bu[3]);
+                if constexpr (DKDV) {
+                    uint32_t bw[4];
+                    ldsm_x4_trans(sw + off, bw);
+                    mma_bf16(acc[0][2 * p], ap, bw[0], bw[1]);
+                    mma_bf16(acc[0][2 * p + 1], ap, bw[2], bw[3]);
+                }
+            }
+        }
+    }
+
+    // Row r0 + warp * 16 + g (+ 8) of dV, dK (dkdv; [B, H, Lk, D]) or dQ (dq; [B, H, Lq, D]): a quad
+    // writes 16 contiguous bytes per row and n-tile. Stored once per CTA, so plain 4-byte stores.
+#pragma unroll
+    for (int a = 0; a < NACC; ++a) {
+        __nv_bfloat16 *dst = a == NACC - 1 ? grad : gv;
+        const float mul = a == NACC - 1 ? scale : 1.f;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = r0 + warp * 16 + g + 8 * hh;
+            if (row >= n_rows) continue;
+            __nv_bfloat16 *dr = dst + (static_cast<size_t>(bh) * n_rows + row) * D + 2 * t;
+#pragma unroll
+            for (int n = 0; n < ND; ++n)
+                *reinterpret_cast<uint32_t *>(dr + n * 8) = pack_bf16(acc[a][n][2 * hh] * mul, acc[a][n][2 * hh + 1] * mul);
+        }
+    }
+}
+
+}  // namespace
+
+#define BWD_MMA_KERNELS(D, BN_DKDV, BN_DQ)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * BWD_MMA_WARPS) attention_bwd_dkdv_mma_d##D(                           \
+        const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v,       \
+        const __nv_bfloat16 *__restrict__ g_out, const float *__restrict__ lse, const float *__restrict__ delta,             \
+        __nv_bfloat16 *__restrict__ gk, __nv_bfloat16 *__restrict__ gv, int heads, int lq, int lk, float scale_log2,        \
+        float scale) {                                                                                                       \
+        flash_bwd<D, BN_DKDV, true>(q, k, v, g_out, lse, delta, gv, gk, heads, lq, lk, scale_log2, scale, attention_smem);  \
+    }                                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * BWD_MMA_WARPS) attention_bwd_dq_mma_d##D(                             \
+        const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v,       \
+        const __nv_bfloat16 *__restrict__ g_out, const float *__restrict__ lse, const float *__restrict__ delta,             \
+        __nv_bfloat16 *__restrict__ gq, int heads, int lq, int lk, float scale_log2, float scale) {                          \
+        flash_bwd<D, BN_DQ, false>(q, k, v, g_out, lse, delta, nullptr, gq, heads, lq, lk, scale_log2, scale, attention_smem); \
+    }
+
+// D    BN (dkdv) BN (dq)
+BWD_MMA_KERNELS(128, 32, 64)
+BWD_MMA_KERNELS(64, 64, 64)

@@ -3,7 +3,10 @@
 //! `cargo test --release --test gpu -- --ignored` (or through `tools/device-check.sh`).
 
 use engine::backend::cuda::CudaBackend;
-use engine::selftest::{attention_kernel_checks, backward_model_check, backward_op_checks, model_check, op_checks, render_table};
+use engine::selftest::{
+    attention_backward_kernel_checks, attention_kernel_checks, backward_model_check, backward_op_checks, model_check, op_checks,
+    render_table,
+};
 
 fn gpu() -> CudaBackend {
     CudaBackend::new(0).expect("a CUDA GPU")
@@ -25,6 +28,16 @@ fn every_attention_kernel_matches_the_cpu() {
     let checks = attention_kernel_checks(&gpu(), 12).unwrap();
     let failed = checks.iter().filter(|c| !c.passed()).count();
     assert_eq!(failed, 0, "{}", render_table(&checks));
+}
+
+/// The SIMT and the tensor-core attention backward, each forced.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_attention_backward_kernel_matches_the_cpu() {
+    let checks = attention_backward_kernel_checks(&gpu(), 16).unwrap();
+    let table = render_table(&checks);
+    println!("{table}");
+    assert!(!checks.is_empty() && checks.iter().all(|c| c.passed()), "{table}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use common::hooked::Hooked;
 use common::{assert_fails_with, engine, s};
 use engine::backend::cpu::CpuBackend;
-use engine::selftest::{attention_kernel_checks, model_check, op_checks};
+use engine::selftest::{attention_backward_kernel_checks, attention_kernel_checks, model_check, op_checks};
 
 /// The CPU with two planted bugs: `silu` 10% too large, and `gelu_tanh` leaving its first
 /// element unwritten (NaN) while outputs are poisoned.
@@ -63,6 +63,23 @@ fn each_attention_kernel_of_a_backend_is_checked_forced_and_a_wrong_one_fails() 
         // The planted 2% error is in the output only.
         assert!(outputs.iter().all(|c| c.passed() == (kernel == "portable")), "{table}");
         assert!(lse.iter().all(|c| c.passed()), "{table}");
+    }
+}
+
+#[test]
+fn each_attention_backward_kernel_is_checked_forced_and_a_wrong_one_fails() {
+    assert!(attention_backward_kernel_checks(&CpuBackend::new(), 1).unwrap().is_empty(), "the CPU has no choice of kernels");
+    let hooked = Hooked { attention_backward_kernels: vec![("simt", 1.0), ("mma", 1.02)], ..Hooked::default() };
+    let checks = attention_backward_kernel_checks(&hooked, 1).unwrap();
+    let table = engine::selftest::render_table(&checks);
+    for kernel in ["simt", "mma"] {
+        for grad in ["gq", "gk", "gv"] {
+            let op = format!("attention backward ({kernel}) {grad}");
+            let mine: Vec<_> = checks.iter().filter(|c| c.op == op).collect();
+            assert_eq!(mine.len(), 4, "one check per shape: {table}");
+            // The planted 2% error is past the 1% tolerance; the right kernel matches exactly.
+            assert!(mine.iter().all(|c| c.passed() == (kernel == "simt")), "{table}");
+        }
     }
 }
 

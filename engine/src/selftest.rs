@@ -336,14 +336,67 @@ pub fn attention_kernel_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec
     Ok(checks)
 }
 
-/// Every op (and each attention kernel where the device has a choice), then the `flux-tiny` and
-/// `flux-small` forwards, then every backward op and a `flux-tiny` training backward.
+/// Each attention backward kernel the backend chooses between (`BackwardOps::attention_backward_kernels`:
+/// on a GPU the SIMT pair and the tensor-core pair; none on the CPU) on its own against the CPU,
+/// forced, whether or not the dispatch (and the tensor-core pair's start-up probe) would pick it.
+/// Each backend differentiates its own forward (output and log-sum-exp), as training does.
+/// Shapes: lengths that leave partial tiles of 32, 64 and 128 rows, more keys than queries and
+/// fewer, a single query row, three keys (not one: with a single key P = 1 and gq = gk = 0
+/// exactly, leaving only rounding noise to compare); head dims 128 and 64 (the tensor-core ones).
+pub fn attention_backward_kernel_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Check>> {
+    let kernels = dut.attention_backward_kernels();
+    let cpu = CpuBackend::new();
+    let mut checks = Vec::new();
+    if kernels.is_empty() {
+        return Ok(checks);
+    }
+    let mut s = seed.wrapping_add(91 << 32);
+    for &(batch, heads, lq, lk, d) in
+        &[(1usize, 2usize, 200usize, 200usize, 128usize), (2, 3, 77, 130, 64), (1, 1, 1, 300, 128), (1, 2, 129, 3, 64)]
+    {
+        let mut next = || {
+            s += 1;
+            s
+        };
+        let (q, k, v) =
+            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
+        let g_out = gaussian(&[batch, lq, heads * d], next());
+        let shape = format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens");
+        let reference = {
+            let (q, k, v) = (cpu.input(&q)?, cpu.input(&k)?, cpu.input(&v)?);
+            let (out, lse) = cpu.attention_with_lse(&q, &k, &v)?;
+            cpu.attention_backward(&q, &k, &v, &out, &lse, &cpu.input(&g_out)?)?
+        };
+        let (qd, kd, vd, gd) = (dut.input(&q)?, dut.input(&k)?, dut.input(&v)?, dut.input(&g_out)?);
+        let (out, lse) = dut.attention_with_lse(&qd, &kd, &vd)?;
+        for kernel in &kernels {
+            dut.poison_outputs(true);
+            let got = dut.attention_backward_using(kernel, &qd, &kd, &vd, &out, &lse, &gd);
+            dut.poison_outputs(false);
+            let grads = got.map_err(|e| e.context(format!("attention backward ({kernel}) on {shape}")))?;
+            for (name, (c, r)) in ["gq", "gk", "gv"].iter().zip(grads.iter().zip(&reference)) {
+                checks.push(Check {
+                    op: format!("attention backward ({kernel}) {name}"),
+                    shape: shape.clone(),
+                    max_rel_err: max_rel_err(&dut.download(c)?, &cpu.download(r)?),
+                    tolerance: BF16_OP_TOLERANCE,
+                });
+            }
+        }
+    }
+    Ok(checks)
+}
+
+/// Every op (and each attention kernel, forward and backward, where the device has a choice),
+/// then the `flux-tiny` and `flux-small` forwards, then every backward op and a `flux-tiny`
+/// training backward.
 pub fn run_all<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Check>> {
     let mut checks = op_checks(dut, seed)?;
     checks.extend(attention_kernel_checks(dut, seed)?);
     checks.push(model_check(dut, "flux-tiny", (6, 5), seed)?);
     checks.push(model_check(dut, "flux-small", (16, 16), seed)?);
     checks.extend(backward_op_checks(dut, seed)?);
+    checks.extend(attention_backward_kernel_checks(dut, seed)?);
     checks.extend(backward_model_check(dut, "flux-tiny", (6, 5), seed)?);
     Ok(checks)
 }

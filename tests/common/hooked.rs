@@ -20,6 +20,9 @@ pub struct Hooked {
     /// Attention kernels to choose between (`BackwardOps::attention_kernels`) and the factor each
     /// multiplies its output by.
     pub attention_kernels: Vec<(&'static str, f32)>,
+    /// Attention backward kernels to choose between (`BackwardOps::attention_backward_kernels`)
+    /// and the factor each scales the CPU's gradients by (1.0: a right kernel).
+    pub attention_backward_kernels: Vec<(&'static str, f32)>,
 }
 
 impl Default for Hooked {
@@ -31,6 +34,7 @@ impl Default for Hooked {
             gelu_skips_first_when_poisoned: false,
             attention_token_limit: usize::MAX,
             attention_kernels: Vec::new(),
+            attention_backward_kernels: Vec::new(),
         }
     }
 }
@@ -145,7 +149,8 @@ impl Backend for Hooked {
     }
 }
 
-/// The backward ops are the CPU's; only the choice of attention kernels is planted.
+/// The backward ops are the CPU's; only the choice of attention kernels (forward and backward) is
+/// planted.
 impl BackwardOps for Hooked {
     fn linear_backward_input(&self, gy: &T, w: &T) -> anyhow::Result<T> {
         self.cpu.linear_backward_input(&inner(gy), &inner(w)).map(wrap)
@@ -218,5 +223,12 @@ impl BackwardOps for Hooked {
         let &(_, factor) = self.attention_kernels.iter().find(|(name, _)| *name == kernel).expect("a planted kernel");
         let (out, lse) = self.attention_with_lse(q, k, v)?;
         Ok((edit(out, usize::MAX, |x| x * factor), lse))
+    }
+    fn attention_backward_kernels(&self) -> Vec<&'static str> {
+        self.attention_backward_kernels.iter().map(|(name, _)| *name).collect()
+    }
+    fn attention_backward_using(&self, kernel: &str, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> anyhow::Result<[T; 3]> {
+        let &(_, factor) = self.attention_backward_kernels.iter().find(|(name, _)| *name == kernel).expect("a planted kernel");
+        Ok(self.attention_backward(q, k, v, out, lse, g_out)?.map(|g| edit(g, usize::MAX, |x| x * factor)))
     }
 }

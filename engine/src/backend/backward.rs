@@ -163,6 +163,28 @@ pub trait BackwardOps: Backend {
         g_out: &Tensor<Self>,
     ) -> Result<[Tensor<Self>; 3]>;
 
+    /// The attention backward kernels this backend chooses between, by name, where it has more
+    /// than one (a CUDA GPU: "simt" and "mma"); empty where there is no choice. The self-test
+    /// checks each and `engine kernels` times each, whichever the dispatch picks.
+    fn attention_backward_kernels(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
+    /// `attention_backward` through one of `attention_backward_kernels`, forced.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_using(
+        &self,
+        kernel: &str,
+        _q: &Tensor<Self>,
+        _k: &Tensor<Self>,
+        _v: &Tensor<Self>,
+        _out: &Tensor<Self>,
+        _lse: &Tensor<Self>,
+        _g_out: &Tensor<Self>,
+    ) -> Result<[Tensor<Self>; 3]> {
+        anyhow::bail!("attention backward kernel '{kernel}': this backend has no choice of attention backward kernels")
+    }
+
     /// Backward of `gated_residual(x, gate, y) = x + gate * y` wrt the branch y: `gate * gy`, with
     /// gy `[B, L, D]` and gate `[B, D]`. (The gradient wrt x is gy itself.)
     fn gated_residual_backward(&self, gy: &Tensor<Self>, gate: &Tensor<Self>) -> Result<Tensor<Self>>;

@@ -11,7 +11,7 @@ use loaders::{HostData, HostTensor};
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Time the hand-written kernels (attention, both forwards side by side on Hopper, LayerNorm + modulation, QK-norm + RoPE, gated
+/// Time the hand-written kernels (attention, both forwards side by side on Hopper and both backwards on a GPU, LayerNorm + modulation, QK-norm + RoPE, gated
 /// residual, GELU, LoRA matmul; the AdamW step, the Sobolev energy and S-DPO) on FLUX.1-dev shapes and report achieved TFLOP/s (compute-bound
 /// kernels) or GB/s (memory-bound ones) beside the ceiling measured in the same run: a large copy
 /// and a large GEMM through the same backend.
@@ -146,6 +146,13 @@ fn bench<B: TrainingBench + BackwardOps>(b: &B, a: &Args) -> Result<()> {
         work: 2.5 * attn_flops,
         bound: Bound::Compute,
     });
+    // Where the backend chooses between backward kernels (a GPU: SIMT and tensor cores), each
+    // forced, beside the default.
+    for kernel in b.attention_backward_kernels() {
+        let s = time(b, n, || b.attention_backward_using(kernel, &q, &k, &v, &out, &lse, &g_out))?;
+        let name = format!("attention bwd ({kernel})");
+        rows.push(Row { kernel: name, shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: 2.5 * attn_flops, bound: Bound::Compute });
+    }
     drop((q, k, v, out, lse, g_out));
     // Where the backend chooses between attention kernels (Hopper), each forced, side by side;
     // all write the log-sum-exp, so they compare like with like.

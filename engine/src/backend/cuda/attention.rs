@@ -6,15 +6,23 @@
 //! Shapes are checked exactly as the CPU backend checks them; the kernels index with 32-bit ints
 //! (every tensor under 2^31 elements) and put batch x heads on the grid's y axis (at most 65,535).
 //!
-//! The training backward (`backward`) is FlashAttention-2's in three SIMT launches (the reasoning
-//! is in attention.cu's header, part 3) for head dims up to 128.
+//! The training backward (`backward`) is FlashAttention-2's in three launches: a delta kernel, then
+//! dK/dV and dQ either on tensor cores (`mma.sync`, head dims 64 and 128; attention.cu part 4) or
+//! on the CUDA cores (SIMT, any head dim up to 128; part 3). The tensor-core pair has not run on a
+//! GPU yet, hence the same safety valve as the Hopper forward: `CudaBackend::new` runs a start-up
+//! probe through both and enables the tensor-core pair for the default dispatch only when they
+//! agree; otherwise one warning line and SIMT. `ENGINE_ATTENTION_BWD=simt` skips the probe and
+//! keeps SIMT.
 
 use super::{attention_hopper, bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, CudaStorage, T};
 use crate::backend::shapes::AttentionDims;
+use crate::backend::Backend;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
+use loaders::HostTensor;
+use std::sync::atomic::Ordering;
 
 const OP: &str = "attention";
 
@@ -246,9 +254,155 @@ fn backward_shared_bytes(d: usize) -> usize {
     4 * (2 * BWD_BLOCK * dq + 2 * BWD_BLOCK * BWD_BLOCK + 2 * BWD_BLOCK) + 2 * 2 * BWD_BLOCK * dk
 }
 
+/// The environment variable that picks the attention backward kernels.
+pub const BWD_ENV: &str = "ENGINE_ATTENTION_BWD";
+
+/// `ENGINE_ATTENTION_BWD`'s value (None when unset): whether the tensor-core backward may be
+/// probed and used (`auto` or empty) or not (`simt`).
+pub(super) fn mma_backward_allowed(value: Option<&str>) -> Result<bool> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("auto") => Ok(true),
+        Some("simt") => Ok(false),
+        Some(other) => bail!("{BWD_ENV}={other:?} is not a choice: use `simt` (the SIMT backward only) or `auto` (the default)"),
+    }
+}
+
+/// Which backward kernels to run, for the self-test and `engine kernels`, which compare them side
+/// by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BackwardKernel {
+    /// attention.cu part 3, any head dim up to 128.
+    Simt,
+    /// attention.cu part 4 (tensor cores), head dims 64 and 128, whether or not the start-up
+    /// probe enabled it.
+    Mma,
+}
+
+impl BackwardKernel {
+    pub const ALL: [BackwardKernel; 2] = [BackwardKernel::Simt, BackwardKernel::Mma];
+
+    /// The name `BackwardOps::attention_backward_kernels` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackwardKernel::Simt => "simt",
+            BackwardKernel::Mma => "mma",
+        }
+    }
+}
+
+/// Rows per CTA of the tensor-core backward (`BWD_MMA_ROWS`: 4 warps of 16): keys for dK/dV,
+/// queries for dQ.
+const MMA_BWD_ROWS: usize = 64;
+
+/// The tensor-core dK/dV and dQ kernels for one head dim (`BWD_MMA_KERNELS` in attention.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct MmaBackward {
+    pub dkdv: &'static str,
+    pub dq: &'static str,
+    pub head_dim: usize,
+    /// Query rows per streamed tile of the dK/dV pass (BN).
+    pub dkdv_cols: usize,
+    /// Keys per streamed tile of the dQ pass (BN).
+    pub dq_cols: usize,
+}
+
+const MMA_BWD_D128: MmaBackward =
+    MmaBackward { dkdv: "attention_bwd_dkdv_mma_d128", dq: "attention_bwd_dq_mma_d128", head_dim: 128, dkdv_cols: 32, dq_cols: 64 };
+const MMA_BWD_D64: MmaBackward =
+    MmaBackward { dkdv: "attention_bwd_dkdv_mma_d64", dq: "attention_bwd_dq_mma_d64", head_dim: 64, dkdv_cols: 64, dq_cols: 64 };
+
+impl MmaBackward {
+    fn for_head_dim(d: usize) -> Option<MmaBackward> {
+        match d {
+            128 => Some(MMA_BWD_D128),
+            64 => Some(MMA_BWD_D64),
+            _ => None,
+        }
+    }
+
+    /// Dynamic shared memory of a pass streaming `cols`-row tiles, as `flash_bwd` lays it out: the
+    /// resident X and Y tiles, two stages of U and W, and (dK/dV only) two stages of the tile's
+    /// lse and delta.
+    const fn shared_bytes(&self, cols: usize, dkdv: bool) -> usize {
+        let tiles = 2 * MMA_BWD_ROWS * self.head_dim * 2 + 4 * cols * self.head_dim * 2;
+        if dkdv {
+            tiles + 2 * 2 * cols * 4
+        } else {
+            tiles
+        }
+    }
+
+    pub const fn dkdv_shared_bytes(&self) -> usize {
+        self.shared_bytes(self.dkdv_cols, true)
+    }
+
+    pub const fn dq_shared_bytes(&self) -> usize {
+        self.shared_bytes(self.dq_cols, false)
+    }
+}
+
+/// The tensor-core kernels to run, or None for SIMT: the forced kernel (an error where the
+/// tensor-core one cannot take the inputs), otherwise tensor cores where the head dim and the
+/// alignment allow and the start-up probe enabled them.
+fn choose_backward(d: usize, aligned: bool, mma_enabled: bool, forced: Option<BackwardKernel>) -> Result<Option<MmaBackward>> {
+    let mma = MmaBackward::for_head_dim(d);
+    match forced {
+        Some(BackwardKernel::Simt) => Ok(None),
+        Some(BackwardKernel::Mma) => {
+            let kernels = mma.ok_or_else(|| anyhow!("the mma attention backward takes head_dim 64 or 128, the inputs have {d}"))?;
+            ensure!(aligned, "the mma attention backward needs 16-byte-aligned q, k, v and output gradient");
+            Ok(Some(kernels))
+        }
+        None => Ok(mma.filter(|_| aligned && mma_enabled)),
+    }
+}
+
+/// One gradient launch: kernel, grid x (row blocks), dynamic shared memory, and whether it takes
+/// the head dim as an argument (the SIMT kernels; the tensor-core ones are compiled for theirs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GradPass {
+    name: &'static str,
+    blocks: usize,
+    smem: usize,
+    takes_head_dim: bool,
+}
+
+/// The dK/dV launch (one CTA per key block) and the dQ launch (one per query block).
+fn grad_passes(d: usize, lq: usize, lk: usize, mma: Option<MmaBackward>) -> [GradPass; 2] {
+    match mma {
+        Some(m) => [
+            GradPass { name: m.dkdv, blocks: lk.div_ceil(MMA_BWD_ROWS), smem: m.dkdv_shared_bytes(), takes_head_dim: false },
+            GradPass { name: m.dq, blocks: lq.div_ceil(MMA_BWD_ROWS), smem: m.dq_shared_bytes(), takes_head_dim: false },
+        ],
+        None => {
+            let (dkdv, dq) = backward_kernels(d);
+            let smem = backward_shared_bytes(d);
+            [
+                GradPass { name: dkdv, blocks: lk.div_ceil(BWD_BLOCK), smem, takes_head_dim: true },
+                GradPass { name: dq, blocks: lq.div_ceil(BWD_BLOCK), smem, takes_head_dim: true },
+            ]
+        }
+    }
+}
+
 /// `(gq, gk, gv)` of `attention(q, k, v)` (`BackwardOps::attention_backward`), in the inputs'
-/// layout, bf16.
+/// layout, bf16, through the default kernels.
 pub(super) fn backward(b: &CudaBackend, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
+    backward_using(b, q, k, v, out, lse, g_out, None)
+}
+
+/// The backward through the forced kernels, or (None) the default ones.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_using(
+    b: &CudaBackend,
+    q: &T,
+    k: &T,
+    v: &T,
+    out: &T,
+    lse: &T,
+    g_out: &T,
+    forced: Option<BackwardKernel>,
+) -> Result<[T; 3]> {
     let op = "attention_backward";
     ensure!(q.rank() == 4, "{op}: q has shape {:?}, expected [batch, heads, tokens, head_dim]", q.shape());
     let (batch, heads, lq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
@@ -273,7 +427,8 @@ pub(super) fn backward(b: &CudaBackend, q: &T, k: &T, v: &T, out: &T, lse: &T, g
     }
     ensure!(pairs <= 65_535, "{op}: batch {batch} x heads {heads} exceeds the 65,535 (batch, head) pairs one launch covers");
     // 32-bit indexing inside the kernels, the last block's spare rows included.
-    for n in [q.elem_count(), k.elem_count(), pairs * (lq + BWD_BLOCK) * d, pairs * (lk + BWD_BLOCK) * d] {
+    let spare = BWD_BLOCK.max(MMA_BWD_ROWS);
+    for n in [q.elem_count(), k.elem_count(), pairs * (lq + spare) * d, pairs * (lk + spare) * d] {
         i32_arg(op, n)?;
     }
     let (h32, lq32, lk32, d32) = (i32_arg(op, heads)?, i32_arg(op, lq)?, i32_arg(op, lk)?, i32_arg(op, d)?);
@@ -293,10 +448,12 @@ pub(super) fn backward(b: &CudaBackend, q: &T, k: &T, v: &T, out: &T, lse: &T, g
         unsafe { l.launch(cfg) }?;
     }
 
-    // 2. dK, dV per key block; 3. dQ per query block (each writes zeros when the other length is 0).
-    let smem = backward_shared_bytes(d);
-    let (dkdv, dq) = backward_kernels(d);
-    for (name, blocks) in [(dkdv, lk.div_ceil(BWD_BLOCK)), (dq, lq.div_ceil(BWD_BLOCK))] {
+    // 2. dK, dV per key block; 3. dQ per query block (each writes zeros when the other length is
+    // 0). Tensor cores need 16-byte-aligned sources for cp.async (fresh device buffers always are).
+    let aligned = [qs, ks, vs, gos].into_iter().all(|s| aligned16(b, s));
+    let mma = choose_backward(d, aligned, b.mma_attention_backward_enabled(), forced).map_err(|e| anyhow!("{op}: {e}"))?;
+    let [dkdv_pass, dq_pass] = grad_passes(d, lq, lk, mma);
+    for (i, GradPass { name, blocks, smem, takes_head_dim }) in [dkdv_pass, dq_pass].into_iter().enumerate() {
         if blocks == 0 {
             continue;
         }
@@ -309,12 +466,16 @@ pub(super) fn backward(b: &CudaBackend, q: &T, k: &T, v: &T, out: &T, lse: &T, g
         let cfg = LaunchConfig { grid_dim: (blocks as u32, pairs as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
         let mut l = b.stream().launch_builder(&f);
         l.arg(qs).arg(ks).arg(vs).arg(gos).arg(lses).arg(&delta);
-        if name == dkdv {
+        if i == 0 {
             l.arg(&mut gk).arg(&mut gv);
         } else {
             l.arg(&mut gq);
         }
-        l.arg(&h32).arg(&lq32).arg(&lk32).arg(&d32).arg(&scale_log2).arg(&scale);
+        l.arg(&h32).arg(&lq32).arg(&lk32);
+        if takes_head_dim {
+            l.arg(&d32);
+        }
+        l.arg(&scale_log2).arg(&scale);
         // SAFETY: q and gq hold pairs * lq * d elements, k, v, gk, gv pairs * lk * d, g_out
         // batch * lq * heads * d, lse and delta pairs * lq floats; the grid covers every key (or
         // query) block of every head once and the kernels guard rows past lk and lq. Argument
@@ -322,6 +483,64 @@ pub(super) fn backward(b: &CudaBackend, q: &T, k: &T, v: &T, out: &T, lse: &T, g
         unsafe { l.launch(cfg) }?;
     }
     Ok(finish(gq, gk, gv))
+}
+
+/// Probe shapes (B = 1; heads, Lq = Lk, head dim): lengths with partial tiles of every size the
+/// kernels use (64-row blocks, 32- and 64-row column tiles), both head dims.
+const BWD_PROBE: [[usize; 3]; 2] = [[2, 200, 128], [2, 200, 64]];
+
+/// Runs the probe through both backward pairs (on one forward's output and log-sum-exp): Ok(())
+/// when they agree, Err(reason) when the tensor-core pair fails to launch or disagrees.
+fn probe_backward(b: &CudaBackend) -> std::result::Result<(), String> {
+    for (i, [heads, l, d]) in BWD_PROBE.into_iter().enumerate() {
+        let shape = [1, heads, l, d];
+        let input = |dims: Vec<usize>, seed: u64| {
+            let values = crate::sampler::gaussian_noise(dims.iter().product(), seed);
+            b.input(&HostTensor::from_f32(dims, values))
+        };
+        let run = || -> Result<[[Vec<f32>; 3]; 2]> {
+            let seed = 0xb3d0 + 4 * i as u64;
+            let (q, k, v) = (input(shape.to_vec(), seed)?, input(shape.to_vec(), seed + 1)?, input(shape.to_vec(), seed + 2)?);
+            let g_out = input(vec![1, l, heads * d], seed + 3)?;
+            let (out, lse) = forward_routed(b, &q, &k, &v, Route::Portable)?;
+            let host = |grads: [T; 3]| -> Result<[Vec<f32>; 3]> {
+                let [gq, gk, gv] = grads;
+                Ok([b.download(&gq)?.to_f32(), b.download(&gk)?.to_f32(), b.download(&gv)?.to_f32()])
+            };
+            let mma = host(backward_using(b, &q, &k, &v, &out, &lse, &g_out, Some(BackwardKernel::Mma))?)?;
+            let simt = host(backward_using(b, &q, &k, &v, &out, &lse, &g_out, Some(BackwardKernel::Simt))?)?;
+            Ok([mma, simt])
+        };
+        let [mma, simt] = run().map_err(|e| format!("it failed on the start-up probe: {e:#}"))?;
+        for (what, (m, s)) in ["gq", "gk", "gv"].into_iter().zip(mma.iter().zip(&simt)) {
+            attention_hopper::compare(what, m, s)
+                .map_err(|e| format!("it differs from the SIMT backward on the start-up probe (q {shape:?}, {e})"))?;
+        }
+    }
+    Ok(())
+}
+
+/// At `CudaBackend` initialisation: reads `ENGINE_ATTENTION_BWD` and, unless it says `simt`,
+/// probes the tensor-core backward and enables it for the default dispatch when it agrees with
+/// the SIMT one (see `attention_hopper::Guarded::settle` for what a failure does).
+pub(super) fn enable_mma_backward_after_probe(b: &CudaBackend) -> Result<()> {
+    if !mma_backward_allowed(std::env::var(BWD_ENV).ok().as_deref())? {
+        return Ok(());
+    }
+    let guarded = attention_hopper::Guarded {
+        kernel: "mma attention backward kernel",
+        skip: "ENGINE_ATTENTION_BWD=simt",
+        fallback: "the SIMT backward",
+    };
+    guarded.settle(b, probe_backward(b), &b.mma_attention_backward)
+}
+
+impl CudaBackend {
+    /// Whether the default attention backward uses the tensor-core kernels (where the inputs
+    /// allow): `ENGINE_ATTENTION_BWD` allows them and they passed the start-up probe.
+    pub(super) fn mma_attention_backward_enabled(&self) -> bool {
+        self.mma_attention_backward.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -410,6 +629,106 @@ mod tests {
             }
         }
         [gq, gk, gv]
+    }
+
+    /// The most shared memory one block may use on sm_86/89 (and well under A100's and H100's).
+    const PORTABLE_MAX_SHARED: usize = 99 * 1024;
+
+    #[test]
+    fn engine_attention_bwd_takes_auto_or_simt_and_names_a_bad_value() {
+        for allowed in [None, Some(""), Some("auto"), Some(" Auto ")] {
+            assert!(mma_backward_allowed(allowed).unwrap(), "{allowed:?}");
+        }
+        assert!(!mma_backward_allowed(Some("simt")).unwrap());
+        assert!(!mma_backward_allowed(Some("SIMT\n")).unwrap());
+        let e = mma_backward_allowed(Some("mma")).unwrap_err().to_string();
+        assert!(e.contains(BWD_ENV) && e.contains("\"mma\"") && e.contains("simt"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn the_backward_uses_tensor_cores_only_for_aligned_64_and_128_after_the_probe() {
+        let choose = |d, aligned, enabled, forced| choose_backward(d, aligned, enabled, forced).unwrap();
+        // Default dispatch: all three conditions.
+        assert_eq!(choose(128, true, true, None), Some(MMA_BWD_D128));
+        assert_eq!(choose(64, true, true, None), Some(MMA_BWD_D64));
+        assert_eq!(choose(128, true, false, None), None, "not enabled by the probe");
+        assert_eq!(choose(128, false, true, None), None, "misaligned");
+        for d in [1, 32, 63, 96, 100, 127] {
+            assert_eq!(choose(d, true, true, None), None, "head_dim {d}");
+        }
+        // Forced: SIMT always; tensor cores whether or not enabled, or a one-line reason.
+        assert_eq!(choose(128, true, true, Some(BackwardKernel::Simt)), None);
+        assert_eq!(choose(64, true, false, Some(BackwardKernel::Mma)), Some(MMA_BWD_D64));
+        let why = |d, aligned| choose_backward(d, aligned, true, Some(BackwardKernel::Mma)).unwrap_err().to_string();
+        assert!(why(96, true).contains("head_dim 64 or 128, the inputs have 96"));
+        assert!(why(128, false).contains("16-byte-aligned"));
+    }
+
+    #[test]
+    fn backward_kernel_names_round_trip_and_exist_in_the_ptx() {
+        assert_eq!(BackwardKernel::ALL.map(|k| k.name()), ["simt", "mma"]);
+        let (_, ptx) = super::super::kernels::MODULES.iter().find(|(name, _)| *name == "attention").unwrap();
+        let mut names = vec!["attention_bwd_delta"];
+        for m in [MMA_BWD_D128, MMA_BWD_D64] {
+            names.extend([m.dkdv, m.dq]);
+        }
+        for d in [1, 33, 65] {
+            let (dkdv, dq) = backward_kernels(d);
+            names.extend([dkdv, dq]);
+        }
+        for name in names {
+            assert!(ptx.contains(&format!(".entry {name}(")), "{name} is not in attention.ptx");
+        }
+    }
+
+    #[test]
+    fn mma_backward_shared_memory_matches_the_kernel_layout_and_fits_every_gpu() {
+        // D 128: X, Y 64 x 128 bf16 (32 KiB), 2 stages x (U + W) of BN rows, lse/delta 2 x 2 x BN f32.
+        assert_eq!(MMA_BWD_D128.dkdv_shared_bytes(), 32 * 1024 + 4 * 32 * 256 + 4 * 32 * 4);
+        assert_eq!(MMA_BWD_D128.dq_shared_bytes(), 32 * 1024 + 4 * 64 * 256);
+        assert_eq!(MMA_BWD_D64.dkdv_shared_bytes(), 16 * 1024 + 4 * 64 * 128 + 4 * 64 * 4);
+        assert_eq!(MMA_BWD_D64.dq_shared_bytes(), 16 * 1024 + 4 * 64 * 128);
+        for m in [MMA_BWD_D128, MMA_BWD_D64] {
+            assert!(m.dkdv_shared_bytes() <= PORTABLE_MAX_SHARED && m.dq_shared_bytes() <= PORTABLE_MAX_SHARED, "{m:?}");
+            // flash_bwd: pairs of n-tiles, and one thread (of 128) per lse and delta value.
+            for cols in [m.dkdv_cols, m.dq_cols] {
+                assert!(cols % 16 == 0 && 2 * cols <= 128, "{m:?}");
+            }
+            assert_eq!(MmaBackward::for_head_dim(m.head_dim), Some(m));
+        }
+        assert!(backward_shared_bytes(BWD_MAX_HEAD_DIM) <= PORTABLE_MAX_SHARED);
+    }
+
+    #[test]
+    fn gradient_launches_cover_every_key_and_query_block_once() {
+        // Tensor cores: 64-row blocks, head dim compiled in.
+        let [dkdv, dq] = grad_passes(128, 77, 200, Some(MMA_BWD_D128));
+        assert_eq!(
+            dkdv,
+            GradPass { name: "attention_bwd_dkdv_mma_d128", blocks: 4, smem: MMA_BWD_D128.dkdv_shared_bytes(), takes_head_dim: false }
+        );
+        assert_eq!(
+            dq,
+            GradPass { name: "attention_bwd_dq_mma_d128", blocks: 2, smem: MMA_BWD_D128.dq_shared_bytes(), takes_head_dim: false }
+        );
+        let [dkdv, dq] = grad_passes(64, 129, 1, Some(MMA_BWD_D64));
+        assert_eq!((dkdv.blocks, dq.blocks), (1, 3));
+        // SIMT: 32-row blocks, head dim as an argument; no blocks for an empty side.
+        let [dkdv, dq] = grad_passes(100, 65, 0, None);
+        assert_eq!((dkdv.name, dkdv.blocks, dq.name, dq.blocks), ("attention_bwd_dkdv_d128", 0, "attention_bwd_dq_d128", 3));
+        assert!(dkdv.takes_head_dim && dq.takes_head_dim && dq.smem == backward_shared_bytes(100));
+    }
+
+    #[test]
+    fn the_backward_probe_leaves_partial_tiles_of_every_size() {
+        for [heads, l, d] in BWD_PROBE {
+            assert!(heads > 1 && MmaBackward::for_head_dim(d).is_some());
+            for tile in [BWD_BLOCK, MMA_BWD_ROWS, MMA_BWD_D128.dkdv_cols, MMA_BWD_D128.dq_cols] {
+                assert!(l % tile != 0 && l > tile, "{l} rows, tile {tile}");
+            }
+        }
+        assert_eq!(BWD_PROBE.map(|[_, _, d]| d), [128, 64]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use cudarc::driver::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 use loaders::HostTensor;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The PTX module (`cuda/attention_sm90a.cu`).
 pub(super) const MODULE: &str = "attention_sm90a";
@@ -227,25 +227,27 @@ const PROBE: [usize; 4] = [1, 2, 300, 128];
 /// to bf16 (one rounding is 4e-3 relative) but sum in different orders.
 const PROBE_TOLERANCE: f64 = 1e-2;
 
-/// `max |a - b| / max |b|` over the probe's outputs, or why they disagree (one line).
-pub(super) fn compare(what: &str, hopper: &[f32], portable: &[f32]) -> std::result::Result<f64, String> {
-    if hopper.len() != portable.len() {
-        return Err(format!("{what}: {} values against {}", hopper.len(), portable.len()));
+/// `max |a - b| / max |b|` over a start-up probe's outputs (a: the kernel on probation, b: the
+/// one it must agree with; this file's and attention.rs's backward probe), or why they disagree
+/// (one line).
+pub(super) fn compare(what: &str, candidate: &[f32], reference: &[f32]) -> std::result::Result<f64, String> {
+    if candidate.len() != reference.len() {
+        return Err(format!("{what}: {} values against {}", candidate.len(), reference.len()));
     }
-    if let Some(i) = hopper.iter().position(|x| !x.is_finite()) {
-        // lse is -inf only for rows without keys, which the probe does not have.
-        return Err(format!("{what}: non-finite value {} at index {i}", hopper[i]));
+    if let Some(i) = candidate.iter().position(|x| !x.is_finite()) {
+        // lse is -inf only for rows without keys, which the probes do not have.
+        return Err(format!("{what}: non-finite value {} at index {i}", candidate[i]));
     }
-    let scale = portable.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-    let (worst, at) = hopper
+    let scale = reference.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let (worst, at) = candidate
         .iter()
-        .zip(portable)
+        .zip(reference)
         .enumerate()
         .map(|(i, (&a, &b))| ((a as f64 - b as f64).abs(), i))
         .fold((0f64, 0), |acc, x| if x.0 > acc.0 { x } else { acc });
     let rel = if scale > 0.0 { worst / scale } else { worst };
     if rel > PROBE_TOLERANCE {
-        return Err(format!("{what}: max rel err {rel:.3e} > {PROBE_TOLERANCE:.0e} (index {at}: {} vs {})", hopper[at], portable[at]));
+        return Err(format!("{what}: max rel err {rel:.3e} > {PROBE_TOLERANCE:.0e} (index {at}: {} vs {})", candidate[at], reference[at]));
     }
     Ok(rel)
 }
@@ -283,16 +285,38 @@ pub(super) fn enable_after_probe(b: &CudaBackend) -> Result<()> {
     if policy == Policy::Portable || !b.modules.contains_key(MODULE) {
         return Ok(());
     }
-    match probe(b) {
-        Ok(()) => b.sm90a_attention.store(true, Ordering::Relaxed),
-        Err(reason) => {
-            b.stream()
-                .synchronize()
-                .with_context(|| format!("the sm90a attention probe left the GPU unusable ({reason}); set {ENV}=portable to skip it"))?;
-            eprintln!("warning: sm90a attention kernel disabled, {reason}; using the portable kernel");
+    let guarded = Guarded { kernel: "sm90a attention kernel", skip: "ENGINE_ATTENTION=portable", fallback: "the portable kernel" };
+    guarded.settle(b, probe(b), &b.sm90a_attention)
+}
+
+/// A kernel that runs only after agreeing with a trusted one on a start-up probe, as named in the
+/// lines `settle` prints or fails with.
+pub(super) struct Guarded {
+    /// What is on probation, e.g. "sm90a attention kernel".
+    pub kernel: &'static str,
+    /// The setting that skips the probe, e.g. "ENGINE_ATTENTION=portable".
+    pub skip: &'static str,
+    /// What runs instead, e.g. "the portable kernel".
+    pub fallback: &'static str,
+}
+
+impl Guarded {
+    /// Acts on a probe's outcome: agreement sets `enabled`; a disagreement or a failed launch
+    /// leaves it unset with one warning line on stderr, unless the failure left the GPU unusable
+    /// (a fault inside a kernel is sticky), which fails the initialisation naming `skip`.
+    pub fn settle(&self, b: &CudaBackend, outcome: std::result::Result<(), String>, enabled: &AtomicBool) -> Result<()> {
+        match outcome {
+            Ok(()) => enabled.store(true, Ordering::Relaxed),
+            Err(reason) => {
+                let probe = self.kernel.trim_end_matches(" kernel");
+                b.stream()
+                    .synchronize()
+                    .with_context(|| format!("the {probe} probe left the GPU unusable ({reason}); set {} to skip it", self.skip))?;
+                eprintln!("warning: {} disabled, {reason}; using {}", self.kernel, self.fallback);
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Which attention forward to run, for the self-test and `engine kernels`, which compare the

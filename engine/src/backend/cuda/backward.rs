@@ -2,6 +2,7 @@
 //! through cuBLASLt (`gemm.rs`), the rest in kernels beside their forward in `cuda/<family>.cu`,
 //! launched from the matching file here. This file only dispatches.
 
+use super::attention::BackwardKernel;
 use super::{attention, elementwise, gemm, norm, rope, AttentionKernel, CudaBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
 use crate::perf::meta::OpClass;
@@ -67,6 +68,17 @@ impl BackwardOps for CudaBackend {
 
     fn attention_backward(&self, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
         self.timed(OpClass::Attention, || attention::backward(self, q, k, v, out, lse, g_out))
+    }
+
+    fn attention_backward_kernels(&self) -> Vec<&'static str> {
+        BackwardKernel::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    fn attention_backward_using(&self, kernel: &str, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
+        let kernel = BackwardKernel::ALL.into_iter().find(|k| k.name() == kernel).ok_or_else(|| {
+            anyhow::anyhow!("attention backward kernel '{kernel}': expected one of {:?}", BackwardKernel::ALL.map(|k| k.name()))
+        })?;
+        self.timed(OpClass::Attention, || attention::backward_using(self, q, k, v, out, lse, g_out, Some(kernel)))
     }
 
     fn gated_residual_backward(&self, gy: &T, gate: &T) -> Result<T> {

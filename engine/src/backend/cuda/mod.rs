@@ -83,6 +83,10 @@ pub struct CudaBackend {
     /// the GPU has it, `ENGINE_ATTENTION` allows it and its start-up probe agreed with the
     /// portable kernel (attention_hopper.rs).
     sm90a_attention: AtomicBool,
+    /// Whether the default attention backward uses the tensor-core kernels: set at
+    /// initialisation when `ENGINE_ATTENTION_BWD` allows them and their start-up probe agreed
+    /// with the SIMT ones (attention.rs).
+    mma_attention_backward: AtomicBool,
 }
 
 type T = Tensor<CudaBackend>;
@@ -153,9 +157,11 @@ impl CudaBackend {
             compute_capability,
             op_times: OpProfiler::new(),
             sm90a_attention: AtomicBool::new(false),
+            mma_attention_backward: AtomicBool::new(false),
         };
         backend.warm_up()?;
         attention_hopper::enable_after_probe(&backend)?;
+        attention::enable_mma_backward_after_probe(&backend)?;
         Ok(backend)
     }
 
