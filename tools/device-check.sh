@@ -41,7 +41,7 @@ fi
 export LD_LIBRARY_PATH
 
 declare -a SUMMARY
-step() { # name, limit in seconds, command...
+step() { # name, limit in seconds, command... (returns the command's exit status)
     local name="$1" limit="$2"
     shift 2
     local t0=$SECONDS
@@ -50,8 +50,9 @@ step() { # name, limit in seconds, command...
     local verdict=ok
     [ $rc -eq 0 ] || verdict="FAILED (exit $rc)"
     [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit} s"
-    SUMMARY+=("$(printf '%-12s %-22s %4d s  %s' "$name" "$verdict" $((SECONDS - t0)) "$OUT/$name.log")")
+    SUMMARY+=("$(printf '%-14s %-22s %4d s  %s' "$name" "$verdict" $((SECONDS - t0)) "$OUT/$name.log")")
     tail -n 80 "$OUT/$name.log"
+    return $rc
 }
 
 {
@@ -64,15 +65,31 @@ step() { # name, limit in seconds, command...
     ldd "$BIN/engine" | sed 's/^/  /'
 } 2>&1 | tee "$OUT/machine.txt"
 
-# The Hopper attention kernel has its own step first: if it faults, the CUDA context of the process
-# is lost, and every later step would fail with it. On a failure or a disabled probe the rest runs
-# on the portable kernel (ENGINE_ATTENTION=portable), and the summary says so.
+# The attention kernels on probation (the Hopper forward, the tensor-core backward) get steps of
+# their own first: if one faults, the CUDA context of the process is lost, and every later step
+# would fail with it. Each try switches off what the last one named (its warning, or the variable
+# its failure message suggests); a failure naming neither switches both off. The summary says
+# what the later steps ran with.
 if "$BIN/engine" --help | grep -q '^  kernels'; then
-    step hopper-probe 60 "$BIN/engine" kernels --size small --device cuda
-    if ! grep -q 'attention fwd (sm90a)' "$OUT/hopper-probe.log" || grep -q 'sm90a attention kernel disabled' "$OUT/hopper-probe.log"; then
-        export ENGINE_ATTENTION=portable
-        SUMMARY+=("(the Hopper attention kernel is not used below: see hopper-probe.log; ENGINE_ATTENTION=portable)")
-    fi
+    for try in 1 2 3; do
+        log="$OUT/attention-probe-$try.log"
+        step "attention-probe-$try" 60 "$BIN/engine" kernels --size small --device cuda && ok=1 || ok=0
+        switched=0
+        if [ -z "${ENGINE_ATTENTION:-}" ] && grep -q 'sm90a attention kernel disabled\|ENGINE_ATTENTION=portable' "$log"; then
+            export ENGINE_ATTENTION=portable
+            switched=1
+        fi
+        if [ -z "${ENGINE_ATTENTION_BWD:-}" ] && grep -q 'mma attention backward kernel disabled\|ENGINE_ATTENTION_BWD=simt' "$log"; then
+            export ENGINE_ATTENTION_BWD=simt
+            switched=1
+        fi
+        [ $ok = 1 ] && break
+        if [ $switched = 0 ]; then
+            export ENGINE_ATTENTION=portable ENGINE_ATTENTION_BWD=simt
+            break
+        fi
+    done
+    SUMMARY+=("(later steps ran with ENGINE_ATTENTION=${ENGINE_ATTENTION:-auto} ENGINE_ATTENTION_BWD=${ENGINE_ATTENTION_BWD:-auto})")
 fi
 step gpu-tests 150 "$BIN/gpu-tests" --ignored --test-threads=1
 step selftest 90 "$BIN/engine" selftest --device cuda

@@ -129,8 +129,9 @@ pub trait BackwardOps: Backend {
     fn attention_with_lse(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
     /// The attention forward kernels this backend chooses between, by name, where it has more
-    /// than one (a Hopper GPU: "portable" and "sm90a"); empty where there is no choice. The
-    /// self-test checks each and `engine kernels` times each, whichever the dispatch picks.
+    /// than one (a Hopper GPU: "portable" and "sm90a"); empty where there is no choice, or where
+    /// the user switched the alternatives off. The self-test checks each and `engine kernels`
+    /// times each, whichever the dispatch picks.
     fn attention_kernels(&self) -> Vec<&'static str> {
         Vec::new()
     }
@@ -164,8 +165,9 @@ pub trait BackwardOps: Backend {
     ) -> Result<[Tensor<Self>; 3]>;
 
     /// The attention backward kernels this backend chooses between, by name, where it has more
-    /// than one (a CUDA GPU: "simt" and "mma"); empty where there is no choice. The self-test
-    /// checks each and `engine kernels` times each, whichever the dispatch picks.
+    /// than one (a CUDA GPU: "simt" and "mma"); empty where there is no choice, or where the user
+    /// switched the alternative off. The self-test checks each and `engine kernels` times each,
+    /// whichever the dispatch picks.
     fn attention_backward_kernels(&self) -> Vec<&'static str> {
         Vec::new()
     }

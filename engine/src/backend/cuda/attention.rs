@@ -254,18 +254,14 @@ fn backward_shared_bytes(d: usize) -> usize {
     4 * (2 * BWD_BLOCK * dq + 2 * BWD_BLOCK * BWD_BLOCK + 2 * BWD_BLOCK) + 2 * 2 * BWD_BLOCK * dk
 }
 
-/// The environment variable that picks the attention backward kernels.
-pub const BWD_ENV: &str = "ENGINE_ATTENTION_BWD";
-
-/// `ENGINE_ATTENTION_BWD`'s value (None when unset): whether the tensor-core backward may be
-/// probed and used (`auto` or empty) or not (`simt`).
-pub(super) fn mma_backward_allowed(value: Option<&str>) -> Result<bool> {
-    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("auto") => Ok(true),
-        Some("simt") => Ok(false),
-        Some(other) => bail!("{BWD_ENV}={other:?} is not a choice: use `simt` (the SIMT backward only) or `auto` (the default)"),
-    }
-}
+/// The tensor-core backward, on probation: `ENGINE_ATTENTION_BWD=simt` switches it off.
+pub(super) const MMA_BACKWARD: attention_hopper::Guarded = attention_hopper::Guarded {
+    kernel: "mma attention backward kernel",
+    env: "ENGINE_ATTENTION_BWD",
+    off: "simt",
+    off_means: "the SIMT backward only",
+    fallback: "the SIMT backward",
+};
 
 /// Which backward kernels to run, for the self-test and `engine kernels`, which compare them side
 /// by side.
@@ -524,15 +520,10 @@ fn probe_backward(b: &CudaBackend) -> std::result::Result<(), String> {
 /// probes the tensor-core backward and enables it for the default dispatch when it agrees with
 /// the SIMT one (see `attention_hopper::Guarded::settle` for what a failure does).
 pub(super) fn enable_mma_backward_after_probe(b: &CudaBackend) -> Result<()> {
-    if !mma_backward_allowed(std::env::var(BWD_ENV).ok().as_deref())? {
+    if !MMA_BACKWARD.allowed()? {
         return Ok(());
     }
-    let guarded = attention_hopper::Guarded {
-        kernel: "mma attention backward kernel",
-        skip: "ENGINE_ATTENTION_BWD=simt",
-        fallback: "the SIMT backward",
-    };
-    guarded.settle(b, probe_backward(b), &b.mma_attention_backward)
+    MMA_BACKWARD.settle(b, probe_backward(b), &b.mma_attention_backward)
 }
 
 impl CudaBackend {
@@ -637,12 +628,12 @@ mod tests {
     #[test]
     fn engine_attention_bwd_takes_auto_or_simt_and_names_a_bad_value() {
         for allowed in [None, Some(""), Some("auto"), Some(" Auto ")] {
-            assert!(mma_backward_allowed(allowed).unwrap(), "{allowed:?}");
+            assert!(MMA_BACKWARD.allowed_by(allowed).unwrap(), "{allowed:?}");
         }
-        assert!(!mma_backward_allowed(Some("simt")).unwrap());
-        assert!(!mma_backward_allowed(Some("SIMT\n")).unwrap());
-        let e = mma_backward_allowed(Some("mma")).unwrap_err().to_string();
-        assert!(e.contains(BWD_ENV) && e.contains("\"mma\"") && e.contains("simt"), "{e}");
+        assert!(!MMA_BACKWARD.allowed_by(Some("simt")).unwrap());
+        assert!(!MMA_BACKWARD.allowed_by(Some("SIMT\n")).unwrap());
+        let e = MMA_BACKWARD.allowed_by(Some("mma")).unwrap_err().to_string();
+        assert!(e.contains("ENGINE_ATTENTION_BWD") && e.contains("\"mma\"") && e.contains("simt"), "{e}");
         assert!(!e.contains('\n'));
     }
 

@@ -37,26 +37,14 @@ pub(super) const THREADS: u32 = 384;
 /// Columns of one TMA box: one 128-byte swizzle span of bf16.
 const BOX_COLS: usize = 64;
 
-/// The environment variable that picks the attention kernels.
-pub const ENV: &str = "ENGINE_ATTENTION";
-
-/// Which attention forward the default dispatch may use (`ENGINE_ATTENTION`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Policy {
-    /// The Hopper kernel where the GPU, the inputs and the start-up probe allow it.
-    Auto,
-    /// The portable kernels only.
-    Portable,
-}
-
-/// `ENGINE_ATTENTION`'s value (None when unset): `auto` (or empty) or `portable`.
-pub(super) fn policy_from(value: Option<&str>) -> Result<Policy> {
-    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("auto") => Ok(Policy::Auto),
-        Some("portable") => Ok(Policy::Portable),
-        Some(other) => bail!("{ENV}={other:?} is not a choice: use `portable` (the portable kernels only) or `auto` (the default)"),
-    }
-}
+/// The Hopper forward, on probation: `ENGINE_ATTENTION=portable` switches it off.
+pub(super) const SM90A: Guarded = Guarded {
+    kernel: "sm90a attention kernel",
+    env: "ENGINE_ATTENTION",
+    off: "portable",
+    off_means: "the portable kernels only",
+    fallback: "the portable kernel",
+};
 
 /// One kernel of `cuda/attention_sm90a.cu`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,26 +269,45 @@ fn probe(b: &CudaBackend) -> std::result::Result<(), String> {
 /// line on stderr; a failure that leaves the GPU unusable (a fault inside the kernel is sticky)
 /// fails the initialisation, naming the way around it.
 pub(super) fn enable_after_probe(b: &CudaBackend) -> Result<()> {
-    let policy = policy_from(std::env::var(ENV).ok().as_deref())?;
-    if policy == Policy::Portable || !b.modules.contains_key(MODULE) {
+    if !SM90A.allowed()? || !b.modules.contains_key(MODULE) {
         return Ok(());
     }
-    let guarded = Guarded { kernel: "sm90a attention kernel", skip: "ENGINE_ATTENTION=portable", fallback: "the portable kernel" };
-    guarded.settle(b, probe(b), &b.sm90a_attention)
+    SM90A.settle(b, probe(b), &b.sm90a_attention)
 }
 
-/// A kernel that runs only after agreeing with a trusted one on a start-up probe, as named in the
-/// lines `settle` prints or fails with.
+/// A kernel that runs only after agreeing with a trusted one on a start-up probe, and that an
+/// environment variable can switch off (then it is neither probed, nor used, nor offered to the
+/// self-test and `engine kernels`, so that a kernel that takes the GPU down can be kept away).
 pub(super) struct Guarded {
     /// What is on probation, e.g. "sm90a attention kernel".
     pub kernel: &'static str,
-    /// The setting that skips the probe, e.g. "ENGINE_ATTENTION=portable".
-    pub skip: &'static str,
+    /// The variable that switches it off, e.g. "ENGINE_ATTENTION", with the value "auto" (or
+    /// unset, or empty) allowing it and `off` (e.g. "portable") ruling it out.
+    pub env: &'static str,
+    pub off: &'static str,
+    /// What `off` means, for the message about a bad value.
+    pub off_means: &'static str,
     /// What runs instead, e.g. "the portable kernel".
     pub fallback: &'static str,
 }
 
 impl Guarded {
+    /// Whether the variable allows the kernel now.
+    pub fn allowed(&self) -> Result<bool> {
+        self.allowed_by(std::env::var(self.env).ok().as_deref())
+    }
+
+    /// Whether the variable's `value` (None when unset) allows the kernel.
+    pub fn allowed_by(&self, value: Option<&str>) -> Result<bool> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("auto") => Ok(true),
+            Some(v) if v == self.off => Ok(false),
+            Some(other) => {
+                bail!("{}={other:?} is not a choice: use `{}` ({}) or `auto` (the default)", self.env, self.off, self.off_means)
+            }
+        }
+    }
+
     /// Acts on a probe's outcome: agreement sets `enabled`; a disagreement or a failed launch
     /// leaves it unset with one warning line on stderr, unless the failure left the GPU unusable
     /// (a fault inside a kernel is sticky), which fails the initialisation naming `skip`.
@@ -309,9 +316,9 @@ impl Guarded {
             Ok(()) => enabled.store(true, Ordering::Relaxed),
             Err(reason) => {
                 let probe = self.kernel.trim_end_matches(" kernel");
-                b.stream()
-                    .synchronize()
-                    .with_context(|| format!("the {probe} probe left the GPU unusable ({reason}); set {} to skip it", self.skip))?;
+                b.stream().synchronize().with_context(|| {
+                    format!("the {probe} probe left the GPU unusable ({reason}); set {}={} to skip it", self.env, self.off)
+                })?;
                 eprintln!("warning: {} disabled, {reason}; using {}", self.kernel, self.fallback);
             }
         }
@@ -419,12 +426,12 @@ mod tests {
 
     #[test]
     fn engine_attention_takes_auto_or_portable_and_names_a_bad_value() {
-        assert_eq!(policy_from(None).unwrap(), Policy::Auto);
-        assert_eq!(policy_from(Some("")).unwrap(), Policy::Auto);
-        assert_eq!(policy_from(Some("auto")).unwrap(), Policy::Auto);
-        assert_eq!(policy_from(Some("portable")).unwrap(), Policy::Portable);
-        assert_eq!(policy_from(Some(" Portable ")).unwrap(), Policy::Portable);
-        let e = policy_from(Some("hopper")).unwrap_err().to_string();
+        for allowed in [None, Some(""), Some("auto")] {
+            assert!(SM90A.allowed_by(allowed).unwrap(), "{allowed:?}");
+        }
+        assert!(!SM90A.allowed_by(Some("portable")).unwrap());
+        assert!(!SM90A.allowed_by(Some(" Portable ")).unwrap());
+        let e = SM90A.allowed_by(Some("hopper")).unwrap_err().to_string();
         assert!(e.contains("ENGINE_ATTENTION") && e.contains("hopper") && e.contains("portable"), "{e}");
         assert!(!e.contains('\n'));
     }

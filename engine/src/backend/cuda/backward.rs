@@ -3,7 +3,7 @@
 //! launched from the matching file here. This file only dispatches.
 
 use super::attention::BackwardKernel;
-use super::{attention, elementwise, gemm, norm, rope, AttentionKernel, CudaBackend, T};
+use super::{attention, attention_hopper, elementwise, gemm, norm, rope, AttentionKernel, CudaBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
 use crate::perf::meta::OpClass;
 use anyhow::Result;
@@ -52,7 +52,7 @@ impl BackwardOps for CudaBackend {
     }
 
     fn attention_kernels(&self) -> Vec<&'static str> {
-        match self.has_sm90a_attention() {
+        match self.has_sm90a_attention() && attention_hopper::SM90A.allowed().unwrap_or(false) {
             true => AttentionKernel::ALL.iter().map(|k| k.name()).collect(),
             false => Vec::new(),
         }
@@ -71,7 +71,10 @@ impl BackwardOps for CudaBackend {
     }
 
     fn attention_backward_kernels(&self) -> Vec<&'static str> {
-        BackwardKernel::ALL.iter().map(|k| k.name()).collect()
+        match attention::MMA_BACKWARD.allowed().unwrap_or(false) {
+            true => BackwardKernel::ALL.iter().map(|k| k.name()).collect(),
+            false => Vec::new(),
+        }
     }
 
     fn attention_backward_using(&self, kernel: &str, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
