@@ -30,7 +30,14 @@ impl Device {
             Device::Cuda => Ok(Opened::Cuda(Box::new(CudaBackend::new(0).context("--device cuda")?))),
             Device::Auto => Ok(match CudaBackend::new(0) {
                 Ok(b) => Opened::Cuda(Box::new(b)),
-                Err(_) => Opened::Cpu(CpuBackend::new()),
+                Err(e) => {
+                    // Without a driver the CPU is expected; with one, a GPU that cannot be used
+                    // is news the user should not have to infer from the speed.
+                    if super::cuda::driver_present() {
+                        eprintln!("warning: running on the CPU: the GPU is not usable ({e:#})");
+                    }
+                    Opened::Cpu(CpuBackend::new())
+                }
             }),
         }
     }
