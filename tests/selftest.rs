@@ -201,6 +201,22 @@ fn cli_bench_times_steps_and_reports_flops() {
     assert!(doc["optimizer_seconds_per_step"].as_f64().unwrap() > 0.0);
     assert!(doc["by_class"]["lora"]["ops"].as_u64().unwrap() > 0);
 
+    // FLUX's autoencoder too, at a small output: its passes add to the latency per image.
+    let mut with_ae = with_json.clone();
+    with_ae[7] = "32";
+    with_ae.push("--autoencoder");
+    let out = engine(&with_ae);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let ae = &doc["autoencoder"];
+    for key in ["encode_seconds", "decode_seconds"] {
+        assert!(ae[key].as_f64().unwrap() > 0.0, "{ae}");
+    }
+    // design.md's FLUX autoencoder: decoding costs about twice encoding (10.47 against 4.88 TFLOP at 1024).
+    let (enc, dec) = (ae["encode_flops"].as_u64().unwrap(), ae["decode_flops"].as_u64().unwrap());
+    assert!(enc > 0 && dec > 2 * enc && dec < 3 * enc, "encode {enc}, decode {dec}");
+    assert!(ae["seconds_per_image_with_steps"].as_f64() > doc["seconds_per_image"].as_f64(), "{doc}");
+
     let mut bad = args.to_vec();
     bad[7] = "1000";
     assert_fails_with(&engine(&bad), &["--res 1000", "multiple of 16"]);

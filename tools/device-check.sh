@@ -97,7 +97,7 @@ if "$BIN/engine" --help | grep -q '^  kernels'; then
     step kernels 90 "$BIN/engine" kernels --json "$OUT/kernels.json"
 fi
 if "$BIN/engine" --help | grep -q '^  bench'; then
-    step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 28 --json "$OUT/bench.json"
+    step bench 120 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --steps 28 --autoencoder --json "$OUT/bench.json"
     # The other shapes of the performance table (their figures are in the logs).
     step bench-512 45 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 10
     step bench-b4 60 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --batch 4 --steps 4

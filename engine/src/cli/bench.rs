@@ -4,9 +4,11 @@
 
 use super::human_bytes;
 use anyhow::{ensure, Result};
+use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe};
 use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
 use engine::backend::profile::OpTimes;
+use engine::backend::Backend;
 use engine::model::backward::Checkpointing;
 use engine::model::flux::{scalars, Conditioning};
 use engine::model::weights::WeightLoader;
@@ -14,7 +16,7 @@ use engine::model::{Flux, FluxInputs, FluxParams};
 use engine::perf::flops::{training_step_flops, FlopCount};
 use engine::perf::meta::OpClass;
 use engine::perf::plan::{MemoryPlan, HOPPER_CUBLASLT_WORKSPACE};
-use engine::perf::{trace_flux_step, training_memory_estimate, StepShape};
+use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use engine::train::adamw::{AdamW, AdamWConfig};
 use engine::train::kernels::TrainingKernels;
 use engine::train::params::{LoraParams, Trainable};
@@ -62,6 +64,11 @@ pub struct Args {
     /// forward in the backward; off keeps every activation (faster, much more memory).
     #[arg(long, value_enum, default_value = "per-block")]
     checkpointing: CheckpointingArg,
+    /// Also time FLUX's autoencoder at the output size (random weights of its real shapes): one
+    /// encode of the image and one decode of its latent, as an upscale runs them; the latency per
+    /// image then includes them.
+    #[arg(long)]
+    autoencoder: bool,
     /// Where to run: cuda, cpu or auto.
     #[arg(long, value_enum, default_value = "cuda")]
     device: Device,
@@ -233,6 +240,11 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     let median = sorted[sorted.len() / 2];
     let achieved = flops.total as f64 / mean;
 
+    let ae = match a.autoencoder {
+        true => Some(time_autoencoder(b, a, dtype)?),
+        false => None,
+    };
+
     // The cuBLAS ceiling on this machine: a square bf16 GEMM through the same backend.
     let n = if b.memory_peak()?.is_some() { 8192 } else { 512 };
     let x = b.placeholder(&[n, n], DType::BF16).and_then(|t| b.input(&b.download(&t)?))?;
@@ -272,6 +284,17 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     );
     if a.train {
         println!("optimizer   {:.1} ms per step of that (gradients to the host, AdamW, adapters back)", optimizer_s / a.steps as f64 * 1e3);
+    }
+    if let Some(ae) = &ae {
+        let rate = |flops: u64, s: f64| flops as f64 / s / 1e12;
+        println!(
+            "autoencoder encode {:.1} ms ({:.1} TFLOP/s), decode {:.1} ms ({:.1} TFLOP/s); with the steps {:.3} s per image",
+            ae.encode.0 * 1e3,
+            rate(ae.encode.1, ae.encode.0),
+            ae.decode.0 * 1e3,
+            rate(ae.decode.1, ae.decode.0),
+            (total + ae.encode.0 + ae.decode.0) / a.batch as f64
+        );
     }
     println!("flops       {:.2} TFLOP per step, {:.1} TFLOP/s achieved", flops.total as f64 / 1e12, achieved / 1e12);
     match peak {
@@ -332,6 +355,11 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
             "memory_peak_bytes": memory.map(|m| m.allocator_high_water), "memory_driver_used_bytes": memory.map(|m| m.driver_used),
             "memory_planned_peak_bytes": planned_peak,
             "profiled_step_seconds": profiled.as_ref().map(|p| p.1),
+            "autoencoder": ae.as_ref().map(|ae| serde_json::json!({
+                "encode_seconds": ae.encode.0, "encode_flops": ae.encode.1,
+                "decode_seconds": ae.decode.0, "decode_flops": ae.decode.1,
+                "seconds_per_image_with_steps": (total + ae.encode.0 + ae.decode.0) / a.batch as f64,
+            })),
             "flops_by_class": flops.by_class.iter().map(|(c, f)| (c.name().to_string(), *f)).collect::<BTreeMap<_, _>>(),
             "by_class": classes,
         });
@@ -339,6 +367,38 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
         loaders::atomic::write_atomic(path, true, |f| std::io::Write::write_all(f, text.as_bytes()))?;
     }
     Ok(())
+}
+
+/// Seconds and model FLOPs of one autoencoder pass each way, for the whole batch.
+struct AeTiming {
+    encode: (f64, u64),
+    decode: (f64, u64),
+}
+
+/// FLUX's autoencoder with random weights of its real shapes: one encode of a `res x res` image
+/// batch and one decode of its latent, each after a warm-up pass.
+fn time_autoencoder<B: Backend>(b: &B, a: &Args, dtype: DType) -> Result<AeTiming> {
+    let params = AutoEncoderParams::default();
+    let f = params.downscale();
+    ensure!(a.res % f == 0, "--res {}: the autoencoder needs a multiple of {f}", a.res);
+    let ae = FluxAe::build(&params, &mut WeightLoader::shapes_only(b, dtype))?;
+    let n = a.batch * 3 * a.res * a.res;
+    let image = b.input(&HostTensor::from_f32(vec![a.batch, 3, a.res, a.res], engine::sampler::gaussian_noise(n, 1)))?;
+    let timed = |pass: &dyn Fn() -> Result<Tensor<B>>| -> Result<f64> {
+        drop(pass()?);
+        b.synchronize()?;
+        let t = Instant::now();
+        drop(pass()?);
+        b.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let latent = ae.encode(b, &image)?;
+    let flops =
+        |direction| -> Result<u64> { Ok(FlopCount::of(&trace_flux_ae(&params, a.batch, a.res, a.res, DType::BF16, direction)?).total) };
+    Ok(AeTiming {
+        encode: (timed(&|| ae.encode(b, &image))?, flops(AeDirection::Encode)?),
+        decode: (timed(&|| ae.decode(b, &latent))?, flops(AeDirection::Decode)?),
+    })
 }
 
 /// One op class's row of the breakdown.
