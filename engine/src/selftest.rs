@@ -94,6 +94,34 @@ fn gaussian(shape: &[usize], seed: u64) -> HostTensor {
     HostTensor::from_f32(shape.to_vec(), v)
 }
 
+/// The inputs of one attention check, drawn in this order from `next` seeds: q `[B, H, Lq, D]`,
+/// k and v `[B, H, Lk, D]`; and the shape as the check table names it.
+struct AttentionCase {
+    q: HostTensor,
+    k: HostTensor,
+    v: HostTensor,
+    shape: String,
+    /// `[B, Lq, H * D]`: the shape of the output and of its gradient.
+    out_shape: [usize; 3],
+}
+
+impl AttentionCase {
+    fn new((batch, heads, lq, lk, d): (usize, usize, usize, usize, usize), mut next: impl FnMut() -> u64) -> Self {
+        AttentionCase {
+            out_shape: [batch, lq, heads * d],
+            q: gaussian(&[batch, heads, lq, d], next()),
+            k: gaussian(&[batch, heads, lk, d], next()),
+            v: gaussian(&[batch, heads, lk, d], next()),
+            shape: format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens"),
+        }
+    }
+
+    /// An output gradient `[B, Lq, H * D]` for the backward, from the next seed.
+    fn g_out(&self, seed: u64) -> HostTensor {
+        gaussian(&self.out_shape, seed)
+    }
+}
+
 /// Like `gaussian` but stored as bf16, as weights are on the GPU.
 fn weight(shape: &[usize], seed: u64, scale: f32) -> HostTensor {
     let n = shape.iter().product();
@@ -181,17 +209,16 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
-    for &(batch, heads, lq, lk, d) in &[
+    for &dims in &[
         (2usize, 3usize, 77usize, 77usize, 64usize),
         (1, 2, 300, 300, 128),
         (1, 2, 50, 130, 64),
         (1, 1, 200, 200, 32),
         (1, 1, 64, 64, 512),
     ] {
-        let (q, k, v) =
-            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
-        compare!(checks, dut, cpu, "attention", format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens"), tol, |b| {
-            b.attention(&b.input(&q)?, &b.input(&k)?, &b.input(&v)?).map(|y| vec![y])
+        let c = AttentionCase::new(dims, &mut next);
+        compare!(checks, dut, cpu, "attention", c.shape.clone(), tol, |b| {
+            b.attention(&b.input(&c.q)?, &b.input(&c.k)?, &b.input(&c.v)?).map(|y| vec![y])
         });
     }
 
@@ -304,7 +331,11 @@ pub fn attention_kernel_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec
     let cpu = CpuBackend::new();
     let mut checks = Vec::new();
     let mut s = seed.wrapping_add(90 << 32);
-    for &(batch, heads, lq, lk, d) in &[
+    let mut next = || {
+        s += 1;
+        s
+    };
+    for &dims in &[
         (1usize, 2usize, 300usize, 300usize, 128usize),
         (2, 3, 77, 130, 128),
         (1, 2, 1, 300, 128),
@@ -312,13 +343,7 @@ pub fn attention_kernel_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec
         (2, 3, 77, 77, 64),
         (1, 1, 200, 257, 64),
     ] {
-        let mut next = || {
-            s += 1;
-            s
-        };
-        let (q, k, v) =
-            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
-        let shape = format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens");
+        let AttentionCase { q, k, v, shape, .. } = AttentionCase::new(dims, &mut next);
         let (out_ref, lse_ref) = cpu.attention_with_lse(&cpu.input(&q)?, &cpu.input(&k)?, &cpu.input(&v)?)?;
         for kernel in dut.attention_kernels() {
             dut.poison_outputs(true);
@@ -351,17 +376,14 @@ pub fn attention_backward_kernel_checks<D: BackwardOps>(dut: &D, seed: u64) -> R
         return Ok(checks);
     }
     let mut s = seed.wrapping_add(91 << 32);
-    for &(batch, heads, lq, lk, d) in
-        &[(1usize, 2usize, 200usize, 200usize, 128usize), (2, 3, 77, 130, 64), (1, 1, 1, 300, 128), (1, 2, 129, 3, 64)]
-    {
-        let mut next = || {
-            s += 1;
-            s
-        };
-        let (q, k, v) =
-            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
-        let g_out = gaussian(&[batch, lq, heads * d], next());
-        let shape = format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens");
+    let mut next = || {
+        s += 1;
+        s
+    };
+    for &dims in &[(1usize, 2usize, 200usize, 200usize, 128usize), (2, 3, 77, 130, 64), (1, 1, 1, 300, 128), (1, 2, 129, 3, 64)] {
+        let case = AttentionCase::new(dims, &mut next);
+        let g_out = case.g_out(next());
+        let AttentionCase { q, k, v, shape, .. } = case;
         let reference = {
             let (q, k, v) = (cpu.input(&q)?, cpu.input(&k)?, cpu.input(&v)?);
             let (out, lse) = cpu.attention_with_lse(&q, &k, &v)?;
@@ -484,13 +506,12 @@ pub fn backward_op_checks<D: BackwardOps>(dut: &D, seed: u64) -> Result<Vec<Chec
         });
     }
 
-    for &(batch, heads, lq, lk, d) in
+    for &dims in
         &[(2usize, 3usize, 77usize, 77usize, 64usize), (1, 2, 130, 130, 128), (1, 2, 50, 130, 64), (1, 1, 70, 33, 100), (1, 2, 40, 40, 32)]
     {
-        let (q, k, v) =
-            (gaussian(&[batch, heads, lq, d], next()), gaussian(&[batch, heads, lk, d], next()), gaussian(&[batch, heads, lk, d], next()));
-        let g_out = gaussian(&[batch, lq, heads * d], next());
-        let shape = format!("q [{batch},{heads},{lq},{d}], k/v {lk} tokens");
+        let case = AttentionCase::new(dims, &mut next);
+        let g_out = case.g_out(next());
+        let AttentionCase { q, k, v, shape, .. } = case;
         compare!(checks, dut, cpu, "attention_with_lse", shape.clone(), tol, |b| {
             b.attention_with_lse(&b.input(&q)?, &b.input(&k)?, &b.input(&v)?).map(|(out, lse)| vec![out, lse])
         });
