@@ -4,6 +4,7 @@
 
 use super::human_bytes;
 use anyhow::{ensure, Result};
+use clap::ValueEnum;
 use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe};
 use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
@@ -63,7 +64,7 @@ pub struct Args {
     /// Activation checkpointing for --train: per-block keeps each block's input and reruns its
     /// forward in the backward; off keeps every activation (faster, much more memory).
     #[arg(long, value_enum, default_value = "per-block")]
-    checkpointing: CheckpointingArg,
+    checkpointing: Checkpointing,
     /// Also time FLUX's autoencoder at the output size (random weights of its real shapes): one
     /// encode of the image and one decode of its latent, as an upscale runs them; the latency per
     /// image then includes them.
@@ -80,31 +81,6 @@ pub struct Args {
 /// Peak dense bf16 tensor-core rate by card name (design section 11), for MFU.
 fn peak_bf16_flops(device: &str) -> Option<f64> {
     [("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A800", 312e12)].into_iter().find(|(n, _)| device.contains(n)).map(|(_, f)| f)
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum CheckpointingArg {
-    PerBlock,
-    Off,
-}
-
-impl CheckpointingArg {
-    /// The value as the flag spells it.
-    fn flag(self) -> &'static str {
-        match self {
-            CheckpointingArg::PerBlock => "per-block",
-            CheckpointingArg::Off => "off",
-        }
-    }
-}
-
-impl From<CheckpointingArg> for Checkpointing {
-    fn from(c: CheckpointingArg) -> Self {
-        match c {
-            CheckpointingArg::PerBlock => Checkpointing::PerBlock,
-            CheckpointingArg::Off => Checkpointing::Off,
-        }
-    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -171,8 +147,8 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
         true => {
             let estimate = training_memory_estimate(&params, shape, DType::BF16, Some(a.rank), HOPPER_CUBLASLT_WORKSPACE)?;
             match a.checkpointing {
-                CheckpointingArg::PerBlock => estimate.peak_block_checkpointing(),
-                CheckpointingArg::Off => estimate.peak_all_kept(),
+                Checkpointing::PerBlock => estimate.peak_block_checkpointing(),
+                Checkpointing::Off => estimate.peak_all_kept(),
             }
         }
     };
@@ -195,7 +171,7 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
             let n = a.batch * side * side * params.in_channels;
             let g_out = b.input(&HostTensor::from_f32(vec![a.batch, side * side, params.in_channels], vec![1.0 / n as f32; n]))?;
             let optimizer = AdamW::new(AdamWConfig::default());
-            Work::Train { trainable, optimizer, g_out, checkpointing: a.checkpointing.into() }
+            Work::Train { trainable, optimizer, g_out, checkpointing: a.checkpointing }
         }
     };
     let c = Conditioning {
@@ -269,8 +245,8 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     println!("shape       {}x{} output, {} image + {} text tokens, batch {}", a.res, a.res, side * side, a.txt_tokens, a.batch);
     if a.train {
         let mode = match a.checkpointing {
-            CheckpointingArg::PerBlock => "per-block activation checkpointing",
-            CheckpointingArg::Off => "every activation kept",
+            Checkpointing::PerBlock => "per-block activation checkpointing",
+            Checkpointing::Off => "every activation kept",
         };
         println!("training    LoRA rank {} on every token-path linear, {mode}, AdamW", a.rank);
     }
@@ -347,7 +323,7 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
             "device": device, "shape": a.shape, "res": a.res, "batch": a.batch, "steps": a.steps,
             "image_tokens": side * side, "text_tokens": a.txt_tokens, "parameters": trace.parameters(),
             "train": a.train, "lora_rank": a.train.then_some(a.rank),
-            "checkpointing": a.train.then_some(a.checkpointing.flag()),
+            "checkpointing": a.train.then(|| a.checkpointing.to_possible_value().map(|v| v.get_name().to_string())),
             "seconds_per_step": mean, "seconds_per_step_median": median, "seconds_per_image": total / a.batch as f64,
             "optimizer_seconds_per_step": a.train.then(|| optimizer_s / a.steps as f64),
             "flops_per_step": flops.total, "flops_per_second": achieved,

@@ -72,8 +72,9 @@ pub struct FluxGrads<B: Backend> {
     pub img: Tensor<B>,
 }
 
-/// Whether blocks keep their activations for the backward or recompute them from their input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether blocks keep their activations for the backward or recompute them from their input
+/// (also a command-line value: `off`, `per-block`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Checkpointing {
     /// Keep every block's activations: the fastest; memory grows with depth.
     Off,
