@@ -14,6 +14,7 @@
 //! agree; otherwise one warning line and SIMT. `ENGINE_ATTENTION_BWD=simt` skips the probe and
 //! keeps SIMT.
 
+use super::probation::{self, Guarded};
 use super::{attention_hopper, bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, CudaStorage, T};
 use crate::backend::shapes::AttentionDims;
 use crate::backend::Backend;
@@ -255,7 +256,7 @@ fn backward_shared_bytes(d: usize) -> usize {
 }
 
 /// The tensor-core backward, on probation: `ENGINE_ATTENTION_BWD=simt` switches it off.
-pub(super) const MMA_BACKWARD: attention_hopper::Guarded = attention_hopper::Guarded {
+pub(super) const MMA_BACKWARD: Guarded = Guarded {
     kernel: "mma attention backward kernel",
     env: "ENGINE_ATTENTION_BWD",
     off: "simt",
@@ -509,7 +510,7 @@ fn probe_backward(b: &CudaBackend) -> std::result::Result<(), String> {
         };
         let [mma, simt] = run().map_err(|e| format!("it failed on the start-up probe: {e:#}"))?;
         for (what, (m, s)) in ["gq", "gk", "gv"].into_iter().zip(mma.iter().zip(&simt)) {
-            attention_hopper::compare(what, m, s)
+            probation::compare(what, m, s)
                 .map_err(|e| format!("it differs from the SIMT backward on the start-up probe (q {shape:?}, {e})"))?;
         }
     }
@@ -518,7 +519,7 @@ fn probe_backward(b: &CudaBackend) -> std::result::Result<(), String> {
 
 /// At `CudaBackend` initialisation: reads `ENGINE_ATTENTION_BWD` and, unless it says `simt`,
 /// probes the tensor-core backward and enables it for the default dispatch when it agrees with
-/// the SIMT one (see `attention_hopper::Guarded::settle` for what a failure does).
+/// the SIMT one (see `probation::Guarded::settle` for what a failure does).
 pub(super) fn enable_mma_backward_after_probe(b: &CudaBackend) -> Result<()> {
     if !MMA_BACKWARD.allowed()? {
         return Ok(());

@@ -13,6 +13,7 @@
 //! default dispatch only when they agree; otherwise one warning line and the portable kernel.
 //! `ENGINE_ATTENTION=portable` skips the probe and keeps the portable kernel.
 
+use super::probation::{compare, Guarded};
 use super::{attention, CudaBackend, T};
 use crate::backend::Backend;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -22,7 +23,7 @@ use cudarc::driver::sys::{
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 use loaders::HostTensor;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 /// The PTX module (`cuda/attention_sm90a.cu`).
 pub(super) const MODULE: &str = "attention_sm90a";
@@ -211,34 +212,6 @@ pub(super) fn launch(
 /// Probe shape: two heads of 300 tokens, deliberately no multiple of the 128-row and 128-key
 /// tiles, head dim 128 (FLUX's).
 const PROBE: [usize; 4] = [1, 2, 300, 128];
-/// Normwise relative error allowed between the two kernels' outputs: both round P and the output
-/// to bf16 (one rounding is 4e-3 relative) but sum in different orders.
-const PROBE_TOLERANCE: f64 = 1e-2;
-
-/// `max |a - b| / max |b|` over a start-up probe's outputs (a: the kernel on probation, b: the
-/// one it must agree with; this file's and attention.rs's backward probe), or why they disagree
-/// (one line).
-pub(super) fn compare(what: &str, candidate: &[f32], reference: &[f32]) -> std::result::Result<f64, String> {
-    if candidate.len() != reference.len() {
-        return Err(format!("{what}: {} values against {}", candidate.len(), reference.len()));
-    }
-    if let Some(i) = candidate.iter().position(|x| !x.is_finite()) {
-        // lse is -inf only for rows without keys, which the probes do not have.
-        return Err(format!("{what}: non-finite value {} at index {i}", candidate[i]));
-    }
-    let scale = reference.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
-    let (worst, at) = candidate
-        .iter()
-        .zip(reference)
-        .enumerate()
-        .map(|(i, (&a, &b))| ((a as f64 - b as f64).abs(), i))
-        .fold((0f64, 0), |acc, x| if x.0 > acc.0 { x } else { acc });
-    let rel = if scale > 0.0 { worst / scale } else { worst };
-    if rel > PROBE_TOLERANCE {
-        return Err(format!("{what}: max rel err {rel:.3e} > {PROBE_TOLERANCE:.0e} (index {at}: {} vs {})", candidate[at], reference[at]));
-    }
-    Ok(rel)
-}
 
 /// Runs the probe through both kernels: Ok(()) when they agree, Err(reason) when the Hopper
 /// kernel fails to launch or disagrees.
@@ -273,57 +246,6 @@ pub(super) fn enable_after_probe(b: &CudaBackend) -> Result<()> {
         return Ok(());
     }
     SM90A.settle(b, probe(b), &b.sm90a_attention)
-}
-
-/// A kernel that runs only after agreeing with a trusted one on a start-up probe, and that an
-/// environment variable can switch off (then it is neither probed, nor used, nor offered to the
-/// self-test and `engine kernels`, so that a kernel that takes the GPU down can be kept away).
-pub(super) struct Guarded {
-    /// What is on probation, e.g. "sm90a attention kernel".
-    pub kernel: &'static str,
-    /// The variable that switches it off, e.g. "ENGINE_ATTENTION", with the value "auto" (or
-    /// unset, or empty) allowing it and `off` (e.g. "portable") ruling it out.
-    pub env: &'static str,
-    pub off: &'static str,
-    /// What `off` means, for the message about a bad value.
-    pub off_means: &'static str,
-    /// What runs instead, e.g. "the portable kernel".
-    pub fallback: &'static str,
-}
-
-impl Guarded {
-    /// Whether the variable allows the kernel now.
-    pub fn allowed(&self) -> Result<bool> {
-        self.allowed_by(std::env::var(self.env).ok().as_deref())
-    }
-
-    /// Whether the variable's `value` (None when unset) allows the kernel.
-    pub fn allowed_by(&self, value: Option<&str>) -> Result<bool> {
-        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("") | Some("auto") => Ok(true),
-            Some(v) if v == self.off => Ok(false),
-            Some(other) => {
-                bail!("{}={other:?} is not a choice: use `{}` ({}) or `auto` (the default)", self.env, self.off, self.off_means)
-            }
-        }
-    }
-
-    /// Acts on a probe's outcome: agreement sets `enabled`; a disagreement or a failed launch
-    /// leaves it unset with one warning line on stderr, unless the failure left the GPU unusable
-    /// (a fault inside a kernel is sticky), which fails the initialisation naming `skip`.
-    pub fn settle(&self, b: &CudaBackend, outcome: std::result::Result<(), String>, enabled: &AtomicBool) -> Result<()> {
-        match outcome {
-            Ok(()) => enabled.store(true, Ordering::Relaxed),
-            Err(reason) => {
-                let probe = self.kernel.trim_end_matches(" kernel");
-                b.stream().synchronize().with_context(|| {
-                    format!("the {probe} probe left the GPU unusable ({reason}); set {}={} to skip it", self.env, self.off)
-                })?;
-                eprintln!("warning: {} disabled, {reason}; using {}", self.kernel, self.fallback);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Which attention forward to run, for the self-test and `engine kernels`, which compare the
@@ -445,20 +367,5 @@ mod tests {
             // Plus the kernel's static shared memory (its mbarriers, under 128 bytes).
             assert!(k.shared_bytes() + 128 <= HOPPER_MAX_SHARED, "{k:?}");
         }
-    }
-
-    #[test]
-    fn the_probe_comparison_accepts_rounding_and_rejects_nan_and_real_differences() {
-        let reference: Vec<f32> = (0..1000).map(|i| ((i as f32) * 0.37).sin()).collect();
-        let rounded: Vec<f32> = reference.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
-        assert!(compare("output", &rounded, &reference).unwrap() < 4e-3);
-        let mut nan = rounded.clone();
-        nan[17] = f32::NAN;
-        assert!(compare("output", &nan, &reference).unwrap_err().contains("non-finite value NaN at index 17"));
-        let mut off = rounded.clone();
-        off[3] += 0.5;
-        let e = compare("output", &off, &reference).unwrap_err();
-        assert!(e.contains("index 3") && e.contains("max rel err"), "{e}");
-        assert!(compare("lse", &rounded[..10], &reference).unwrap_err().contains("10 values against 1000"));
     }
 }

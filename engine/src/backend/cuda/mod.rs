@@ -19,6 +19,7 @@ mod embed;
 mod gemm;
 mod layout;
 mod norm;
+mod probation;
 mod rope;
 mod spatial;
 
