@@ -125,47 +125,33 @@ fn bench<B: TrainingBench + BackwardOps>(b: &B, a: &Args) -> Result<()> {
     drop((x, w));
 
     let (q, k, v) = (activation(b, &[1, heads, l, hd], 4)?, activation(b, &[1, heads, l, hd], 5)?, activation(b, &[1, heads, l, hd], 6)?);
-    let s = time(b, n, || b.attention(&q, &k, &v))?;
     let attn_flops = 4.0 * (l * l * hd * heads) as f64;
-    rows.push(Row {
-        kernel: "attention fwd".into(),
+    let attn_row = |kernel: String, seconds: f64, work: f64| Row {
+        kernel,
         shape: format!("[1,{heads},{l},{hd}]"),
-        seconds: s,
-        work: attn_flops,
+        seconds,
+        work,
         bound: Bound::Compute,
-    });
+    };
+    rows.push(attn_row("attention fwd".into(), time(b, n, || b.attention(&q, &k, &v))?, attn_flops));
+    // Where the backend chooses between forward kernels (Hopper), each forced, beside the
+    // default; all write the log-sum-exp, so they compare like with like.
+    for kernel in b.attention_kernels() {
+        let s = time(b, n, || b.attention_with_lse_using(kernel, &q, &k, &v))?;
+        rows.push(attn_row(format!("attention fwd ({kernel})"), s, attn_flops));
+    }
     // The backward counted as FlashAttention's papers count it, 2.5 x the forward (five L x L x d
     // products against two), so that its rate compares with theirs.
     let (out, lse) = b.attention_with_lse(&q, &k, &v)?;
     let g_out = activation(b, out.shape(), 7)?;
-    let s = time(b, n, || b.attention_backward(&q, &k, &v, &out, &lse, &g_out))?;
-    rows.push(Row {
-        kernel: "attention bwd".into(),
-        shape: format!("[1,{heads},{l},{hd}]"),
-        seconds: s,
-        work: 2.5 * attn_flops,
-        bound: Bound::Compute,
-    });
+    rows.push(attn_row("attention bwd".into(), time(b, n, || b.attention_backward(&q, &k, &v, &out, &lse, &g_out))?, 2.5 * attn_flops));
     // Where the backend chooses between backward kernels (a GPU: SIMT and tensor cores), each
     // forced, beside the default.
     for kernel in b.attention_backward_kernels() {
         let s = time(b, n, || b.attention_backward_using(kernel, &q, &k, &v, &out, &lse, &g_out))?;
-        let name = format!("attention bwd ({kernel})");
-        rows.push(Row { kernel: name, shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: 2.5 * attn_flops, bound: Bound::Compute });
+        rows.push(attn_row(format!("attention bwd ({kernel})"), s, 2.5 * attn_flops));
     }
     drop((q, k, v, out, lse, g_out));
-    // Where the backend chooses between attention kernels (Hopper), each forced, side by side;
-    // all write the log-sum-exp, so they compare like with like.
-    let kernels = b.attention_kernels();
-    if !kernels.is_empty() {
-        let (q, k, v) =
-            (activation(b, &[1, heads, l, hd], 4)?, activation(b, &[1, heads, l, hd], 5)?, activation(b, &[1, heads, l, hd], 6)?);
-        for kernel in kernels {
-            let s = time(b, n, || b.attention_with_lse_using(kernel, &q, &k, &v))?;
-            let name = format!("attention fwd ({kernel})");
-            rows.push(Row { kernel: name, shape: format!("[1,{heads},{l},{hd}]"), seconds: s, work: attn_flops, bound: Bound::Compute });
-        }
-    }
 
     let x = activation(b, &[1, l, d], 7)?;
     let (shift, scale) = (activation(b, &[1, d], 8)?, activation(b, &[1, d], 9)?);
