@@ -57,7 +57,7 @@ fn flux_small_forward_matches_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn out_of_memory_is_a_typed_error_not_a_panic() {
-    use engine::backend::cuda::DeviceOutOfMemory;
+    use engine::backend::error::DeviceOutOfMemory;
     use engine::Backend;
     // 2^40 bf16 elements (2 TiB): beyond any card.
     let Err(err) = gpu().placeholder(&[1 << 20, 1 << 20], loaders::DType::BF16) else { panic!("a 2 TiB allocation succeeded") };

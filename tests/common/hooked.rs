@@ -3,7 +3,7 @@
 
 use engine::backend::backward::{BackwardOps, LoraAddGrads};
 use engine::backend::cpu::CpuBackend;
-use engine::backend::cuda::DeviceOutOfMemory;
+use engine::backend::error::DeviceOutOfMemory;
 use engine::{Backend, Tensor};
 use loaders::{DType, HostData, HostTensor};
 use std::sync::atomic::{AtomicBool, Ordering};

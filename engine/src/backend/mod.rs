@@ -12,6 +12,7 @@ pub mod backward;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod error;
 pub mod profile;
 pub mod shapes;
 

@@ -8,10 +8,65 @@
 //! when the profile is taken, after the backend has synchronised, so timing adds two event records
 //! per op and no synchronisation.
 
-use crate::perf::meta::OpClass;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+
+/// What an op is, for FLOP accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OpClass {
+    /// A linear over token rows: `2 M N K` for M rows, N outputs, K inputs.
+    Gemm,
+    /// The two matmuls of an unmerged LoRA update of rank r: `2 M r K + 2 M N r`.
+    Lora,
+    /// Softmax attention: `4 Lq Lk d` per head and sample (QK^T and PV, 2 Lq Lk d each).
+    Attention,
+    /// A 2-D convolution (the autoencoder): `2 out_elems C_in kh kw`.
+    Conv,
+    /// A linear on per-sample vectors `[batch, features]` (embedders, adaLN modulation): not
+    /// counted (design section 11).
+    PerSample,
+    /// Norms, activations, residuals, embeddings, scaling: not counted.
+    Elementwise,
+    /// Copies that only move data (concat, narrow, transpose, pixel (un)shuffle, upsampling): not
+    /// counted.
+    Layout,
+    /// Host to device and back: uploads, model inputs, weight placeholders, downloads.
+    Transfer,
+}
+
+impl OpClass {
+    /// A linear's class by the rank of its input: per-sample vectors `[batch, features]`, or
+    /// token rows.
+    pub fn of_linear(x_rank: usize) -> OpClass {
+        if x_rank <= 2 {
+            OpClass::PerSample
+        } else {
+            OpClass::Gemm
+        }
+    }
+
+    /// A LoRA update's class by the rank of its input, like `of_linear`.
+    pub fn of_lora(x_rank: usize) -> OpClass {
+        match OpClass::of_linear(x_rank) {
+            OpClass::Gemm => OpClass::Lora,
+            class => class,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpClass::Gemm => "gemm",
+            OpClass::Lora => "lora",
+            OpClass::Attention => "attention",
+            OpClass::Conv => "conv",
+            OpClass::PerSample => "per-sample linear",
+            OpClass::Elementwise => "norm/elementwise",
+            OpClass::Layout => "layout",
+            OpClass::Transfer => "transfer",
+        }
+    }
+}
 
 /// A backend's clock: a mark is a point in the stream of ops.
 pub trait Clock {

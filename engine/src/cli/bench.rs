@@ -15,7 +15,7 @@ use engine::model::flux::{scalars, Conditioning};
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
 use engine::perf::flops::{training_step_flops, FlopCount};
-use engine::perf::meta::OpClass;
+use engine::backend::profile::OpClass;
 use engine::perf::plan::{MemoryPlan, HOPPER_CUBLASLT_WORKSPACE};
 use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use engine::train::adamw::{AdamW, AdamWConfig};

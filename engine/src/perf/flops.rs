@@ -4,7 +4,8 @@
 //! the per-sample embedding/modulation linears count 0. The closed forms at the bottom restate
 //! those rules per layer from the configs alone; they exist to check the traces in tests.
 
-use super::meta::{OpClass, Trace};
+use super::meta::Trace;
+use crate::backend::profile::OpClass;
 use std::collections::BTreeMap;
 
 /// FLOPs of a trace by op class (classes with none are left out) and in total.

@@ -186,7 +186,8 @@ pub fn training_memory_estimate(
 #[cfg(test)]
 mod tests {
     use super::flops::{closed_form, FlopCount};
-    use super::meta::{BufferKind, Event, OpClass};
+    use super::meta::{BufferKind, Event};
+    use crate::backend::profile::OpClass;
     use super::plan::{self, MemoryPlan};
     use super::*;
     use crate::CpuBackend;

@@ -5,7 +5,7 @@ use super::model_dir::SrModel;
 use super::packing::{pack, unpack};
 use super::resample::resize;
 use super::sample::{euler_tiled, Grid};
-use crate::backend::cuda::DeviceOutOfMemory;
+use crate::backend::error::DeviceOutOfMemory;
 use crate::backend::Backend;
 use crate::model::flux::scalars;
 use crate::model::Conditioning;

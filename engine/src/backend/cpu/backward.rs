@@ -10,7 +10,7 @@ use super::{act, dtype_of, f32_tensor, layout, per_sample_dims, spatial, timed, 
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
 use crate::backend::shapes::QkBackwardDims;
 use crate::backend::{expect_shape, Backend};
-use crate::perf::meta::OpClass;
+use crate::backend::profile::OpClass;
 use anyhow::{bail, ensure, Result};
 use loaders::HostData;
 use rayon::prelude::*;

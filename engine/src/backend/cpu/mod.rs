@@ -15,7 +15,7 @@ pub mod spatial;
 
 use super::profile::{OpProfiler, OpTimes, WallClock};
 use super::{expect_shape, shapes, Backend};
-use crate::perf::meta::OpClass;
+use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};

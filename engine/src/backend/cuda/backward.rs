@@ -5,7 +5,7 @@
 use super::attention::BackwardKernel;
 use super::{attention, attention_hopper, elementwise, gemm, norm, rope, AttentionKernel, CudaBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
-use crate::perf::meta::OpClass;
+use crate::backend::profile::OpClass;
 use anyhow::Result;
 
 impl BackwardOps for CudaBackend {

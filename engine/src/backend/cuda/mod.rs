@@ -31,7 +31,7 @@ mod training;
 
 use super::profile::{Clock, OpProfiler, OpTimes};
 use super::{expect_shape, shapes, Backend, MemoryPeak};
-use crate::perf::meta::OpClass;
+use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
@@ -243,23 +243,9 @@ impl Clock for EventClock<'_> {
     }
 }
 
-/// Device out of memory, as a typed error so callers (tiled upscaling) can retry smaller.
-#[derive(Debug)]
-pub struct DeviceOutOfMemory {
-    pub bytes: usize,
-}
-
-impl std::fmt::Display for DeviceOutOfMemory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GPU out of memory allocating {:.1} MiB", self.bytes as f64 / (1 << 20) as f64)
-    }
-}
-
-impl std::error::Error for DeviceOutOfMemory {}
-
 fn out_of_memory(e: DriverError, bytes: usize) -> anyhow::Error {
     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        DeviceOutOfMemory { bytes }.into()
+        super::error::DeviceOutOfMemory { bytes }.into()
     } else {
         anyhow::Error::from(e)
     }
