@@ -1,6 +1,6 @@
 //! The meta backend: every op of the `Backend` trait on shapes alone. Storages hold no data, only
 //! an id, a dtype and an element count; every op checks its operands as strictly as the CPU
-//! backend, then records one event in an op trace: its name, class, model FLOPs (design section
+//! backend, then records one event in an op trace: its name, class, model FLOPs (design.md section
 //! 11), the storages it read and the storages it created. Dropping a storage records its free.
 //! Running the real model code (`Flux::forward_host`, `FluxAe::decode`) on this backend therefore
 //! yields the exact sequence of allocations, ops and frees of that code path, at any model size,
@@ -14,7 +14,7 @@
 //!   modulation vectors, rotary tables, timesteps) may be in any dtype, as there.
 //! - Per-sample linears. A linear (or LoRA update) whose input has no token dimension, rank <= 2
 //!   (`[batch, features]`, one row per sample: the timestep, guidance and vector embedders and
-//!   every adaLN modulation) is class `PerSample` and counts no FLOPs, as design section 11 says.
+//!   every adaLN modulation) is class `PerSample` and counts no FLOPs, as design.md section 11 says.
 //!   Token activations are `[batch, tokens, features]` by the trait's convention (the autoencoder's
 //!   attention runs on `[batch, h w, channels]`), so the rank tells the two apart.
 //! - Fusion. `linear_gelu` is one op with one output, as the CUDA backend's GEMM epilogue runs it
@@ -69,7 +69,7 @@ impl Buffer {
 pub struct OpEvent {
     pub name: &'static str,
     pub class: OpClass,
-    /// Model FLOPs by design section 11's rules (0 for classes that are not counted).
+    /// Model FLOPs by design.md section 11's rules (0 for classes that are not counted).
     pub flops: u64,
     /// Storages read (and, for `lora_add`, updated in place).
     pub inputs: Vec<StorageId>,
