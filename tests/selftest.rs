@@ -41,6 +41,7 @@ fn every_op_is_checked_and_exactly_the_faulty_ones_fail() {
         "pixel_unshuffle",
         "pixel_shuffle",
         "affine",
+        "zeros",
     ] {
         assert!(ops.contains(op), "no check covers {op}");
     }

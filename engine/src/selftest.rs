@@ -230,6 +230,7 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         compare!(checks, dut, cpu, "silu", desc.clone(), tol, |b| b.silu(&b.input(&x)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "add", desc.clone(), tol, |b| b.add(&b.input(&x)?, &b.input(&y)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "affine", desc.clone(), tol, |b| b.affine(&b.input(&x)?, 0.3611, -0.1159).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "zeros", desc.clone(), tol, |b| b.zeros(x.shape.as_slice()).map(|y| vec![y]));
         compare!(checks, dut, cpu, "gated_residual", desc.clone(), tol, |b| {
             b.gated_residual(&b.input(&x)?, &b.input(&gate)?, &b.input(&y)?).map(|y| vec![y])
         });

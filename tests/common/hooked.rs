@@ -97,6 +97,9 @@ impl Backend for Hooked {
     fn activation_dtype(&self) -> DType {
         self.cpu.activation_dtype()
     }
+    fn zeros(&self, shape: &[usize]) -> anyhow::Result<T> {
+        self.cpu.zeros(shape).map(wrap)
+    }
     fn cast(&self, x: &T, dtype: DType) -> anyhow::Result<T> {
         self.cpu.cast(&inner(x), dtype).map(wrap)
     }

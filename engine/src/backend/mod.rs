@@ -96,6 +96,10 @@ pub trait Backend: Sized + Send + Sync {
         self.upload(&HostTensor::from_f32(shape.to_vec(), vec![0.0; shape.iter().product()]).cast(dtype))
     }
 
+    /// Zeros of `shape` in the activation dtype, made where the backend keeps its data (nothing
+    /// crosses from the host).
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+
     /// Copies a tensor back to the host as f32.
     fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
 

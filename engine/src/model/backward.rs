@@ -31,7 +31,6 @@ use crate::backend::backward::BackwardOps;
 use crate::backend::Backend;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
-use loaders::HostTensor;
 use std::collections::BTreeMap;
 
 /// The gradient of one LoRA delta (`LoraDelta`): f32, shaped like its down and up.
@@ -340,7 +339,7 @@ impl<B: BackwardOps> Flux<B> {
         // Only the image rows reach the final layer: the text rows of the last single block's
         // output have a zero gradient.
         let (batch, lt, hidden) = (c.txt.dim(0), c.txt.dim(1), self.params.hidden_size);
-        let zeros = b.input(&HostTensor::from_f32(vec![batch, lt, hidden], vec![0.0; batch * lt * hidden]))?;
+        let zeros = b.zeros(&[batch, lt, hidden])?;
         let mut g_x = b.concat(&[&zeros, &g_final_in], 1)?;
         for (block, step) in self.single_blocks.iter().zip(single).rev() {
             let acts = match step.acts {
@@ -394,6 +393,7 @@ mod tests {
     use crate::model::trainable::Adapters;
     use crate::model::weights::{LoraMode, WeightLoader};
     use loaders::lora::{LoraAdapter, LoraLayout, LoraPart};
+    use loaders::HostTensor;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};

@@ -277,6 +277,10 @@ impl Backend for MetaBackend {
         Ok(HostTensor::from_f32(t.shape().to_vec(), vec![0.0; t.elem_count()]))
     }
 
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        Ok(self.op("zeros", OpClass::Layout, 0, &[], shape.to_vec()))
+    }
+
     fn cast(&self, x: &T, dtype: DType) -> Result<T> {
         let out = NewBuffer { shape: x.shape().to_vec(), dtype, kind: BufferKind::Activation };
         Ok(self.record("cast", OpClass::Elementwise, 0, &[x], vec![out]).pop().expect("one output recorded"))

@@ -219,6 +219,7 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
         let accum = c.grad_accum as u64;
         while step < opts.max_steps {
             let started = Instant::now();
+            let moved = b.bytes_moved();
             let mut total: Option<MicroStep<B>> = None;
             for micro in 0..accum {
                 let draw = step * accum + micro;
@@ -257,6 +258,9 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
             line.insert("grad_norm".into(), stats.grad_norm.into());
             line.insert("lr".into(), stats.lr.into());
             line.insert("samples_per_s".into(), ((c.batch as u64 * accum) as f64 / started.elapsed().as_secs_f64()).into());
+            let (to_device, to_host) = b.bytes_moved();
+            line.insert("bytes_to_device".into(), (to_device - moved.0).into());
+            line.insert("bytes_to_host".into(), (to_host - moved.1).into());
             for (key, value) in &total.metrics {
                 line.insert((*key).into(), mean(*value).into());
             }

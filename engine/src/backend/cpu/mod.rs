@@ -128,6 +128,10 @@ impl Backend for CpuBackend {
         timed(OpClass::Transfer, || Ok(HostTensor::from_f32(t.shape().to_vec(), widen(t).into_owned())))
     }
 
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        Ok(f32_tensor(vec![0.0; shape.iter().product()], shape.to_vec()))
+    }
+
     fn cast(&self, x: &T, dtype: DType) -> Result<T> {
         timed(OpClass::Elementwise, || {
             let host = HostTensor::new(x.shape().to_vec(), x.storage().clone());

@@ -470,6 +470,12 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        let s = self.stream.alloc_zeros::<bf16>(n.max(1)).map_err(|e| out_of_memory(e, n * 2))?;
+        Ok(bf16_tensor(s, shape.to_vec()))
+    }
+
     fn cast(&self, x: &T, dtype: DType) -> Result<T> {
         self.timed(OpClass::Elementwise, || fields::cast(self, x, dtype))
     }
