@@ -11,9 +11,11 @@
 //!   `tests/golden/metrics/reference.json` come from scikit-image and numpy
 //!   (`tools/metrics-goldens.py`) and agree to 1e-3.
 
+mod grid;
 mod spectrum;
 mod ssim;
 
+pub use grid::{grid_figure, grid_ratio, GRID_PERIODS};
 pub use spectrum::{log_spectral_distance, power_spectrum, radial_power_spectrum, LSD_EPS};
 pub use ssim::{ssim, SSIM_WINDOW};
 
