@@ -176,10 +176,16 @@ fn perceptual_and_no_reference_columns_match_their_references() {
     for (name, cells) in &rows[..3] {
         let pair = pairs.iter().find(|p| p["name"] == name.as_str()).unwrap();
         let brisque = noref["images"].as_array().unwrap().iter().find(|i| i["path"] == format!("metrics/sr/{name}.png")).unwrap();
-        let want = [pair["st_lpips_alex"].as_f64().unwrap(), pair["lpips_alex"].as_f64().unwrap(), pair["dists"].as_f64().unwrap(), brisque["brisque"].as_f64().unwrap()];
+        let want = [
+            pair["st_lpips_alex"].as_f64().unwrap(),
+            pair["lpips_alex"].as_f64().unwrap(),
+            pair["dists"].as_f64().unwrap(),
+            brisque["brisque"].as_f64().unwrap(),
+        ];
         for (k, (got, want)) in cells[1..].iter().zip(want).enumerate() {
-            // the CSV keeps 6 decimals
-            assert!((got - want).abs() <= 1e-4 * want.abs() + 1e-6, "{name} {}: {got} against {want}", header[k + 2]);
+            // the networks within 1e-4, BRISQUE within 1e-3 (relative); the CSV keeps 6 decimals
+            let tolerance = if k == 3 { 1e-3 } else { 1e-4 };
+            assert!((got - want).abs() <= tolerance * want.abs() + 1e-6, "{name} {}: {got} against {want}", header[k + 2]);
             sums[k] += got;
         }
     }

@@ -124,8 +124,10 @@ fn brisque_matches_opencv() {
         let img = loaders::image::read(&golden(path)).unwrap();
         let got = brisque::features(&img);
         let want: Vec<f64> = image["brisque_features"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        // Within 2e-3 of the larger of the value and 1: a fit's shape may land one 0.001 step of
+        // the search away, and the mean parameters are differences of nearly equal scales.
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((*g as f64 - w).abs() <= 1e-3 * w.abs().max(1e-2), "{path}: feature {k}: {g} against OpenCV's {w}");
+            assert!((*g as f64 - w).abs() <= 2e-3 * w.abs().max(1.0), "{path}: feature {k}: {g} against OpenCV's {w}");
         }
         let (got, want) = (model.score(&img), image["brisque"].as_f64().unwrap());
         assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "{path}: BRISQUE {got} against OpenCV's {want}");

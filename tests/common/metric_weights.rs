@@ -75,4 +75,3 @@ pub fn golden_weights(dir: &Path) -> MetricWeights {
     }
     MetricWeights::new(dir)
 }
-

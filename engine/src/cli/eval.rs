@@ -164,21 +164,12 @@ pub struct Args {
 }
 
 /// The metrics to run: those asked for, each checked for its weights, or the defaults whose
-/// weights are there (a note names the rest).
-fn choose(a: &Args, weights: &MetricWeights) -> Result<Vec<Metric>> {
+/// weights are there; and the defaults skipped for want of weights.
+fn choose(a: &Args, weights: &MetricWeights) -> Result<(Vec<Metric>, Vec<Metric>)> {
     let allowed = |m: &Metric| !a.no_reference || m.no_reference();
-    let mut chosen: Vec<Metric> = if a.metrics.is_empty() {
+    let (mut chosen, skipped) = if a.metrics.is_empty() {
         let wanted: Vec<Metric> = Metric::DEFAULT.into_iter().filter(allowed).collect();
-        let (found, missing): (Vec<Metric>, Vec<Metric>) = wanted.into_iter().partition(|m| m.files().iter().all(|f| weights.has(f)));
-        if !missing.is_empty() {
-            let names: Vec<&str> = missing.iter().map(|m| m.header().0).collect();
-            eprintln!(
-                "note: {} skipped: no weights in {} (bash tools/metric-weights.sh installs them; --metrics names what to run)",
-                names.join(", "),
-                weights.dir().display()
-            );
-        }
-        found
+        wanted.into_iter().partition(|m| m.files().iter().all(|f| weights.has(f)))
     } else {
         for m in &a.metrics {
             ensure!(allowed(m), "--metrics {}: needs a reference image; --no-reference runs niqe and brisque only", m.column());
@@ -186,12 +177,16 @@ fn choose(a: &Args, weights: &MetricWeights) -> Result<Vec<Metric>> {
                 weights.open(f).with_context(|| format!("--metrics {}", m.column()))?;
             }
         }
-        a.metrics.clone()
+        (a.metrics.clone(), vec![])
     };
     chosen.sort();
     chosen.dedup();
-    ensure!(!chosen.is_empty(), "no metric to run: no NIQE or BRISQUE weights in {} (bash tools/metric-weights.sh)", weights.dir().display());
-    Ok(chosen)
+    ensure!(
+        !chosen.is_empty(),
+        "no metric to run: no NIQE or BRISQUE weights in {} (bash tools/metric-weights.sh)",
+        weights.dir().display()
+    );
+    Ok((chosen, skipped))
 }
 
 /// What scores one image: the loaded networks and models of the chosen metrics.
@@ -254,7 +249,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         None => MetricWeights::new(MetricWeights::default_dir().unwrap_or_default()),
     };
-    let chosen = choose(&a, &weights)?;
+    let (chosen, skipped) = choose(&a, &weights)?;
 
     let sr = images_by_stem(&a.sr_dir)?;
     let jobs: Vec<(&String, &PathBuf, Option<PathBuf>)> = match &a.hq_dir {
@@ -262,18 +257,15 @@ pub fn run(a: Args) -> Result<()> {
         Some(hq_dir) => {
             let hq = images_by_stem(hq_dir)?;
             let unmatched: Vec<String> = hq.iter().filter(|(stem, _)| !sr.contains_key(*stem)).map(|(_, p)| file_name(p)).collect();
+            let jobs: Vec<_> = hq.into_iter().filter_map(|(stem, h)| sr.get_key_value(&stem).map(|(stem, s)| (stem, s, Some(h)))).collect();
+            ensure!(!jobs.is_empty(), "no image in {} has a match (same file stem) in {}", hq_dir.display(), a.sr_dir.display());
             if !unmatched.is_empty() {
                 eprintln!("warning: {} HQ image(s) in {} without an SR match: {}", unmatched.len(), hq_dir.display(), unmatched.join(", "));
             }
-            hq.into_iter().filter_map(|(stem, h)| sr.get_key_value(&stem).map(|(stem, s)| (stem, s, Some(h)))).collect()
+            jobs
         }
     };
-    if jobs.is_empty() {
-        match &a.hq_dir {
-            Some(hq_dir) => bail!("no image in {} has a match (same file stem) in {}", hq_dir.display(), a.sr_dir.display()),
-            None => bail!("no image in {}", a.sr_dir.display()),
-        }
-    }
+    ensure!(!jobs.is_empty(), "no image in {}", a.sr_dir.display());
 
     let (rows, first) = if chosen.iter().any(|m| m.perceptual().is_some()) {
         engine::on_backend!(a.device, b => score_all(&Scorers::load(b, &chosen, &weights)?, &chosen, &jobs, &a)?)
@@ -322,6 +314,14 @@ pub fn run(a: Args) -> Result<()> {
             others.push(img);
         }
         plot_spectra(path, sr_img, hq_img, &others, a.overwrite)?;
+    }
+    if !skipped.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|m| m.header().0).collect();
+        eprintln!(
+            "note: {} skipped: no weights in {} (bash tools/metric-weights.sh installs them; --metrics names what to run)",
+            names.join(", "),
+            weights.dir().display()
+        );
     }
     Ok(())
 }

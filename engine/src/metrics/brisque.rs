@@ -7,8 +7,9 @@
 //!   f32 in [0, 1]; 16-bit inputs are first reduced to 8 bits as `cv2.imread` does by default;
 //! - two scales, the image itself and one resized to `(W / 2, H / 2)` by OpenCV's bicubic
 //!   (A = -0.75, no antialiasing: `sr::resample`'s taps);
-//! - MSCN coefficients `(I - mu) / (sqrt|blur(I^2) - mu^2| + 1/255)`, the blur a 7x7 Gaussian
-//!   (sigma 7/6) with replicated borders;
+//! - MSCN coefficients `(I - mu) / (sqrt(blur(I^2) - mu^2) + 1/255)`, the blur a 7x7 Gaussian
+//!   (sigma 7/6) with replicated borders; where the variance rounds below zero the coefficient is
+//!   NaN and the fits skip it (as OpenCV's do), so the blur follows OpenCV's order of operations;
 //! - per scale 18 features: the asymmetric generalised Gaussian fit of the coefficients (shape,
 //!   mean of the squared scales) and of their products with the neighbour to the right, below,
 //!   below-right and above-right (zero past the border): shape, mean, left and right squared
@@ -31,8 +32,8 @@ struct Plane {
 }
 
 impl Plane {
-    /// `f` applied separably: `taps[o]` lists (input index, weight) for output index o, along x
-    /// then along y; f32 sums as OpenCV's float filters.
+    /// A separable resampling: `xs[o]` and `ys[o]` list (input index, weight) for output index o,
+    /// along x then along y, f32 sums.
     fn separable(&self, xs: &[Vec<(usize, f32)>], ys: &[Vec<(usize, f32)>]) -> Plane {
         let (ow, oh) = (xs.len(), ys.len());
         let mut rows = vec![0f32; ow * self.h];
@@ -50,17 +51,35 @@ impl Plane {
         Plane { w: ow, h: oh, v }
     }
 
-    /// OpenCV's `GaussianBlur(ksize 7x7, sigma 7/6, BORDER_REPLICATE)`.
+    /// OpenCV's `GaussianBlur(ksize 7x7, sigma 7/6, BORDER_REPLICATE)` on f32, in its order of
+    /// operations (it matters: on flat areas the variance below is a difference of roundings):
+    /// the row pass multiplies the first tap and fuses the other six in order (`RowVec_32f`),
+    /// the column pass multiplies the centre and fuses the symmetric pairs' sums
+    /// (`SymmColumnVec_32f`), each with fused multiply-adds as OpenCV's AVX2 code has them.
     fn gaussian_blur(&self) -> Plane {
         // getGaussianKernel(7, 7/6, CV_32F): exp in f64, stored as f32, normalised in f64
         let scale = -0.5 / (7.0f64 / 6.0).powi(2);
         let raw: Vec<f32> = (0..7).map(|i| ((i as f64 - 3.0).powi(2) * scale).exp() as f32).collect();
         let sum = 1.0 / raw.iter().map(|&v| v as f64).sum::<f64>();
         let k: Vec<f32> = raw.iter().map(|&v| (v as f64 * sum) as f32).collect();
-        let taps = |n: usize| -> Vec<Vec<(usize, f32)>> {
-            (0..n).map(|o| (0..7).map(|j| ((o as isize + j as isize - 3).clamp(0, n as isize - 1) as usize, k[j])).collect()).collect()
-        };
-        self.separable(&taps(self.w), &taps(self.h))
+        let (w, h) = (self.w, self.h);
+        let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
+        let mut rows = vec![0f32; w * h];
+        for y in 0..h {
+            let row = &self.v[y * w..(y + 1) * w];
+            for x in 0..w {
+                let at = |j: usize| row[clamp(x as isize + j as isize - 3, w)];
+                rows[y * w + x] = (1..7).fold(k[0] * at(0), |acc, j| at(j).mul_add(k[j], acc));
+            }
+        }
+        let mut v = vec![0f32; w * h];
+        for y in 0..h {
+            let at = |dy: isize, x: usize| rows[clamp(y as isize + dy, h) * w + x];
+            for x in 0..w {
+                v[y * w + x] = (1..4).fold(at(0, x) * k[3], |acc, j| (at(j, x) + at(-j, x)).mul_add(k[3 + j as usize], acc));
+            }
+        }
+        Plane { w, h, v }
     }
 }
 
@@ -119,9 +138,11 @@ pub fn features(img: &Image) -> Vec<f32> {
         };
         let mu = im.gaussian_blur();
         let sq = Plane { w: im.w, h: im.h, v: im.v.iter().map(|v| v * v).collect() }.gaussian_blur();
+        // A variance rounded below zero (flat areas) gives NaN, as cv::pow(x, 0.5) does; the
+        // fits then leave those coefficients out.
         let mscn: Vec<f32> = (0..im.v.len())
             .map(|i| {
-                let sigma = (sq.v[i] - mu.v[i] * mu.v[i]).abs().sqrt() + (1.0f64 / 255.0) as f32;
+                let sigma = (sq.v[i] - mu.v[i] * mu.v[i]).sqrt() + (1.0f64 / 255.0) as f32;
                 (im.v[i] - mu.v[i]) / sigma
             })
             .collect();

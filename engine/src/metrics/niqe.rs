@@ -7,7 +7,8 @@
 //! - the image is cropped to whole 96-pixel patches (top-left kept) and also halved by Pillow's
 //!   antialiased bicubic (`scipy.misc.imresize(img, 0.5, 'bicubic', mode='F')`);
 //! - MSCN coefficients `(I - mu) / (sigma + 1)` with a 7-tap Gaussian (sigma 7/6, weights
-//!   normalised in f32) applied separably with zero padding (scipy's `correlate1d`, 'constant');
+//!   normalised in f32) applied separably with zero padding (scipy's `correlate1d`, 'constant',
+//!   in its order of operations);
 //! - per patch (96 pixels, 48 at half size) 18 features: the asymmetric generalised Gaussian fit
 //!   of the MSCN coefficients (shape, mean of the two scales) and of their products with the
 //!   neighbour to the right, below, below-right and below-left, the patch wrapping around
@@ -57,10 +58,13 @@ impl ShapeTable {
         let right = mean(&mut x.iter().filter(|&&v| v >= 0.0).map(|&v| (v * v) as f64)).map_or(0.0, f64::sqrt);
         let gamma_hat = if right != 0.0 { left / right } else { f64::INFINITY };
         let mean_sq = mean(&mut x.iter().map(|&v| (v * v) as f64)).unwrap_or(0.0);
-        let r_hat = if mean_sq != 0.0 { mean(&mut x.iter().map(|&v| v.abs() as f64)).unwrap_or(0.0).powi(2) / mean_sq } else { f64::INFINITY };
+        let r_hat =
+            if mean_sq != 0.0 { mean(&mut x.iter().map(|&v| v.abs() as f64)).unwrap_or(0.0).powi(2) / mean_sq } else { f64::INFINITY };
         let r_norm = r_hat * ((gamma_hat.powi(3) + 1.0) * (gamma_hat + 1.0)) / (gamma_hat.powi(2) + 1.0).powi(2);
         // the first minimum of the squared distance, as np.argmin
-        let pos = (0..self.ratio.len()).fold(0, |best, i| if (self.ratio[i] - r_norm).powi(2) < (self.ratio[best] - r_norm).powi(2) { i } else { best });
+        let pos =
+            (0..self.ratio.len())
+                .fold(0, |best, i| if (self.ratio[i] - r_norm).powi(2) < (self.ratio[best] - r_norm).powi(2) { i } else { best });
         let alpha = self.shape[pos];
         let (g1, g2, g3) = (libm::tgamma(1.0 / alpha), libm::tgamma(2.0 / alpha), libm::tgamma(3.0 / alpha));
         let ratio = g1.sqrt() / g3.sqrt();
@@ -73,9 +77,7 @@ impl ShapeTable {
         let [alpha, _, bl, br] = self.aggd(p);
         let at = |y: usize, x: usize| p[(y % n) * n + x % n];
         // products with the neighbour at (-dy, -dx), wrapping: np.roll by (dy, dx)
-        let product = |dy: usize, dx: usize| -> Vec<f32> {
-            (0..n * n).map(|i| p[i] * at(i / n + n - dy, i % n + n - dx)).collect()
-        };
+        let product = |dy: usize, dx: usize| -> Vec<f32> { (0..n * n).map(|i| p[i] * at(i / n + n - dy, i % n + n - dx)).collect() };
         let [a1, n1, bl1, br1] = self.aggd(&product(0, 1));
         let [a2, n2, bl2, br2] = self.aggd(&product(1, 0));
         let [a3, n3, bl3, _] = self.aggd(&product(1, 1));
@@ -85,42 +87,39 @@ impl ShapeTable {
     }
 }
 
-/// scikit-video's `gen_gauss_window(3, 7 / 6)`, computed in f32 as numpy does there.
-fn gauss_window() -> [f64; 7] {
-    let sd = (7.0f32 / 6.0) * (7.0f32 / 6.0);
-    let mut w = [0f32; 7];
-    w[3] = 1.0;
-    let mut sum = 1.0f32;
-    for i in 1..4 {
-        let t = (-0.5f32 * (i * i) as f32 / sd).exp();
-        (w[3 + i], w[3 - i]) = (t, t);
-        sum += 2.0 * t;
-    }
-    w.map(|v| (v / sum) as f64)
-}
+/// scikit-video's `gen_gauss_window(3, 7 / 6)` as numpy computes it in f32: `exp(-i^2 / (2 sd^2))`
+/// normalised to sum 1. Written out because numpy's f32 `exp` is not correctly rounded (the
+/// i = 2 weight is one ulp below `expf`'s), and on flat areas the MSCN coefficients are
+/// differences of roundings of exactly these weights.
+const GAUSS_WINDOW: [f32; 7] = [0.012_560_199, 0.078_827_96, 0.237_296_09, 0.342_631_52, 0.237_296_09, 0.078_827_96, 0.012_560_199];
 
 /// scipy.ndimage.correlate1d with zero padding along rows (`axis` 0) or columns (1) of an
-/// `[h, w]` f32 plane: f64 sums rounded to f32.
-fn correlate(x: &[f32], w: usize, h: usize, k: &[f64; 7], axis: usize) -> Vec<f32> {
+/// `[h, w]` f32 plane, in its order of operations for a symmetric filter (it matters: on flat
+/// areas the MSCN coefficients are differences of roundings): in f64, the centre tap times its
+/// weight, then each pair of mirrored taps summed and weighted, the outermost pair first; the
+/// result rounded to f32.
+fn correlate(x: &[f32], w: usize, h: usize, axis: usize) -> Vec<f32> {
+    let k = GAUSS_WINDOW.map(f64::from);
     let (step, len) = if axis == 0 { (w, h) } else { (1, w) };
     (0..w * h)
         .map(|i| {
-            let pos = if axis == 0 { i / w } else { i % w } as isize;
-            k.iter()
-                .enumerate()
-                .filter_map(|(j, &kv)| {
-                    let q = pos + j as isize - 3;
-                    (q >= 0 && (q as usize) < len).then(|| kv * x[(i as isize + (q - pos) * step as isize) as usize] as f64)
-                })
-                .sum::<f64>() as f32
+            let pos = if axis == 0 { i / w } else { i % w };
+            let tap = |d: isize| {
+                let q = pos as isize + d;
+                if q >= 0 && (q as usize) < len {
+                    x[(i as isize + d * step as isize) as usize] as f64
+                } else {
+                    0.0
+                }
+            };
+            (1..4).rev().fold(tap(0) * k[3], |acc, d| acc + (tap(-d) + tap(d)) * k[3 - d as usize]) as f32
         })
         .collect()
 }
 
 /// MSCN coefficients `(I - mu) / (sqrt(|E[I^2] - mu^2|) + 1)` of an `[h, w]` plane, in f32.
 fn mscn(img: &[f32], w: usize, h: usize) -> Vec<f32> {
-    let k = gauss_window();
-    let blur = |x: &[f32]| correlate(&correlate(x, w, h, &k, 0), w, h, &k, 1);
+    let blur = |x: &[f32]| correlate(&correlate(x, w, h, 0), w, h, 1);
     let mu = blur(img);
     let sq: Vec<f32> = img.iter().map(|v| v * v).collect();
     let var = blur(&sq);
@@ -203,10 +202,13 @@ impl Niqe {
         );
         let rgb = img.to_rgb();
         let (w, h) = (img.width / PATCH * PATCH, img.height / PATCH * PATCH);
+        // 8-bit samples back to their integers (flat areas must stay exactly flat), 16-bit ones
+        // on the same 0..255 scale
+        let level = |v: f32| if img.sixteen_bit { v as f64 * 255.0 } else { (v as f64 * 255.0).round() };
         let gray: Vec<f32> = (0..w * h)
             .map(|i| {
                 let p = &rgb.data[((i / w) * img.width + i % w) * 3..][..3];
-                (255.0 * (0.2989 * p[0] as f64 + 0.5870 * p[1] as f64 + 0.1140 * p[2] as f64)) as f32
+                (level(p[0]) * 0.2989 + level(p[1]) * 0.5870 + level(p[2]) * 0.1140) as f32
             })
             .collect();
         let half = pillow_bicubic(&gray, w, h, w / 2, h / 2);

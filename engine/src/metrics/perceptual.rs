@@ -45,12 +45,24 @@ pub enum Perceptual {
 #[derive(Debug, Clone, PartialEq)]
 enum Layer {
     /// `Conv2d(cin, cout, k, stride, padding)` with weight `{name}.weight`, bias `{name}.bias`.
-    Conv { name: String, cin: usize, cout: usize, k: usize, stride: usize, pad: usize },
+    Conv {
+        name: String,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
     Relu,
-    MaxPool { k: usize, stride: usize },
+    MaxPool {
+        k: usize,
+        stride: usize,
+    },
     /// ST-LPIPS' `Downsample(filt_size=3, stride=2, pad_more=True)`: the 3x3 filter `{name}.filt`
     /// on the input reflected by 2 on every side.
-    Blur { name: String },
+    Blur {
+        name: String,
+    },
     /// DISTS' `L2pooling(filter_size=5, stride=2)`: padding 1 and the 3x3 filter built from
     /// `hanning(5)[1:-1]`.
     L2Pool,
@@ -287,7 +299,9 @@ impl<B: Backend> PerceptualNet<B> {
                 }
                 Layer::Relu => Built::Relu,
                 Layer::MaxPool { k, stride } => Built::MaxPool { k, stride },
-                Layer::Blur { name } => Built::Blur { filter: upload(take(tensors, &format!("{name}.filt"), &[channels, 1, 3, 3], files)?)? },
+                Layer::Blur { name } => {
+                    Built::Blur { filter: upload(take(tensors, &format!("{name}.filt"), &[channels, 1, 3, 3], files)?)? }
+                }
                 Layer::L2Pool => Built::L2Pool { filter: upload(l2_pool_filter(channels))? },
                 Layer::Tap => {
                     widths.push(channels);
@@ -317,7 +331,13 @@ impl<B: Backend> PerceptualNet<B> {
                 widths
                     .iter()
                     .enumerate()
-                    .map(|(i, &w)| Ok(take(tensors, &format!("lin{i}.model.1.weight"), &[1, w, 1, 1], files)?.to_f32().iter().map(|&v| v as f64).collect()))
+                    .map(|(i, &w)| {
+                        Ok(take(tensors, &format!("lin{i}.model.1.weight"), &[1, w, 1, 1], files)?
+                            .to_f32()
+                            .iter()
+                            .map(|&v| v as f64)
+                            .collect())
+                    })
                     .collect::<Result<_>>()?,
             ),
         };
@@ -330,7 +350,14 @@ impl<B: Backend> PerceptualNet<B> {
 
     /// The distance between `sr` and `hq` (same size; lower is closer).
     pub fn distance(&self, backend: &B, sr: &Image, hq: &Image) -> Result<f64> {
-        ensure!((sr.width, sr.height) == (hq.width, hq.height), "sizes differ: {}x{} against {}x{}", sr.width, sr.height, hq.width, hq.height);
+        ensure!(
+            (sr.width, sr.height) == (hq.width, hq.height),
+            "sizes differ: {}x{} against {}x{}",
+            sr.width,
+            sr.height,
+            hq.width,
+            hq.height
+        );
         // DISTS compares the unscaled input as its first "feature".
         let mut taps = if self.metric == Perceptual::Dists { vec![pair_tensor(sr, hq, |x, _| x)] } else { vec![] };
         taps.extend(self.features(backend, &self.input(sr, hq)).with_context(|| {
@@ -338,7 +365,9 @@ impl<B: Backend> PerceptualNet<B> {
         })?);
         Ok(match &self.head {
             Head::Lpips(lins) => taps.iter().zip(lins).map(|(t, w)| lpips_layer(t, w)).sum(),
-            Head::Dists { alpha, beta } => 1.0 - taps.iter().zip(alpha.iter().zip(beta)).map(|(t, (a, b))| dists_layer(t, a, b)).sum::<f64>(),
+            Head::Dists { alpha, beta } => {
+                1.0 - taps.iter().zip(alpha.iter().zip(beta)).map(|(t, (a, b))| dists_layer(t, a, b)).sum::<f64>()
+            }
         })
     }
 
@@ -433,13 +462,17 @@ mod tests {
     #[test]
     fn networks_follow_the_reference_sequentials() {
         let convs = |m: Perceptual| m.backbone_convolutions().into_iter().map(|[w, _]| w.0).collect::<Vec<_>>();
-        assert_eq!(convs(Perceptual::LpipsAlex), ["features.0.weight", "features.3.weight", "features.6.weight", "features.8.weight", "features.10.weight"]);
+        assert_eq!(
+            convs(Perceptual::LpipsAlex),
+            ["features.0.weight", "features.3.weight", "features.6.weight", "features.8.weight", "features.10.weight"]
+        );
         let vgg: Vec<String> = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28].iter().map(|i| format!("features.{i}.weight")).collect();
         assert_eq!(convs(Perceptual::LpipsVgg), vgg);
         assert_eq!(convs(Perceptual::Dists), vgg);
         let st_vgg = ["1.0", "1.2", "2.6", "2.8", "3.12", "3.14", "3.16", "4.20", "4.22", "4.24", "5.28", "5.30", "5.32"];
         assert_eq!(convs(Perceptual::StLpipsVgg), st_vgg.iter().map(|s| format!("net.slice{s}.weight")).collect::<Vec<_>>());
-        let blurs: Vec<String> = vgg16(VggPool::MaxBlur).into_iter().filter_map(|l| if let Layer::Blur { name } = l { Some(name) } else { None }).collect();
+        let blurs: Vec<String> =
+            vgg16(VggPool::MaxBlur).into_iter().filter_map(|l| if let Layer::Blur { name } = l { Some(name) } else { None }).collect();
         assert_eq!(blurs, ["net.slice2.5", "net.slice3.11", "net.slice4.19", "net.slice5.27"]);
         let taps = |m: Perceptual| m.layers().iter().filter(|l| **l == Layer::Tap).count();
         assert_eq!(Perceptual::ALL.map(taps), [5, 5, 5, 5, 6]);

@@ -40,7 +40,11 @@ impl MetricWeights {
     pub fn open(&self, file: &str) -> Result<Checkpoint> {
         let path = self.dir.join(file);
         if !path.is_file() {
-            bail!("{}: not found; `bash tools/metric-weights.sh {}` installs it (see its manifest.json)", path.display(), self.dir.display());
+            bail!(
+                "{}: not found; `bash tools/metric-weights.sh {}` installs it (see its manifest.json)",
+                path.display(),
+                self.dir.display()
+            );
         }
         Checkpoint::open(&path).with_context(|| format!("{}: cannot read the metric weights", path.display()))
     }

@@ -101,8 +101,20 @@ mod tests {
                 let (sy, sx) = (y as isize - pad[0] as isize, x as isize - pad[2] as isize);
                 out[y * pw + x] = if reflect_mode {
                     // the textbook mirror without repeating the edge: -1 -> 1, h -> h - 2
-                    let my = if sy < 0 { -sy } else if sy >= h as isize { 2 * h as isize - 2 - sy } else { sy };
-                    let mx = if sx < 0 { -sx } else if sx >= w as isize { 2 * w as isize - 2 - sx } else { sx };
+                    let my = if sy < 0 {
+                        -sy
+                    } else if sy >= h as isize {
+                        2 * h as isize - 2 - sy
+                    } else {
+                        sy
+                    };
+                    let mx = if sx < 0 {
+                        -sx
+                    } else if sx >= w as isize {
+                        2 * w as isize - 2 - sx
+                    } else {
+                        sx
+                    };
                     plane[my as usize * w + mx as usize]
                 } else if sy >= 0 && sx >= 0 && sy < h as isize && sx < w as isize {
                     plane[sy as usize * w + sx as usize]
@@ -139,8 +151,10 @@ mod tests {
         let (b, c, h, w) = (2, 3, 6, 7);
         let x = ramp(b * c * h * w);
         let k = 3;
-        let filter: Vec<f32> = (0..c * k * k).map(|i| (i % 5) as f32 * 0.25 - 0.3).collect();
-        for (kind, pad, s) in [(FilterPool::Blur, [2, 2, 2, 2], 2), (FilterPool::Blur, [1, 2, 0, 1], 1), (FilterPool::L2, [1, 1, 1, 1], 2)] {
+        // non-negative, as blur and L2 pooling filters are (L2 pooling takes a square root)
+        let filter: Vec<f32> = (0..c * k * k).map(|i| (i % 5) as f32 * 0.25 + 0.05).collect();
+        for (kind, pad, s) in [(FilterPool::Blur, [2, 2, 2, 2], 2), (FilterPool::Blur, [1, 2, 0, 1], 1), (FilterPool::L2, [1, 1, 1, 1], 2)]
+        {
             let g = PoolGeometry::depthwise("t", &[b, c, h, w], &[c, 1, k, k], s, pad, kind == FilterPool::Blur).unwrap();
             let out = depthwise(&x, &filter, &g, kind);
             for p in 0..b * c {
