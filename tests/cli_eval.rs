@@ -139,6 +139,14 @@ fn an_unreadable_image_is_named() {
     assert_fails_with(&engine(&["eval", s(&sr), s(&golden("hq"))]), &["noise.png"]);
 }
 
+/// `dir/weights`, a metric-weights folder with the goldens' random backbones.
+fn weights_dir(dir: &Path) -> PathBuf {
+    let weights = dir.join("weights");
+    std::fs::create_dir(&weights).unwrap();
+    golden_weights(&weights);
+    weights
+}
+
 /// The CSV's header and rows as (name, cells).
 fn read_csv(path: &Path) -> (Vec<String>, Vec<(String, Vec<f64>)>) {
     let text = std::fs::read_to_string(path).unwrap();
@@ -156,9 +164,7 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<(String, Vec<f64>)>) {
 #[test]
 fn perceptual_and_no_reference_columns_match_their_references() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("weights");
-    std::fs::create_dir(&weights).unwrap();
-    golden_weights(&weights);
+    let weights = weights_dir(dir.path());
     let (csv, sr, hq) = (dir.path().join("scores.csv"), golden("sr"), golden("hq"));
     let metrics = "brisque,st-lpips,lpips,dists,psnr";
     let out = engine(&["eval", s(&sr), s(&hq), "--weights", s(&weights), "--metrics", metrics, "--csv", s(&csv), "--device", "cpu"]);
@@ -198,9 +204,7 @@ fn perceptual_and_no_reference_columns_match_their_references() {
 #[test]
 fn no_reference_scores_a_folder_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("weights");
-    std::fs::create_dir(&weights).unwrap();
-    golden_weights(&weights);
+    let weights = weights_dir(dir.path());
     let (csv, sr, noref) = (dir.path().join("noref.csv"), golden("sr"), golden_file("noref"));
     // Without --metrics: the no-reference metrics whose weights are there.
     let out = engine(&["eval", s(&noref), "--no-reference", "--weights", s(&weights), "--csv", s(&csv)]);
@@ -228,9 +232,7 @@ fn no_reference_scores_a_folder_alone() {
 #[test]
 fn missing_weights_are_skipped_by_default_and_named_when_asked_for() {
     let dir = tempfile::tempdir().unwrap();
-    let weights = dir.path().join("weights");
-    std::fs::create_dir(&weights).unwrap();
-    golden_weights(&weights);
+    let weights = weights_dir(dir.path());
     std::fs::remove_file(weights.join("niqe.safetensors")).unwrap();
     std::fs::remove_file(weights.join("vgg16.safetensors")).unwrap();
     let (csv, sr, hq) = (dir.path().join("scores.csv"), golden("sr"), golden("hq"));

@@ -16,7 +16,9 @@
 # over and pass them with --alexnet / --vgg16 (checked against the SHA-256 prefix in their names).
 # Without them the manifest lists alexnet/vgg16 as absent and `engine eval` skips LPIPS and DISTS.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/metrics/venv.sh"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/tools/pinned-venv.sh"
+pinned_venv "$ROOT/tools/.venv-metrics" "$ROOT/tools/metrics/requirements.txt"
 
 DIR="${XDG_DATA_HOME:-$HOME/.local/share}/asasr-engine/metric-weights"
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
@@ -36,4 +38,4 @@ if [ ! -f "$QUALITY/brisque_model_live.yml" ]; then
     fi
 fi
 
-exec "$METRICS_PY" "$ROOT/tools/metrics/convert_weights.py" "$DIR" "$@"
+exec "$ROOT/tools/.venv-metrics/bin/python" "$ROOT/tools/metrics/convert_weights.py" "$DIR" "$@"

@@ -3,5 +3,7 @@
 # (tools/metrics/make_goldens.py) in tools/.venv-metrics. Needs PyPI and Debian's opencv-data
 # (BRISQUE's model); CI does not run it.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
-exec "$METRICS_PY" "$ROOT/tools/metrics/make_goldens.py" "$@"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$ROOT/tools/pinned-venv.sh"
+pinned_venv "$ROOT/tools/.venv-metrics" "$ROOT/tools/metrics/requirements.txt"
+exec "$ROOT/tools/.venv-metrics/bin/python" "$ROOT/tools/metrics/make_goldens.py" "$@"
