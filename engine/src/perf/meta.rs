@@ -25,8 +25,8 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::profile::OpClass;
 use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
+use crate::backend::profile::OpClass;
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};

@@ -14,9 +14,9 @@ pub mod pool;
 pub mod rope;
 pub mod spatial;
 
-use super::profile::OpClass;
 use super::profile::{OpProfiler, OpTimes, WallClock};
 use super::{expect_shape, shapes, Backend};
+use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
