@@ -118,7 +118,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     for w in warnings {
         eprintln!("warning: {w}");
     }
-    let tensors = flux.download_weights(&b)?;
+    let tensors = engine::model::params::download_weights(&b, &flux)?;
 
     let target = a.out.join("transformer.safetensors");
     ensure!(a.overwrite || !target.exists(), "{}: exists; pass --overwrite to replace it", target.display());

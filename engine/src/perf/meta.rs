@@ -1,6 +1,6 @@
 //! The meta backend: every op of the `Backend` trait on shapes alone. Storages hold no data, only
 //! an id, a dtype and an element count; every op checks its operands as strictly as the CPU
-//! backend, then records one event in an op trace: its name, class, model FLOPs (design section
+//! backend, then records one event in an op trace: its name, class, model FLOPs (design.md section
 //! 11), the storages it read and the storages it created. Dropping a storage records its free.
 //! Running the real model code (`Flux::forward_host`, `FluxAe::decode`) on this backend therefore
 //! yields the exact sequence of allocations, ops and frees of that code path, at any model size,
@@ -14,7 +14,7 @@
 //!   modulation vectors, rotary tables, timesteps) may be in any dtype, as there.
 //! - Per-sample linears. A linear (or LoRA update) whose input has no token dimension, rank <= 2
 //!   (`[batch, features]`, one row per sample: the timestep, guidance and vector embedders and
-//!   every adaLN modulation) is class `PerSample` and counts no FLOPs, as design section 11 says.
+//!   every adaLN modulation) is class `PerSample` and counts no FLOPs, as design.md section 11 says.
 //!   Token activations are `[batch, tokens, features]` by the trait's convention (the autoencoder's
 //!   attention runs on `[batch, h w, channels]`), so the rank tells the two apart.
 //! - Fusion. `linear_gelu` is one op with one output, as the CUDA backend's GEMM epilogue runs it
@@ -69,7 +69,7 @@ impl Buffer {
 pub struct OpEvent {
     pub name: &'static str,
     pub class: OpClass,
-    /// Model FLOPs by design section 11's rules (0 for classes that are not counted).
+    /// Model FLOPs by design.md section 11's rules (0 for classes that are not counted).
     pub flops: u64,
     /// Storages read (and, for `lora_add`, updated in place).
     pub inputs: Vec<StorageId>,
@@ -252,6 +252,10 @@ impl Backend for MetaBackend {
         storage.dtype
     }
 
+    fn activation_dtype(&self) -> DType {
+        self.activation_dtype
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<T> {
         let out = NewBuffer { shape: t.shape.clone(), dtype: t.dtype(), kind: BufferKind::Constant };
         Ok(self.record("upload", OpClass::Transfer, 0, &[], vec![out]).pop().expect("one output recorded"))
@@ -271,6 +275,15 @@ impl Backend for MetaBackend {
     fn download(&self, t: &T) -> Result<HostTensor> {
         self.record("download", OpClass::Transfer, 0, &[t], Vec::new());
         Ok(HostTensor::from_f32(t.shape().to_vec(), vec![0.0; t.elem_count()]))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        Ok(self.op("zeros", OpClass::Layout, 0, &[], shape.to_vec()))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        let out = NewBuffer { shape: x.shape().to_vec(), dtype, kind: BufferKind::Activation };
+        Ok(self.record("cast", OpClass::Elementwise, 0, &[x], vec![out]).pop().expect("one output recorded"))
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
@@ -328,6 +341,21 @@ impl Backend for MetaBackend {
         }
         let flops = 4 * (b * h * lq * lk * d) as u64;
         Ok(self.op("attention", OpClass::Attention, flops, &[q, k, v], vec![b, lq, h * d]))
+    }
+
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+        for (what, t) in [("q", q), ("k", k), ("v", v)] {
+            self.check_activation("attention_with_lse", what, t)?;
+        }
+        let out = NewBuffer { shape: vec![b, lq, h * d], dtype: self.activation_dtype, kind: BufferKind::Activation };
+        let lse = NewBuffer { shape: vec![b, h, lq], dtype: DType::F32, kind: BufferKind::Activation };
+        let flops = 4 * (b * h * lq * lk * d) as u64;
+        let [out, lse] = self.record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two outputs recorded"));
+        Ok((out, lse))
     }
 
     fn gelu_tanh(&self, x: &T) -> Result<T> {
