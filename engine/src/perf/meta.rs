@@ -25,8 +25,8 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
 use crate::backend::profile::OpClass;
+use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -352,7 +352,8 @@ impl Backend for MetaBackend {
         let out = NewBuffer { shape: vec![b, lq, h * d], dtype: self.activation_dtype, kind: BufferKind::Activation };
         let lse = NewBuffer { shape: vec![b, h, lq], dtype: DType::F32, kind: BufferKind::Activation };
         let flops = 4 * (b * h * lq * lk * d) as u64;
-        let [out, lse] = self.record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
+        let [out, lse] = self
+            .record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
             .try_into()
             .unwrap_or_else(|_| unreachable!("two outputs recorded"));
         Ok((out, lse))

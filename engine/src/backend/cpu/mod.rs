@@ -15,9 +15,9 @@ pub mod rope;
 pub mod spatial;
 mod training;
 
+use super::profile::OpClass;
 use super::profile::{OpProfiler, OpTimes, TransferMeter, WallClock};
 use super::{expect_shape, shapes, Backend};
-use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};

@@ -31,9 +31,9 @@ pub mod sobolev;
 use attention_hopper::AttentionKernel;
 mod training;
 
+use super::profile::OpClass;
 use super::profile::{Clock, OpProfiler, OpTimes, TransferMeter};
 use super::{expect_shape, shapes, Backend, MemoryPeak};
-use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
