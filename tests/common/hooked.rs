@@ -103,6 +103,15 @@ impl Backend for Hooked {
         }
         self.cpu.attention(&inner(q), &inner(k), &inner(v)).map(wrap)
     }
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> anyhow::Result<T> {
+        self.cpu.attention_bias(&inner(q), &inner(k), &inner(v), &inner(bias), scale).map(wrap)
+    }
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> anyhow::Result<T> {
+        self.cpu.rms_norm(&inner(x), &inner(weight), eps).map(wrap)
+    }
+    fn mul(&self, a: &T, b: &T) -> anyhow::Result<T> {
+        self.cpu.mul(&inner(a), &inner(b)).map(wrap)
+    }
     fn gelu_tanh(&self, x: &T) -> anyhow::Result<T> {
         let y = wrap(self.cpu.gelu_tanh(&inner(x))?);
         Ok(if self.gelu_skips_first_when_poisoned && self.poison.load(Ordering::Relaxed) { edit(y, 1, |_| f32::NAN) } else { y })

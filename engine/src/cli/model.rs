@@ -4,8 +4,8 @@
 
 use anyhow::{ensure, Result};
 use engine::model::weights::WeightLoader;
-use engine::model::{load_flux, Flux, LoraMode, PartialFluxParams};
-use engine::sr::model_dir::{write_model_folder, SrConfig};
+use engine::model::{Flux, LoraMode};
+use engine::sr::model_dir::{load_transformer, write_model_folder, SrConfig};
 use engine::CpuBackend;
 use loaders::{DType, HostTensor};
 use std::path::{Path, PathBuf};
@@ -102,7 +102,15 @@ fn merge(a: MergeArgs) -> Result<()> {
         "--out {}: is the model folder itself; write the merged model to a new folder",
         a.out.display()
     );
-    let mut config = SrConfig::read(&a.model.join("model.json"))?;
+    let source = SrConfig::read(&a.model.join("model.json"))?;
+    // The merged model is a folder of its own: the transformer and the adapters are written into
+    // it, what stays outside (an imported model's autoencoder) is referred to by absolute path.
+    let mut config = source.relocated(&a.model)?;
+    config.adapters.clear();
+    if let Some(base) = &mut config.base {
+        base.transformer.clear();
+    }
+    config.base = config.base.filter(|b| b.autoencoder.is_some());
     if let Some(steps) = a.steps {
         ensure!(steps >= 1, "--steps {steps}: must be at least 1");
         config.steps = steps;
@@ -113,8 +121,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     }
     let b = CpuBackend::new();
     let loras: Vec<&Path> = a.lora.iter().map(PathBuf::as_path).collect();
-    let given = PartialFluxParams::from(&config.transformer);
-    let (flux, warnings) = load_flux(&b, &a.model.join("transformer.safetensors"), &given, &loras, LoraMode::Merged)?;
+    let (flux, warnings) = load_transformer(&b, &a.model, &source, &loras, LoraMode::Merged)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
