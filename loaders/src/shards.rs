@@ -86,7 +86,7 @@ impl TensorFiles {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
         let index: Index = serde_json::from_str(&text).map_err(|e| Error::invalid(path, format!("not a sharded-checkpoint index: {e}")))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        // Shards in the order the index first names them, each opened once.
+        // Each shard once, in file-name order (00001-of-N first).
         let mut shards: Vec<String> = Vec::new();
         let mut listed: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for (tensor, shard) in &index.weight_map.0 {
@@ -98,6 +98,7 @@ impl TensorFiles {
             }
             listed.entry(shard).or_default().insert(tensor);
         }
+        shards.sort();
         let mut files = Vec::with_capacity(shards.len());
         for shard in &shards {
             let file = dir.join(shard);
@@ -129,7 +130,7 @@ impl TensorFiles {
         &self.path
     }
 
-    /// The files, in index order.
+    /// The files; a sharded checkpoint's in file-name order.
     pub fn files(&self) -> &[Checkpoint] {
         &self.files
     }

@@ -131,9 +131,11 @@ enum Source<'a> {
     Random {
         seed: u64,
     },
-    /// No data at all: the backend's placeholders of the right shapes, stored as `dtype`.
+    /// No data at all: the backend's placeholders of the right shapes, stored as `dtype`; with
+    /// `against`, each name and shape is checked against that source's headers.
     ShapesOnly {
         dtype: DType,
+        against: Option<&'a dyn WeightSource>,
     },
 }
 
@@ -176,7 +178,15 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// (`with_dtype`, the backend's `weight_dtype`) overrides it as for any source. LoRA adapters
     /// are not applied (attach `LoraDelta`s of placeholders to the built model).
     pub fn shapes_only(backend: &'a B, dtype: DType) -> Self {
-        Self::with_source(backend, Source::ShapesOnly { dtype }, BTreeMap::new())
+        Self::with_source(backend, Source::ShapesOnly { dtype, against: None }, BTreeMap::new())
+    }
+
+    /// `shapes_only`, checking every tensor the model asks for against `source`'s names and
+    /// shapes (and, at `finish`, that it holds nothing else) without reading any data: a
+    /// 24 GB checkpoint verified from its headers.
+    pub fn headers_of(backend: &'a B, source: &'a dyn WeightSource) -> Self {
+        let shapes = source.shapes();
+        Self::with_source(backend, Source::ShapesOnly { dtype: DType::BF16, against: Some(source) }, shapes)
     }
 
     fn with_source(backend: &'a B, source: Source<'a>, shapes: BTreeMap<String, Vec<usize>>) -> Self {
@@ -226,12 +236,17 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         self
     }
 
+    /// Errors unless `src` holds `name` with exactly `shape`.
+    fn check(&self, src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<()> {
+        let found = self.shapes.get(name).ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{}'", src.origin(), src.describe(name)))?;
+        ensure!(found == shape, "{}: tensor '{}' has shape {found:?}, expected {shape:?}", src.origin(), src.describe(name));
+        Ok(())
+    }
+
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let t = match &self.source {
             Source::Weights(src) => {
-                let found =
-                    self.shapes.get(name).ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{}'", src.origin(), src.describe(name)))?;
-                ensure!(found == shape, "{}: tensor '{}' has shape {found:?}, expected {shape:?}", src.origin(), src.describe(name));
+                self.check(*src, name, shape)?;
                 src.load(name)?
             }
             Source::Random { seed } => random_tensor(name, shape, *seed),
@@ -272,7 +287,11 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
 
     /// A named tensor of exactly `shape`.
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
-        if let Source::ShapesOnly { dtype } = self.source {
+        if let Source::ShapesOnly { dtype, against } = self.source {
+            if let Some(src) = against {
+                self.check(src, name, shape)?;
+                self.used.insert(name.to_string());
+            }
             return self.backend.placeholder(shape, self.dtype.unwrap_or(dtype));
         }
         let t = self.host(name, shape)?;
@@ -332,7 +351,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// Errors on anything the model did not consume: checkpoint tensors the config does not use,
     /// and LoRA parts aimed at layers the model does not have.
     pub fn finish(self) -> Result<()> {
-        if let Source::Weights(src) = &self.source {
+        if let Source::Weights(src) | Source::ShapesOnly { against: Some(src), .. } = &self.source {
             if let Some(name) = self.shapes.keys().find(|n| !self.used.contains(*n)) {
                 let extra = self.shapes.keys().filter(|n| !self.used.contains(*n)).count();
                 bail!(

@@ -9,16 +9,18 @@ use crate::model::layers::Linear;
 use crate::model::weights::WeightLoader;
 use crate::model::WeightSource;
 use crate::tensor::Tensor;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use loaders::shards::TensorFiles;
 use loaders::HostTensor;
 use std::path::Path;
 
+/// The prefix of CLIP's names in files written by transformers 4 and ComfyUI; transformers 5
+/// writes `CLIPTextModel` without it.
 const PREFIX: &str = "text_model.";
 /// Tensors a CLIP text checkpoint may hold that the pooled output does not use: the integer
 /// position ids older transformers saved, and the projection and logit scale of the
 /// `CLIPTextModelWithProjection` / ComfyUI files.
-const UNUSED: [&str; 3] = ["text_model.embeddings.position_ids", "text_projection.weight", "logit_scale"];
+const UNUSED: [&str; 4] = ["text_model.embeddings.position_ids", "embeddings.position_ids", "text_projection.weight", "logit_scale"];
 
 /// quick_gelu's factor: `x * sigmoid(1.702 x)`.
 const QUICK_GELU: f32 = 1.702;
@@ -51,6 +53,8 @@ pub struct ClipConfig {
 
 pub struct ClipText {
     files: TensorFiles,
+    /// `PREFIX` or nothing, as the file names its tensors.
+    prefix: &'static str,
     pub config: ClipConfig,
 }
 
@@ -62,8 +66,9 @@ impl ClipText {
         let json: ClipJson = read_config(config_path.as_deref())?;
         let origin = files.origin();
         let shapes = files.shapes();
+        let prefix = if shapes.keys().any(|k| k.starts_with(PREFIX)) { PREFIX } else { "" };
         let matrix = |name: &str| -> Result<(usize, usize)> {
-            let name = format!("{PREFIX}{name}");
+            let name = format!("{prefix}{name}");
             match shapes.get(&name).map(Vec::as_slice) {
                 Some(&[a, b]) => Ok((a, b)),
                 Some(s) => bail!("{origin}: '{name}' has shape {s:?}, expected a matrix"),
@@ -75,10 +80,19 @@ impl ClipText {
         let (intermediate, _) = matrix("encoder.layers.0.mlp.fc1.weight")?;
         let layers = shapes
             .keys()
-            .filter_map(|k| k.strip_prefix("text_model.encoder.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .filter_map(|k| k.strip_prefix(prefix)?.strip_prefix("encoder.layers.")?.split('.').next()?.parse::<usize>().ok())
             .max()
             .map_or(0, |m| m + 1);
-        let heads = json.num_attention_heads.unwrap_or(hidden / 64);
+        let heads = match json.num_attention_heads {
+            Some(heads) => heads,
+            None => {
+                ensure!(
+                    hidden >= 64 && hidden % 64 == 0,
+                    "{origin}: without a config.json the heads are CLIP-L's (64 wide), which hidden size {hidden} does not fit; name the model's folder"
+                );
+                hidden / 64
+            }
+        };
         ensure!(heads > 0 && hidden % heads == 0, "{origin}: hidden size {hidden} does not split into {heads} heads");
         if let Some(act) = json.hidden_act.filter(|a| a != "quick_gelu") {
             bail!("{origin}: config.json gives hidden_act '{act}'; only CLIP-L's quick_gelu is supported");
@@ -102,7 +116,7 @@ impl ClipText {
         ] {
             ensure!(given.is_none_or(|g| g == found), "{origin}: config.json gives {field} = {given:?}, but the weights say {found}");
         }
-        Ok(ClipText { files, config })
+        Ok(ClipText { files, prefix, config })
     }
 
     /// The empty prompt as FLUX's CLIP tokenizer writes it: start of text, end of text, and end
@@ -137,8 +151,9 @@ impl ClipText {
         for name in UNUSED.iter().filter(|n| self.files.info(n).is_some()) {
             w.skip(name);
         }
-        let tokens = embed(&w.host_tensor("text_model.embeddings.token_embedding.weight", &[c.vocab, c.hidden])?, ids, &origin)?;
-        let positions = w.host_tensor("text_model.embeddings.position_embedding.weight", &[c.positions, c.hidden])?.to_f32();
+        let p = self.prefix;
+        let tokens = embed(&w.host_tensor(&format!("{p}embeddings.token_embedding.weight"), &[c.vocab, c.hidden])?, ids, &origin)?;
+        let positions = w.host_tensor(&format!("{p}embeddings.position_embedding.weight"), &[c.positions, c.hidden])?.to_f32();
         let x: Vec<f32> = tokens.to_f32().iter().zip(&positions).map(|(t, p)| t + p).collect();
         let mut x = b.input(&HostTensor::from_f32(vec![1, l, c.hidden], x))?;
         // The causal mask: query i sees keys 0..=i.
@@ -146,11 +161,11 @@ impl ClipText {
         let mask = b.upload(&HostTensor::from_f32(vec![c.heads, l, l], mask))?;
         let bar = layer_bar("CLIP", c.layers);
         for i in 0..c.layers {
-            x = ClipBlock::load(b, &mut w, i, c)?.forward(b, &x, &mask, c)?;
+            x = ClipBlock::load(b, &mut w, &format!("{p}encoder.layers.{i}"), c)?.forward(b, &x, &mask, c)?;
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let final_norm = LayerNorm::load(b, &mut w, "text_model.final_layer_norm", c.hidden)?;
+        let final_norm = LayerNorm::load(b, &mut w, &format!("{p}final_layer_norm"), c.hidden)?;
         let x = b.download(&final_norm.forward(b, &x, c.eps)?)?.to_f32();
         w.finish()?;
         let at = self.pooled_index(ids);
@@ -193,12 +208,10 @@ struct ClipBlock<B: Backend> {
 }
 
 impl<B: Backend> ClipBlock<B> {
-    fn load(b: &B, w: &mut WeightLoader<'_, B>, i: usize, c: &ClipConfig) -> Result<Self> {
-        let p = format!("text_model.encoder.layers.{i}");
+    /// The layer whose tensors are named `p.*`.
+    fn load(b: &B, w: &mut WeightLoader<'_, B>, p: &str, c: &ClipConfig) -> Result<Self> {
         let d = c.hidden;
-        let linear = |w: &mut WeightLoader<'_, B>, name: &str, inputs: usize, outputs: usize| {
-            w.linear(&format!("{p}.{name}"), inputs, outputs, true).with_context(|| format!("CLIP layer {i}"))
-        };
+        let linear = |w: &mut WeightLoader<'_, B>, name: &str, inputs: usize, outputs: usize| w.linear(&format!("{p}.{name}"), inputs, outputs, true);
         Ok(ClipBlock {
             norm1: LayerNorm::load(b, w, &format!("{p}.layer_norm1"), d)?,
             q: linear(w, "self_attn.q_proj", d, d)?,
