@@ -75,7 +75,10 @@ fn a_pipeline_imports_by_reference_and_its_output_is_the_base_models() {
     // The base is referred to, shard by shard, not copied; the folder holds what is new.
     let config = SrConfig::read(&model.join("model.json")).unwrap();
     let base = config.base.as_ref().unwrap();
-    let shards = std::fs::read_dir(golden("pipeline/transformer")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "safetensors").count();
+    let shards = std::fs::read_dir(golden("pipeline/transformer"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "safetensors")
+        .count();
     assert!(shards > 1, "the golden transformer is sharded");
     assert_eq!(base.transformer.len(), shards);
     assert!(base.transformer.iter().all(|f| f.path.is_absolute() && f.fingerprint.starts_with("sha256-sampled:")));
@@ -89,7 +92,9 @@ fn a_pipeline_imports_by_reference_and_its_output_is_the_base_models() {
     assert_close(&out, &tensor(&golden("forward.out.safetensors"), "out"), "imported model on [noisy, LQ]");
 
     let info = run_ok(&["info", s(&model)]);
-    for fragment in ["super-resolution model", "fingerprints match", "in 5 shards", "widened from 16 to 32", "txt [512, 32]", "adapters    none"] {
+    for fragment in
+        ["super-resolution model", "fingerprints match", "in 5 shards", "widened from 16 to 32", "txt [512, 32]", "adapters    none"]
+    {
         assert!(info.contains(fragment), "info lacks '{fragment}':\n{info}");
     }
 }
@@ -155,7 +160,10 @@ fn control_loras_load_as_diffusers_loads_them_widening_the_base_first() {
             let out = flux.forward_host(&b, &inputs).unwrap();
             let want = tensor(&golden(expected), "out");
             assert_close(&out, &want, &format!("{lora} {mode:?}"));
-            assert!(max_rel_err(&want.to_f32(), &tensor(&golden("forward.out.safetensors"), "out").to_f32()) > 1e-3, "{lora} changes the output");
+            assert!(
+                max_rel_err(&want.to_f32(), &tensor(&golden("forward.out.safetensors"), "out").to_f32()) > 1e-3,
+                "{lora} changes the output"
+            );
         }
     }
     // The same through an imported model folder and the CLI.
@@ -185,7 +193,8 @@ fn the_trained_adapter_format_is_what_flux_control_pipeline_loads() {
     let dir = tempfile::tempdir().unwrap();
     let values = Checkpoint::open(&golden("adapter.values.safetensors")).unwrap();
     let parts = trained_parts(&values);
-    let list: Vec<AdapterPart> = parts.iter().map(|(t, d, u, bias)| AdapterPart { target: t, down: d, up: u, up_bias: bias.as_ref() }).collect();
+    let list: Vec<AdapterPart> =
+        parts.iter().map(|(t, d, u, bias)| AdapterPart { target: t, down: d, up: u, up_bias: bias.as_ref() }).collect();
     let written = dir.path().join("adapter.safetensors");
     write_peft(&written, &list, false).unwrap();
 
@@ -195,7 +204,10 @@ fn the_trained_adapter_format_is_what_flux_control_pipeline_loads() {
     for name in ours.names() {
         assert_eq!(ours.read(name).unwrap(), theirs.read(name).unwrap(), "{name}");
     }
-    assert!(ours.names().all(|n| !n.ends_with(".lora_B.weight") || ours.info(&n.replace(".weight", ".bias")).is_some()), "a bias on every module");
+    assert!(
+        ours.names().all(|n| !n.ends_with(".lora_B.weight") || ours.info(&n.replace(".weight", ".bias")).is_some()),
+        "a bias on every module"
+    );
 
     // On the imported model, merged and unmerged: FluxControlPipeline's output.
     let model = dir.path().join("model");
@@ -212,7 +224,11 @@ fn the_trained_adapter_format_is_what_flux_control_pipeline_loads() {
     let b = CpuBackend::new();
     let (flux, _) = load_transformer(&b, &model, &config, &[], LoraMode::Merged).unwrap();
     let inputs = FluxInputs::read(&Checkpoint::open(&golden("forward.inputs.safetensors")).unwrap()).unwrap();
-    assert_close(&flux.forward_host(&b, &inputs).unwrap(), &tensor(&golden("out.adapter.safetensors"), "out"), "adapter named in model.json");
+    assert_close(
+        &flux.forward_host(&b, &inputs).unwrap(),
+        &tensor(&golden("out.adapter.safetensors"), "out"),
+        "adapter named in model.json",
+    );
     assert!(run_ok(&["info", s(&model)]).contains("adapter     sr.safetensors (diffusers/peft layout, rank 32"));
 }
 
@@ -265,7 +281,10 @@ fn errors_name_the_missing_shard_folder_or_file_and_a_changed_base() {
     };
     // A single file needs its parts.
     import_fails(&[s(&golden("schnell.bfl.safetensors")), "--out", s(&out)], &["--ae"]);
-    import_fails(&[s(&golden("schnell.bfl.safetensors")), "--out", s(&out), "--ae", s(&pipeline.join("vae"))], &["--t5", "--clip", "--text zeros"]);
+    import_fails(
+        &[s(&golden("schnell.bfl.safetensors")), "--out", s(&out), "--ae", s(&pipeline.join("vae"))],
+        &["--t5", "--clip", "--text zeros"],
+    );
     import_fails(&[s(&dir.path().join("nothing")), "--out", s(&out)], &["nothing: no such file or folder"]);
     // A lone CLIP file is read as CLIP-L, whose heads this small model's width does not fit.
     let (file, vae, t5, clip) = (
@@ -354,8 +373,7 @@ fn sparse_flux_dev(dir: &Path) -> (PathBuf, PathBuf) {
 /// Runs the engine and returns whether it succeeded, its stderr and its peak resident memory
 /// (the child's own `ru_maxrss`, through `wait4`).
 fn run_measured(args: &[&str]) -> (bool, String, u64) {
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_engine")).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine")).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
@@ -389,7 +407,17 @@ fn a_flux_dev_sized_transformer_imports_within_the_memory_bound() {
         &["16 latent channels (64 packed 2x2)", "takes 16"],
     );
     assert_fails_with(
-        &engine(&["model", "import", s(&transformer), "--ae", s(&golden("pipeline/vae")), "--text", "zeros", "--out", s(&dir.path().join("x"))]),
+        &engine(&[
+            "model",
+            "import",
+            s(&transformer),
+            "--ae",
+            s(&golden("pipeline/vae")),
+            "--text",
+            "zeros",
+            "--out",
+            s(&dir.path().join("x")),
+        ]),
         &["4 latent channels (16 packed 2x2)", "takes 64"],
     );
 }
@@ -412,10 +440,15 @@ fn t5_xxl_streams_within_six_gigabytes() {
     }
     let model = dir.path().join("model");
     let started = std::time::Instant::now();
-    let args = ["model", "import", s(&transformer), "--ae", s(&vae), "--t5", s(&t5), "--clip", s(&clip), "--out", s(&model), "--device", "cpu"];
+    let args =
+        ["model", "import", s(&transformer), "--ae", s(&vae), "--t5", s(&t5), "--clip", s(&clip), "--out", s(&model), "--device", "cpu"];
     let (ok, stderr, rss) = run_measured(&args);
     assert!(ok, "{stderr}");
-    eprintln!("T5-XXL + CLIP-L empty prompt (512 tokens): peak RSS {:.2} GiB, {:.0} s", rss as f64 / GIB as f64, started.elapsed().as_secs_f64());
+    eprintln!(
+        "T5-XXL + CLIP-L empty prompt (512 tokens): peak RSS {:.2} GiB, {:.0} s",
+        rss as f64 / GIB as f64,
+        started.elapsed().as_secs_f64()
+    );
     assert!(rss < 6 * GIB, "peak resident memory {rss} bytes");
     assert_eq!(tensor(&model.join("text.safetensors"), "txt").shape, [512, 4096]);
     assert_eq!(tensor(&model.join("text.safetensors"), "y").shape, [768]);

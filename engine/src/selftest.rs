@@ -12,10 +12,10 @@
 use crate::backend::backward::BackwardOps;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::model::backward::{Checkpointing, Trainable};
+use crate::model::backward::Checkpointing;
 use crate::model::flux::scalars;
 use crate::model::weights::WeightLoader;
-use crate::model::{Conditioning, Flux, FluxInputs, FluxParams, LoraMode};
+use crate::model::{Adapters, Conditioning, Flux, FluxInputs, FluxParams, Trainable};
 use crate::tensor::Tensor;
 use anyhow::Result;
 use half::bf16;
@@ -579,11 +579,10 @@ pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize,
     let shape = format!("{} img + 16 txt tokens", grid.0 * grid.1);
 
     let mut checks = Vec::new();
-    for trainable in [Trainable::Lora, Trainable::Full] {
-        let adapters = if trainable == Trainable::Lora { vec![adapter.clone()] } else { vec![] };
-        let reference = training_grads(cpu, &params, &inputs, &g_out, adapters.clone(), trainable, seed)?;
+    for lora in [Some(&adapter), None] {
+        let reference = training_grads(cpu, &params, &inputs, &g_out, lora, seed)?;
         dut.poison_outputs(true);
-        let candidate = training_grads(dut, &params, &inputs, &g_out, adapters, trainable, seed);
+        let candidate = training_grads(dut, &params, &inputs, &g_out, lora, seed);
         dut.poison_outputs(false);
         let candidate = candidate?;
         // The input gradient apart from the parameters' (whose names never are "img").
@@ -592,7 +591,7 @@ pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize,
             (img, g)
         };
         let ((cand_img, cand_params), (ref_img, ref_params)) = (split(candidate), split(reference));
-        let what = if trainable == Trainable::Lora { "lora" } else { "full" };
+        let what = if lora.is_some() { "lora" } else { "full" };
         checks.push(worst_of(format!("backward {preset} {what}: input"), &cand_img, &ref_img));
         checks.push(worst_of(format!("backward {preset} {what}: parameters"), &cand_params, &ref_params));
     }
@@ -607,46 +606,41 @@ pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize,
 fn every_token_linear_adapter(params: &FluxParams, seed: u64) -> Result<LoraAdapter> {
     let cpu = &CpuBackend::new();
     let mut w = WeightLoader::random(cpu, seed).with_dtype(Some(DType::BF16));
-    let mut model = Flux::build(params, &mut w)?;
+    let model = Flux::build(params, &mut w)?;
     let rank = 3;
-    let parts = model
-        .token_path_linears_mut()
+    let parts = crate::model::params::token_path(&model)
         .into_iter()
         .enumerate()
-        .map(|(i, (target, lin))| {
+        .map(|(i, lin)| {
             let (out_f, in_f) = (lin.weight.dim(0), lin.weight.dim(1));
             let down = weight(&[rank, in_f], seed ^ (2 * i as u64 + 1) << 20, 1.0 / (in_f as f32).sqrt());
             let up = weight(&[out_f, rank], seed ^ (2 * i as u64 + 2) << 20, 0.5 / (rank as f32).sqrt());
-            LoraPart { target: target.clone(), out_offset: 0, down, up, up_bias: None, scale: 1.0, source: target }
+            LoraPart { target: lin.name.clone(), out_offset: 0, down, up, up_bias: None, scale: 1.0, source: lin.name.clone() }
         })
         .collect();
     Ok(LoraAdapter { path: "selftest.safetensors".into(), layout: LoraLayout::Bfl, parts, replacements: vec![], skipped: vec![] })
 }
 
 /// The gradients of one training step on backend `b`, downloaded: "img" for the input, the
-/// adapter factors as "<target>[i].down" / ".up", the base parameters by checkpoint key.
+/// adapter factors as "<target>[i].down" / ".up" when `adapter` is trained, else (full training)
+/// the base parameters by checkpoint key.
 fn training_grads<B: BackwardOps>(
     b: &B,
     params: &FluxParams,
     inputs: &FluxInputs,
     g_out: &HostTensor,
-    adapters: Vec<LoraAdapter>,
-    trainable: Trainable,
+    adapter: Option<&LoraAdapter>,
     seed: u64,
 ) -> Result<BTreeMap<String, HostTensor>> {
-    let mut w = WeightLoader::random(b, seed).with_dtype(Some(DType::BF16)).with_lora(adapters, LoraMode::Unmerged);
-    let mut model = Flux::build(params, &mut w)?;
-    w.finish()?; // every adapter part found its linear
-    model.trainable = trainable;
-    let c = Conditioning {
-        txt: b.input(&inputs.txt)?,
-        pe: model.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
-        y: b.input(&inputs.y)?,
-        guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
-    };
+    let mut w = WeightLoader::random(b, seed).with_dtype(Some(DType::BF16));
+    let model = Flux::build(params, &mut w)?;
+    w.finish()?;
+    let adapters = adapter.map(|a| Adapters::from_file(b, &model, a)).transpose()?;
+    let tr = adapters.as_ref().map_or(Trainable::Full, Trainable::Lora);
+    let c = Conditioning::new(b, &model, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids)?;
     let img = b.input(&inputs.img)?;
-    let (_, acts) = model.forward_train(b, &img, &scalars(b, &inputs.timesteps)?, &c, Checkpointing::Off)?;
-    let grads = model.backward(b, &img, &c, acts, &b.input(g_out)?)?;
+    let (_, acts) = model.forward_train(b, &img, &scalars(b, &inputs.timesteps)?, &c, tr, Checkpointing::Off)?;
+    let grads = model.backward(b, &img, &c, tr, acts, &b.input(g_out)?)?;
     let mut out = BTreeMap::from([("img".to_string(), b.download(&grads.img)?)]);
     for (target, deltas) in &grads.lora {
         for (i, g) in deltas.iter().enumerate() {

@@ -8,13 +8,17 @@
 //! `[out, in]` as in PyTorch. Activations are computed in f32 (the CPU stores them in f32); weights
 //! keep the dtype they were uploaded with.
 
+pub mod adamw;
 pub mod backward;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod losses;
 pub mod profile;
 pub mod shapes;
+pub mod sobolev;
+pub mod training;
 
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -32,6 +36,17 @@ pub trait Backend: Sized + Send + Sync {
     /// widens per op; the GPU's GEMMs want bf16).
     fn weight_dtype(&self) -> Option<DType> {
         None
+    }
+
+    /// How activations are stored (what `input` makes and every op returns): f32 on the CPU,
+    /// bf16 on a GPU.
+    fn activation_dtype(&self) -> DType;
+
+    /// Bytes moved between the host and the backend's memory since it was made, (to it, from
+    /// it): uploads, model inputs and downloads, and the per-item scalars of the training ops.
+    /// On the CPU, whose memory is the host's, the same accounting says what a device would move.
+    fn bytes_moved(&self) -> (u64, u64) {
+        (0, 0)
     }
 
     /// Self-test hook: while on, fill every fresh output with NaN before its kernel writes it, so
@@ -84,6 +99,10 @@ pub trait Backend: Sized + Send + Sync {
     /// Copies a tensor back to the host as f32.
     fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
 
+    /// `x` stored as `dtype`: rounded to nearest when narrowing, a copy when it already is. The
+    /// training math runs in f32 fields and casts the model's activations to and from them.
+    fn cast(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>>;
+
     /// `x @ w^T + bias` over the last dimension: x `[.., in]`, w `[out, in]`, bias `[out]`.
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>>;
 
@@ -130,6 +149,12 @@ pub trait Backend: Sized + Send + Sync {
     /// Softmax attention with scale `1/sqrt(head_dim)`: q, k, v `[B, H, L, D]` (k and v may be
     /// longer than q) -> `[B, Lq, H * D]` (heads merged, BFL's `B H L D -> B L (H D)`).
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// `attention(q, k, v)` that also returns the log-sum-exp of each row of scaled scores,
+    /// `lse[b, h, i] = ln sum_j exp(q_i . k_j / sqrt(head_dim))`, `[B, H, Lq]` f32: what a flash
+    /// attention backward needs to rebuild the probabilities block by block. The output must equal
+    /// `attention`'s, so that a training forward computes what inference does.
+    fn attention_with_lse(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
     /// Attention with a score scale and an additive bias, `softmax(scale q k^T + bias) v`, shapes
     /// as `attention`'s: bias `[H, Lq, Lk]` in f32, shared by the batch; `-inf` masks a key out

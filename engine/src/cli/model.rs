@@ -4,9 +4,9 @@
 //! (what is shipped after training).
 
 use anyhow::{ensure, Result};
+use engine::backend::device::Device;
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, LoraMode};
-use engine::backend::device::Device;
 use engine::sr;
 use engine::sr::import::{ImportOptions, TextMode};
 use engine::sr::model_dir::{load_transformer, write_model_folder, SrConfig};
@@ -187,7 +187,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     for w in warnings {
         eprintln!("warning: {w}");
     }
-    let tensors = flux.download_weights(&b)?;
+    let tensors = engine::model::params::download_weights(&b, &flux)?;
 
     let target = a.out.join("transformer.safetensors");
     ensure!(a.overwrite || !target.exists(), "{}: exists; pass --overwrite to replace it", target.display());
@@ -233,7 +233,9 @@ fn import(a: ImportArgs) -> Result<()> {
         overwrite: a.overwrite,
     };
     // The device matters only to the text encoders: do not open a GPU to write zeros.
-    let done = if options.text == TextMode::Zeros { sr::import::import(&CpuBackend::new(), &options)? } else {
+    let done = if options.text == TextMode::Zeros {
+        sr::import::import(&CpuBackend::new(), &options)?
+    } else {
         engine::on_backend!(a.device, b => sr::import::import(b, &options)?)
     };
     let (c, t) = (&done.config, &done.config.transformer);

@@ -4,11 +4,14 @@ pub mod backward;
 pub mod config;
 pub mod flux;
 pub mod layers;
+pub mod params;
 pub mod positions;
+pub mod trainable;
 pub mod weights;
 
 pub use config::{FluxParams, PartialFluxParams};
 pub use flux::{Conditioning, Flux, FluxInputs};
+pub use trainable::{Adapters, Trainable};
 pub use weights::{LoraMode, WeightSource, WidenedInput};
 
 use crate::backend::Backend;

@@ -305,7 +305,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         if let Source::ShapesOnly { .. } = self.source {
             let weight = self.tensor(&format!("{prefix}.weight"), &[out_features, in_features])?;
             let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[out_features])?) } else { None };
-            return Ok(Linear { weight, bias, lora: Vec::new() });
+            return Ok(Linear { name: prefix.to_string(), weight, bias, lora: Vec::new() });
         }
         let mut weight = self.host(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let mut bias = if bias { Some(self.host(&format!("{prefix}.bias"), &[out_features])?) } else { None };
@@ -345,7 +345,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
             self.record(&format!("{prefix}.bias"), bias);
         }
         let b = self.backend;
-        Ok(Linear { weight: b.upload(&weight)?, bias: bias.as_ref().map(|t| b.upload(t)).transpose()?, lora })
+        Ok(Linear { name: prefix.to_string(), weight: b.upload(&weight)?, bias: bias.as_ref().map(|t| b.upload(t)).transpose()?, lora })
     }
 
     /// Errors on anything the model did not consume: checkpoint tensors the config does not use,

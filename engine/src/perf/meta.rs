@@ -252,6 +252,10 @@ impl Backend for MetaBackend {
         storage.dtype
     }
 
+    fn activation_dtype(&self) -> DType {
+        self.activation_dtype
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<T> {
         let out = NewBuffer { shape: t.shape.clone(), dtype: t.dtype(), kind: BufferKind::Constant };
         Ok(self.record("upload", OpClass::Transfer, 0, &[], vec![out]).pop().expect("one output recorded"))
@@ -271,6 +275,11 @@ impl Backend for MetaBackend {
     fn download(&self, t: &T) -> Result<HostTensor> {
         self.record("download", OpClass::Transfer, 0, &[t], Vec::new());
         Ok(HostTensor::from_f32(t.shape().to_vec(), vec![0.0; t.elem_count()]))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        let out = NewBuffer { shape: x.shape().to_vec(), dtype, kind: BufferKind::Activation };
+        Ok(self.record("cast", OpClass::Elementwise, 0, &[x], vec![out]).pop().expect("one output recorded"))
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
@@ -345,6 +354,22 @@ impl Backend for MetaBackend {
         expect_shape("weight", "rms_norm", weight.shape(), &[x.dim(-1)])?;
         self.check_activation("rms_norm", "x", x)?;
         Ok(self.op("rms_norm", OpClass::Elementwise, 0, &[x, weight], x.shape().to_vec()))
+    }
+
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+        for (what, t) in [("q", q), ("k", k), ("v", v)] {
+            self.check_activation("attention_with_lse", what, t)?;
+        }
+        let out = NewBuffer { shape: vec![b, lq, h * d], dtype: self.activation_dtype, kind: BufferKind::Activation };
+        let lse = NewBuffer { shape: vec![b, h, lq], dtype: DType::F32, kind: BufferKind::Activation };
+        let flops = 4 * (b * h * lq * lk * d) as u64;
+        let [out, lse] = self
+            .record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two outputs recorded"));
+        Ok((out, lse))
     }
 
     fn gelu_tanh(&self, x: &T) -> Result<T> {

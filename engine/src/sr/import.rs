@@ -190,7 +190,13 @@ pub fn import<B: Backend>(b: &B, o: &ImportOptions) -> Result<Imported> {
 }
 
 /// The empty prompt's `txt` `[tokens, ctx]` and `y` `[vec]`, with a line saying where they came from.
-fn encode_empty_prompt<B: Backend>(b: &B, t5: &Path, clip: &Path, base: &FluxParams, tokens: usize) -> Result<(HostTensor, HostTensor, String)> {
+fn encode_empty_prompt<B: Backend>(
+    b: &B,
+    t5: &Path,
+    clip: &Path,
+    base: &FluxParams,
+    tokens: usize,
+) -> Result<(HostTensor, HostTensor, String)> {
     let t5_model = T5Encoder::open(t5)?;
     let clip_model = ClipText::open(clip)?;
     ensure!(
@@ -231,7 +237,9 @@ fn copy_base(shards: &[PathBuf], ae: &Path, out: &Path, overwrite: bool) -> Resu
     let total: u64 = shards.iter().chain([&ae.to_path_buf()]).map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {bytes}/{total_bytes} {elapsed}").expect("a valid template").progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {bytes}/{total_bytes} {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> "),
     );
     bar.set_message("copying");
     let copy = |src: &Path, relative: &Path| -> Result<()> {
@@ -244,7 +252,8 @@ fn copy_base(shards: &[PathBuf], ae: &Path, out: &Path, overwrite: bool) -> Resu
         copy(single, Path::new("transformer.safetensors"))?;
         None
     } else {
-        std::fs::create_dir_all(out.join("transformer")).with_context(|| format!("{}: cannot create", out.join("transformer").display()))?;
+        std::fs::create_dir_all(out.join("transformer"))
+            .with_context(|| format!("{}: cannot create", out.join("transformer").display()))?;
         let mut refs = Vec::new();
         for s in shards {
             let relative = Path::new("transformer").join(s.file_name().context("a shard has a file name")?);

@@ -1,6 +1,7 @@
 //! One image through a super-resolution model: bicubic upsampling of the LQ to the output size,
 //! encoding, tiled flow sampling conditioned on the encoded LQ, decoding (design.md section 4).
 
+use super::conditioning::Conditionings;
 use super::model_dir::SrModel;
 use super::packing::{pack, unpack};
 use super::resample::resize;
@@ -8,7 +9,7 @@ use super::sample::{euler_tiled, Grid};
 use crate::backend::error::DeviceOutOfMemory;
 use crate::backend::Backend;
 use crate::model::flux::scalars;
-use crate::model::Conditioning;
+use crate::model::Trainable;
 use crate::sampler::{gaussian_noise, schedule};
 use anyhow::{ensure, Result};
 use loaders::image::Image;
@@ -67,24 +68,12 @@ impl<B: Backend + 'static> SrModel<B> {
         let features = conds[0].len() / ((lh / 2) * (lw / 2));
         let grid = Grid { rows: lh / 2, cols: lw / 2, features };
 
-        let mut velocity = |img: &HostTensor, ids: &HostTensor, t: f32| -> Result<Vec<f32>> {
+        let conditionings = Conditionings::default();
+        let mut velocity = |img: &HostTensor, tile: (usize, usize), t: f32| -> Result<Vec<f32>> {
             let n = img.shape[0];
-            let repeat = |x: &HostTensor| {
-                let mut shape = x.shape.clone();
-                shape[0] = n;
-                HostTensor::from_f32(shape, x.to_f32().repeat(n))
-            };
-            let txt_ids = HostTensor::from_f32(vec![n, self.txt.shape[1], 3], vec![0.0; n * self.txt.shape[1] * 3]);
-            let c = Conditioning {
-                txt: b.input(&repeat(&self.txt))?,
-                pe: self.flux.positions(b, &txt_ids, ids)?,
-                y: b.input(&repeat(&self.y))?,
-                guidance: match self.flux.params.guidance_embed {
-                    true => Some(scalars(b, &HostTensor::from_f32(vec![n], vec![self.config.guidance; n]))?),
-                    false => None,
-                },
-            };
-            let output = self.flux.forward(b, &b.input(img)?, &scalars(b, &HostTensor::from_f32(vec![n], vec![t; n]))?, &c)?;
+            let c = conditionings.get(b, self, n, tile)?;
+            let timesteps = scalars(b, &HostTensor::from_f32(vec![n], vec![t; n]))?;
+            let output = self.flux.forward(b, &b.input(img)?, &timesteps, &c, Trainable::Nothing)?;
             let x_t: Vec<f32> = img.to_f32().chunks(2 * features).flat_map(|token| token[..features].to_vec()).collect();
             Ok(self.config.prediction.velocity(b.download(&output)?.to_f32(), &x_t, &vec![t; n]))
         };

@@ -7,7 +7,7 @@ use super::{embed, layer_bar, open_weights, read_config, split_heads};
 use crate::backend::Backend;
 use crate::model::layers::Linear;
 use crate::model::weights::WeightLoader;
-use crate::model::WeightSource;
+use crate::model::{Trainable, WeightSource};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::shards::TensorFiles;
@@ -211,7 +211,9 @@ impl<B: Backend> ClipBlock<B> {
     /// The layer whose tensors are named `p.*`.
     fn load(b: &B, w: &mut WeightLoader<'_, B>, p: &str, c: &ClipConfig) -> Result<Self> {
         let d = c.hidden;
-        let linear = |w: &mut WeightLoader<'_, B>, name: &str, inputs: usize, outputs: usize| w.linear(&format!("{p}.{name}"), inputs, outputs, true);
+        let linear = |w: &mut WeightLoader<'_, B>, name: &str, inputs: usize, outputs: usize| {
+            w.linear(&format!("{p}.{name}"), inputs, outputs, true)
+        };
         Ok(ClipBlock {
             norm1: LayerNorm::load(b, w, &format!("{p}.layer_norm1"), d)?,
             q: linear(w, "self_attn.q_proj", d, d)?,
@@ -226,14 +228,14 @@ impl<B: Backend> ClipBlock<B> {
 
     fn forward(&self, b: &B, x: &Tensor<B>, mask: &Tensor<B>, c: &ClipConfig) -> Result<Tensor<B>> {
         let h = self.norm1.forward(b, x, c.eps)?;
-        let q = split_heads(b, &self.q.forward(b, &h)?, c.heads)?;
-        let k = split_heads(b, &self.k.forward(b, &h)?, c.heads)?;
-        let v = split_heads(b, &self.v.forward(b, &h)?, c.heads)?;
+        let q = split_heads(b, &self.q.forward(b, &h, Trainable::Nothing)?, c.heads)?;
+        let k = split_heads(b, &self.k.forward(b, &h, Trainable::Nothing)?, c.heads)?;
+        let v = split_heads(b, &self.v.forward(b, &h, Trainable::Nothing)?, c.heads)?;
         let attn = b.attention_bias(&q, &k, &v, mask, 1.0 / ((c.hidden / c.heads) as f32).sqrt())?;
-        let x = b.add(x, &self.out.forward(b, &attn)?)?;
-        let h = self.fc1.forward(b, &self.norm2.forward(b, &x, c.eps)?)?;
+        let x = b.add(x, &self.out.forward(b, &attn, Trainable::Nothing)?)?;
+        let h = self.fc1.forward(b, &self.norm2.forward(b, &x, c.eps)?, Trainable::Nothing)?;
         // quick_gelu(h) = h sigmoid(1.702 h) = silu(1.702 h) / 1.702.
         let h = b.affine(&b.silu(&b.affine(&h, QUICK_GELU, 0.0)?)?, 1.0 / QUICK_GELU, 0.0)?;
-        b.add(&x, &self.fc2.forward(b, &h)?)
+        b.add(&x, &self.fc2.forward(b, &h, Trainable::Nothing)?)
     }
 }

@@ -9,7 +9,7 @@ use super::{embed, layer_bar, open_weights, read_config, split_heads};
 use crate::backend::Backend;
 use crate::model::layers::Linear;
 use crate::model::weights::WeightLoader;
-use crate::model::WeightSource;
+use crate::model::{Trainable, WeightSource};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
 use loaders::shards::TensorFiles;
@@ -184,15 +184,15 @@ impl<B: Backend> T5Block<B> {
 
     fn forward(&self, b: &B, x: &Tensor<B>, bias: &Tensor<B>, c: &T5Config) -> Result<Tensor<B>> {
         let h = b.rms_norm(x, &self.attention_norm, c.eps)?;
-        let q = split_heads(b, &self.q.forward(b, &h)?, c.heads)?;
-        let k = split_heads(b, &self.k.forward(b, &h)?, c.heads)?;
-        let v = split_heads(b, &self.v.forward(b, &h)?, c.heads)?;
+        let q = split_heads(b, &self.q.forward(b, &h, Trainable::Nothing)?, c.heads)?;
+        let k = split_heads(b, &self.k.forward(b, &h, Trainable::Nothing)?, c.heads)?;
+        let v = split_heads(b, &self.v.forward(b, &h, Trainable::Nothing)?, c.heads)?;
         // T5 does not scale its scores (the 1/sqrt(d) lives in its initialisation).
         let attn = b.attention_bias(&q, &k, &v, bias, 1.0)?;
-        let x = b.add(x, &self.o.forward(b, &attn)?)?;
+        let x = b.add(x, &self.o.forward(b, &attn, Trainable::Nothing)?)?;
         let h = b.rms_norm(&x, &self.mlp_norm, c.eps)?;
-        let gated = b.mul(&self.wi_0.forward_gelu(b, &h)?, &self.wi_1.forward(b, &h)?)?;
-        b.add(&x, &self.wo.forward(b, &gated)?)
+        let gated = b.mul(&self.wi_0.forward_gelu(b, &h, Trainable::Nothing)?, &self.wi_1.forward(b, &h, Trainable::Nothing)?)?;
+        b.add(&x, &self.wo.forward(b, &gated, Trainable::Nothing)?)
     }
 }
 

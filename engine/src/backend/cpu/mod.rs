@@ -12,9 +12,10 @@ pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod spatial;
+mod training;
 
 use super::profile::OpClass;
-use super::profile::{OpProfiler, OpTimes, WallClock};
+use super::profile::{OpProfiler, OpTimes, TransferMeter, WallClock};
 use super::{expect_shape, shapes, Backend};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
@@ -35,6 +36,9 @@ impl CpuBackend {
 
 /// Op timing (`Backend::start_op_timing`); process-wide, since the backend itself holds no state.
 static OP_TIMES: OpProfiler<std::time::Instant> = OpProfiler::new();
+
+/// What crosses between the host and this backend (`Backend::bytes_moved`); process-wide too.
+static TRANSFERS: TransferMeter = TransferMeter::new();
 
 /// Runs `op`, attributing its time to `class` while op timing is on.
 fn timed<R>(class: OpClass, op: impl FnOnce() -> Result<R>) -> Result<R> {
@@ -92,6 +96,14 @@ impl Backend for CpuBackend {
         dtype_of(storage)
     }
 
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn bytes_moved(&self) -> (u64, u64) {
+        TRANSFERS.read()
+    }
+
     fn start_op_timing(&self) -> Result<bool> {
         OP_TIMES.start();
         Ok(true)
@@ -102,15 +114,25 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
+        TRANSFERS.up(t.len() * t.dtype().size());
         timed(OpClass::Transfer, || Ok(Tensor::from_storage(t.data.clone(), t.shape.clone())))
     }
 
     fn input(&self, t: &HostTensor) -> Result<T> {
+        TRANSFERS.up(t.len() * DType::F32.size());
         timed(OpClass::Transfer, || Ok(f32_tensor(t.to_f32(), t.shape.clone())))
     }
 
     fn download(&self, t: &T) -> Result<HostTensor> {
+        TRANSFERS.down(t.elem_count() * t.dtype().size());
         timed(OpClass::Transfer, || Ok(HostTensor::from_f32(t.shape().to_vec(), widen(t).into_owned())))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let host = HostTensor::new(x.shape().to_vec(), x.storage().clone());
+            Ok(Tensor::from_storage(host.cast(dtype).data, x.shape().to_vec()))
+        })
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
@@ -214,6 +236,16 @@ impl Backend for CpuBackend {
             let mut out = vec![0f32; x.elem_count()];
             norm::rms_norm(&mut out, act("rms_norm", x)?, &widen(weight), d, eps);
             Ok(f32_tensor(out, x.shape().to_vec()))
+        })
+    }
+
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        timed(OpClass::Attention, || {
+            // The forward checks the shapes, and its output is the one inference computes.
+            let out = self.attention(q, k, v)?;
+            let (b, h, lq, lk, d) = (q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3));
+            let lse = backward::row_log_sum_exp(act("attention_with_lse", q)?, act("attention_with_lse", k)?, b * h, lq, lk, d);
+            Ok((out, f32_tensor(lse, vec![b, h, lq])))
         })
     }
 

@@ -16,6 +16,7 @@ mod attention_hopper;
 mod backward;
 mod elementwise;
 mod embed;
+mod fields;
 mod gemm;
 mod layout;
 mod norm;
@@ -30,7 +31,7 @@ use attention_hopper::AttentionKernel;
 mod training;
 
 use super::profile::OpClass;
-use super::profile::{Clock, OpProfiler, OpTimes};
+use super::profile::{Clock, OpProfiler, OpTimes, TransferMeter};
 use super::{expect_shape, shapes, Backend, MemoryPeak};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -80,6 +81,10 @@ pub struct CudaBackend {
     compute_capability: (i32, i32),
     /// Op timing for benchmarks (`Backend::start_op_timing`), on CUDA events.
     op_times: OpProfiler<CudaEvent>,
+    /// What crosses between host and device (`Backend::bytes_moved`).
+    transfers: TransferMeter,
+    /// The Sobolev operators' tables on the device, uploaded once per operator (training.rs).
+    sobolev_tables: Mutex<HashMap<sobolev::OperatorKey, Arc<sobolev::CudaSobolev>>>,
     /// Whether the default attention forward uses the Hopper kernel: set at initialisation when
     /// the GPU has it, `ENGINE_ATTENTION` allows it and its start-up probe agreed with the
     /// portable kernel (attention_hopper.rs).
@@ -157,6 +162,8 @@ impl CudaBackend {
             device_name: ctx.name()?,
             compute_capability,
             op_times: OpProfiler::new(),
+            transfers: TransferMeter::new(),
+            sobolev_tables: Mutex::new(HashMap::new()),
             sm90a_attention: AtomicBool::new(false),
             mma_attention_backward: AtomicBool::new(false),
         };
@@ -337,6 +344,14 @@ impl Backend for CudaBackend {
         Some(DType::BF16)
     }
 
+    fn activation_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn bytes_moved(&self) -> (u64, u64) {
+        self.transfers.read()
+    }
+
     fn poison_outputs(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
     }
@@ -388,6 +403,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
+        self.transfers.up(t.len() * t.dtype().size());
         self.timed(OpClass::Transfer, || {
             let s = match &t.data {
                 HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v)?),
@@ -399,6 +415,7 @@ impl Backend for CudaBackend {
     }
 
     fn input(&self, t: &HostTensor) -> Result<T> {
+        self.transfers.up(t.len() * DType::BF16.size());
         self.timed(OpClass::Transfer, || {
             let v: Vec<bf16> = t.to_f32().iter().map(|&x| bf16::from_f32(x)).collect();
             Ok(bf16_tensor(self.stream.clone_htod(&v)?, t.shape.clone()))
@@ -442,6 +459,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, t: &T) -> Result<HostTensor> {
+        self.transfers.down(t.elem_count() * t.dtype().size());
         self.timed(OpClass::Transfer, || {
             let data = match t.storage() {
                 CudaStorage::F32(s) => self.stream.clone_dtoh(s)?,
@@ -450,6 +468,10 @@ impl Backend for CudaBackend {
             };
             Ok(HostTensor::from_f32(t.shape().to_vec(), data))
         })
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        self.timed(OpClass::Elementwise, || fields::cast(self, x, dtype))
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
@@ -482,6 +504,10 @@ impl Backend for CudaBackend {
 
     fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> Result<T> {
         self.timed(OpClass::Elementwise, || norm::rms_norm(self, x, weight, eps))
+    }
+
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
     }
 
     fn gelu_tanh(&self, x: &T) -> Result<T> {
