@@ -14,7 +14,7 @@ use crate::backend::Backend;
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 use loaders::shards::TensorFiles;
-use loaders::HostTensor;
+use loaders::{HostData, HostTensor};
 use std::path::{Path, PathBuf};
 
 pub use clip::ClipText;
@@ -43,15 +43,20 @@ pub(crate) fn read_config<T: serde::de::DeserializeOwned + Default>(path: Option
     serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// Rows `ids` of an embedding table `[vocab, dim]`, as `[1, L, dim]` f32.
+/// Rows `ids` of an embedding table `[vocab, dim]`, as `[1, L, dim]` f32 (only those rows
+/// widened: T5-XXL's table is 263 MB in bf16).
 pub(crate) fn embed(table: &HostTensor, ids: &[u32], origin: &str) -> Result<HostTensor> {
     let (vocab, dim) = (table.shape[0], table.shape[1]);
-    let values = table.to_f32();
     let mut out = Vec::with_capacity(ids.len() * dim);
     for &id in ids {
         let id = id as usize;
         anyhow::ensure!(id < vocab, "{origin}: token id {id} is outside the vocabulary of {vocab}");
-        out.extend_from_slice(&values[id * dim..(id + 1) * dim]);
+        let row = id * dim..(id + 1) * dim;
+        match &table.data {
+            HostData::F32(v) => out.extend_from_slice(&v[row]),
+            HostData::F16(v) => out.extend(v[row].iter().map(|x| x.to_f32())),
+            HostData::BF16(v) => out.extend(v[row].iter().map(|x| x.to_f32())),
+        }
     }
     Ok(HostTensor::from_f32(vec![1, ids.len(), dim], out))
 }
