@@ -372,6 +372,7 @@ fn sparse_flux_dev(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// Runs the engine and returns whether it succeeded, its stderr and its peak resident memory
 /// (the child's own `ru_maxrss`, through `wait4`).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which `Child::wait` cannot replace
 fn run_measured(args: &[&str]) -> (bool, String, u64) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_engine")).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stderr = String::new();
@@ -452,4 +453,52 @@ fn t5_xxl_streams_within_six_gigabytes() {
     assert!(rss < 6 * GIB, "peak resident memory {rss} bytes");
     assert_eq!(tensor(&model.join("text.safetensors"), "txt").shape, [512, 4096]);
     assert_eq!(tensor(&model.join("text.safetensors"), "y").shape, [768]);
+}
+
+#[test]
+fn parts_that_are_not_flux_s_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = pipeline_copy(dir.path());
+    let out = dir.path().join("model");
+    let edit_json = |file: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = pipeline.join(file);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    let fails = |extra: &[&str], fragments: &[&str]| {
+        let mut args = vec!["model", "import", s(&pipeline), "--out", s(&out), "--device", "cpu"];
+        args.extend(extra);
+        assert_fails_with(&engine(&args), fragments);
+    };
+    fails(&["--text-tokens", "0"], &["--text-tokens must be at least 1"]);
+    let clip = pipeline.join("text_encoder");
+    fails(&["--t5", s(&clip)], &["text_encoder", "not a T5 encoder"]);
+
+    edit_json("text_encoder_2/config.json", &|v| v["d_model"] = 99.into());
+    fails(&[], &["text_encoder_2", "config.json gives d_model = Some(99), but the weights say 32"]);
+    edit_json("text_encoder_2/config.json", &|v| {
+        v["d_model"] = 32.into();
+        v["feed_forward_proj"] = "relu".into();
+    });
+    fails(&[], &["feed_forward_proj 'relu'", "gated-gelu"]);
+    edit_json("text_encoder_2/config.json", &|v| v["feed_forward_proj"] = "gated-gelu".into());
+
+    edit_json("vae/config.json", &|v| v["shift_factor"] = serde_json::Value::Null);
+    fails(&[], &["vae/config.json", "not FLUX's autoencoder: no shift_factor"]);
+    edit_json("vae/config.json", &|v| v["shift_factor"] = 0.1159.into());
+
+    edit_json("model_index.json", &|v| v["_class_name"] = "StableDiffusionPipeline".into());
+    fails(&[], &["model_index.json", "a StableDiffusionPipeline pipeline, not a FLUX one"]);
+    edit_json("model_index.json", &|v| v["_class_name"] = "FluxPipeline".into());
+
+    // Put right again, it imports; a model folder gives its own config.
+    import(&[s(&pipeline), "--out", s(&out), "--text", "zeros"]);
+    let config = golden("pipeline/transformer/config.json");
+    let o = dir.path().join("o.safetensors");
+    let inputs = golden("forward.inputs.safetensors");
+    assert_fails_with(
+        &engine(&["forward", "--model", s(&out), "--config", s(&config), "--inputs", s(&inputs), "--out", s(&o)]),
+        &["--config", "is a model folder, whose model.json gives the config"],
+    );
 }

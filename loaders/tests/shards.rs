@@ -40,11 +40,17 @@ fn an_index_that_disagrees_with_its_shards_is_named() {
     let index = sharded(dir.path());
     let p = index.to_str().unwrap();
     let rewrite = |text: &str| std::fs::write(&index, text).unwrap();
-    rewrite(r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors", "c": "gone.safetensors"}}"#);
+    rewrite(
+        r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors", "c": "gone.safetensors"}}"#,
+    );
     let m = message(TensorFiles::open(&index), p);
     assert!(m.contains("shard 'gone.safetensors' is missing") && m.contains("1 tensors are listed in it"), "{m}");
-    rewrite(r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}"#);
-    assert!(message(TensorFiles::open(&index), p).contains("'c' is listed in shard 'model-00001-of-00002.safetensors', which does not hold it"));
+    rewrite(
+        r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}"#,
+    );
+    assert!(
+        message(TensorFiles::open(&index), p).contains("'c' is listed in shard 'model-00001-of-00002.safetensors', which does not hold it")
+    );
     rewrite(r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"}}"#);
     assert!(message(TensorFiles::open(&index), p).contains("holds 'b', which the index does not list there"));
     rewrite(r#"{"weight_map": {"a": "../model-00001-of-00002.safetensors"}}"#);

@@ -225,7 +225,7 @@ fn encode_empty_prompt<B: Backend>(
 fn refer_to(shards: &[PathBuf], ae: &Path) -> Result<Option<BaseFiles>> {
     let record = |p: &Path| -> Result<FileRef> {
         let absolute = p.canonicalize().with_context(|| format!("{}: cannot resolve", p.display()))?;
-        FileRef::record(&absolute).map_err(Into::into)
+        FileRef::record(&absolute)
     };
     Ok(Some(BaseFiles { transformer: shards.iter().map(|s| record(s)).collect::<Result<_>>()?, autoencoder: Some(record(ae)?) }))
 }

@@ -3,7 +3,7 @@
 //! biases, an MLP with quick_gelu), a final LayerNorm; the pooled output is the final state at
 //! the end-of-text token. FLUX takes that pooled vector without CLIP's projection.
 
-use super::{embed, layer_bar, open_weights, read_config, split_heads};
+use super::{check_config, count_blocks, embed, layer_bar, open_weights, read_config, split_heads};
 use crate::backend::Backend;
 use crate::model::layers::Linear;
 use crate::model::weights::WeightLoader;
@@ -78,11 +78,7 @@ impl ClipText {
         let (vocab, hidden) = matrix("embeddings.token_embedding.weight")?;
         let (positions, _) = matrix("embeddings.position_embedding.weight")?;
         let (intermediate, _) = matrix("encoder.layers.0.mlp.fc1.weight")?;
-        let layers = shapes
-            .keys()
-            .filter_map(|k| k.strip_prefix(prefix)?.strip_prefix("encoder.layers.")?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |m| m + 1);
+        let layers = count_blocks(shapes.keys(), &format!("{prefix}encoder.layers."));
         let heads = match json.num_attention_heads {
             Some(heads) => heads,
             None => {
@@ -108,14 +104,15 @@ impl ClipText {
             eos_token_id: json.eos_token_id.unwrap_or(2),
         };
         let c = &config;
-        for (field, given, found) in [
-            ("hidden_size", json.hidden_size, c.hidden),
-            ("intermediate_size", json.intermediate_size, c.intermediate),
-            ("num_hidden_layers", json.num_hidden_layers, c.layers),
-            ("max_position_embeddings", json.max_position_embeddings, c.positions),
-        ] {
-            ensure!(given.is_none_or(|g| g == found), "{origin}: config.json gives {field} = {given:?}, but the weights say {found}");
-        }
+        check_config(
+            &origin,
+            &[
+                ("hidden_size", json.hidden_size, c.hidden),
+                ("intermediate_size", json.intermediate_size, c.intermediate),
+                ("num_hidden_layers", json.num_hidden_layers, c.layers),
+                ("max_position_embeddings", json.max_position_embeddings, c.positions),
+            ],
+        )?;
         Ok(ClipText { files, prefix, config })
     }
 

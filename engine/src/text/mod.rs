@@ -36,6 +36,19 @@ pub(crate) fn open_weights(path: &Path) -> Result<(TensorFiles, Option<PathBuf>)
     Ok((files, config))
 }
 
+/// How many numbered blocks `prefix0.`, `prefix1.`, ... the names hold (the highest index + 1).
+pub(crate) fn count_blocks<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> usize {
+    names.filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).max().map_or(0, |m| m + 1)
+}
+
+/// Errors on the first `(field, config.json's value, the weights' value)` that disagrees.
+pub(crate) fn check_config(origin: &str, fields: &[(&str, Option<usize>, usize)]) -> Result<()> {
+    for &(field, given, found) in fields {
+        anyhow::ensure!(given.is_none_or(|g| g == found), "{origin}: config.json gives {field} = {given:?}, but the weights say {found}");
+    }
+    Ok(())
+}
+
 /// Reads a transformers `config.json` into the fields `T` names (the others are ignored).
 pub(crate) fn read_config<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
     let Some(path) = path else { return Ok(T::default()) };

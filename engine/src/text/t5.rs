@@ -5,7 +5,7 @@
 //! distances) is added to every block's scores. No biases anywhere; GELU is the tanh form
 //! (`gelu_new`).
 
-use super::{embed, layer_bar, open_weights, read_config, split_heads};
+use super::{check_config, count_blocks, embed, layer_bar, open_weights, read_config, split_heads};
 use crate::backend::Backend;
 use crate::model::layers::Linear;
 use crate::model::weights::WeightLoader;
@@ -75,11 +75,7 @@ impl T5Encoder {
         let (buckets, heads) = matrix(shape(RELATIVE_BIAS)?, RELATIVE_BIAS, &origin)?;
         let (inner, _) = matrix(shape("encoder.block.0.layer.0.SelfAttention.q.weight")?, "q", &origin)?;
         let (d_ff, _) = matrix(shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")?, "wi_0", &origin)?;
-        let layers = shapes
-            .keys()
-            .filter_map(|k| k.strip_prefix("encoder.block.")?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .map_or(0, |m| m + 1);
+        let layers = count_blocks(shapes.keys(), "encoder.block.");
         ensure!(heads > 0 && inner % heads == 0, "{origin}: {inner} query features do not split into {heads} heads");
         let config = T5Config {
             vocab,
@@ -95,15 +91,16 @@ impl T5Encoder {
             pad: json.pad_token_id.unwrap_or(0),
         };
         let c = &config;
-        for (field, given, found) in [
-            ("d_model", json.d_model, c.d_model),
-            ("d_kv", json.d_kv, c.d_kv),
-            ("d_ff", json.d_ff, c.d_ff),
-            ("num_layers", json.num_layers, c.layers),
-            ("num_heads", json.num_heads, c.heads),
-        ] {
-            ensure!(given.is_none_or(|g| g == found), "{origin}: config.json gives {field} = {given:?}, but the weights say {found}");
-        }
+        check_config(
+            &origin,
+            &[
+                ("d_model", json.d_model, c.d_model),
+                ("d_kv", json.d_kv, c.d_kv),
+                ("d_ff", json.d_ff, c.d_ff),
+                ("num_layers", json.num_layers, c.layers),
+                ("num_heads", json.num_heads, c.heads),
+            ],
+        )?;
         if let Some(act) = json.feed_forward_proj.filter(|a| a != "gated-gelu") {
             bail!("{origin}: config.json gives feed_forward_proj '{act}'; FLUX's T5 v1.1 is 'gated-gelu'");
         }

@@ -68,7 +68,7 @@ pub(super) fn rms_norm(b: &CudaBackend, x: &T, weight: &T, eps: f32) -> Result<T
     let dim = x.dim(-1);
     expect_shape("weight", op, weight.shape(), &[dim])?;
     let (xs, ws) = (bf16_of(op, "x", x)?, bf16_of(op, "weight", weight)?);
-    let rows = if dim == 0 { 0 } else { x.elem_count() / dim };
+    let rows = x.elem_count().checked_div(dim).unwrap_or(0);
     let mut out = b.alloc_bf16(x.elem_count())?;
     if rows == 0 {
         return Ok(bf16_tensor(out, x.shape().to_vec()));
