@@ -36,6 +36,23 @@ fn assert_close(got: &HostTensor, want: &HostTensor, what: &str) {
     assert!(err < TOLERANCE, "{what}: max relative error {err:.3e} >= {TOLERANCE:e}");
 }
 
+/// A field of a config.json under the golden pipeline.
+fn pipeline_config(file: &str, field: &str) -> usize {
+    let text = std::fs::read_to_string(golden("pipeline").join(file)).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()[field].as_u64().unwrap_or_else(|| panic!("{file}: {field}")) as usize
+}
+
+/// The transformer's shard files, in name order.
+fn transformer_shards() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(golden("pipeline/transformer"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    names
+}
+
 fn run_ok(args: &[&str]) -> String {
     let out = engine(args);
     assert!(out.status.success(), "engine {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -66,7 +83,8 @@ fn a_pipeline_imports_by_reference_and_its_output_is_the_base_models() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     let said = import(&[s(&golden("pipeline")), "--out", s(&model)]);
-    assert!(said.contains("img_in widened 16 -> 32 inputs"), "{said}");
+    let base_in = pipeline_config("transformer/config.json", "in_channels");
+    assert!(said.contains(&format!("img_in widened {base_in} -> {} inputs", 2 * base_in)), "{said}");
 
     // The empty prompt, as transformers' encoders give it.
     for name in ["txt", "y"] {
@@ -75,27 +93,30 @@ fn a_pipeline_imports_by_reference_and_its_output_is_the_base_models() {
     // The base is referred to, shard by shard, not copied; the folder holds what is new.
     let config = SrConfig::read(&model.join("model.json")).unwrap();
     let base = config.base.as_ref().unwrap();
-    let shards = std::fs::read_dir(golden("pipeline/transformer"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "safetensors")
-        .count();
+    let shards = transformer_shards().len();
     assert!(shards > 1, "the golden transformer is sharded");
     assert_eq!(base.transformer.len(), shards);
     assert!(base.transformer.iter().all(|f| f.path.is_absolute() && f.fingerprint.starts_with("sha256-sampled:")));
     let mut held: Vec<String> = std::fs::read_dir(&model).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     held.sort();
     assert_eq!(held, ["model.json", "text.safetensors"]);
-    assert_eq!((config.transformer.in_channels, config.transformer.out_channels, config.text_tokens), (32, 16, 512));
+    assert_eq!((config.transformer.in_channels, config.transformer.out_channels, config.text_tokens), (2 * base_in, base_in, 512));
 
     // [noisy, LQ] through the widened model equals diffusers' base on the noisy half alone.
     let out = forward(&model, &golden("forward.inputs.safetensors"), &[], "merged", dir.path());
     assert_close(&out, &tensor(&golden("forward.out.safetensors"), "out"), "imported model on [noisy, LQ]");
 
     let info = run_ok(&["info", s(&model)]);
-    for fragment in
-        ["super-resolution model", "fingerprints match", "in 5 shards", "widened from 16 to 32", "txt [512, 32]", "adapters    none"]
-    {
-        assert!(info.contains(fragment), "info lacks '{fragment}':\n{info}");
+    let ctx = pipeline_config("transformer/config.json", "joint_attention_dim");
+    for fragment in [
+        "super-resolution model".to_string(),
+        "fingerprints match".into(),
+        format!("in {shards} shards"),
+        format!("widened from {base_in} to {}", 2 * base_in),
+        format!("txt [512, {ctx}]"),
+        "adapters    none".into(),
+    ] {
+        assert!(info.contains(&fragment), "info lacks '{fragment}':\n{info}");
     }
 }
 
@@ -113,7 +134,8 @@ fn the_text_encoders_match_transformers_on_other_ids_too() {
     // The empty prompt's ids, as the pipelines' tokenizers give them.
     assert_eq!(&t5.empty_prompt_ids(4), &[1, 0, 0, 0]);
     let clip_ids = clip.empty_prompt_ids();
-    assert_eq!((clip_ids.len(), clip_ids[0], clip_ids[1], clip_ids[76]), (77, 518, 519, 519));
+    let vocab = pipeline_config("text_encoder/config.json", "vocab_size") as u32;
+    assert_eq!((clip_ids.len(), clip_ids[0], clip_ids[1], clip_ids[76]), (77, vocab - 2, vocab - 1, vocab - 1));
     assert_eq!(clip.pooled_index(&clip_ids), 1);
 }
 
@@ -156,7 +178,7 @@ fn control_loras_load_as_diffusers_loads_them_widening_the_base_first() {
     ] {
         for mode in [LoraMode::Merged, LoraMode::Unmerged] {
             let (flux, _) = load_flux(&b, &base, &PartialFluxParams::default(), &[&golden(lora)], mode).unwrap();
-            assert_eq!(flux.params.in_channels, 32, "{lora}: img_in widened");
+            assert_eq!(flux.params.in_channels, 2 * pipeline_config("transformer/config.json", "in_channels"), "{lora}: img_in widened");
             let out = flux.forward_host(&b, &inputs).unwrap();
             let want = tensor(&golden(expected), "out");
             assert_close(&out, &want, &format!("{lora} {mode:?}"));
@@ -229,7 +251,8 @@ fn the_trained_adapter_format_is_what_flux_control_pipeline_loads() {
         &tensor(&golden("out.adapter.safetensors"), "out"),
         "adapter named in model.json",
     );
-    assert!(run_ok(&["info", s(&model)]).contains("adapter     sr.safetensors (diffusers/peft layout, rank 32"));
+    let rank = 2 * pipeline_config("transformer/config.json", "in_channels"); // img_in's full-rank pair
+    assert!(run_ok(&["info", s(&model)]).contains(&format!("adapter     sr.safetensors (diffusers/peft layout, rank {rank}")));
 }
 
 #[test]
@@ -295,33 +318,39 @@ fn errors_name_the_missing_shard_folder_or_file_and_a_changed_base() {
     );
     import_fails(
         &[s(&file), "--out", s(&out), "--ae", s(&vae), "--t5", s(&t5), "--clip", s(&clip)],
-        &["text_encoder/model.safetensors", "without a config.json", "hidden size 16"],
+        &[
+            "text_encoder/model.safetensors",
+            "without a config.json",
+            &format!("hidden size {}", pipeline_config("text_encoder/config.json", "hidden_size")),
+        ],
     );
 
     // The model works, then its base moves or changes.
     import(&[s(&pipeline), "--out", s(&out), "--text", "zeros"]);
     import_fails(&[s(&pipeline), "--out", s(&out), "--text", "zeros"], &["model.json: exists", "--overwrite"]);
     let inputs = golden("forward.inputs.safetensors");
-    let shard = pipeline.join("transformer/diffusion_pytorch_model-00003-of-00005.safetensors");
+    let shards = transformer_shards();
+    let name = shards[shards.len() / 2].as_str();
+    let shard = pipeline.join("transformer").join(name);
     let forward_fails = |fragments: &[&str]| {
         let o = dir.path().join("o.safetensors");
         assert_fails_with(&engine(&["forward", "--model", s(&out), "--inputs", s(&inputs), "--out", s(&o), "--device", "cpu"]), fragments);
     };
     let moved = shard.with_extension("moved");
     std::fs::rename(&shard, &moved).unwrap();
-    forward_fails(&["diffusion_pytorch_model-00003-of-00005.safetensors", "is missing", "model.json"]);
+    forward_fails(&[name, "is missing", "model.json"]);
     std::fs::rename(&moved, &shard).unwrap();
     let mut bytes = std::fs::read(&shard).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&shard, &bytes).unwrap();
-    forward_fails(&["diffusion_pytorch_model-00003-of-00005.safetensors", "has changed"]);
+    forward_fails(&[name, "has changed"]);
 
     // A shard the index names is gone; a part of the pipeline is gone.
     std::fs::remove_file(&shard).unwrap();
     import_fails(
         &[s(&pipeline), "--out", s(&out), "--overwrite", "--text", "zeros"],
-        &["diffusion_pytorch_model.safetensors.index.json", "shard 'diffusion_pytorch_model-00003-of-00005.safetensors' is missing"],
+        &["diffusion_pytorch_model.safetensors.index.json", &format!("shard '{name}' is missing")],
     );
     std::fs::remove_dir_all(pipeline.join("text_encoder_2")).unwrap();
     import_fails(&[s(&pipeline), "--out", s(&out), "--overwrite"], &["text_encoder_2: missing"]);
