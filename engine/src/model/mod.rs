@@ -12,7 +12,7 @@ pub mod weights;
 pub use config::{FluxParams, PartialFluxParams};
 pub use flux::{Conditioning, Flux, FluxInputs};
 pub use trainable::{Adapters, Trainable};
-pub use weights::{LoraMode, WeightSource, WidenedInput};
+pub use weights::{LoraMode, WeightSource};
 
 use crate::backend::Backend;
 use anyhow::Result;

@@ -45,8 +45,8 @@ impl WeightSource for FluxCheckpoint {
 /// A transformer whose `img_in` takes `in_channels` inputs where the source stores fewer: the
 /// new columns are zero (BFL's `optionally_expand_state_dict`, diffusers'
 /// `_maybe_expand_transformer_param_shape_or_error_`), so that the widened model's output is the
-/// source's whatever the extra channels hold. How a pretrained FLUX.1 takes the LQ by channel
-/// concatenation before training has taught it to.
+/// source's whatever the extra channels hold: an imported FLUX.1 takes the LQ latent by channel
+/// concatenation before any training has taught it to use it.
 pub struct WidenedInput<'a> {
     pub source: &'a dyn WeightSource,
     pub in_channels: usize,
