@@ -3,11 +3,11 @@
 
 use engine::backend::adamw::AdamWConfig;
 use engine::backend::backward::{BackwardOps, LoraAddGrads};
-use engine::backend::cpu::CpuBackend;
-use engine::backend::error::DeviceOutOfMemory;
 use engine::backend::losses::{PairResiduals, SdpoStep};
 use engine::backend::sobolev::{Filter, Grid, Sobolev};
 use engine::backend::training::{AdamWTensor, TrainingOps};
+use engine::backend::cpu::CpuBackend;
+use engine::backend::error::DeviceOutOfMemory;
 use engine::{Backend, Tensor};
 use loaders::{DType, HostData, HostTensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,6 +96,9 @@ impl Backend for Hooked {
     }
     fn activation_dtype(&self) -> DType {
         self.cpu.activation_dtype()
+    }
+    fn zeros(&self, shape: &[usize]) -> anyhow::Result<T> {
+        self.cpu.zeros(shape).map(wrap)
     }
     fn cast(&self, x: &T, dtype: DType) -> anyhow::Result<T> {
         self.cpu.cast(&inner(x), dtype).map(wrap)
@@ -190,6 +193,18 @@ impl Backend for Hooked {
     }
     fn affine(&self, x: &T, scale: f32, offset: f32) -> anyhow::Result<T> {
         self.cpu.affine(&inner(x), scale, offset).map(wrap)
+    }
+    fn relu(&self, x: &T) -> anyhow::Result<T> {
+        self.cpu.relu(&inner(x)).map(wrap)
+    }
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> anyhow::Result<T> {
+        self.cpu.max_pool2d(&inner(x), kernel, stride).map(wrap)
+    }
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> anyhow::Result<T> {
+        self.cpu.blur_pool2d(&inner(x), &inner(filter), stride, pad).map(wrap)
+    }
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> anyhow::Result<T> {
+        self.cpu.l2_pool2d(&inner(x), &inner(filter), stride, pad).map(wrap)
     }
 }
 
@@ -312,23 +327,18 @@ impl TrainingOps for Hooked {
         })
     }
     fn adamw_step(&self, config: &AdamWConfig, k: u64, lr: f64, tensors: &mut [AdamWTensor<'_, Self>]) -> anyhow::Result<f64> {
-        let mut state: Vec<[Tensor<CpuBackend>; 4]> =
-            tensors.iter().map(|t| [inner(t.param), inner(t.m), inner(t.v), inner(t.grad)]).collect();
-        let mut cpu_tensors: Vec<AdamWTensor<CpuBackend>> =
-            state.iter_mut().zip(tensors.iter()).map(|([p, m, v, g], t)| AdamWTensor { name: t.name, param: p, m, v, grad: &*g }).collect();
+        let mut state: Vec<[Tensor<CpuBackend>; 4]> = tensors.iter().map(|t| [inner(t.param), inner(t.m), inner(t.v), inner(t.grad)]).collect();
+        let mut cpu_tensors: Vec<AdamWTensor<CpuBackend>> = state
+            .iter_mut()
+            .zip(tensors.iter())
+            .map(|([p, m, v, g], t)| AdamWTensor { name: t.name, param: p, m, v, grad: &*g })
+            .collect();
         let before: Vec<Vec<f32>> = cpu_tensors.iter().map(|t| self.cpu.download(t.param).unwrap().to_f32()).collect();
         let norm = self.cpu.adamw_step(config, k, lr, &mut cpu_tensors)?;
         for ((t, [p, m, v, _]), old) in tensors.iter_mut().zip(state).zip(before) {
             let p = match self.adamw_short_step {
                 true => {
-                    let short: Vec<f32> = self
-                        .cpu
-                        .download(&p)?
-                        .to_f32()
-                        .iter()
-                        .zip(&old)
-                        .map(|(new, old)| old + (new - old) * (1.0 - config.beta1 as f32))
-                        .collect();
+                    let short: Vec<f32> = self.cpu.download(&p)?.to_f32().iter().zip(&old).map(|(new, old)| old + (new - old) * (1.0 - config.beta1 as f32)).collect();
                     self.cpu.upload(&HostTensor::from_f32(p.shape().to_vec(), short))?
                 }
                 false => p,

@@ -25,7 +25,7 @@ pub enum OpClass {
     /// A 2-D convolution (the autoencoder): `2 out_elems C_in kh kw`.
     Conv,
     /// A linear on per-sample vectors `[batch, features]` (embedders, adaLN modulation): not
-    /// counted (design section 11).
+    /// counted (design.md section 11).
     PerSample,
     /// Norms, activations, residuals, embeddings, scaling: not counted.
     Elementwise,

@@ -1,25 +1,25 @@
 //! `engine bench`: the transformer's sampling steps (or LoRA training steps) timed at a given
-//! shape, with model FLOPs (the meta backend's count, design section 11), TFLOP/s, MFU, peak
+//! shape, with model FLOPs (the meta backend's count, design.md section 11), TFLOP/s, MFU, peak
 //! memory and the time per op class.
 
 use super::human_bytes;
 use anyhow::{ensure, Result};
 use clap::ValueEnum;
 use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe};
-use engine::backend::adamw::{AdamW, AdamWConfig};
 use engine::backend::device::Device;
-use engine::backend::profile::OpClass;
 use engine::backend::profile::OpTimes;
-use engine::backend::training::TrainingOps;
 use engine::backend::Backend;
 use engine::model::backward::Checkpointing;
 use engine::model::flux::{scalars, Conditioning};
-use engine::model::weights::WeightLoader;
 use engine::model::Trainable;
+use engine::model::weights::WeightLoader;
 use engine::model::{Flux, FluxInputs, FluxParams};
 use engine::perf::flops::{training_step_flops, FlopCount};
+use engine::backend::profile::OpClass;
 use engine::perf::plan::{MemoryPlan, HOPPER_CUBLASLT_WORKSPACE};
 use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
+use engine::backend::adamw::{AdamW, AdamWConfig};
+use engine::backend::training::TrainingOps;
 use engine::train::optimizer::Optimizer;
 use engine::train::params::{LoraParams, Trained};
 use engine::Tensor;
@@ -80,7 +80,7 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
-/// Peak dense bf16 tensor-core rate by card name (design section 11), for MFU.
+/// Peak dense bf16 tensor-core rate by card name (design.md section 11), for MFU.
 fn peak_bf16_flops(device: &str) -> Option<f64> {
     [("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A800", 312e12)].into_iter().find(|(n, _)| device.contains(n)).map(|(_, f)| f)
 }
@@ -97,7 +97,15 @@ pub fn run(a: Args) -> Result<()> {
 /// What one timed step runs: a sampling step, or a LoRA training step.
 enum Work<B: TrainingOps> {
     Sample,
-    Train { trained: LoraParams<B>, optimizer: Optimizer<B>, g_out: Tensor<B>, checkpointing: Checkpointing },
+    Train(Box<Training<B>>),
+}
+
+/// A LoRA training step's state.
+struct Training<B: TrainingOps> {
+    trained: LoraParams<B>,
+    optimizer: Optimizer<B>,
+    g_out: Tensor<B>,
+    checkpointing: Checkpointing,
 }
 
 /// The model and its inputs at the benchmark's shape.
@@ -118,7 +126,8 @@ impl<B: TrainingOps> Setup<B> {
                 drop(self.model.forward(b, &self.img, &timesteps, &self.c, Trainable::Nothing)?);
                 Ok(0.0)
             }
-            Work::Train { trained, optimizer, g_out, checkpointing } => {
+            Work::Train(training) => {
+                let Training { trained, optimizer, g_out, checkpointing } = training.as_mut();
                 let tr = trained.trainable();
                 let (out, acts) = self.model.forward_train(b, &self.img, &timesteps, &self.c, tr, *checkpointing)?;
                 drop(out);
@@ -174,7 +183,7 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
             let n = a.batch * side * side * params.in_channels;
             let g_out = b.input(&HostTensor::from_f32(vec![a.batch, side * side, params.in_channels], vec![1.0 / n as f32; n]))?;
             let optimizer = Optimizer::new(b, trained.masters(), &AdamW::new(AdamWConfig::default()))?;
-            Work::Train { trained, optimizer, g_out, checkpointing: a.checkpointing }
+            Work::Train(Box::new(Training { trained, optimizer, g_out, checkpointing: a.checkpointing }))
         }
     };
     let c = Conditioning::new(b, &model, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids)?;

@@ -10,7 +10,7 @@ use engine::perf::plan::{MemoryPlan, ALIGNMENT, HOPPER_CUBLASLT_WORKSPACE};
 use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use loaders::DType;
 
-/// Plan one transformer step for a GPU, on the CPU: model FLOPs per op class (design section 11)
+/// Plan one transformer step for a GPU, on the CPU: model FLOPs per op class (design.md section 11)
 /// and device memory (weights, the packed activation arena, the GEMM workspace), from the model's
 /// own code run on shapes only. Also FLUX's autoencoder at the output size, and with --train a
 /// training step.
@@ -32,7 +32,7 @@ pub struct Args {
     /// Storage dtype of weights and activations: bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
-    /// Unmerged LoRA of this rank on every target linear (design section 7).
+    /// Unmerged LoRA of this rank on every target linear (design.md section 7).
     #[arg(long)]
     lora_rank: Option<usize>,
     /// Also account a training step: forward + backward.

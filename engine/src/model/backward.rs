@@ -31,7 +31,6 @@ use crate::backend::backward::BackwardOps;
 use crate::backend::Backend;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
-use loaders::HostTensor;
 use std::collections::BTreeMap;
 
 /// The gradient of one LoRA delta (`LoraDelta`): f32, shaped like its down and up.
@@ -86,13 +85,7 @@ impl<'a, B: Backend> GradCollector<'a, B> {
 /// Backward of `Linear::forward` at input x: returns the input gradient and records the gradient
 /// of each trained delta under the linear's name, and in full training those of its weight and
 /// bias.
-fn linear_backward<B: BackwardOps>(
-    b: &B,
-    lin: &Linear<B>,
-    x: &Tensor<B>,
-    gy: &Tensor<B>,
-    grads: &mut GradCollector<B>,
-) -> Result<Tensor<B>> {
+fn linear_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, x: &Tensor<B>, gy: &Tensor<B>, grads: &mut GradCollector<B>) -> Result<Tensor<B>> {
     linear_params_backward(b, lin, x, gy, grads)?;
     let name = &lin.name;
     let mut gx = b.linear_backward_input(gy, &lin.weight).with_context(|| format!("backward of '{name}'"))?;
@@ -117,13 +110,7 @@ fn linear_backward<B: BackwardOps>(
 /// Full training: records the gradients of a linear's weight and bias as `{name}.weight` and
 /// `{name}.bias`. Nothing otherwise. For the linears whose input is data, this is their whole
 /// backward.
-fn linear_params_backward<B: BackwardOps>(
-    b: &B,
-    lin: &Linear<B>,
-    x: &Tensor<B>,
-    gy: &Tensor<B>,
-    grads: &mut GradCollector<B>,
-) -> Result<()> {
+fn linear_params_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, x: &Tensor<B>, gy: &Tensor<B>, grads: &mut GradCollector<B>) -> Result<()> {
     if !grads.full() {
         return Ok(());
     }
@@ -140,13 +127,7 @@ fn linear_params_backward<B: BackwardOps>(
 /// output's chunks in the order it is cut (`Modulation::forward`: shift, scale, gate per triple;
 /// the final layer: shift, scale). Records lin's gradients and adds the gradient wrt `vec_silu`
 /// to the collector's sum.
-fn modulation_backward<B: BackwardOps>(
-    b: &B,
-    lin: &Linear<B>,
-    vec_silu: &Tensor<B>,
-    chunks: &[&Tensor<B>],
-    grads: &mut GradCollector<B>,
-) -> Result<()> {
+fn modulation_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, vec_silu: &Tensor<B>, chunks: &[&Tensor<B>], grads: &mut GradCollector<B>) -> Result<()> {
     let g_m = b.concat(chunks, 1)?;
     let g = linear_backward(b, lin, vec_silu, &g_m, grads)?;
     grads.vec_silu = Some(match grads.vec_silu.take() {
@@ -159,14 +140,7 @@ fn modulation_backward<B: BackwardOps>(
 impl<B: BackwardOps> MlpEmbedder<B> {
     /// Full training: records the embedder's parameter gradients from its output gradient. Its
     /// input is data: no gradient.
-    fn backward(
-        &self,
-        b: &B,
-        x: &Tensor<B>,
-        acts: &MlpEmbedderActs<B, Training>,
-        g_out: &Tensor<B>,
-        grads: &mut GradCollector<B>,
-    ) -> Result<()> {
+    fn backward(&self, b: &B, x: &Tensor<B>, acts: &MlpEmbedderActs<B, Training>, g_out: &Tensor<B>, grads: &mut GradCollector<B>) -> Result<()> {
         let g_act = linear_backward(b, &self.out_layer, &b.silu(&acts.hidden)?, g_out, grads)?;
         let g_hidden = b.silu_backward(&acts.hidden, &g_act)?;
         linear_params_backward(b, &self.in_layer, x, &g_hidden, grads)
@@ -182,8 +156,7 @@ struct StreamOutputGrads<B: Backend> {
     modulation: Option<[Tensor<B>; 4]>,
 }
 
-const NO_BRANCHES: &str =
-    "full training needs the gated branches, which this forward did not keep (run forward_train with Trainable::Full)";
+const NO_BRANCHES: &str = "full training needs the gated branches, which this forward did not keep (run forward_train with Trainable::Full)";
 
 impl<B: BackwardOps> Stream<B> {
     /// Backward of `attention_outputs`, from the gradient of the stream's output.
@@ -366,7 +339,7 @@ impl<B: BackwardOps> Flux<B> {
         // Only the image rows reach the final layer: the text rows of the last single block's
         // output have a zero gradient.
         let (batch, lt, hidden) = (c.txt.dim(0), c.txt.dim(1), self.params.hidden_size);
-        let zeros = b.input(&HostTensor::from_f32(vec![batch, lt, hidden], vec![0.0; batch * lt * hidden]))?;
+        let zeros = b.zeros(&[batch, lt, hidden])?;
         let mut g_x = b.concat(&[&zeros, &g_final_in], 1)?;
         for (block, step) in self.single_blocks.iter().zip(single).rev() {
             let acts = match step.acts {
@@ -420,6 +393,7 @@ mod tests {
     use crate::model::trainable::Adapters;
     use crate::model::weights::{LoraMode, WeightLoader};
     use loaders::lora::{LoraAdapter, LoraLayout, LoraPart};
+    use loaders::HostTensor;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};
@@ -528,12 +502,7 @@ mod tests {
             dot(&self.g_out, &values(&model.forward(&B, img, &self.timesteps, &self.c, tr).unwrap()))
         }
 
-        fn grads(
-            &self,
-            model: &Flux<CpuBackend>,
-            tr: Trainable<CpuBackend>,
-            checkpointing: Checkpointing,
-        ) -> (Vec<f32>, FluxGrads<CpuBackend>) {
+        fn grads(&self, model: &Flux<CpuBackend>, tr: Trainable<CpuBackend>, checkpointing: Checkpointing) -> (Vec<f32>, FluxGrads<CpuBackend>) {
             let (out, acts) = model.forward_train(&B, &self.img, &self.timesteps, &self.c, tr, checkpointing).unwrap();
             let g_out = B.input(&HostTensor::from_f32(out.shape().to_vec(), self.g_out.clone())).unwrap();
             (values(&out), model.backward(&B, &self.img, &self.c, tr, acts, &g_out).unwrap())

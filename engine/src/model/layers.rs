@@ -17,15 +17,21 @@ use anyhow::Result;
 /// LayerNorm and RMSNorm epsilon throughout FLUX.
 pub const EPS: f32 = 1e-6;
 
+/// Attention's output and what training keeps of it (the row log-sum-exp).
+pub type Attended<B, K> = (Tensor<B>, <K as Keep>::Kept<Tensor<B>>);
+
+/// A double block's outputs (img, txt) and what it kept.
+pub type DoubleStreamOutputs<B, K> = (Tensor<B>, Tensor<B>, DoubleStreamActs<B, K>);
+
 /// What a forward keeps for its backward (see the module docs).
-pub trait Keep {
+pub trait Keep: Sized {
     /// A kept value: the value itself when training, a unit at inference.
     type Kept<T>;
 
     fn keep<T>(value: T) -> Self::Kept<T>;
 
     /// Softmax attention; training also keeps the row log-sum-exp its backward needs.
-    fn attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>) -> Result<(Tensor<B>, Self::Kept<Tensor<B>>)>;
+    fn attention<B: Backend>(b: &B, q: &Tensor<B>, k: &Tensor<B>, v: &Tensor<B>) -> Result<Attended<B, Self>>;
 }
 
 /// The inference forward: nothing is kept.
@@ -278,7 +284,7 @@ impl<B: Backend> DoubleStreamBlock<B> {
         vec_silu: &Tensor<B>,
         pe: &Positions<B>,
         tr: Trainable<B>,
-    ) -> Result<(Tensor<B>, Tensor<B>, DoubleStreamActs<B, K>)> {
+    ) -> Result<DoubleStreamOutputs<B, K>> {
         let h = self.num_heads;
         let [img_mod1, img_mod2] = two(self.img.modulation.forward(b, vec_silu, tr)?)?;
         let [txt_mod1, txt_mod2] = two(self.txt.modulation.forward(b, vec_silu, tr)?)?;
@@ -391,13 +397,7 @@ pub struct LastLayerActs<B: Backend, K: Keep> {
 }
 
 impl<B: Backend> LastLayer<B> {
-    pub fn forward<K: Keep>(
-        &self,
-        b: &B,
-        x: &Tensor<B>,
-        vec_silu: &Tensor<B>,
-        tr: Trainable<B>,
-    ) -> Result<(Tensor<B>, LastLayerActs<B, K>)> {
+    pub fn forward<K: Keep>(&self, b: &B, x: &Tensor<B>, vec_silu: &Tensor<B>, tr: Trainable<B>) -> Result<(Tensor<B>, LastLayerActs<B, K>)> {
         let m = self.ada_ln_modulation.forward(b, vec_silu, tr)?;
         let hidden = x.dim(2);
         let shift = b.narrow(&m, 1, 0, hidden)?;

@@ -13,9 +13,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+/// Built conditionings by (items, token rows, token columns).
+type Built<B> = HashMap<(usize, usize, usize), Rc<Conditioning<B>>>;
+
 /// Conditionings by (items, token rows, token columns).
 pub struct Conditionings<B: Backend> {
-    built: RefCell<HashMap<(usize, usize, usize), Rc<Conditioning<B>>>>,
+    built: RefCell<Built<B>>,
 }
 
 impl<B: Backend> Default for Conditionings<B> {

@@ -94,7 +94,9 @@ mod tests {
         let fixture = Fixture::new();
         for (rho, op) in [1e6, 1e-2].into_iter().zip(ops) {
             let mut stage = AdversaryMimic { op, hardness: 2.0, rho };
-            let mut at = |values: &TensorSet| -> (f64, Vec<(&'static str, f64)>, Vec<Vec<f32>>) {
+            // The loss, the logged values and the gradients at `values`.
+            type At = (f64, Vec<(&'static str, f64)>, Vec<Vec<f32>>);
+            let mut at = |values: &TensorSet| -> At {
                 let params = LoraParams::new(&B, &mut model.flux, values).unwrap();
                 let mut cx = fixture.context(&model, Some(&params));
                 cx.run_seed = 3;

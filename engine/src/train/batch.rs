@@ -79,14 +79,7 @@ impl Latent {
 
 /// The flow's noise draws of one micro-batch: t per item (from `times`) and eps on `items`
 /// fields of `latent`, uploaded as an f32 field.
-pub fn draw_noise<B: Backend>(
-    b: &B,
-    times: &LogitNormal,
-    latent: Latent,
-    items: usize,
-    run_seed: u64,
-    draw: u64,
-) -> Result<(Vec<f32>, Tensor<B>)> {
+pub fn draw_noise<B: Backend>(b: &B, times: &LogitNormal, latent: Latent, items: usize, run_seed: u64, draw: u64) -> Result<(Vec<f32>, Tensor<B>)> {
     let t = times.sample(items, step_seed(run_seed, draw, stream::TIME));
     let eps = gaussian_noise(items * latent.grid().elements(), step_seed(run_seed, draw, stream::NOISE));
     Ok((t, b.upload(&HostTensor::from_f32(latent.shape(items), eps))?))
@@ -264,12 +257,7 @@ impl<B: TrainingOps + 'static> TrainPass<'_, B> {
     /// The backward of a loss whose gradient wrt the velocity is `g_velocity` (on the grid, f32).
     pub fn backward(self, cx: &StepContext<B>, g_velocity: &Tensor<B>) -> Result<PassGrads<B>> {
         let b = cx.b;
-        ensure!(
-            g_velocity.shape() == self.velocity.shape(),
-            "backward: gradient {:?} for a velocity {:?}",
-            g_velocity.shape(),
-            self.velocity.shape()
-        );
+        ensure!(g_velocity.shape() == self.velocity.shape(), "backward: gradient {:?} for a velocity {:?}", g_velocity.shape(), self.velocity.shape());
         let (g_output, g_x_direct) = match cx.model.config.prediction {
             Prediction::Velocity => (None, None),
             // v = (x_t - x0) / d: g_x0 = -g / d, and x_t's direct share is g / d.

@@ -134,13 +134,7 @@ fn train_on<B: TrainingOps + 'static>(
 }
 
 /// The trained tensors on the device, from the checkpoint of a resumed run or fresh.
-fn start<B: TrainingOps + 'static>(
-    b: &B,
-    c: &TrainConfig,
-    model: &mut SrModel<B>,
-    resumed: Option<Checkpoint>,
-    path: &Path,
-) -> Result<Start<B>> {
+fn start<B: TrainingOps + 'static>(b: &B, c: &TrainConfig, model: &mut SrModel<B>, resumed: Option<Checkpoint>, path: &Path) -> Result<Start<B>> {
     let fresh = AdamW::new(AdamWConfig {
         lr: c.lr,
         warmup_steps: c.warmup,
@@ -225,6 +219,7 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
         let accum = c.grad_accum as u64;
         while step < opts.max_steps {
             let started = Instant::now();
+            let moved = b.bytes_moved();
             let mut total: Option<MicroStep<B>> = None;
             for micro in 0..accum {
                 let draw = step * accum + micro;
@@ -263,6 +258,9 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
             line.insert("grad_norm".into(), stats.grad_norm.into());
             line.insert("lr".into(), stats.lr.into());
             line.insert("samples_per_s".into(), ((c.batch as u64 * accum) as f64 / started.elapsed().as_secs_f64()).into());
+            let (to_device, to_host) = b.bytes_moved();
+            line.insert("bytes_to_device".into(), (to_device - moved.0).into());
+            line.insert("bytes_to_host".into(), (to_host - moved.1).into());
             for (key, value) in &total.metrics {
                 line.insert((*key).into(), mean(*value).into());
             }
@@ -284,12 +282,7 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
 
 /// A micro-batch's loss, gradients and metrics added to the step's sums.
 fn accumulate<B: TrainingOps>(b: &B, mut total: MicroStep<B>, micro: MicroStep<B>) -> Result<MicroStep<B>> {
-    ensure!(
-        total.grads.len() == micro.grads.len(),
-        "micro-batches disagree on the gradients: {} and {}",
-        total.grads.len(),
-        micro.grads.len()
-    );
+    ensure!(total.grads.len() == micro.grads.len(), "micro-batches disagree on the gradients: {} and {}", total.grads.len(), micro.grads.len());
     total.loss += micro.loss;
     total.grads = total.grads.iter().zip(&micro.grads).map(|(sum, g)| b.axpby(&[1.0], sum, &[1.0], g)).collect::<Result<Vec<_>>>()?;
     ensure!(total.metrics.len() == micro.metrics.len(), "micro-batches disagree on the logged values");

@@ -10,13 +10,14 @@ pub mod group_norm;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub mod pool;
 pub mod rope;
 pub mod spatial;
 mod training;
 
-use super::profile::OpClass;
 use super::profile::{OpProfiler, OpTimes, TransferMeter, WallClock};
 use super::{expect_shape, shapes, Backend};
+use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
@@ -126,6 +127,10 @@ impl Backend for CpuBackend {
     fn download(&self, t: &T) -> Result<HostTensor> {
         TRANSFERS.down(t.elem_count() * t.dtype().size());
         timed(OpClass::Transfer, || Ok(HostTensor::from_f32(t.shape().to_vec(), widen(t).into_owned())))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        Ok(f32_tensor(vec![0.0; shape.iter().product()], shape.to_vec()))
     }
 
     fn cast(&self, x: &T, dtype: DType) -> Result<T> {
@@ -368,4 +373,34 @@ impl Backend for CpuBackend {
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
         timed(OpClass::Elementwise, || Ok(f32_tensor(spatial::affine(act("affine", x)?, scale, offset), x.shape().to_vec())))
     }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        timed(OpClass::Elementwise, || Ok(f32_tensor(elementwise::map(act("relu", x)?, |v| v.max(0.0)), x.shape().to_vec())))
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let g = shapes::PoolGeometry::max_pool(x.shape(), kernel, stride)?;
+            Ok(f32_tensor(pool::max_pool2d(act("max_pool2d", x)?, &g), g.out_shape()))
+        })
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        depthwise_pool(x, filter, stride, pad, pool::FilterPool::Blur)
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        depthwise_pool(x, filter, stride, pad, pool::FilterPool::L2)
+    }
+}
+
+fn depthwise_pool(x: &T, filter: &T, stride: usize, pad: [usize; 4], kind: pool::FilterPool) -> Result<T> {
+    timed(OpClass::Elementwise, || {
+        let op = match kind {
+            pool::FilterPool::Blur => "blur_pool2d",
+            pool::FilterPool::L2 => "l2_pool2d",
+        };
+        let g = shapes::PoolGeometry::depthwise(op, x.shape(), filter.shape(), stride, pad, kind == pool::FilterPool::Blur)?;
+        Ok(f32_tensor(pool::depthwise(act(op, x)?, &widen(filter), &g, kind), g.out_shape()))
+    })
 }

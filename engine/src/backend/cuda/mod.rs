@@ -20,6 +20,7 @@ mod fields;
 mod gemm;
 mod layout;
 mod norm;
+mod pool;
 mod probation;
 mod rope;
 mod spatial;
@@ -30,9 +31,9 @@ pub mod sobolev;
 use attention_hopper::AttentionKernel;
 mod training;
 
-use super::profile::OpClass;
 use super::profile::{Clock, OpProfiler, OpTimes, TransferMeter};
 use super::{expect_shape, shapes, Backend, MemoryPeak};
+use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
@@ -470,6 +471,12 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        let s = self.stream.alloc_zeros::<bf16>(n.max(1)).map_err(|e| out_of_memory(e, n * 2))?;
+        Ok(bf16_tensor(s, shape.to_vec()))
+    }
+
     fn cast(&self, x: &T, dtype: DType) -> Result<T> {
         self.timed(OpClass::Elementwise, || fields::cast(self, x, dtype))
     }
@@ -498,16 +505,16 @@ impl Backend for CudaBackend {
         self.timed(OpClass::Attention, || attention::forward(self, q, k, v))
     }
 
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
+    }
+
     fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> Result<T> {
         self.timed(OpClass::Attention, || attention::forward_bias(self, q, k, v, bias, scale))
     }
 
     fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> Result<T> {
         self.timed(OpClass::Elementwise, || norm::rms_norm(self, x, weight, eps))
-    }
-
-    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
-        self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
     }
 
     fn gelu_tanh(&self, x: &T) -> Result<T> {
@@ -568,5 +575,21 @@ impl Backend for CudaBackend {
 
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
         self.timed(OpClass::Elementwise, || elementwise::affine(self, x, scale, offset))
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        self.timed(OpClass::Elementwise, || elementwise::relu(self, x))
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::max_pool2d(self, x, kernel, stride))
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::depthwise_pool2d(self, x, filter, stride, pad, false))
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::depthwise_pool2d(self, x, filter, stride, pad, true))
     }
 }
