@@ -89,6 +89,8 @@ pub(crate) mod tests {
             average: 1,
             guidance: 3.5,
             text_tokens: 1,
+            base: None,
+            adapters: Vec::new(),
         };
         config.validate().unwrap();
         let mut w = WeightLoader::random(&B, seed);
