@@ -107,8 +107,8 @@ pub struct TrainConfig {
     /// sft: train every weight of the transformer instead of a LoRA (a small model from
     /// scratch); a random base then starts adaLN-Zero (identity blocks, zero output).
     pub full: bool,
-    /// sft on an imported model: keep img_in frozen (by default its own weight and bias train
-    /// beside the LoRA: the widened LQ columns start at zero).
+    /// sft on an imported model: a LoRA pair on img_in like the other linears (by default its
+    /// own weight and bias train beside the LoRA: the widened LQ columns start at zero).
     #[serde(default)]
     pub no_train_img_in: bool,
     /// HQ folders: crops from regions up to twice the side, area-reduced, in any of 8 orientations.
