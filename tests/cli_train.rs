@@ -3,7 +3,7 @@
 //! adapters stack in `engine upscale`; settings from a TOML file; what it refuses, named.
 
 mod common;
-use common::{assert_fails_with, engine, s};
+use common::{assert_fails_with, engine, s, write_training_images as write_data};
 
 use loaders::image::{self, Image};
 use std::path::{Path, PathBuf};
@@ -12,14 +12,6 @@ use std::process::Output;
 fn ok(out: Output) -> Output {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     out
-}
-
-fn write_data(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (k, (w, h)) in [(48usize, 40usize), (32, 36)].into_iter().enumerate() {
-        let data = (0..w * h * 3).map(|i| ((i * (31 + k) + i / (3 * w) * 7) % 97) as f32 / 96.0).collect();
-        image::write_png(&dir.join(format!("{k}.png")), &Image::new(w, h, 3, data), false).unwrap();
-    }
 }
 
 /// `engine train` with small defaults; a flag in `extra` replaces its default.

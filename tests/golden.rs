@@ -196,7 +196,7 @@ fn lora_gradients_match_pytorch_autograd() {
 #[test]
 fn trained_lora_gradients_match_pytorch_autograd() {
     // What `engine train` trains: `LoraParams`, one adapter per token-path linear under its BFL
-    // name, scale 1. The golden file is the layout it exports (`write_lora`): the members of a
+    // name, scale 1. The golden file is the layout it exports (`write_adapter`): the members of a
     // fused linear share lora_A, so d/d down is the sum of the members' lora_A gradients and
     // d/d up stacks their lora_B gradients by row offset.
     let b = CpuBackend::new();

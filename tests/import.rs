@@ -8,11 +8,13 @@
 mod common;
 use common::{assert_fails_with, engine, max_rel_err, s};
 
-use engine::model::{load_flux, FluxInputs, LoraMode, PartialFluxParams};
+use engine::backend::Backend;
+use engine::model::flux::scalars;
+use engine::model::{load_flux, params, Adapters, Conditioning, Flux, FluxInputs, LoraMode, PartialFluxParams, Trainable};
 use engine::sr::model_dir::{load_transformer, SrConfig};
 use engine::text::{ClipText, T5Encoder};
 use engine::CpuBackend;
-use loaders::lora::{full_rank_pair, write_peft, AdapterPart};
+use loaders::lora::{full_rank_pair, write_peft, AdapterPart, LoraAdapter};
 use loaders::safetensors::Checkpoint;
 use loaders::HostTensor;
 use std::io::{Read, Write};
@@ -253,6 +255,99 @@ fn the_trained_adapter_format_is_what_flux_control_pipeline_loads() {
     );
     let rank = 2 * pipeline_config("transformer/config.json", "in_channels"); // img_in's full-rank pair
     assert!(run_ok(&["info", s(&model)]).contains(&format!("adapter     sr.safetensors (diffusers/peft layout, rank {rank}")));
+}
+
+/// `engine train --stage sft` on an import trains img_in's own weight and bias beside the LoRA (its
+/// columns for the LQ latent start at zero), and lora.safetensors carries their change as a
+/// full-rank pair on x_embedder with a lora_B bias. That file on the import computes what the
+/// trained model does (img_in from the checkpoint, the other pairs as adapters), which depends on
+/// the LQ half where the base's output does not; the SFT adapter serves the later stages; a
+/// resumed run is bit-identical; `--no-train-img-in` gives img_in a LoRA pair like the others.
+#[test]
+fn sft_on_an_import_trains_img_in_and_the_adapter_carries_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let model = at("model");
+    import(&[s(&golden("pipeline")), "--out", s(&model), "--text", "zeros"]);
+    common::write_training_images(&at("data"));
+    let data = at("data");
+    let train = |out: &str, extra: &[&str]| {
+        let out = at(out);
+        let mut args = vec!["train", "--base", s(&model), "--data", s(&data), "--out", s(&out), "--device", "cpu"];
+        args.extend(["--batch", "2", "--crop", "32", "--rank", "2", "--lr", "1e-2", "--seed", "3"]);
+        args.extend(extra);
+        run_ok(&args)
+    };
+    train("sft", &["--max-steps", "2"]);
+    let lora = at("sft/lora.safetensors");
+    let file = Checkpoint::open(&lora).unwrap();
+    let (base_in, hidden) =
+        (pipeline_config("transformer/config.json", "in_channels"), file.read("transformer.x_embedder.lora_B.weight").unwrap().shape[0]);
+    let inputs = 2 * base_in;
+
+    // x_embedder: A the identity, B img_in's change, nonzero on the LQ columns; a bias change.
+    let a = file.read("transformer.x_embedder.lora_A.weight").unwrap();
+    let identity: Vec<f32> = (0..inputs * inputs).map(|i| if i % (inputs + 1) == 0 { 1.0 } else { 0.0 }).collect();
+    assert_eq!((&a.shape[..], a.to_f32()), (&[inputs, inputs][..], identity));
+    let b_weight = file.read("transformer.x_embedder.lora_B.weight").unwrap();
+    assert_eq!(b_weight.shape, [hidden, inputs]);
+    let lq_columns: Vec<f32> = b_weight.to_f32().chunks(inputs).flat_map(|row| row[base_in..].to_vec()).collect();
+    assert!(lq_columns.iter().all(|v| v.is_finite()) && lq_columns.iter().any(|&v| v != 0.0), "the LQ columns trained");
+    assert!(file.read("transformer.x_embedder.lora_B.bias").unwrap().to_f32().iter().any(|&v| v != 0.0), "the bias trained");
+    let checkpoint = Checkpoint::open(&at("sft/checkpoint.safetensors")).unwrap();
+    assert!(checkpoint.info("param/img_in.lora_down").is_none(), "img_in trains its own weight, not a pair");
+
+    // The trained model: the import with img_in from the checkpoint and the other pairs.
+    let b = CpuBackend::new();
+    let config = SrConfig::read(&model.join("model.json")).unwrap();
+    let (mut trained, _) = load_transformer(&b, &model, &config, &[], LoraMode::Merged).unwrap();
+    for (name, t) in params::base_parameters_mut(&mut trained).into_iter().filter(|(n, _)| n.starts_with("img_in.")) {
+        *t = b.upload(&checkpoint.read(&format!("param/{name}")).unwrap()).unwrap();
+    }
+    let mut others = LoraAdapter::open(&lora, hidden).unwrap();
+    others.parts.retain(|p| p.target != "img_in");
+    let others = Adapters::from_file(&b, &trained, &others).unwrap();
+    let golden_inputs = FluxInputs::read(&Checkpoint::open(&golden("forward.inputs.safetensors")).unwrap()).unwrap();
+    let mut moved_lq = golden_inputs.clone();
+    let mut img = moved_lq.img.to_f32();
+    img.chunks_mut(inputs).for_each(|token| token[base_in..].iter_mut().for_each(|v| *v = 0.5 - *v));
+    moved_lq.img = HostTensor::from_f32(moved_lq.img.shape.clone(), img);
+    let run = |flux: &Flux<CpuBackend>, inputs: &FluxInputs, tr: Trainable<CpuBackend>| {
+        let c = Conditioning::new(&b, flux, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids).unwrap();
+        let out = flux.forward(&b, &b.input(&inputs.img).unwrap(), &scalars(&b, &inputs.timesteps).unwrap(), &c, tr).unwrap();
+        b.download(&out).unwrap()
+    };
+    let (base, _) = load_transformer(&b, &model, &config, &[], LoraMode::Merged).unwrap();
+    assert_eq!(run(&base, &golden_inputs, Trainable::Nothing), run(&base, &moved_lq, Trainable::Nothing), "the base ignores the LQ");
+    for mode in [LoraMode::Merged, LoraMode::Unmerged] {
+        let (adapted, _) = load_transformer(&b, &model, &config, &[&lora], mode).unwrap();
+        for (what, inputs) in [("golden inputs", &golden_inputs), ("another LQ", &moved_lq)] {
+            let want = run(&trained, inputs, Trainable::Lora(&others));
+            assert_close(&run(&adapted, inputs, Trainable::Nothing), &want, &format!("import + trained adapter ({mode:?}), {what}"));
+        }
+        let (golden_out, moved_out) = (run(&adapted, &golden_inputs, Trainable::Nothing), run(&adapted, &moved_lq, Trainable::Nothing));
+        assert!(max_rel_err(&golden_out.to_f32(), &moved_out.to_f32()) > 1e-3, "with the adapter the output depends on the LQ");
+    }
+
+    // The SFT adapter is the frozen reference of the later stages.
+    train("dpo", &["--stage", "dpo", "--sft-lora", s(&lora), "--max-steps", "1", "--negative-steps", "1"]);
+    assert!(Checkpoint::open(&at("dpo/lora.safetensors")).unwrap().info("transformer.x_embedder.lora_B.bias").is_none());
+
+    // A resumed run writes what an uninterrupted one does.
+    train("split", &["--max-steps", "1"]);
+    train("split", &["--max-steps", "2", "--resume"]);
+    for name in ["lora.safetensors", "checkpoint.safetensors"] {
+        assert!(std::fs::read(at("split").join(name)).unwrap() == std::fs::read(at("sft").join(name)).unwrap(), "{name}");
+    }
+
+    // Without img_in's own weight: a rank-2 pair on the widened img_in, no biases.
+    train("pairs", &["--max-steps", "1", "--no-train-img-in"]);
+    let file = Checkpoint::open(&at("pairs/lora.safetensors")).unwrap();
+    assert_eq!(file.read("transformer.x_embedder.lora_A.weight").unwrap().shape, [2, inputs]);
+    assert!(file.names().all(|n| !n.ends_with(".bias")));
+    let tiny = at("tiny");
+    let random_base = ["train", "--preset", "flux-tiny", "--data", s(&data), "--out", s(&tiny), "--crop", "32", "--no-train-img-in"];
+    assert_fails_with(&engine(&random_base), &["--no-train-img-in", "not one", "engine model import"]);
 }
 
 #[test]

@@ -32,6 +32,15 @@ pub fn assert_fails_with(out: &Output, fragments: &[&str]) {
     }
 }
 
+/// Two small HQ photographs' worth of training data (48 x 40 and 32 x 36 patterns) in `dir`.
+pub fn write_training_images(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (k, (w, h)) in [(48usize, 40usize), (32, 36)].into_iter().enumerate() {
+        let data = (0..w * h * 3).map(|i| ((i * (31 + k) + i / (3 * w) * 7) % 97) as f32 / 96.0).collect();
+        loaders::image::write_png(&dir.join(format!("{k}.png")), &loaders::image::Image::new(w, h, 3, data), false).unwrap();
+    }
+}
+
 /// Largest absolute difference relative to the reference's largest magnitude.
 pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "sizes differ");

@@ -178,7 +178,7 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
     let mut work = match a.train {
         false => Work::Sample,
         true => {
-            let set = LoraParams::init(&model, a.rank, 0)?;
+            let set = LoraParams::init(b, &model, a.rank, 0, &Default::default())?;
             let trained = LoraParams::new(b, &mut model, &set)?;
             let n = a.batch * side * side * params.in_channels;
             let g_out = b.input(&HostTensor::from_f32(vec![a.batch, side * side, params.in_channels], vec![1.0 / n as f32; n]))?;

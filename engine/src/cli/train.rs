@@ -135,6 +135,14 @@ pub struct Args {
     #[arg(long)]
     #[serde(default)]
     full: bool,
+    /// sft on an imported model (`engine model import`): give img_in a LoRA pair like the other
+    /// linears instead of training its own weight and bias. By default they train beside the
+    /// LoRA (img_in's columns for the LQ latent start at zero), and lora.safetensors carries
+    /// their change as a full-rank pair on x_embedder with a lora_B bias, as BFL's control LoRAs
+    /// store it. The later stages train a LoRA pair on img_in like the other linears.
+    #[arg(long)]
+    #[serde(default)]
+    no_train_img_in: bool,
     /// HQ folders: draw each crop from a region up to twice its side, reduced by area averaging,
     /// mirrored and turned into one of the 8 orientations of the square (more distinct samples
     /// from few photographs).

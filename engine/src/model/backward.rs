@@ -3,8 +3,10 @@
 //! the bottom up. The ops and their conventions are `backend::backward`'s; this file adds the
 //! model's:
 //! - What is differentiated is the call's `Trainable` set, the same one the forward was given.
-//!   `Trainable::Lora`: the deltas it adds on token-path linears, with the base weights frozen
-//!   and the vec path (time, guidance and vector embedders, every modulation linear) constant.
+//!   `Trainable::Lora`: the deltas it adds on token-path linears, and the own weight and bias of
+//!   the token-path linears its adapters name (an import's img_in), with the other base weights
+//!   frozen and the vec path (time, guidance and vector embedders, every modulation linear)
+//!   constant.
 //!   `Trainable::Full`, to train a model from scratch: every weight and bias of every linear, the
 //!   vec path's included, and nothing else: the QK-norm (RMSNorm) scales stay frozen at the 1 they
 //!   are initialised to. `Trainable::Nothing`: the gradient wrt the input latent only. The model's
@@ -49,8 +51,8 @@ pub type BaseGrads<B> = BTreeMap<String, Tensor<B>>;
 pub struct FluxGrads<B: Backend> {
     /// `Trainable::Lora`: a gradient for every delta the adapters add.
     pub lora: LoraGrads<B>,
-    /// `Trainable::Full`: a gradient for every tensor `params::base_parameters_mut` lists, under
-    /// the same name.
+    /// A gradient for every own weight and bias that trains (`Trainable::trains_own`; in full
+    /// training every tensor `params::base_parameters_mut` lists), under the same name.
     pub base: BaseGrads<B>,
     /// The gradient wrt the input latent tokens `img` `[B, L, in]`.
     pub img: Tensor<B>,
@@ -113,9 +115,9 @@ fn linear_backward<B: BackwardOps>(
     Ok(gx)
 }
 
-/// Full training: records the gradients of a linear's weight and bias as `{name}.weight` and
-/// `{name}.bias`. Nothing otherwise. For the linears whose input is data, this is their whole
-/// backward.
+/// Records the gradients of a linear's weight and bias as `{name}.weight` and `{name}.bias` when
+/// its own weight trains (`Trainable::trains_own`). Nothing otherwise. For the linears whose
+/// input is data, this is their whole backward.
 fn linear_params_backward<B: BackwardOps>(
     b: &B,
     lin: &Linear<B>,
@@ -123,7 +125,7 @@ fn linear_params_backward<B: BackwardOps>(
     gy: &Tensor<B>,
     grads: &mut GradCollector<B>,
 ) -> Result<()> {
-    if !grads.full() {
+    if !grads.tr.trains_own(lin) {
         return Ok(());
     }
     let name = &lin.name;
@@ -385,9 +387,9 @@ impl<B: BackwardOps> Flux<B> {
         }
         let g_input = linear_backward(b, &self.img_in, img, &g_img, &mut grads)?;
         // The text tokens are data: txt_in only matters for its parameters (or its adapters).
-        if tr.full() {
+        if tr.deltas_on(&self.txt_in).is_empty() {
             linear_params_backward(b, &self.txt_in, &c.txt, &g_txt, &mut grads)?;
-        } else if !tr.deltas_on(&self.txt_in).is_empty() {
+        } else {
             linear_backward(b, &self.txt_in, &c.txt, &g_txt, &mut grads)?;
         }
         if let Some(vec) = vec {
@@ -423,6 +425,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use rand_distr::{Distribution, StandardNormal};
+    use std::collections::BTreeSet;
 
     type T = Tensor<CpuBackend>;
     const B: CpuBackend = CpuBackend;
@@ -741,6 +744,49 @@ mod tests {
                 assert!(err <= 1e-2, "{name}[{i}]: analytic {analytic} vs numeric {numeric} (typical size {g_rms})");
             }
         }
+    }
+
+    /// Own weights trained beside adapters (an import's img_in) get full training's gradients,
+    /// and leave the adapters' gradients as they are.
+    #[test]
+    fn own_weights_beside_adapters_get_full_trainings_gradients() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let model = full_model();
+        let pb = problem(&model, &mut rng);
+        let (_, full) = pb.grads(&model, Trainable::Full, Checkpointing::Off);
+        // img_in and txt_in take data, the block's projection a block's activations.
+        let own: BTreeSet<String> = ["img_in", "txt_in", "double_blocks.0.img_attn.proj"].map(String::from).into();
+        let no_deltas = adapters(&model, &[]).unwrap().with_own(&model, own.clone()).unwrap();
+        for checkpointing in [Checkpointing::Off, Checkpointing::PerBlock] {
+            let (_, grads) = pb.grads(&model, Trainable::Lora(&no_deltas), checkpointing);
+            let names: Vec<String> = own.iter().flat_map(|n| [format!("{n}.bias"), format!("{n}.weight")]).collect();
+            assert_eq!(grads.base.keys().cloned().collect::<BTreeSet<_>>(), names.iter().cloned().collect(), "{checkpointing:?}");
+            for name in &names {
+                assert_eq!(values(&grads.base[name]), values(&full.base[name]), "{name}, {checkpointing:?}");
+            }
+            assert_eq!(values(&grads.img), values(&full.img));
+        }
+
+        // With adapters on the other linears: the adapters' gradients are those of LoRA training
+        // alone.
+        let parts: Vec<LoraPart> = every_target(&mut rng).into_iter().filter(|p| !own.contains(&p.target)).collect();
+        let (_, alone) = pb.grads(&model, Trainable::Lora(&adapters(&model, &parts).unwrap()), Checkpointing::Off);
+        let beside = adapters(&model, &parts).unwrap().with_own(&model, own.clone()).unwrap();
+        let (_, grads) = pb.grads(&model, Trainable::Lora(&beside), Checkpointing::Off);
+        assert_eq!(grads.base.len(), 6);
+        assert_eq!(grads.lora.keys().collect::<Vec<_>>(), alone.lora.keys().collect::<Vec<_>>());
+        for (target, list) in &grads.lora {
+            for (g, a) in list.iter().zip(&alone.lora[target]) {
+                assert_eq!((values(&g.down), values(&g.up)), (values(&a.down), values(&a.up)), "{target}");
+            }
+        }
+
+        // Only token-path linears without an adapter.
+        let err = |own: &str, parts: &[LoraPart]| {
+            adapters(&model, parts).unwrap().with_own(&model, [own.to_string()].into()).err().expect("refused").to_string()
+        };
+        assert!(err("double_blocks.0.img_mod.lin", &[]).contains("modulation path"));
+        assert!(err("img_in", &[part("img_in", 64, 64, 0, 2, 1.0, &mut rng)]).contains("one or the other"));
     }
 
     #[test]

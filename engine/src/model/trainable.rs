@@ -10,32 +10,24 @@ use super::Flux;
 use crate::backend::Backend;
 use anyhow::{bail, ensure, Result};
 use loaders::lora::LoraAdapter;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Unmerged LoRA deltas by token-path linear (BFL path, `double_blocks.0.img_attn.qkv`), applied
-/// beside the model's own weights and its own unmerged deltas. Only token-path linears can carry
-/// them: LoRA training holds the modulation path constant, so a delta there would get no
-/// gradient.
+/// beside the model's own weights and its own unmerged deltas, and the token-path linears whose
+/// own weight and bias train beside them (an imported model's widened `img_in`, whose new columns
+/// a low-rank delta would learn poorly). Only token-path linears can be named: LoRA training
+/// holds the modulation path constant, so a parameter there would get no gradient.
 pub struct Adapters<B: Backend> {
     deltas: BTreeMap<String, Vec<LoraDelta<B>>>,
+    own: BTreeSet<String>,
 }
 
 impl<B: Backend> Adapters<B> {
     /// Deltas by target, each checked against `flux`'s token-path linears (the target exists,
     /// the shapes fit).
     pub fn new(flux: &Flux<B>, deltas: BTreeMap<String, Vec<LoraDelta<B>>>) -> Result<Self> {
-        let dims: BTreeMap<&str, (usize, usize)> =
-            params::token_path(flux).into_iter().map(|lin| (lin.name.as_str(), (lin.weight.dim(0), lin.weight.dim(1)))).collect();
         for (target, list) in &deltas {
-            let Some(&(out_f, in_f)) = dims.get(target.as_str()) else {
-                match params::linears(flux).iter().any(|lin| &lin.name == target) {
-                    true => bail!(
-                        "'{target}' is on the modulation path, which LoRA training holds constant: an adapter there cannot be trained \
-                         (merge it into the base, or leave it out)"
-                    ),
-                    false => bail!("'{target}' is not a linear of this model"),
-                }
-            };
+            let (out_f, in_f) = token_path_linear(flux, target, "an adapter")?;
             for d in list {
                 let (rank, din, dout) = (d.down.dim(0), d.down.dim(1), d.up.dim(0));
                 ensure!(
@@ -47,7 +39,17 @@ impl<B: Backend> Adapters<B> {
                 );
             }
         }
-        Ok(Adapters { deltas })
+        Ok(Adapters { deltas, own: BTreeSet::new() })
+    }
+
+    /// These adapters with the linears `own` whose own weight and bias train beside them
+    /// (token-path linears without a delta: a delta beside a trained weight adds nothing).
+    pub fn with_own(self, flux: &Flux<B>, own: BTreeSet<String>) -> Result<Self> {
+        for target in &own {
+            token_path_linear(flux, target, "its own weight")?;
+            ensure!(!self.deltas.contains_key(target), "'{target}' trains its own weight and an adapter: one or the other");
+        }
+        Ok(Adapters { own, ..self })
     }
 
     /// A LoRA file's parts as deltas on `flux` (uploaded with the backend's `input`, the
@@ -77,6 +79,26 @@ impl<B: Backend> Adapters<B> {
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Vec<LoraDelta<B>>)> {
         self.deltas.iter()
     }
+
+    /// Whether the linear `name`'s own weight and bias train.
+    pub fn trains_own(&self, name: &str) -> bool {
+        self.own.contains(name)
+    }
+}
+
+/// The shape `[out, in]` of the token-path linear `target` of `flux`, or why `what` cannot train
+/// on it.
+fn token_path_linear<B: Backend>(flux: &Flux<B>, target: &str, what: &str) -> Result<(usize, usize)> {
+    if let Some(lin) = params::token_path(flux).into_iter().find(|lin| lin.name == target) {
+        return Ok((lin.weight.dim(0), lin.weight.dim(1)));
+    }
+    match params::linears(flux).iter().any(|lin| lin.name == target) {
+        true => bail!(
+            "'{target}' is on the modulation path, which LoRA training holds constant: {what} there cannot be trained \
+             (merge it into the base, or leave it out)"
+        ),
+        false => bail!("'{target}' is not a linear of this model"),
+    }
 }
 
 /// The trainable set of one forward or backward (see the module docs).
@@ -85,7 +107,8 @@ pub enum Trainable<'a, B: Backend> {
     /// reference's, which AS-DPO's closed form and the adversary's hardness term need).
     Nothing,
     /// Deltas beside the model's own weights on token-path linears: a trained adapter, whose
-    /// gradients a backward gives, or a frozen variant's at inference.
+    /// gradients a backward gives (with those of the own weights the adapters name), or a frozen
+    /// variant's at inference.
     Lora(&'a Adapters<B>),
     /// The model's own weights: every weight and bias of every linear, the vec path's included;
     /// the QK-norm scales stay frozen. The model must carry no unmerged adapter.
@@ -101,9 +124,20 @@ impl<B: Backend> Clone for Trainable<'_, B> {
 impl<B: Backend> Copy for Trainable<'_, B> {}
 
 impl<'a, B: Backend> Trainable<'a, B> {
-    /// Whether the model's own weights are trained (full training keeps more activations).
+    /// Whether every weight of the model trains, the vec path's included (full training keeps
+    /// more activations).
     pub fn full(&self) -> bool {
         matches!(self, Trainable::Full)
+    }
+
+    /// Whether `lin`'s own weight and bias train: every linear's in full training, those the
+    /// adapters name in LoRA training.
+    pub fn trains_own(&self, lin: &Linear<B>) -> bool {
+        match self {
+            Trainable::Full => true,
+            Trainable::Lora(adapters) => adapters.trains_own(&lin.name),
+            Trainable::Nothing => false,
+        }
     }
 
     /// The deltas this set adds on `lin`.

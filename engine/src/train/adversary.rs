@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn the_gradient_with_hardness_matches_differences_of_the_loss() {
         let mut model = tiny_sr_model(7);
-        let mut set = LoraParams::init(&model.flux, 2, 1).unwrap();
+        let mut set = LoraParams::init(&B, &model.flux, 2, 1, &Default::default()).unwrap();
         randomise(&mut set, 5, 0.5);
         let samples: Vec<Sample> = samples(2).into_iter().map(|s| Sample { baseline: Some(resize(&s.lq, 32, 32)), ..s }).collect();
         let op = || loss_operator(&model.config.autoencoder, Grid::new(12, 16, 16), DEFAULT_EXPONENT).unwrap();

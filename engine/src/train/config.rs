@@ -107,6 +107,10 @@ pub struct TrainConfig {
     /// sft: train every weight of the transformer instead of a LoRA (a small model from
     /// scratch); a random base then starts adaLN-Zero (identity blocks, zero output).
     pub full: bool,
+    /// sft on an imported model: a LoRA pair on img_in like the other linears (by default its
+    /// own weight and bias train beside the LoRA: the widened LQ columns start at zero).
+    #[serde(default)]
+    pub no_train_img_in: bool,
     /// HQ folders: crops from regions up to twice the side, area-reduced, in any of 8 orientations.
     #[serde(default)]
     pub augment: bool,
@@ -154,6 +158,7 @@ impl TrainConfig {
             closed_form: false,
             hardness: 0.0,
             full: false,
+            no_train_img_in: false,
             augment: false,
             t_mean: 0.0,
             t_std: 1.0,
@@ -207,6 +212,15 @@ impl TrainConfig {
             return fail(
                 "full",
                 format!("only --stage sft trains the whole model; --stage {stage} trains a LoRA against the frozen reference"),
+            );
+        }
+        if self.no_train_img_in && self.full {
+            return fail("no_train_img_in", "--full trains every weight, img_in's included: give one or the other".into());
+        }
+        if self.no_train_img_in && stage != Stage::Sft {
+            return fail(
+                "no_train_img_in",
+                format!("only --stage sft trains img_in; --stage {stage} trains a LoRA on the frozen SFT model, img_in included"),
             );
         }
         if !self.t_mean.is_finite() {
@@ -290,6 +304,9 @@ mod tests {
         assert_eq!(key(TrainConfig { full: true, ..config(Stage::Sft) }), None);
         assert_eq!(key(TrainConfig { full: true, ..config(Stage::Dpo) }), Some("full"));
         assert_eq!(key(TrainConfig { t_std: 0.0, ..config(Stage::Sft) }), Some("t_std"));
+        assert_eq!(key(TrainConfig { no_train_img_in: true, ..config(Stage::Sft) }), None);
+        assert_eq!(key(TrainConfig { no_train_img_in: true, full: true, ..config(Stage::Sft) }), Some("no_train_img_in"));
+        assert_eq!(key(TrainConfig { no_train_img_in: true, ..config(Stage::Dpo) }), Some("no_train_img_in"));
         assert_eq!(key(config(Stage::Asdpo)), Some("adversary_lora"));
         assert_eq!(key(TrainConfig { closed_form: true, ..config(Stage::Asdpo) }), None);
         assert_eq!(key(TrainConfig { adversary_lora: Some("a".into()), ..config(Stage::Asdpo) }), None);

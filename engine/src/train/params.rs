@@ -13,16 +13,17 @@ use super::checkpoint::LORA_FILE;
 use crate::backend::training::TrainingOps;
 use crate::backend::Backend;
 use crate::model::backward::FluxGrads;
-use crate::model::layers::LoraDelta;
+use crate::model::layers::{Linear, LoraDelta};
 use crate::model::{params, Adapters, Flux, Trainable};
 use crate::sr::model_dir::{write_model_folder, SrConfig, SrModel};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
+use loaders::lora::{full_rank_pair, write_peft, AdapterPart};
 use loaders::{DType, HostTensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Named f32 tensors and their shapes: the trained parameters on the host.
@@ -126,22 +127,33 @@ pub fn up_name(target: &str) -> String {
 
 /// One LoRA delta on every token-path linear (design.md section 7's targets, plus the input and
 /// output projections): `{target}.lora_down` `[rank, in]` and `{target}.lora_up` `[out, rank]`,
-/// scale 1.
+/// scale 1; except on the linears whose own weight and bias train instead (an imported model's
+/// widened img_in), held under their checkpoint keys (`img_in.weight`, `img_in.bias`).
 pub struct LoraParams<B: Backend> {
     masters: Masters<B>,
     adapters: Adapters<B>,
+    /// The trained own weights as the model held them before training (f32): the export writes
+    /// the change from them.
+    start: BTreeMap<String, HostTensor>,
 }
 
 impl<B: TrainingOps> LoraParams<B> {
-    /// Fresh factors of `rank` for every token-path linear of `flux` (none may carry an unmerged
-    /// adapter: the base's own adapters are merged at load): `down` ~ N(0, 1/in) drawn from
-    /// `seed`, `up` = 0, so that a fresh adapter leaves the model unchanged.
-    pub fn init(flux: &Flux<B>, rank: usize, seed: u64) -> Result<TensorSet> {
+    /// Fresh factors of `rank` for every token-path linear of `flux` but those in `own` (none
+    /// may carry an unmerged adapter: the base's own adapters are merged at load): `down` ~
+    /// N(0, 1/in) drawn from `seed`, `up` = 0, so that a fresh adapter leaves the model
+    /// unchanged; and the weight and bias of each linear in `own`, as the model holds them.
+    pub fn init(b: &B, flux: &Flux<B>, rank: usize, seed: u64, own: &BTreeSet<String>) -> Result<TensorSet> {
         ensure!(rank >= 1, "the LoRA rank must be at least 1");
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = TensorSet::default();
         for lin in params::token_path(flux) {
             ensure!(lin.lora.is_empty(), "'{}' already carries a LoRA: training starts from a base without unmerged adapters", lin.name);
+            if own.contains(&lin.name) {
+                for (name, t) in own_tensors(lin) {
+                    tensors.insert(name, t.shape().to_vec(), b.download(t)?.to_f32());
+                }
+                continue;
+            }
             let (out_f, in_f) = (lin.weight.dim(0), lin.weight.dim(1));
             let std = 1.0 / (in_f as f32).sqrt();
             let down: Vec<f32> = (0..rank * in_f)
@@ -153,15 +165,36 @@ impl<B: TrainingOps> LoraParams<B> {
             tensors.insert(down_name(&lin.name), vec![rank, in_f], down);
             tensors.insert(up_name(&lin.name), vec![out_f, rank], vec![0.0; out_f * rank]);
         }
+        let unknown: Vec<&String> = own.iter().filter(|name| !tensors.values.contains_key(&format!("{name}.weight"))).collect();
+        ensure!(unknown.is_empty(), "{unknown:?}: not token-path linears of this model, whose own weights could train beside a LoRA");
         Ok(tensors)
     }
 
-    /// The factors `set` on the device, their deltas made for `flux`.
+    /// The factors and own weights `set` on the device, their deltas made for `flux` and the own
+    /// weights put in place in it.
     pub fn new(b: &B, flux: &mut Flux<B>, set: &TensorSet) -> Result<Self> {
-        let mut params = LoraParams { masters: Masters::upload(b, set)?, adapters: Adapters::new(flux, BTreeMap::new())? };
+        let mut start = BTreeMap::new();
+        for lin in params::token_path(flux) {
+            for (name, t) in own_tensors(lin).filter(|(name, _)| set.values.contains_key(name)) {
+                start.insert(name, b.download(t)?.cast(DType::F32));
+            }
+        }
+        let masters = Masters::upload(b, set)?;
+        let mut params = LoraParams { masters, adapters: Adapters::new(flux, BTreeMap::new())?, start };
         params.refresh(b, flux)?;
         Ok(params)
     }
+
+    /// The linears whose own weights train.
+    fn own(&self) -> BTreeSet<String> {
+        self.masters.names.iter().filter_map(|name| name.strip_suffix(".weight")).map(str::to_string).collect()
+    }
+}
+
+/// A linear's weight and bias under their checkpoint keys.
+fn own_tensors<B: Backend>(lin: &Linear<B>) -> impl Iterator<Item = (String, &Tensor<B>)> {
+    let weight = (format!("{}.weight", lin.name), &lin.weight);
+    std::iter::once(weight).chain(lin.bias.as_ref().map(|bias| (format!("{}.bias", lin.name), bias)))
 }
 
 impl<B: TrainingOps> Trained<B> for LoraParams<B> {
@@ -175,6 +208,9 @@ impl<B: TrainingOps> Trained<B> for LoraParams<B> {
 
     fn refresh(&mut self, b: &B, flux: &mut Flux<B>) -> Result<()> {
         let dtype = b.activation_dtype();
+        for (name, tensor) in params::base_parameters_mut(flux).into_iter().filter(|(name, _)| self.start.contains_key(name)) {
+            *tensor = b.cast(self.masters.get(&name)?, dtype)?;
+        }
         let mut deltas = BTreeMap::new();
         for name in &self.masters.names {
             let Some(target) = name.strip_suffix(".lora_down") else { continue };
@@ -182,7 +218,7 @@ impl<B: TrainingOps> Trained<B> for LoraParams<B> {
             let delta = LoraDelta { down: b.cast(down, dtype)?, up: b.cast(up, dtype)?, up_bias: None, scale: 1.0, offset: 0 };
             deltas.insert(target.to_string(), vec![delta]);
         }
-        self.adapters = Adapters::new(flux, deltas)?;
+        self.adapters = Adapters::new(flux, deltas)?.with_own(flux, self.own())?;
         Ok(())
     }
 
@@ -191,7 +227,7 @@ impl<B: TrainingOps> Trained<B> for LoraParams<B> {
     }
 
     fn gradients(&self, grads: FluxGrads<B>) -> Result<Vec<Tensor<B>>> {
-        let mut by_name = BTreeMap::new();
+        let mut by_name = grads.base;
         for (target, deltas) in grads.lora {
             let [g]: [_; 1] = deltas.try_into().map_err(|d: Vec<_>| {
                 anyhow::anyhow!("'{target}' has {} adapters in the backward; training expects its own only", d.len())
@@ -201,7 +237,7 @@ impl<B: TrainingOps> Trained<B> for LoraParams<B> {
         }
         ensure!(
             by_name.keys().eq(self.masters.names.iter()),
-            "the backward gave gradients for {} LoRA factors, {} are trained",
+            "the backward gave gradients for {} tensors, {} are trained",
             by_name.len(),
             self.masters.names.len()
         );
@@ -210,7 +246,7 @@ impl<B: TrainingOps> Trained<B> for LoraParams<B> {
 
     fn export(&self, b: &B, out: &Path) -> Result<PathBuf> {
         let path = out.join(LORA_FILE);
-        write_lora(&path, &self.masters.download(b)?)?;
+        write_adapter(&path, &self.masters.download(b)?, &self.start)?;
         Ok(path)
     }
 }
@@ -295,62 +331,29 @@ impl<B: TrainingOps> Trained<B> for FullParams<B> {
     }
 }
 
-/// Where one BFL token-path linear lives in diffusers' `FluxTransformer2DModel`: the modules
-/// whose rows it stacks, `hidden` rows each but a trailing `proj_mlp`, which takes the rest.
-fn diffusers_modules(target: &str) -> Result<Vec<String>> {
-    let top = |m: &str| Ok(vec![m.to_string()]);
-    match target {
-        "img_in" => return top("x_embedder"),
-        "txt_in" => return top("context_embedder"),
-        "final_layer.linear" => return top("proj_out"),
-        _ => {}
-    }
-    let parts: Vec<&str> = target.splitn(3, '.').collect();
-    let [kind, index, name] = parts[..] else { bail!("no diffusers name for the linear '{target}'") };
-    let members: &[&str] = match (kind, name) {
-        ("double_blocks", "img_attn.qkv") => &["attn.to_q", "attn.to_k", "attn.to_v"],
-        ("double_blocks", "txt_attn.qkv") => &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-        ("double_blocks", "img_attn.proj") => &["attn.to_out.0"],
-        ("double_blocks", "txt_attn.proj") => &["attn.to_add_out"],
-        ("double_blocks", "img_mlp.0") => &["ff.net.0.proj"],
-        ("double_blocks", "img_mlp.2") => &["ff.net.2"],
-        ("double_blocks", "txt_mlp.0") => &["ff_context.net.0.proj"],
-        ("double_blocks", "txt_mlp.2") => &["ff_context.net.2"],
-        ("single_blocks", "linear1") => &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-        ("single_blocks", "linear2") => &["proj_out"],
-        _ => bail!("no diffusers name for the linear '{target}'"),
+/// The trained set of a [`LoraParams`] as the adapter a user loads (`loaders::lora::write_peft`,
+/// the diffusers/peft layout `engine upscale --lora` and diffusers read): each LoRA pair as it
+/// is, and each trained own weight as the full-rank pair of its change from `start` (A = the
+/// identity, B = the change), the change of its bias on lora_B, as BFL's control LoRAs store
+/// img_in. Applied to the model training started from, the file gives the trained model.
+pub fn write_adapter(path: &Path, set: &TensorSet, start: &BTreeMap<String, HostTensor>) -> Result<()> {
+    let change = |key: &str| -> Result<HostTensor> {
+        let was = start.get(key).with_context(|| format!("no starting value of '{key}'"))?.to_f32();
+        let now = set.host(key)?;
+        Ok(HostTensor::from_f32(now.shape.clone(), now.to_f32().iter().zip(&was).map(|(n, w)| n - w).collect()))
     };
-    let block = if kind == "double_blocks" { "transformer_blocks" } else { "single_transformer_blocks" };
-    Ok(members.iter().map(|m| format!("{block}.{index}.{m}")).collect())
-}
-
-/// The LoRA in the diffusers/peft layout (`transformer.<module>.lora_A.weight` / `lora_B`, no
-/// alpha: scale 1), which `engine upscale --lora` reads. A fused BFL linear (qkv, linear1) becomes
-/// one module per member, each with the whole `down` and its own rows of `up`: the same update.
-pub fn write_lora(path: &Path, tensors: &TensorSet) -> Result<()> {
-    let mut out = Vec::new();
-    for (name, down) in &tensors.values {
-        let Some(target) = name.strip_suffix(".lora_down") else { continue };
-        let up_key = up_name(target);
-        let (down_shape, up_shape, up) = (&tensors.shapes[name], &tensors.shapes[&up_key], &tensors.values[&up_key]);
-        let (rank, hidden, out_rows) = (down_shape[0], down_shape[1], up_shape[0]);
-        let modules = diffusers_modules(target)?;
-        for (i, module) in modules.iter().enumerate() {
-            // Every member has `hidden` rows except the last, which takes what is left.
-            let first = i * hidden;
-            let rows = if modules.len() == 1 {
-                out_rows
-            } else if i + 1 == modules.len() {
-                out_rows - first
-            } else {
-                hidden
-            };
-            out.push((format!("transformer.{module}.lora_A.weight"), HostTensor::from_f32(vec![rank, hidden], down.clone())));
-            let up_rows = up[first * rank..(first + rows) * rank].to_vec();
-            out.push((format!("transformer.{module}.lora_B.weight"), HostTensor::from_f32(vec![rows, rank], up_rows)));
+    let mut pairs = Vec::new();
+    for name in set.values.keys() {
+        if let Some(target) = name.strip_suffix(".lora_down") {
+            pairs.push((target, set.host(name)?, set.host(&up_name(target))?, None));
+        } else if let Some(target) = name.strip_suffix(".weight") {
+            let (down, up) = full_rank_pair(&change(name)?);
+            let bias = format!("{target}.bias");
+            pairs.push((target, down, up, set.values.contains_key(&bias).then(|| change(&bias)).transpose()?));
         }
     }
-    let list: Vec<(&str, &HostTensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    loaders::safetensors::write(path, &list, &BTreeMap::new(), true)?;
+    let parts: Vec<AdapterPart> =
+        pairs.iter().map(|(target, down, up, bias)| AdapterPart { target, down, up, up_bias: bias.as_ref() }).collect();
+    write_peft(path, &parts, true)?;
     Ok(())
 }

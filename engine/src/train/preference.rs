@@ -204,7 +204,7 @@ pub(crate) mod tests {
     #[test]
     fn at_exponent_zero_the_dpo_loss_is_diffusion_dpo_from_plain_mses() {
         let mut model = tiny_sr_model(5);
-        let mut set = LoraParams::init(&model.flux, 2, 1).unwrap();
+        let mut set = LoraParams::init(&B, &model.flux, 2, 1, &Default::default()).unwrap();
         randomise(&mut set, 2, 0.3);
         let params = LoraParams::new(&B, &mut model.flux, &set).unwrap();
         let batch = encode_samples(&B, &model, &samples(3)).unwrap();
@@ -254,7 +254,7 @@ pub(crate) mod tests {
     #[test]
     fn the_reference_energy_gradient_wrt_the_clean_latent_matches_differences() {
         let mut model = tiny_sr_model(6);
-        let mut set = LoraParams::init(&model.flux, 2, 1).unwrap();
+        let mut set = LoraParams::init(&B, &model.flux, 2, 1, &Default::default()).unwrap();
         // The trained adapter must not leak into the reference.
         randomise(&mut set, 3, 1.0);
         let params = LoraParams::new(&B, &mut model.flux, &set).unwrap();

@@ -42,6 +42,7 @@ use crate::sr::conditioning::Conditionings;
 use crate::sr::model_dir::{zero_text, SrConfig, SrModel};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,7 +155,7 @@ fn start<B: TrainingOps + 'static>(
             let (set, frozen) = FullParams::init(b, model, c.base.is_none())?;
             (set, Some(frozen))
         }
-        false => (LoraParams::init(&model.flux, c.rank, step_seed(c.seed, 0, 0))?, None),
+        false => (LoraParams::init(b, &model.flux, c.rank, step_seed(c.seed, 0, 0), &own_trained(c, &model.config)?)?, None),
     };
     let (set, step, optimizer) = match resumed {
         Some(saved) => {
@@ -168,6 +169,21 @@ fn start<B: TrainingOps + 'static>(
         None => Box::new(LoraParams::new(b, &mut model.flux, &set)?),
     };
     Ok(Start { trained, step, optimizer })
+}
+
+/// The linears whose own weights train beside a LoRA: an imported model's img_in in SFT, whose
+/// columns for the LQ latent start at zero (widened at load), unless `no_train_img_in`. The
+/// later stages train a LoRA on the frozen SFT model.
+fn own_trained(c: &TrainConfig, config: &SrConfig) -> Result<BTreeSet<String>> {
+    let import = config.base.is_some();
+    ensure!(
+        import || !c.no_train_img_in,
+        "--no-train-img-in: only an imported model's img_in trains, and the base is not one (`engine model import` makes them)"
+    );
+    Ok(match c.stage == Stage::Sft && import && !c.no_train_img_in {
+        true => BTreeSet::from(["img_in".to_string()]),
+        false => BTreeSet::new(),
+    })
 }
 
 /// The checkpoint a resume continues from, refused if its config differs from `c`.
@@ -355,7 +371,7 @@ mod tests {
     use crate::sr::resample::resize;
     use crate::train::checkpoint::{load, LORA_FILE, MODEL_FILES};
     use crate::train::data::Sample;
-    use crate::train::params::{up_name, write_lora, LoraParams};
+    use crate::train::params::{up_name, write_adapter, LoraParams};
     use crate::train::preference::tests::randomise;
     use crate::train::sft::tests::{samples, tiny_sr_model, B};
     use std::f64::consts::LN_2;
@@ -381,9 +397,9 @@ mod tests {
 
     /// A random adapter for the flux-tiny base of `init_seed` 3 (`randomise`d factors).
     fn random_lora(path: &Path, seed: u64, scale: f32) {
-        let mut set = LoraParams::<CpuBackend>::init(&tiny_sr_model(3).flux, 2, seed).unwrap();
+        let mut set = LoraParams::init(&B, &tiny_sr_model(3).flux, 2, seed, &Default::default()).unwrap();
         randomise(&mut set, seed + 1, scale);
-        write_lora(path, &set).unwrap();
+        write_adapter(path, &set, &Default::default()).unwrap();
     }
 
     fn config(stage: Stage, data: &Path) -> TrainConfig {
@@ -594,7 +610,7 @@ mod tests {
         let c = TrainConfig { grad_accum: 3, max_grad_norm: 1e9, ..config(Stage::Sft, &images) };
         let b = CpuBackend::new();
         let mut model = tiny_sr_model(3);
-        let set = LoraParams::init(&model.flux, 2, 1).unwrap();
+        let set = LoraParams::init(&b, &model.flux, 2, 1, &Default::default()).unwrap();
         let count = (set.count() as f64).sqrt();
         let trained: Box<dyn Trained<CpuBackend>> = Box::new(LoraParams::new(&b, &mut model.flux, &set).unwrap());
         let data = Data { dataset: Dataset::open(&images, 32, 4, Baselines::Ignore).unwrap(), crop: 32, scale: 4 };

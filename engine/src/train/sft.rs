@@ -201,7 +201,7 @@ pub(crate) mod tests {
         let u: Vec<f32> = eps_host.to_f32().iter().zip(x0.to_f32()).map(|(e, x)| e - x).collect();
         let mse = v.iter().zip(&u).map(|(&v, &u)| ((v - u) as f64).powi(2)).sum::<f64>() / v.len() as f64;
 
-        let set = LoraParams::init(&model.flux, 4, 1).unwrap();
+        let set = LoraParams::init(&B, &model.flux, 4, 1, &Default::default()).unwrap();
         let mut params = LoraParams::new(&B, &mut model.flux, &set).unwrap();
         let mut optimizer =
             Optimizer::new(&B, params.masters(), &AdamW::new(AdamWConfig { lr: 1e-2, warmup_steps: 0, ..AdamWConfig::default() })).unwrap();
