@@ -9,19 +9,27 @@
 //!   one the sampler blends its velocities with, so any disagreement between tiles is spread
 //!   over the overlap instead of cut at a line.
 //! - GroupNorm is the one non-local op besides the mid-block attention: normalising a tile over
-//!   itself shifts its colour and contrast (diffusers' tiling, "per-tile" here). Shared
-//!   statistics are the whole image's: each tile contributes the (mean, variance) of the cells it
-//!   owns (overlaps split at their middle, so every cell counts once; `Backend::group_norm_stats`
-//!   over that window at the layer's resolution), merged over tiles in f64 (Chan's formula), and
-//!   every tile then normalises with the merged (mean, rstd) (`Backend::group_norm_apply`).
-//! - A layer's statistics depend on the statistics of the layers before it, so one tiled pass
-//!   cannot gather what it must already apply. The first estimate comes from one pass over the
-//!   whole input area-downsampled to a tile (Tiled VAE's fast mode); each refinement is a tiled
-//!   pass that applies the current statistics and gathers new ones. Layer k's input depends only
-//!   on layers before it, so after k refinements the first k layers are exact: `Exact` refines
-//!   once per GroupNorm and, with the mid-block attention off and a context covering the
-//!   receptive field, tiles equal the whole-image pass up to float rounding (the test of the
-//!   machinery). The default is measured in the README (*Tiled autoencoder*).
+//!   itself equalises its colour and contrast with every other tile's (diffusers' tiling,
+//!   `PerTile`). Whole-image statistics are gathered per tile over the cells it owns (overlaps
+//!   split at their middle, so every cell counts once; `Backend::group_norm_stats` over that
+//!   window at the layer's resolution) and merged over tiles in f64 (Chan's formula).
+//! - A layer's statistics depend on the statistics of the layers before it, so one pass cannot
+//!   gather what it must already apply. Fixed statistics (`Fixed`, applied with
+//!   `Backend::group_norm_apply`) gathered in one state and applied in another are off by a
+//!   little at every layer, and through 30 GroupNorms without renormalisation that compounds:
+//!   measured on random weights, a downsampled estimate (Tiled VAE's fast mode) or a first pass
+//!   of self-normalised tiles both land further from the whole image than per-tile statistics,
+//!   and refinement passes oscillate. They become exact only after one refinement per layer
+//!   (layer k's input depends on the layers before it only): `Exact`, the test of the machinery
+//!   (with the mid-block attention off and a context covering the receptive field the tiles
+//!   then equal the whole-image pass up to float rounding).
+//! - The default, `Matched`, keeps per-tile normalisation's self-correction and removes its
+//!   equalisation: a first pass of self-normalised tiles measures, per layer and group, each
+//!   tile's own (mean, std) over its region and the whole image's (merged over owned cells);
+//!   the output pass normalises each tile over itself and then scales by std_tile / std_image
+//!   and shifts by (mean_tile - mean_image) / std_image, so a tile of sky stays as flat and as
+//!   bright relative to a tile of forest as in the whole image. Where the two passes' states
+//!   agree this is exactly the whole image's normalisation. Two passes.
 //! - The mid-block attention runs per tile, over the core and its context: the one
 //!   approximation that no statistics remove (global attention over 262k latent tokens at 4096
 //!   pixels is out of reach).
@@ -45,9 +53,14 @@ use std::ops::Range;
 pub enum Statistics {
     /// Each tile normalises over itself (diffusers' tiling): tiles differ in colour and contrast.
     PerTile,
-    /// The whole image's, estimated as `estimate` says and refined by `refinements` tiled passes.
-    Shared { estimate: Estimate, refinements: usize },
-    /// Refined once per GroupNorm layer: every layer's statistics are the whole image's.
+    /// Each tile normalises over itself, then is brought to its level within the whole image:
+    /// per layer and group, its mean and standard deviation relative to the whole image's, as a
+    /// first pass of self-normalised tiles measured them.
+    Matched,
+    /// Fixed statistics of the whole image, estimated as `estimate` says and refined by
+    /// `refinements` tiled passes that apply them and gather new ones.
+    Fixed { estimate: Estimate, refinements: usize },
+    /// Fixed, refined once per GroupNorm layer: every layer's statistics are the whole image's.
     Exact,
 }
 
@@ -87,7 +100,7 @@ pub const BUDGET_SHARE: f64 = 0.6;
 
 impl Default for TileOptions {
     fn default() -> Self {
-        TileOptions { tile: None, overlap: 32, context: 64, statistics: Statistics::Shared { estimate: Estimate::Tiles, refinements: 0 }, max_memory: None }
+        TileOptions { tile: None, overlap: 32, context: 64, statistics: Statistics::Matched, max_memory: None }
     }
 }
 
@@ -204,26 +217,44 @@ impl Moments {
     }
 }
 
-/// The GroupNorms of one pass over one tile (or the whole downsampled input): normalise with the
-/// shared statistics when there are any, else over the tile itself, and gather every layer's
-/// statistics over the owned cells when asked.
+/// How the GroupNorms of one tile's pass normalise.
+enum Normalise<'a, B: Backend> {
+    /// Over the tile itself.
+    Own,
+    /// With fixed `group_norm_apply` statistics, one tensor per layer.
+    Fixed(&'a [Tensor<B>]),
+    /// Over the tile itself, then scaled and shifted by the tile's place in the whole image: per
+    /// layer, (scale, shift) pairs per (sample, group) (`Statistics::Matched`).
+    Matched(&'a [Vec<f32>]),
+}
+
+/// The GroupNorms of one pass over one tile (or the whole downsampled input): normalise as
+/// `normalise` says, and gather each layer's statistics over the owned cells (merged over tiles)
+/// and over the whole region (the tile's own) when asked.
 struct TileNorms<'a, B: Backend> {
-    shared: Option<&'a [Tensor<B>]>,
+    normalise: Normalise<'a, B>,
     gather: Option<&'a mut Vec<Moments>>,
+    own_stats: Option<&'a mut Vec<Vec<f32>>>,
     /// The region's size in latent cells (a layer's resolution is a multiple of it).
     region: (usize, usize),
     own: Tile,
     layer: usize,
 }
 
+/// `1 / sqrt(variance + eps)`.
+fn rstd(variance: f32) -> f32 {
+    1.0 / (variance + EPS).sqrt()
+}
+
 impl<B: Backend> Norms<B> for TileNorms<'_, B> {
     fn group_norm(&mut self, b: &B, norm: &GroupNorm<B>, x: &Tensor<B>) -> Result<Tensor<B>> {
         let layer = self.layer;
         self.layer += 1;
+        let (height, width) = (x.dim(2), x.dim(3));
         if let Some(gathered) = self.gather.as_deref_mut() {
-            let r = x.dim(2) / self.region.0;
+            let r = height / self.region.0;
             ensure!(
-                x.rank() == 4 && x.dim(2) == r * self.region.0 && x.dim(3) == r * self.region.1,
+                x.rank() == 4 && height == r * self.region.0 && width == r * self.region.1,
                 "tiled autoencoder: GroupNorm {layer} input {:?} is not a multiple of the {}x{} latent region",
                 x.shape(),
                 self.region.0,
@@ -237,11 +268,46 @@ impl<B: Backend> Norms<B> for TileNorms<'_, B> {
             }
             gathered[layer].merge(count, &stats);
         }
-        match self.shared {
-            Some(shared) => b.group_norm_apply(x, &shared[layer], &norm.weight, &norm.bias),
-            None => b.group_norm(x, norm.groups, &norm.weight, &norm.bias, EPS),
+        let region_stats = || -> Result<Vec<f32>> { Ok(b.download(&b.group_norm_stats(x, norm.groups, 0..height, 0..width)?)?.to_f32()) };
+        if let Some(own_stats) = self.own_stats.as_deref_mut() {
+            own_stats.push(region_stats()?);
+        }
+        match self.normalise {
+            Normalise::Own => b.group_norm(x, norm.groups, &norm.weight, &norm.bias, EPS),
+            Normalise::Fixed(stats) => b.group_norm_apply(x, &stats[layer], &norm.weight, &norm.bias),
+            Normalise::Matched(relative) => {
+                // (x - mean) / std * scale + shift as one normalisation: mean - shift * std / scale
+                // and scale / std.
+                let current = region_stats()?;
+                let stats: Vec<f32> = current
+                    .chunks(2)
+                    .zip(relative[layer].chunks(2))
+                    .flat_map(|(c, m)| {
+                        let std = 1.0 / rstd(c[1]);
+                        [c[0] - m[1] * std / m[0], m[0] / std]
+                    })
+                    .collect();
+                let shape = vec![x.dim(0), norm.groups, 2];
+                b.group_norm_apply(x, &b.upload(&HostTensor::from_f32(shape, stats))?, &norm.weight, &norm.bias)
+            }
         }
     }
+}
+
+/// Per layer, the (scale, shift) pairs that take a tile normalised over itself to its place in
+/// the whole image: scale = std_tile / std_image, shift = (mean_tile - mean_image) / std_image,
+/// from the tile's own statistics and the image's, measured in the same pass.
+fn relative(own: &[Vec<f32>], image: &[Moments]) -> Vec<Vec<f32>> {
+    own.iter()
+        .zip(image)
+        .map(|(tile, m)| {
+            let whole = m.normalisation(1).to_f32();
+            tile.chunks(2)
+                .zip(whole.chunks(2))
+                .flat_map(|(t, w)| [w[1] / rstd(t[1]), (t[0] - w[0]) * w[1]])
+                .collect()
+        })
+        .collect()
 }
 
 /// `[B, C, H, W]` rows `rows`, columns `cols`.
@@ -365,13 +431,14 @@ impl<B: Backend> FluxAe<B> {
         input: &HostTensor,
         direction: AeDirection,
         job: &Job,
-        shared: Option<&[Tensor<B>]>,
+        normalise: Normalise<B>,
         gather: Option<&mut Vec<Moments>>,
+        own_stats: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<HostTensor> {
         let s = if direction == AeDirection::Encode { self.params.downscale() } else { 1 };
         let r = &job.region;
         let x = b.input(&crop(input, r.y * s..(r.y + r.h) * s, r.x * s..(r.x + r.w) * s))?;
-        let mut norms = TileNorms { shared, gather, region: (r.h, r.w), own: job.own, layer: 0 };
+        let mut norms = TileNorms { normalise, gather, own_stats, region: (r.h, r.w), own: job.own, layer: 0 };
         b.download(&match direction {
             AeDirection::Encode => self.encode_with(b, &x, &mut norms)?,
             AeDirection::Decode => self.decode_with(b, &x, &mut norms)?,
@@ -389,7 +456,7 @@ impl<B: Backend> FluxAe<B> {
         let small = HostTensor::from_f32(vec![n, c, h * s, w * s], small);
         let mut gathered = Vec::new();
         let all = Job { core: Tile { y: 0, x: 0, h, w }, region: Tile { y: 0, x: 0, h, w }, own: Tile { y: 0, x: 0, h, w } };
-        self.tile_pass(b, &small, direction, &all, None, Some(&mut gathered))?;
+        self.tile_pass(b, &small, direction, &all, Normalise::Own, Some(&mut gathered), None)?;
         Ok(gathered)
     }
 
@@ -405,32 +472,43 @@ impl<B: Backend> FluxAe<B> {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(HostTensor, usize)> {
         let batch = input.shape[0];
-        let mut moments = match statistics {
-            Statistics::Shared { estimate: Estimate::Downsampled, .. } | Statistics::Exact => Some(self.estimate(b, input, direction, layout)?),
-            Statistics::Shared { estimate: Estimate::Tiles, .. } | Statistics::PerTile => None,
-        };
-        // Tiled passes gathering statistics: the first of them with each tile's own when the
-        // estimate comes from the tiles.
-        let refinements = match statistics {
-            Statistics::PerTile => 0,
-            Statistics::Shared { estimate: Estimate::Downsampled, refinements } => refinements,
-            Statistics::Shared { estimate: Estimate::Tiles, refinements } => refinements + 1,
-            Statistics::Exact => moments.as_ref().map_or(0, Vec::len),
-        };
         let tiles = layout.jobs.len();
-        let first = usize::from(moments.is_some());
-        let total = first + (refinements + 1) * tiles;
+        // Fixed statistics start from the downsampled estimate, or from a first gathering pass
+        // of self-normalised tiles (as Matched does); then each pass applies and gathers.
+        let mut fixed = match statistics {
+            Statistics::Fixed { estimate: Estimate::Downsampled, .. } | Statistics::Exact => Some(self.estimate(b, input, direction, layout)?),
+            _ => None,
+        };
+        let gathering = match statistics {
+            Statistics::PerTile => 0,
+            Statistics::Matched => 1,
+            Statistics::Fixed { estimate: Estimate::Downsampled, refinements } => refinements,
+            Statistics::Fixed { estimate: Estimate::Tiles, refinements } => refinements + 1,
+            Statistics::Exact => fixed.as_ref().map_or(0, Vec::len),
+        };
+        let first = usize::from(fixed.is_some());
+        let total = first + (gathering + 1) * tiles;
         progress(first, total);
-        for pass in 0..refinements {
-            let shared = upload_all(b, moments.as_deref(), batch)?;
+        let mut own_stats: Vec<Vec<Vec<f32>>> = Vec::new();
+        for pass in 0..gathering {
+            let uploaded = upload_all(b, fixed.as_deref(), batch)?;
             let mut gathered = Vec::new();
             for (k, job) in layout.jobs.iter().enumerate() {
-                self.tile_pass(b, input, direction, job, shared.as_deref(), Some(&mut gathered))?;
+                let normalise = uploaded.as_deref().map_or(Normalise::Own, Normalise::Fixed);
+                let mut own = Vec::new();
+                let record = (statistics == Statistics::Matched).then_some(&mut own);
+                self.tile_pass(b, input, direction, job, normalise, Some(&mut gathered), record)?;
+                if statistics == Statistics::Matched {
+                    own_stats.push(own);
+                }
                 progress(first + pass * tiles + k + 1, total);
             }
-            moments = Some(gathered);
+            fixed = Some(gathered);
         }
-        let shared = upload_all(b, moments.as_deref(), batch)?;
+        let uploaded = match statistics {
+            Statistics::Fixed { .. } | Statistics::Exact => upload_all(b, fixed.as_deref(), batch)?,
+            _ => None,
+        };
         let (s, channels) = match direction {
             AeDirection::Encode => (1, self.params.z_channels),
             AeDirection::Decode => (self.params.downscale(), self.params.out_ch),
@@ -438,7 +516,16 @@ impl<B: Backend> FluxAe<B> {
         let (oh, ow) = (layout.h * s, layout.w * s);
         let (mut acc, mut weights) = (vec![0f32; batch * channels * oh * ow], vec![0f32; oh * ow]);
         for (k, job) in layout.jobs.iter().enumerate() {
-            let out = self.tile_pass(b, input, direction, job, shared.as_deref(), None)?;
+            let matched = match (statistics, &fixed) {
+                (Statistics::Matched, Some(image)) => Some(relative(&own_stats[k], image)),
+                _ => None,
+            };
+            let normalise = match (&uploaded, &matched) {
+                (Some(fixed), _) => Normalise::Fixed(fixed),
+                (None, Some(matched)) => Normalise::Matched(matched),
+                (None, None) => Normalise::Own,
+            };
+            let out = self.tile_pass(b, input, direction, job, normalise, None, None)?;
             let (core, region) = (job.core, job.region);
             let out = crop(&out, (core.y - region.y) * s..(core.y - region.y + core.h) * s, (core.x - region.x) * s..(core.x - region.x + core.w) * s);
             let scaled = Tile { y: core.y * s, x: core.x * s, h: core.h * s, w: core.w * s };
@@ -458,12 +545,12 @@ impl<B: Backend> FluxAe<B> {
                     weights[(scaled.y + i) * ow + scaled.x + j] += win[i * scaled.w + j];
                 }
             }
-            progress(first + refinements * tiles + k + 1, total);
+            progress(first + gathering * tiles + k + 1, total);
         }
         for plane in acc.chunks_mut(oh * ow) {
             plane.iter_mut().zip(&weights).for_each(|(v, w)| *v /= w);
         }
-        Ok((HostTensor::from_f32(vec![batch, channels, oh, ow], acc), refinements + 1))
+        Ok((HostTensor::from_f32(vec![batch, channels, oh, ow], acc), gathering + 1))
     }
 }
 

@@ -101,16 +101,19 @@ pub struct TileArgs {
     /// Pixels of context computed around each tile and cropped off.
     #[arg(long, value_name = "PX", default_value_t = TileOptions::default().context)]
     context: usize,
-    /// GroupNorm statistics of the tiles: shared (the whole image's, estimated as --estimate
-    /// says and refined --refine times), exact (refined once per GroupNorm: slow), per-tile (each
-    /// tile its own: tiles differ in colour and contrast).
-    #[arg(long, value_enum, default_value = "shared")]
+    /// GroupNorm statistics of the tiles. matched: each tile normalised over itself, then
+    /// brought to its level in the whole image as a first pass measured it (two passes);
+    /// per-tile: each tile its own (one pass; tiles differ in colour and contrast); fixed: the
+    /// whole image's, estimated as --estimate says and refined --refine times; exact: fixed,
+    /// refined once per GroupNorm (slow; the tiles then equal the whole image but for the
+    /// mid-block attention).
+    #[arg(long, value_enum, default_value = "matched")]
     stats: StatsArg,
-    /// Where shared statistics start from: tiles (a pass over the tiles, each normalised over
-    /// itself) or downsampled (one pass over the image shrunk to a tile: cheaper, rougher).
+    /// Where fixed statistics start from: tiles (a pass over the tiles, each normalised over
+    /// itself) or downsampled (one pass over the image shrunk to a tile).
     #[arg(long, value_enum, default_value = "tiles")]
     estimate: EstimateArg,
-    /// Tiled passes refining the shared statistics.
+    /// Tiled passes refining fixed statistics.
     #[arg(long, value_name = "N", default_value_t = 0)]
     refine: usize,
 }
@@ -123,16 +126,18 @@ enum EstimateArg {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum StatsArg {
-    Shared,
-    Exact,
+    Matched,
     PerTile,
+    Fixed,
+    Exact,
 }
 
 impl TileArgs {
     pub fn options(&self) -> Result<TileOptions> {
         let max_memory = max_memory_bytes(self.max_memory)?;
         let statistics = match self.stats {
-            StatsArg::Shared => Statistics::Shared {
+            StatsArg::Matched => Statistics::Matched,
+            StatsArg::Fixed => Statistics::Fixed {
                 estimate: match self.estimate {
                     EstimateArg::Tiles => Estimate::Tiles,
                     EstimateArg::Downsampled => Estimate::Downsampled,
@@ -275,8 +280,9 @@ fn compare<B: Backend + 'static>(b: &B, c: &CompareArgs) -> Result<()> {
     let attention = if c.model.no_mid_attention { "mid-block attention off" } else { "mid-block attention per tile" };
     let stats = match opts.statistics {
         Statistics::PerTile => "per-tile statistics".to_string(),
-        Statistics::Shared { estimate, refinements } => format!("shared statistics from {estimate:?}, {refinements} refinement(s)"),
-        Statistics::Exact => "exact shared statistics".to_string(),
+        Statistics::Matched => "matched statistics".to_string(),
+        Statistics::Fixed { estimate, refinements } => format!("fixed statistics from {estimate:?}, {refinements} refinement(s)"),
+        Statistics::Exact => "exact fixed statistics".to_string(),
     };
     println!("{}  {}x{}, {stats}, context {} px, overlap {} px, {attention}", c.image.display(), x.shape[3], x.shape[2], opts.context, opts.overlap);
     for (what, t, result) in [("encode", &tiled_latent, &through_whole), ("decode", &tiled, &tiled.output)] {
