@@ -153,9 +153,11 @@ fn blending_hides_the_seams_of_tiles_that_disagree() {
     let x = image(192, 160);
     let latent = ae.encode_tiled(&b, &x, &whole(), &mut no_progress()).unwrap().output;
     let reference = ae.decode_tiled(&b, &latent, &whole(), &mut no_progress()).unwrap().output;
-    // Tiles made to disagree: each normalised over itself, no context, the mid-block attention
-    // per tile; blended over the default overlap (half the tile here).
-    let opts = TileOptions { tile: Some(32), context: 0, statistics: Statistics::PerTile, ..TileOptions::default() };
+    // Tiles made to disagree: each normalised over itself, two latent cells of context, the
+    // mid-block attention per tile; blended over the default overlap (half the tile here). With
+    // no context at all both sides of a cut would be pulled alike by the zero padding, and a
+    // jump across the line would no longer show the seam.
+    let opts = TileOptions { tile: Some(32), context: 8, statistics: Statistics::PerTile, ..TileOptions::default() };
     let blended = ae.decode_tiled(&b, &latent, &opts, &mut no_progress()).unwrap();
     let (rows, cols) = &blended.seams;
     assert!(!rows.is_empty() && !cols.is_empty());
@@ -166,7 +168,7 @@ fn blending_hides_the_seams_of_tiles_that_disagree() {
     let cut_figure = seam_ratio(&cut.output, &cut.seams.0, &cut.seams.1, 4);
     eprintln!("seam figure: blended {figure:.3}, cut {cut_figure:.3}, the whole image on the same lines {own:.3}");
     assert!(figure < 1.1, "blended tiles show seams: {figure}");
-    assert!(cut_figure > 1.1, "the figure does not see cut tiles: {cut_figure}");
+    assert!(cut_figure > 1.3, "the figure does not see cut tiles: {cut_figure}");
 }
 
 #[test]

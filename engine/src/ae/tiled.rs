@@ -79,7 +79,8 @@ pub enum Estimate {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TileOptions {
     /// Core side of a tile; `Some(0)`: the whole image at once; None: the largest tile whose
-    /// memory plan fits `max_memory`, at most `DEFAULT_MAX_TILE`.
+    /// memory plan fits `max_memory`, at most `DEFAULT_MAX_TILE` (the whole image when that
+    /// tile's context would cover it).
     pub tile: Option<usize>,
     /// Pixels blended between neighbouring tiles.
     pub overlap: usize,
@@ -90,13 +91,20 @@ pub struct TileOptions {
     pub max_memory: Option<u64>,
 }
 
-/// Past this side (pixels) a tile costs more memory without running faster; the default tile
-/// stays at or below it.
-pub const DEFAULT_MAX_TILE: usize = 512;
+/// The default tile's largest side (pixels): with the default 64 pixels of context a 512-pixel
+/// region, which keeps a CPU decode at FLUX's shapes under 1.5 GB resident (README, *Tiled
+/// autoencoder*) and is large enough to keep a GPU busy.
+pub const DEFAULT_MAX_TILE: usize = 384;
 
 /// The share of the memory budget a tile's planned activations may take: the rest is headroom
 /// for what the plan does not see (allocator slack, the CPU's convolution scratch).
 pub const BUDGET_SHARE: f64 = 0.6;
+
+/// Whether a tile of `tile` pixels with `context` pixels on every side covers an image whose
+/// longer side is `side` pixels: a default tile then runs the image whole, at the same cost.
+pub fn covers(tile: usize, context: usize, side: usize) -> bool {
+    tile + 2 * context >= side
+}
 
 impl Default for TileOptions {
     fn default() -> Self {
@@ -376,7 +384,14 @@ impl<B: Backend> FluxAe<B> {
         };
         let mut tile = match opts.tile {
             Some(px) => px.div_ceil(f),
-            None => self.default_tile(b, input.shape[0], direction, opts)?.div_ceil(f),
+            None => {
+                let px = self.default_tile(b, input.shape[0], direction, opts)?;
+                if covers(px, opts.context, h.max(w) * f) {
+                    0
+                } else {
+                    px.div_ceil(f)
+                }
+            }
         };
         loop {
             let whole = tile == 0 || (tile >= h && tile >= w);

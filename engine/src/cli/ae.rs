@@ -87,8 +87,9 @@ struct CompareArgs {
 /// How FLUX's autoencoder cuts large images (the weightless pixel shuffle always runs whole).
 #[derive(clap::Args)]
 pub struct TileArgs {
-    /// Image pixels per tile side; 0: the whole image at once. Default: the largest of 512, 384,
-    /// 256, ... whose planned activations fit the memory budget.
+    /// Image pixels per tile side; 0: the whole image at once. Default: the largest of 384, 256,
+    /// 192, ... whose planned activations fit the memory budget (the whole image when that
+    /// tile with its context covers it).
     #[arg(long, value_name = "PX")]
     tile: Option<usize>,
     /// Memory budget in GB for the default tile (default: the GPU's free memory, or the memory

@@ -7,7 +7,7 @@ use engine::ae::AutoEncoderParams;
 use engine::model::FluxParams;
 use engine::perf::flops::{training_step_flops, FlopCount};
 use engine::perf::plan::{MemoryPlan, ALIGNMENT, HOPPER_CUBLASLT_WORKSPACE};
-use engine::ae::tiled::BUDGET_SHARE;
+use engine::ae::tiled::{covers, BUDGET_SHARE};
 use engine::ae::TileOptions;
 use engine::perf::{ae_tile_for_budget, ae_tile_plan, trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use loaders::DType;
@@ -99,7 +99,7 @@ fn upscale_rows(ae: &AutoEncoderParams, a: &Args, step: &MemoryPlan, dtype: DTyp
     let mut arenas = vec![step.arena];
     for (label, direction) in [("encode", AeDirection::Encode), ("decode", AeDirection::Decode)] {
         let tile = ae_tile_for_budget(ae, a.batch, direction, dtype, context, left)?;
-        let (arena, note) = if tile >= a.res {
+        let (arena, note) = if covers(tile, context, a.res) {
             (trace_plan(ae, a, direction, dtype)?, "whole image".to_string())
         } else {
             (ae_tile_plan(ae, a.batch, direction, dtype, tile, context)?.arena, format!("tiles of {tile} px, {context} px of context around each"))

@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long, default_value_t = 512)]
     tile: usize,
     /// Image pixels per tile side of the autoencoder's passes (FLUX's; 0: whole images).
-    /// Default: the largest tile up to 512 whose planned memory fits --max-memory. A GPU out
+    /// Default: the largest tile up to 384 whose planned memory fits --max-memory. A GPU out
     /// of memory halves it.
     #[arg(long, value_name = "PX")]
     ae_tile: Option<usize>,
