@@ -11,9 +11,9 @@ use common::{assert_fails_with, engine, s};
 
 use engine::ae::tiled::seam_ratio;
 use engine::ae::{AeDirection, AutoEncoderParams, Autoencoder, Estimate, FluxAe, Statistics, TileOptions};
+use engine::model::weights::WeightLoader;
 use engine::perf::meta::MetaBackend;
 use engine::perf::plan::MemoryPlan;
-use engine::model::weights::WeightLoader;
 use engine::{Backend, CpuBackend};
 use loaders::{DType, HostTensor};
 use std::collections::BTreeMap;
@@ -46,7 +46,8 @@ fn image(h: usize, w: usize) -> HostTensor {
     let data = (0..3 * h * w)
         .map(|i| {
             let (c, y, x) = (i / (h * w), (i / w) % h, i % w);
-            (0.6 * ((x as f32 * 0.07 + c as f32).sin() * (y as f32 * 0.05).cos()) + 0.3 * ((x * 7 + y * 13) % 5) as f32 / 5.0 - 0.1).clamp(-1.0, 1.0)
+            (0.6 * ((x as f32 * 0.07 + c as f32).sin() * (y as f32 * 0.05).cos()) + 0.3 * ((x * 7 + y * 13) % 5) as f32 / 5.0 - 0.1)
+                .clamp(-1.0, 1.0)
         })
         .collect();
     HostTensor::from_f32(vec![1, 3, h, w], data)
@@ -103,7 +104,10 @@ fn tiles_equal_the_whole_image_with_exact_statistics_no_attention_and_the_recept
     // short of the receptive field each leave differences far beyond rounding.
     for (what, opts) in [
         ("per-tile statistics", TileOptions { statistics: Statistics::PerTile, ..exact(AeDirection::Decode) }),
-        ("one refinement", TileOptions { statistics: Statistics::Fixed { estimate: Estimate::Downsampled, refinements: 1 }, ..exact(AeDirection::Decode) }),
+        (
+            "one refinement",
+            TileOptions { statistics: Statistics::Fixed { estimate: Estimate::Downsampled, refinements: 1 }, ..exact(AeDirection::Decode) },
+        ),
         ("half the receptive field", TileOptions { context: ae.receptive_field(AeDirection::Decode) / 2, ..exact(AeDirection::Decode) }),
     ] {
         let err = max_abs_diff(&ae.decode_tiled(&b, &reference_latent, &opts, &mut no_progress()).unwrap().output, &reference);
@@ -137,7 +141,13 @@ fn matched_statistics_keep_the_tiles_level_within_the_image() {
     let x = HostTensor::from_f32(vec![1, 3, 256, 192], x);
     let latent = ae.encode_tiled(&b, &x, &whole(), &mut no_progress()).unwrap().output;
     let reference = ae.decode_tiled(&b, &latent, &whole(), &mut no_progress()).unwrap().output;
-    let opts = |statistics| TileOptions { tile: Some(64), overlap: 8, context: ae.receptive_field(AeDirection::Decode), statistics, max_memory: None };
+    let opts = |statistics| TileOptions {
+        tile: Some(64),
+        overlap: 8,
+        context: ae.receptive_field(AeDirection::Decode),
+        statistics,
+        max_memory: None,
+    };
     let score = |statistics| psnr(&ae.decode_tiled(&b, &latent, &opts(statistics), &mut no_progress()).unwrap().output, &reference);
     let (matched, per_tile) = (score(Statistics::Matched), score(Statistics::PerTile));
     let fixed = score(Statistics::Fixed { estimate: Estimate::Tiles, refinements: 0 });
@@ -205,7 +215,8 @@ fn out_of_memory_halves_the_tile() {
     // 96 pixels whole, then 48 + 2 x 8 context = 64 > 40, then 24 + 16 = 40.
     assert_eq!(tiled.tile, Some(24));
     let cpu = CpuBackend::new();
-    let want = model(&cpu, dir.path(), true).decode_tiled(&cpu, &latent, &TileOptions { tile: Some(24), ..opts }, &mut no_progress()).unwrap();
+    let want =
+        model(&cpu, dir.path(), true).decode_tiled(&cpu, &latent, &TileOptions { tile: Some(24), ..opts }, &mut no_progress()).unwrap();
     assert_eq!(tiled.output.to_f32(), want.output.to_f32());
 }
 
@@ -231,9 +242,25 @@ fn cli_tiles_and_refuses_bad_tiling_flags() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("whole image"), "{}", String::from_utf8_lossy(&out.stderr));
 
     assert_fails_with(&engine(&[&ae[..], &[&p("in.png"), "-o", &p("a.safetensors"), "--max-memory", "0"]].concat()), &["--max-memory 0"]);
-    assert_fails_with(&engine(&[&ae[..], &[&p("in.png"), "-o", &p("a.safetensors"), "--max-memory", "nan"]].concat()), &["--max-memory NaN"]);
+    assert_fails_with(
+        &engine(&[&ae[..], &[&p("in.png"), "-o", &p("a.safetensors"), "--max-memory", "nan"]].concat()),
+        &["--max-memory NaN"],
+    );
 
-    let out = engine(&["ae", "compare", "--model", &model, "--config", &config, &p("in.png"), "--tile", "32", "--overlap", "8", "--no-mid-attention"]);
+    let out = engine(&[
+        "ae",
+        "compare",
+        "--model",
+        &model,
+        "--config",
+        &config,
+        &p("in.png"),
+        "--tile",
+        "32",
+        "--overlap",
+        "8",
+        "--no-mid-attention",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
     for what in ["encode", "decode"] {

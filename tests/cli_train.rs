@@ -46,6 +46,34 @@ fn saved_config(out: &Path) -> serde_json::Value {
     serde_json::from_str(&ckpt.metadata()["config"]).unwrap()
 }
 
+/// A training step moves the batch to the device and a few scalars back, never the trained
+/// tensors or their gradients: the log's per-step byte counts (the CPU counts what a device would
+/// move) stay within the batch's size, here a third of the rank-16 adapter's.
+#[test]
+fn a_training_step_moves_only_the_batch_and_scalars() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_data(&data);
+    let log = dir.path().join("log.jsonl");
+    let out = ok(train(&data, &dir.path().join("out"), &log, &["--preset", "flux-tiny", "--rank", "16", "--device", "cpu"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // "training 52.3K LoRA parameters on ...".
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    let count = words[words.iter().position(|w| *w == "LoRA").expect("the parameter count") - 1];
+    let trained: f64 = match count.strip_suffix('K') {
+        Some(k) => k.parse::<f64>().unwrap() * 1e3,
+        None => count.parse().unwrap(),
+    };
+    // Two 32x32 crops: the HQ, the LQ's bicubic upsample and the noise, each 2 x 3 x 32 x 32 f32.
+    let batch = 3.0 * 2.0 * 3.0 * 32.0 * 32.0 * 4.0;
+    assert!(4.0 * trained > 2.0 * batch, "the adapter ({trained} values) must outweigh the batch for this test to mean anything");
+    for line in &log_lines(&log)[1..] {
+        let (up, down) = (line["bytes_to_device"].as_f64().unwrap(), line["bytes_to_host"].as_f64().unwrap());
+        assert!(up <= batch + 1024.0, "{up} bytes to the device in a step: {line}");
+        assert!(down <= 1024.0, "{down} bytes back in a step: {line}");
+    }
+}
+
 #[test]
 fn sft_trains_logs_and_writes_a_lora_that_upscale_loads() {
     let dir = tempfile::tempdir().unwrap();

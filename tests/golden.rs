@@ -9,8 +9,8 @@ use common::max_rel_err;
 use engine::backend::Backend;
 use engine::model::backward::{Checkpointing, FluxGrads};
 use engine::model::flux::scalars;
-use engine::model::{load_flux, Conditioning, Flux, FluxInputs, FluxParams, LoraMode, PartialFluxParams};
-use engine::train::params::{down_name, up_name, LoraParams, TensorSet, Trainable};
+use engine::model::{load_flux, Adapters, Conditioning, Flux, FluxInputs, FluxParams, LoraMode, PartialFluxParams, Trainable};
+use engine::train::params::{down_name, up_name, LoraParams, TensorSet, Trained};
 use engine::CpuBackend;
 use loaders::lora::{LoraAdapter, LoraPart};
 use loaders::safetensors::Checkpoint;
@@ -102,25 +102,26 @@ fn lora_changes_the_output() {
 /// A transposed, misplaced or wrongly scaled gradient is off by O(1).
 const GRAD_TOLERANCE: f64 = 1e-4;
 
-/// The engine's output and LoRA gradients for the golden inputs and `g_out` of `grads.{kind}`.
-fn engine_lora_grads(b: &CpuBackend, flux: &Flux<CpuBackend>, kind: &str) -> (FluxGrads<CpuBackend>, Checkpoint) {
+/// The engine's output and LoRA gradients for the golden inputs and `g_out` of `grads.{kind}`,
+/// training the adapters of `tr`.
+fn engine_lora_grads(
+    b: &CpuBackend,
+    flux: &Flux<CpuBackend>,
+    tr: Trainable<CpuBackend>,
+    kind: &str,
+) -> (FluxGrads<CpuBackend>, Checkpoint) {
     let dir = golden("lora-grads");
     let inputs = FluxInputs::read(&Checkpoint::open(&dir.join("inputs.safetensors")).unwrap()).unwrap();
     inputs.validate(&flux.params).unwrap();
     let reference = Checkpoint::open(&dir.join(format!("grads.{kind}.safetensors"))).unwrap();
-    let c = Conditioning {
-        txt: b.input(&inputs.txt).unwrap(),
-        pe: flux.positions(b, &inputs.txt_ids, &inputs.img_ids).unwrap(),
-        y: b.input(&inputs.y).unwrap(),
-        guidance: inputs.guidance.as_ref().map(|g| scalars(b, g).unwrap()),
-    };
+    let c = Conditioning::new(b, flux, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids).unwrap();
     let img = b.input(&inputs.img).unwrap();
-    let (out, acts) = flux.forward_train(b, &img, &scalars(b, &inputs.timesteps).unwrap(), &c, Checkpointing::Off).unwrap();
+    let (out, acts) = flux.forward_train(b, &img, &scalars(b, &inputs.timesteps).unwrap(), &c, tr, Checkpointing::Off).unwrap();
     let want = reference.read("out").unwrap();
     let err = max_rel_err(&b.download(&out).unwrap().to_f32(), &want.to_f32());
     assert!(err < TOLERANCE, "{kind}: forward_train output differs from diffusers by {err:.3e}");
     let g_out = b.input(&reference.read("g_out").unwrap()).unwrap();
-    (flux.backward(b, &img, &c, acts, &g_out).unwrap(), reference)
+    (flux.backward(b, &img, &c, tr, acts, &g_out).unwrap(), reference)
 }
 
 /// Compares each (name, engine, torch) and reports the worst error per group (the module kind
@@ -161,21 +162,22 @@ fn lora_gradients_match_pytorch_autograd() {
     let b = CpuBackend::new();
     let lora = golden("lora-grads").join("lora.peft.safetensors");
     let model = golden("guidance-b2").join("transformer.diffusers.safetensors");
-    let (mut flux, warnings) = load_flux(&b, &model, &PartialFluxParams::default(), &[&lora], LoraMode::Unmerged).unwrap();
+    let (flux, warnings) = load_flux(&b, &model, &PartialFluxParams::default(), &[], LoraMode::Unmerged).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    let (grads, reference) = engine_lora_grads(&b, &flux, "peft");
-
     let adapter = LoraAdapter::open(&lora, flux.params.hidden_size).unwrap();
     assert!(adapter.parts.iter().any(|p| p.scale != 1.0), "the file must exercise alpha / rank");
-    // `backward` gives one gradient per delta in the order of `Linear::lora`; a delta is the part
-    // with its target and row offset.
+    let adapters = Adapters::from_file(&b, &flux, &adapter).unwrap();
+    let (grads, reference) = engine_lora_grads(&b, &flux, Trainable::Lora(&adapters), "peft");
+
+    // `backward` gives one gradient per delta in the order the adapters put them on a linear; a
+    // delta is the part with its target and row offset.
     let mut compared = Vec::new();
     let mut used = BTreeSet::new();
-    for (target, lin) in flux.token_path_linears_mut() {
-        let g = grads.lora.get(&target).unwrap_or_else(|| panic!("no gradient for '{target}'"));
-        assert_eq!(g.len(), lin.lora.len(), "{target}");
-        for (delta, g) in lin.lora.iter().zip(g) {
-            let part = adapter.parts.iter().find(|p| p.target == target && p.out_offset == delta.offset).unwrap();
+    for (target, deltas) in adapters.iter() {
+        let g = grads.lora.get(target).unwrap_or_else(|| panic!("no gradient for '{target}'"));
+        assert_eq!(g.len(), deltas.len(), "{target}");
+        for (delta, g) in deltas.iter().zip(g) {
+            let part = adapter.parts.iter().find(|p| &p.target == target && p.out_offset == delta.offset).unwrap();
             for (suffix, tensor) in [("lora_A.weight", &g.down), ("lora_B.weight", &g.up)] {
                 let key = format!("{}.{suffix}", part.source);
                 let want = reference.read(&key).unwrap_or_else(|e| panic!("{key}: {e}"));
@@ -207,7 +209,7 @@ fn trained_lora_gradients_match_pytorch_autograd() {
         assert_eq!(part.scale, 1.0, "{}", part.source);
         members.entry(part.target.clone()).or_default().push(part);
     }
-    let mut params = LoraParams { tensors: TensorSet::default() };
+    let mut set = TensorSet::default();
     for parts in members.values_mut() {
         parts.sort_by_key(|p| p.out_offset);
         let down = &parts[0].down;
@@ -220,12 +222,18 @@ fn trained_lora_gradients_match_pytorch_autograd() {
             up.extend(p.up.to_f32());
         }
         let target = &parts[0].target;
-        params.tensors.insert(down_name(target), down.shape.clone(), down.to_f32());
-        params.tensors.insert(up_name(target), vec![rows, down.shape[0]], up);
+        set.insert(down_name(target), down.shape.clone(), down.to_f32());
+        set.insert(up_name(target), vec![rows, down.shape[0]], up);
     }
-    params.install(&b, &mut flux).unwrap();
-    let (grads, reference) = engine_lora_grads(&b, &flux, "trainer");
-    let got = params.gradients(&b, &grads).unwrap();
+    let params = LoraParams::new(&b, &mut flux, &set).unwrap();
+    let (grads, reference) = engine_lora_grads(&b, &flux, params.trainable(), "trainer");
+    let got: BTreeMap<String, Vec<f32>> = params
+        .masters()
+        .names
+        .iter()
+        .cloned()
+        .zip(params.gradients(grads).unwrap().iter().map(|g| b.download(g).unwrap().to_f32()))
+        .collect();
 
     let read = |key: String| reference.read(&key).unwrap_or_else(|e| panic!("{key}: {e}")).to_f32();
     let mut compared = Vec::new();

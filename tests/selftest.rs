@@ -8,7 +8,7 @@ mod common;
 use common::hooked::Hooked;
 use common::{assert_fails_with, engine, s};
 use engine::backend::cpu::CpuBackend;
-use engine::selftest::{attention_backward_kernel_checks, attention_kernel_checks, model_check, op_checks};
+use engine::selftest::{attention_backward_kernel_checks, attention_kernel_checks, model_check, op_checks, training_checks};
 
 /// The CPU with two planted bugs: `silu` 10% too large, and `gelu_tanh` leaving its first
 /// element unwritten (NaN) while outputs are poisoned.
@@ -27,9 +27,12 @@ fn every_op_is_checked_and_exactly_the_faulty_ones_fail() {
         "layer_norm_modulate",
         "qk_norm_rope",
         "attention",
+        "attention_bias",
+        "rms_norm",
         "gelu_tanh",
         "silu",
         "add",
+        "mul",
         "gated_residual",
         "concat",
         "narrow",
@@ -43,6 +46,7 @@ fn every_op_is_checked_and_exactly_the_faulty_ones_fail() {
         "pixel_unshuffle",
         "pixel_shuffle",
         "affine",
+        "zeros",
     ] {
         assert!(ops.contains(op), "no check covers {op}");
     }
@@ -226,4 +230,39 @@ fn cli_bench_times_steps_and_reports_flops() {
     bad_rank.extend(["--train", "--rank", "0"]);
     assert_fails_with(&engine(&bad_rank), &["--rank"]);
     assert_fails_with(&engine(&args[..5].iter().chain(&args[6..]).copied().collect::<Vec<_>>()), &["--random-weights"]);
+}
+
+/// What a device inherits from `TrainingOps` (the SFT loss, the adversary's losses, the loser
+/// synthesis and the flow arithmetic composed from the device's own kernels) against the host
+/// references the CPU runs: the backend under test keeps the trait's defaults.
+#[test]
+fn the_training_ops_a_device_composes_match_the_host_references() {
+    let checks = training_checks(&Hooked::default(), 3).unwrap();
+    let table = engine::selftest::render_table(&checks);
+    assert!(checks.iter().all(|c| c.passed()), "{table}");
+    // The composed versions ran (in f32 where the references use f64), not the references.
+    let composed = ["limit_sobolev_norm_backward", "amg_mimic_loss grad", "steepest_sobolev_deviation"];
+    assert!(checks.iter().any(|c| composed.contains(&c.op.as_str()) && c.max_rel_err > 0.0), "{table}");
+}
+
+/// One planted bug per training kernel family, each of the kind a GPU kernel makes: the Sobolev
+/// filters run with height and width swapped, the S-DPO loser gradient leaves its last element
+/// unwritten, every AdamW step is too short. Each fails its own checks and those of the ops
+/// composed from it, and nothing else.
+#[test]
+fn each_planted_training_bug_fails_its_checks_and_only_those() {
+    let hooked = Hooked { sobolev_swaps_axes: true, sdpo_skips_last: true, adamw_short_step: true, ..Hooked::default() };
+    let checks = training_checks(&hooked, 3).unwrap();
+    let table = engine::selftest::render_table(&checks);
+    for c in &checks {
+        // The swap is invisible on a square plane (128 x 128), on a single row (1 x 9: the same
+        // weights in the same order) and at exponent 0 (every weight one).
+        let swap_visible =
+            !c.shape.contains("128x128") && !c.shape.contains("2x1x9") && !c.shape.contains("s = 0,") && !c.shape.ends_with("s = 0");
+        let filtered = (c.op.starts_with("sobolev ") && !c.op.starts_with("sobolev energy"))
+            || c.op == "limit_sobolev_norm_backward"
+            || c.op == "steepest_sobolev_deviation";
+        let planted = (filtered && swap_visible) || c.op == "sdpo loser grad" || c.op == "adamw params";
+        assert_eq!(c.passed(), !planted, "{}: {}\n{table}", c.op, c.shape);
+    }
 }

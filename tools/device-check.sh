@@ -5,7 +5,7 @@
 # when the binary has them, then the PyTorch + diffusers baseline on the same shapes
 # (tools/peer-bench, when bundle/ has its wheels; PEER_COMPILE=1 adds its torch.compile variant);
 # logs go to $OUT (default ./device-out); a short table comes last. Every step has its own time
-# limit so the whole run ends within 14 minutes (19 with PEER_COMPILE=1); most finish far sooner.
+# limit so the whole run ends within 16 minutes (21 with PEER_COMPILE=1); most finish far sooner.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -102,6 +102,10 @@ if "$BIN/engine" --help | grep -q '^  bench'; then
     step bench-512 45 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 10
     step bench-b4 60 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --batch 4 --steps 4
     step bench-train 90 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 3 --train
+fi
+# engine train itself on the GPU: its losses against the CPU's, and resume determinism.
+if "$BIN/engine" train --help | grep -q 'bytes_to_device'; then
+    step train-parity 120 bash tools/train-parity.sh "$BIN/engine" "$BIN/train"
 fi
 # The peer: the same step in PyTorch + diffusers (diffusers installed offline from bundle/) and
 # PyTorch's SDPA, printed beside the engine's JSON as ratios. A failure here stops nothing.

@@ -12,10 +12,10 @@
 use crate::backend::backward::BackwardOps;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::model::backward::{Checkpointing, Trainable};
+use crate::model::backward::Checkpointing;
 use crate::model::flux::scalars;
 use crate::model::weights::WeightLoader;
-use crate::model::{Conditioning, Flux, FluxInputs, FluxParams, LoraMode};
+use crate::model::{Adapters, Conditioning, Flux, FluxInputs, FluxParams, Trainable};
 use crate::tensor::Tensor;
 use anyhow::Result;
 use half::bf16;
@@ -222,6 +222,31 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
+    // The text encoders' attention: a relative-position bias (T5, scale 1) and a causal -inf mask
+    // (CLIP, scale 1/sqrt(d)), on their head dim and token counts.
+    for &(dims, causal) in
+        &[((2usize, 3usize, 77usize, 77usize, 64usize), true), ((1, 4, 130, 130, 64), false), ((1, 2, 20, 33, 40), false)]
+    {
+        let c = AttentionCase::new(dims, &mut next);
+        let (_, heads, lq, lk, _) = dims;
+        let values = crate::sampler::gaussian_noise(heads * lq * lk, next());
+        let bias: Vec<f32> =
+            values.iter().enumerate().map(|(n, &x)| if causal && n % lk > n / lk % lq { f32::NEG_INFINITY } else { 3.0 * x }).collect();
+        let bias = HostTensor::from_f32(vec![heads, lq, lk], bias);
+        let shape = format!("{}{}", c.shape, if causal { ", causal" } else { ", bias" });
+        compare!(checks, dut, cpu, "attention_bias", shape, tol, |b| {
+            let scale = if causal { 1.0 / (dims.4 as f32).sqrt() } else { 1.0 };
+            b.attention_bias(&b.input(&c.q)?, &b.input(&c.k)?, &b.input(&c.v)?, &b.upload(&bias)?, scale).map(|y| vec![y])
+        });
+    }
+
+    for &(l, d) in &[(77usize, 4096usize), (33, 100)] {
+        let (x, w) = (gaussian(&[2, l, d], next()), weight(&[d], next(), 1.0));
+        compare!(checks, dut, cpu, "rms_norm", format!("[2,{l},{d}]"), tol, |b| {
+            b.rms_norm(&b.input(&x)?, &b.upload(&w)?, 1e-6).map(|y| vec![y])
+        });
+    }
+
     for shape in [vec![2usize, 77, 200], vec![2, 64, 256]] {
         let desc = format!("{shape:?}");
         let (x, y) = (gaussian(&shape, next()), gaussian(&shape, next()));
@@ -229,7 +254,9 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         compare!(checks, dut, cpu, "gelu_tanh", desc.clone(), tol, |b| b.gelu_tanh(&b.input(&x)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "silu", desc.clone(), tol, |b| b.silu(&b.input(&x)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "add", desc.clone(), tol, |b| b.add(&b.input(&x)?, &b.input(&y)?).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "mul", desc.clone(), tol, |b| b.mul(&b.input(&x)?, &b.input(&y)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "affine", desc.clone(), tol, |b| b.affine(&b.input(&x)?, 0.3611, -0.1159).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "zeros", desc.clone(), tol, |b| b.zeros(x.shape.as_slice()).map(|y| vec![y]));
         compare!(checks, dut, cpu, "gated_residual", desc.clone(), tol, |b| {
             b.gated_residual(&b.input(&x)?, &b.input(&gate)?, &b.input(&y)?).map(|y| vec![y])
         });
@@ -281,7 +308,9 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
 
     // The tiled autoencoder's split GroupNorm: statistics of a window (a strict one and whole
     // planes, odd sizes) and the normalisation with given (mean, rstd).
-    for &(c, h, w, groups, (r0, r1), (c0, c1)) in &[(32usize, 9usize, 11usize, 8usize, (2usize, 7usize), (3usize, 11usize)), (12, 8, 16, 3, (0, 8), (0, 16))] {
+    for &(c, h, w, groups, (r0, r1), (c0, c1)) in
+        &[(32usize, 9usize, 11usize, 8usize, (2usize, 7usize), (3usize, 11usize)), (12, 8, 16, 3, (0, 8), (0, 16))]
+    {
         let x = gaussian(&[2, c, h, w], next());
         let desc = format!("[2,{c},{h},{w}], {groups} groups, rows {r0}..{r1}, columns {c0}..{c1}");
         compare!(checks, dut, cpu, "group_norm_stats", desc, F32_TOLERANCE, |b| {
@@ -305,6 +334,33 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
             .pixel_unshuffle(&b.input(&y)?, 4)
             .map(|y| vec![y]));
         compare!(checks, dut, cpu, "pixel_shuffle", "[2,32,9,11], f 2".into(), tol, |b| b.pixel_shuffle(&b.input(&x)?, 2).map(|y| vec![y]));
+    }
+
+    {
+        // The perceptual metrics' layers, on sides that no window or stride divides evenly.
+        let (c, h, w) = (24usize, 19usize, 23usize);
+        let x = gaussian(&[2, c, h, w], next());
+        let desc = format!("[2,{c},{h},{w}]");
+        compare!(checks, dut, cpu, "relu", desc.clone(), tol, |b| b.relu(&b.input(&x)?).map(|y| vec![y]));
+        for (k, s) in [(3usize, 2usize), (3, 1), (2, 1)] {
+            compare!(checks, dut, cpu, "max_pool2d", format!("{desc}, {k}x{k} stride {s}"), tol, |b| {
+                b.max_pool2d(&b.input(&x)?, k, s).map(|y| vec![y])
+            });
+        }
+        // Non-negative per-channel filters, as blur and L2 pooling use (a negative one could take
+        // L2 pooling's square root below zero).
+        let filter = {
+            let v = weight(&[c, 1, 3, 3], next(), 0.3).to_f32();
+            HostTensor::new(vec![c, 1, 3, 3], HostData::BF16(v.iter().map(|x| bf16::from_f32(x.abs())).collect()))
+        };
+        for (s, pad) in [(2usize, [2usize; 4]), (1, [1, 2, 0, 1])] {
+            compare!(checks, dut, cpu, "blur_pool2d", format!("{desc}, 3x3 stride {s}, reflect {pad:?}"), tol, |b| {
+                b.blur_pool2d(&b.input(&x)?, &b.upload(&filter)?, s, pad).map(|y| vec![y])
+            });
+        }
+        compare!(checks, dut, cpu, "l2_pool2d", format!("{desc}, 3x3 stride 2, zeros [1, 1, 1, 1]"), tol, |b| {
+            b.l2_pool2d(&b.input(&x)?, &b.upload(&filter)?, 2, [1; 4]).map(|y| vec![y])
+        });
     }
     Ok(checks)
 }
@@ -569,11 +625,10 @@ pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize,
     let shape = format!("{} img + 16 txt tokens", grid.0 * grid.1);
 
     let mut checks = Vec::new();
-    for trainable in [Trainable::Lora, Trainable::Full] {
-        let adapters = if trainable == Trainable::Lora { vec![adapter.clone()] } else { vec![] };
-        let reference = training_grads(cpu, &params, &inputs, &g_out, adapters.clone(), trainable, seed)?;
+    for lora in [Some(&adapter), None] {
+        let reference = training_grads(cpu, &params, &inputs, &g_out, lora, seed)?;
         dut.poison_outputs(true);
-        let candidate = training_grads(dut, &params, &inputs, &g_out, adapters, trainable, seed);
+        let candidate = training_grads(dut, &params, &inputs, &g_out, lora, seed);
         dut.poison_outputs(false);
         let candidate = candidate?;
         // The input gradient apart from the parameters' (whose names never are "img").
@@ -582,7 +637,7 @@ pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize,
             (img, g)
         };
         let ((cand_img, cand_params), (ref_img, ref_params)) = (split(candidate), split(reference));
-        let what = if trainable == Trainable::Lora { "lora" } else { "full" };
+        let what = if lora.is_some() { "lora" } else { "full" };
         checks.push(worst_of(format!("backward {preset} {what}: input"), &cand_img, &ref_img));
         checks.push(worst_of(format!("backward {preset} {what}: parameters"), &cand_params, &ref_params));
     }
@@ -597,46 +652,41 @@ pub fn backward_model_check<D: BackwardOps>(dut: &D, preset: &str, grid: (usize,
 fn every_token_linear_adapter(params: &FluxParams, seed: u64) -> Result<LoraAdapter> {
     let cpu = &CpuBackend::new();
     let mut w = WeightLoader::random(cpu, seed).with_dtype(Some(DType::BF16));
-    let mut model = Flux::build(params, &mut w)?;
+    let model = Flux::build(params, &mut w)?;
     let rank = 3;
-    let parts = model
-        .token_path_linears_mut()
+    let parts = crate::model::params::token_path(&model)
         .into_iter()
         .enumerate()
-        .map(|(i, (target, lin))| {
+        .map(|(i, lin)| {
             let (out_f, in_f) = (lin.weight.dim(0), lin.weight.dim(1));
             let down = weight(&[rank, in_f], seed ^ (2 * i as u64 + 1) << 20, 1.0 / (in_f as f32).sqrt());
             let up = weight(&[out_f, rank], seed ^ (2 * i as u64 + 2) << 20, 0.5 / (rank as f32).sqrt());
-            LoraPart { target: target.clone(), out_offset: 0, down, up, up_bias: None, scale: 1.0, source: target }
+            LoraPart { target: lin.name.clone(), out_offset: 0, down, up, up_bias: None, scale: 1.0, source: lin.name.clone() }
         })
         .collect();
     Ok(LoraAdapter { path: "selftest.safetensors".into(), layout: LoraLayout::Bfl, parts, replacements: vec![], skipped: vec![] })
 }
 
 /// The gradients of one training step on backend `b`, downloaded: "img" for the input, the
-/// adapter factors as "<target>[i].down" / ".up", the base parameters by checkpoint key.
+/// adapter factors as "<target>[i].down" / ".up" when `adapter` is trained, else (full training)
+/// the base parameters by checkpoint key.
 fn training_grads<B: BackwardOps>(
     b: &B,
     params: &FluxParams,
     inputs: &FluxInputs,
     g_out: &HostTensor,
-    adapters: Vec<LoraAdapter>,
-    trainable: Trainable,
+    adapter: Option<&LoraAdapter>,
     seed: u64,
 ) -> Result<BTreeMap<String, HostTensor>> {
-    let mut w = WeightLoader::random(b, seed).with_dtype(Some(DType::BF16)).with_lora(adapters, LoraMode::Unmerged);
-    let mut model = Flux::build(params, &mut w)?;
-    w.finish()?; // every adapter part found its linear
-    model.trainable = trainable;
-    let c = Conditioning {
-        txt: b.input(&inputs.txt)?,
-        pe: model.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
-        y: b.input(&inputs.y)?,
-        guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
-    };
+    let mut w = WeightLoader::random(b, seed).with_dtype(Some(DType::BF16));
+    let model = Flux::build(params, &mut w)?;
+    w.finish()?;
+    let adapters = adapter.map(|a| Adapters::from_file(b, &model, a)).transpose()?;
+    let tr = adapters.as_ref().map_or(Trainable::Full, Trainable::Lora);
+    let c = Conditioning::new(b, &model, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids)?;
     let img = b.input(&inputs.img)?;
-    let (_, acts) = model.forward_train(b, &img, &scalars(b, &inputs.timesteps)?, &c, Checkpointing::Off)?;
-    let grads = model.backward(b, &img, &c, acts, &b.input(g_out)?)?;
+    let (_, acts) = model.forward_train(b, &img, &scalars(b, &inputs.timesteps)?, &c, tr, Checkpointing::Off)?;
+    let grads = model.backward(b, &img, &c, tr, acts, &b.input(g_out)?)?;
     let mut out = BTreeMap::from([("img".to_string(), b.download(&grads.img)?)]);
     for (target, deltas) in &grads.lora {
         for (i, g) in deltas.iter().enumerate() {

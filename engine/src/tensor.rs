@@ -20,6 +20,11 @@ impl<B: Backend> Tensor<B> {
         &self.storage
     }
 
+    /// The storage to write in place (the optimiser's update of master weights and moments).
+    pub fn storage_mut(&mut self) -> &mut B::Storage {
+        &mut self.storage
+    }
+
     pub fn into_storage(self) -> B::Storage {
         self.storage
     }

@@ -10,7 +10,7 @@ What runs, and why it is the same work as the engine's:
   768, guidance 3.5, one timestep per step from 1 down to 1 / steps. Attention is diffusers'
   default, torch's scaled_dot_product_attention.
 - One warm-up step, then each step timed on its own and synchronised, as `engine bench` does, with
-  CUDA events on a GPU. FLOPs are counted by design section 11's rules (restated below), so
+  CUDA events on a GPU. FLOPs are counted by design.md section 11's rules (restated below), so
   TFLOP/s and MFU are comparable number for number; `--compare` checks the count against the
   engine's. Peak memory is torch's allocator high-water mark (the engine reports its own
   allocator's), plus the driver's used memory.
@@ -43,7 +43,7 @@ MLP_RATIO = 4
 # `engine kernels --size full|small`: (tokens, heads, head dim) of its attention row.
 ATTENTION_SIZES = {"full": (4608, 24, 128), "small": (256, 4, 128)}
 
-# Peak dense bf16 tensor-core rate by card name, the table of engine/src/cli/bench.rs (design section 11).
+# Peak dense bf16 tensor-core rate by card name, the table of engine/src/cli/bench.rs (design.md section 11).
 PEAK_BF16 = [("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A800", 312e12)]
 
 GUIDANCE = 3.5
@@ -55,7 +55,7 @@ class Failure(Exception):
 
 
 def flux_step_flops(p, batch, img_tokens, txt_tokens):
-    """Model FLOPs of one transformer evaluation by design section 11, per class: 2 M N K per
+    """Model FLOPs of one transformer evaluation by design.md section 11, per class: 2 M N K per
     token-row linear, 4 Lq Lk d per attention head; the per-sample embedding and modulation
     linears, norms and elementwise work count nothing. The same closed form as
     engine/src/perf/flops.rs, whose meta-backend trace `engine bench` prints."""
@@ -365,7 +365,7 @@ def report(doc):
         print(f"steps       {doc['steps']}: {doc['seconds_per_step'] * doc['steps']:.3f} s in all, "
               f"{doc['seconds_per_step'] * 1e3:.1f} ms per step (median {doc['seconds_per_step_median'] * 1e3:.1f} ms), "
               f"{doc['seconds_per_image']:.3f} s per image")
-        print(f"flops       {scaled(doc['flops_per_step'], 'FLOP')} per step (design section 11), "
+        print(f"flops       {scaled(doc['flops_per_step'], 'FLOP')} per step (design.md section 11), "
               f"{scaled(doc['flops_per_second'], 'FLOP/s')} achieved")
         if doc["mfu"] is not None:
             print(f"mfu         {100 * doc['mfu']:.1f}% of {doc['peak_flops_per_second'] / 1e12:.0f} TFLOP/s dense bf16")
@@ -465,7 +465,7 @@ def compare(doc, bench, kernels):
         check_same_work(bench, doc["shape"], doc["res"], doc["batch"], doc["text_tokens"])
         if e.get("flops_per_step") != doc["flops_per_step"]:
             notes.append(f"FLOP counts differ: engine {e.get('flops_per_step')}, peer {doc['flops_per_step']} "
-                         "(design section 11 restated wrongly in peer_bench.py?)")
+                         "(design.md section 11 restated wrongly in peer_bench.py?)")
         rows += [("step (mean)", e["seconds_per_step"], doc["seconds_per_step"], ms, False),
                  ("step (median)", e.get("seconds_per_step_median"), doc["seconds_per_step_median"], ms, False)]
         if e["steps"] == doc["steps"]:

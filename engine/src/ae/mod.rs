@@ -73,7 +73,12 @@ pub fn check_latent_shape(shape: &[usize], channels: usize) -> Result<()> {
 /// an FLUX AE checkpoint (BFL or diffusers layout) with an optional JSON config of
 /// `AutoEncoderParams` (fields it omits take FLUX's values), its mid-block attention on or off
 /// (`FluxAe::mid_attention`).
-pub fn load_autoencoder<B: Backend + 'static>(b: &B, model: &str, config: Option<&Path>, mid_attention: bool) -> Result<Box<dyn Autoencoder<B>>> {
+pub fn load_autoencoder<B: Backend + 'static>(
+    b: &B,
+    model: &str,
+    config: Option<&Path>,
+    mid_attention: bool,
+) -> Result<Box<dyn Autoencoder<B>>> {
     if let Some(f) = model.strip_prefix("pixel-shuffle:") {
         let f: usize =
             f.parse().ok().filter(|&f| f > 0).with_context(|| format!("--model {model}: the factor must be a positive integer"))?;

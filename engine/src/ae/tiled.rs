@@ -310,10 +310,7 @@ fn relative(own: &[Vec<f32>], image: &[Moments]) -> Vec<Vec<f32>> {
         .zip(image)
         .map(|(tile, m)| {
             let whole = m.normalisation(1).to_f32();
-            tile.chunks(2)
-                .zip(whole.chunks(2))
-                .flat_map(|(t, w)| [w[1] / rstd(t[1]), (t[0] - w[0]) * w[1]])
-                .collect()
+            tile.chunks(2).zip(whole.chunks(2)).flat_map(|(t, w)| [w[1] / rstd(t[1]), (t[0] - w[0]) * w[1]]).collect()
         })
         .collect()
 }
@@ -436,7 +433,14 @@ impl<B: Backend> FluxAe<B> {
                 None => return Ok(DEFAULT_MAX_TILE),
             },
         };
-        crate::perf::ae_tile_for_budget(&self.params, batch, direction, b.activation_dtype(), opts.context, (budget as f64 * BUDGET_SHARE) as u64)
+        crate::perf::ae_tile_for_budget(
+            &self.params,
+            batch,
+            direction,
+            b.activation_dtype(),
+            opts.context,
+            (budget as f64 * BUDGET_SHARE) as u64,
+        )
     }
 
     /// One pass over a tile's region with the given statistics, gathering into `gather`.
@@ -491,7 +495,9 @@ impl<B: Backend> FluxAe<B> {
         // Fixed statistics start from the downsampled estimate, or from a first gathering pass
         // of self-normalised tiles (as Matched does); then each pass applies and gathers.
         let mut fixed = match statistics {
-            Statistics::Fixed { estimate: Estimate::Downsampled, .. } | Statistics::Exact => Some(self.estimate(b, input, direction, layout)?),
+            Statistics::Fixed { estimate: Estimate::Downsampled, .. } | Statistics::Exact => {
+                Some(self.estimate(b, input, direction, layout)?)
+            }
             _ => None,
         };
         let gathering = match statistics {
@@ -542,7 +548,11 @@ impl<B: Backend> FluxAe<B> {
             };
             let out = self.tile_pass(b, input, direction, job, normalise, None, None)?;
             let (core, region) = (job.core, job.region);
-            let out = crop(&out, (core.y - region.y) * s..(core.y - region.y + core.h) * s, (core.x - region.x) * s..(core.x - region.x + core.w) * s);
+            let out = crop(
+                &out,
+                (core.y - region.y) * s..(core.y - region.y + core.h) * s,
+                (core.x - region.x) * s..(core.x - region.x + core.w) * s,
+            );
             let scaled = Tile { y: core.y * s, x: core.x * s, h: core.h * s, w: core.w * s };
             let win = window(scaled, oh, ow, layout.overlap * s);
             let v = out.to_f32();

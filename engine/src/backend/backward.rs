@@ -122,12 +122,6 @@ pub trait BackwardOps: Backend {
         tail: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>>;
 
-    /// `attention(q, k, v)` that also returns the log-sum-exp of each row of scaled scores,
-    /// `lse[b, h, i] = ln sum_j exp(q_i . k_j / sqrt(head_dim))`, `[B, H, Lq]` f32: what a flash
-    /// attention backward needs to rebuild the probabilities block by block. The output must equal
-    /// `attention`'s, so that a training forward computes what inference does.
-    fn attention_with_lse(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
-
     /// The attention forward kernels this backend chooses between, by name, where it has more
     /// than one (a Hopper GPU: "portable" and "sm90a"); empty where there is no choice, or where
     /// the user switched the alternatives off. The self-test checks each and `engine kernels`

@@ -8,13 +8,17 @@
 //! `[out, in]` as in PyTorch. Activations are computed in f32 (the CPU stores them in f32); weights
 //! keep the dtype they were uploaded with.
 
+pub mod adamw;
 pub mod backward;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod error;
+pub mod losses;
 pub mod profile;
 pub mod shapes;
+pub mod sobolev;
+pub mod training;
 
 use crate::tensor::Tensor;
 use anyhow::Result;
@@ -33,6 +37,17 @@ pub trait Backend: Sized + Send + Sync {
     /// widens per op; the GPU's GEMMs want bf16).
     fn weight_dtype(&self) -> Option<DType> {
         None
+    }
+
+    /// How activations are stored (what `input` makes and every op returns): f32 on the CPU,
+    /// bf16 on a GPU.
+    fn activation_dtype(&self) -> DType;
+
+    /// Bytes moved between the host and the backend's memory since it was made, (to it, from
+    /// it): uploads, model inputs and downloads, and the per-item scalars of the training ops.
+    /// On the CPU, whose memory is the host's, the same accounting says what a device would move.
+    fn bytes_moved(&self) -> (u64, u64) {
+        (0, 0)
     }
 
     /// Self-test hook: while on, fill every fresh output with NaN before its kernel writes it, so
@@ -69,11 +84,6 @@ pub trait Backend: Sized + Send + Sync {
         Ok(profile::OpTimes::new())
     }
 
-    /// The dtype activations are stored in (f32 on the CPU, bf16 on the GPU), for memory plans.
-    fn activation_dtype(&self) -> DType {
-        DType::F32
-    }
-
     /// Bytes that activations could still take: on a GPU its free memory plus what its pool holds
     /// unused, on the CPU the memory the kernel reports available; None where unknown. Default
     /// autoencoder tiles are sized from it.
@@ -94,8 +104,16 @@ pub trait Backend: Sized + Send + Sync {
         self.upload(&HostTensor::from_f32(shape.to_vec(), vec![0.0; shape.iter().product()]).cast(dtype))
     }
 
+    /// Zeros of `shape` in the activation dtype, made where the backend keeps its data (nothing
+    /// crosses from the host).
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>>;
+
     /// Copies a tensor back to the host as f32.
     fn download(&self, t: &Tensor<Self>) -> Result<HostTensor>;
+
+    /// `x` stored as `dtype`: rounded to nearest when narrowing, a copy when it already is. The
+    /// training math runs in f32 fields and casts the model's activations to and from them.
+    fn cast(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>>;
 
     /// `x @ w^T + bias` over the last dimension: x `[.., in]`, w `[out, in]`, bias `[out]`.
     fn linear(&self, x: &Tensor<Self>, w: &Tensor<Self>, bias: Option<&Tensor<Self>>) -> Result<Tensor<Self>>;
@@ -144,6 +162,23 @@ pub trait Backend: Sized + Send + Sync {
     /// longer than q) -> `[B, Lq, H * D]` (heads merged, BFL's `B H L D -> B L (H D)`).
     fn attention(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<Tensor<Self>>;
 
+    /// `attention(q, k, v)` that also returns the log-sum-exp of each row of scaled scores,
+    /// `lse[b, h, i] = ln sum_j exp(q_i . k_j / sqrt(head_dim))`, `[B, H, Lq]` f32: what a flash
+    /// attention backward needs to rebuild the probabilities block by block. The output must equal
+    /// `attention`'s, so that a training forward computes what inference does.
+    fn attention_with_lse(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
+
+    /// Attention with a score scale and an additive bias, `softmax(scale q k^T + bias) v`, shapes
+    /// as `attention`'s: bias `[H, Lq, Lk]` in f32, shared by the batch; `-inf` masks a key out
+    /// (every row must keep one finite entry). The text encoders' attention: T5's relative-position
+    /// bias (scale 1), CLIP's causal mask (scale `1/sqrt(head_dim)`).
+    fn attention_bias(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>, bias: &Tensor<Self>, scale: f32)
+        -> Result<Tensor<Self>>;
+
+    /// `x * rsqrt(mean(x^2) + eps) * weight` over the last dimension, statistics in f32 or wider:
+    /// x `[.., D]`, weight `[D]` (T5's LayerNorm, which has no mean and no bias).
+    fn rms_norm(&self, x: &Tensor<Self>, weight: &Tensor<Self>, eps: f32) -> Result<Tensor<Self>>;
+
     /// GELU, tanh approximation.
     fn gelu_tanh(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
 
@@ -151,6 +186,9 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Elementwise sum of two tensors of the same shape.
     fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Elementwise product of two tensors of the same shape (T5's gated GELU).
+    fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
 
     /// `x + gate * y` with x, y `[B, L, D]` and gate `[B, D]`.
     fn gated_residual(&self, x: &Tensor<Self>, gate: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>>;
@@ -210,6 +248,26 @@ pub trait Backend: Sized + Send + Sync {
 
     /// `x * scale + offset` elementwise (the latent's scale and shift).
     fn affine(&self, x: &Tensor<Self>, scale: f32, offset: f32) -> Result<Tensor<Self>>;
+
+    // ---- The feature networks of the perceptual metrics (AlexNet, VGG16 and their
+    // anti-aliased variants, `metrics::perceptual`): NCHW like the image ops. ----
+
+    /// `max(x, 0)` elementwise.
+    fn relu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Max pooling over `kernel x kernel` windows `stride` apart, unpadded, rounding the output
+    /// size down (PyTorch's `MaxPool2d`): `[B, C, H, W] -> [B, C, (H - k) / s + 1, (W - k) / s + 1]`.
+    fn max_pool2d(&self, x: &Tensor<Self>, kernel: usize, stride: usize) -> Result<Tensor<Self>>;
+
+    /// Blur pooling, the anti-aliased downsampling of ST-LPIPS (`Downsample`): channel c filtered
+    /// by its own `filter[c, 0]` (`filter` `[C, 1, k, k]`, a depthwise convolution) with `stride`,
+    /// on the input padded by reflection (PyTorch's `ReflectionPad2d`; `pad` = (top, bottom, left,
+    /// right), each smaller than the side it pads).
+    fn blur_pool2d(&self, x: &Tensor<Self>, filter: &Tensor<Self>, stride: usize, pad: [usize; 4]) -> Result<Tensor<Self>>;
+
+    /// L2 pooling (DISTS): `sqrt(depthwise(x^2) + 1e-12)` with the depthwise filter as in
+    /// `blur_pool2d`, but zero padding.
+    fn l2_pool2d(&self, x: &Tensor<Self>, filter: &Tensor<Self>, stride: usize, pad: [usize; 4]) -> Result<Tensor<Self>>;
 }
 
 /// Device memory readings (see `Backend::memory_peak`).

@@ -10,6 +10,7 @@
 
 use anyhow::Result;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// What an op is, for FLOP accounting.
@@ -24,7 +25,7 @@ pub enum OpClass {
     /// A 2-D convolution (the autoencoder): `2 out_elems C_in kh kw`.
     Conv,
     /// A linear on per-sample vectors `[batch, features]` (embedders, adaLN modulation): not
-    /// counted (design section 11).
+    /// counted (design.md section 11).
     PerSample,
     /// Norms, activations, residuals, embeddings, scaling: not counted.
     Elementwise,
@@ -33,6 +34,9 @@ pub enum OpClass {
     Layout,
     /// Host to device and back: uploads, model inputs, weight placeholders, downloads.
     Transfer,
+    /// The training math beside the model (`TrainingOps`: losses, the Sobolev operator, AdamW):
+    /// not counted.
+    Training,
 }
 
 impl OpClass {
@@ -64,6 +68,7 @@ impl OpClass {
             OpClass::Elementwise => "norm/elementwise",
             OpClass::Layout => "layout",
             OpClass::Transfer => "transfer",
+            OpClass::Training => "training math",
         }
     }
 }
@@ -173,6 +178,32 @@ impl Clock for WallClock {
 
     fn seconds(&self, start: &std::time::Instant, end: &std::time::Instant) -> Result<f64> {
         Ok(end.duration_since(*start).as_secs_f64())
+    }
+}
+
+/// Bytes moved between the host and a backend's memory (`Backend::bytes_moved`).
+#[derive(Debug, Default)]
+pub struct TransferMeter {
+    to_device: AtomicU64,
+    to_host: AtomicU64,
+}
+
+impl TransferMeter {
+    pub const fn new() -> Self {
+        TransferMeter { to_device: AtomicU64::new(0), to_host: AtomicU64::new(0) }
+    }
+
+    pub fn up(&self, bytes: usize) {
+        self.to_device.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn down(&self, bytes: usize) {
+        self.to_host.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// (to the device, to the host) so far.
+    pub fn read(&self) -> (u64, u64) {
+        (self.to_device.load(Ordering::Relaxed), self.to_host.load(Ordering::Relaxed))
     }
 }
 

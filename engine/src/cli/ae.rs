@@ -285,7 +285,14 @@ fn compare<B: Backend + 'static>(b: &B, c: &CompareArgs) -> Result<()> {
         Statistics::Fixed { estimate, refinements } => format!("fixed statistics from {estimate:?}, {refinements} refinement(s)"),
         Statistics::Exact => "exact fixed statistics".to_string(),
     };
-    println!("{}  {}x{}, {stats}, context {} px, overlap {} px, {attention}", c.image.display(), x.shape[3], x.shape[2], opts.context, opts.overlap);
+    println!(
+        "{}  {}x{}, {stats}, context {} px, overlap {} px, {attention}",
+        c.image.display(),
+        x.shape[3],
+        x.shape[2],
+        opts.context,
+        opts.overlap
+    );
     for (what, t, result) in [("encode", &tiled_latent, &through_whole), ("decode", &tiled, &tiled.output)] {
         let (psnr, worst) = levels_psnr(result, &reference);
         let tiles = t.tile.map_or("whole image".into(), |px| format!("{} tiles of {px} px", t.tiles));

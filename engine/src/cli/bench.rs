@@ -1,26 +1,27 @@
 //! `engine bench`: the transformer's sampling steps (or LoRA training steps) timed at a given
-//! shape, with model FLOPs (the meta backend's count, design section 11), TFLOP/s, MFU, peak
+//! shape, with model FLOPs (the meta backend's count, design.md section 11), TFLOP/s, MFU, peak
 //! memory and the time per op class.
 
 use super::human_bytes;
 use anyhow::{ensure, Result};
 use clap::ValueEnum;
 use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe};
-use engine::backend::backward::BackwardOps;
+use engine::backend::adamw::{AdamW, AdamWConfig};
 use engine::backend::device::Device;
+use engine::backend::profile::OpClass;
 use engine::backend::profile::OpTimes;
+use engine::backend::training::TrainingOps;
 use engine::backend::Backend;
 use engine::model::backward::Checkpointing;
 use engine::model::flux::{scalars, Conditioning};
 use engine::model::weights::WeightLoader;
+use engine::model::Trainable;
 use engine::model::{Flux, FluxInputs, FluxParams};
 use engine::perf::flops::{training_step_flops, FlopCount};
-use engine::backend::profile::OpClass;
 use engine::perf::plan::{MemoryPlan, HOPPER_CUBLASLT_WORKSPACE};
 use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
-use engine::train::adamw::{AdamW, AdamWConfig};
-use engine::train::kernels::TrainingKernels;
-use engine::train::params::{LoraParams, Trainable};
+use engine::train::optimizer::Optimizer;
+use engine::train::params::{LoraParams, Trained};
 use engine::Tensor;
 use loaders::{DType, HostTensor};
 use std::collections::BTreeMap;
@@ -32,7 +33,8 @@ use std::time::Instant;
 /// the card's peak dense bf16 rate and against a cuBLAS GEMM measured in the same run, peak memory,
 /// and the FLOPs and time per op class (from one more step with every op timed). The autoencoder
 /// is not included. With --train, LoRA training steps as `engine train` runs them: forward keeping
-/// activations, backward, the adapters' gradients to the host, AdamW, the adapters back.
+/// activations, backward, AdamW on the device-resident masters and moments, the adapters
+/// refreshed; the bytes that cross between host and device per step are reported.
 #[derive(clap::Args)]
 pub struct Args {
     /// Model shape: flux-dev, flux-small or flux-tiny.
@@ -78,7 +80,7 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
-/// Peak dense bf16 tensor-core rate by card name (design section 11), for MFU.
+/// Peak dense bf16 tensor-core rate by card name (design.md section 11), for MFU.
 fn peak_bf16_flops(device: &str) -> Option<f64> {
     [("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("A800", 312e12)].into_iter().find(|(n, _)| device.contains(n)).map(|(_, f)| f)
 }
@@ -93,39 +95,49 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// What one timed step runs: a sampling step, or a LoRA training step.
-enum Work<B: BackwardOps> {
+enum Work<B: TrainingOps> {
     Sample,
-    Train { trainable: LoraParams, optimizer: AdamW, g_out: Tensor<B>, checkpointing: Checkpointing },
+    Train(Box<Training<B>>),
+}
+
+/// A LoRA training step's state.
+struct Training<B: TrainingOps> {
+    trained: LoraParams<B>,
+    optimizer: Optimizer<B>,
+    g_out: Tensor<B>,
+    checkpointing: Checkpointing,
 }
 
 /// The model and its inputs at the benchmark's shape.
-struct Setup<B: BackwardOps> {
+struct Setup<B: TrainingOps> {
     model: Flux<B>,
     img: Tensor<B>,
     c: Conditioning<B>,
     batch: usize,
 }
 
-impl<B: BackwardOps + TrainingKernels> Setup<B> {
-    /// One step at time `t`; for training, returns the seconds spent in the optimiser (the
-    /// adapters' gradients to the host, AdamW, the adapters back), measured after a sync.
+impl<B: TrainingOps> Setup<B> {
+    /// One step at time `t`; for training, returns the seconds spent in the optimiser (AdamW
+    /// and the adapters' refresh), measured after a sync.
     fn step(&mut self, b: &B, work: &mut Work<B>, t: f32) -> Result<f64> {
         let timesteps = scalars(b, &HostTensor::from_f32(vec![self.batch], vec![t; self.batch]))?;
         match work {
             Work::Sample => {
-                drop(self.model.forward(b, &self.img, &timesteps, &self.c)?);
+                drop(self.model.forward(b, &self.img, &timesteps, &self.c, Trainable::Nothing)?);
                 Ok(0.0)
             }
-            Work::Train { trainable, optimizer, g_out, checkpointing } => {
-                let (out, acts) = self.model.forward_train(b, &self.img, &timesteps, &self.c, *checkpointing)?;
+            Work::Train(training) => {
+                let Training { trained, optimizer, g_out, checkpointing } = training.as_mut();
+                let tr = trained.trainable();
+                let (out, acts) = self.model.forward_train(b, &self.img, &timesteps, &self.c, tr, *checkpointing)?;
                 drop(out);
-                let grads = self.model.backward(b, &self.img, &self.c, acts, g_out)?;
+                let grads = self.model.backward(b, &self.img, &self.c, tr, acts, g_out)?;
                 b.synchronize()?;
                 let t = Instant::now();
-                let g = trainable.gradients(b, &grads)?;
-                drop(grads);
-                b.adamw_step(optimizer, &mut Trainable::<B>::tensors_mut(trainable).values, &g)?;
-                trainable.install(b, &mut self.model)?;
+                let g = trained.gradients(grads)?;
+                optimizer.step(b, trained.masters_mut(), &g)?;
+                drop(g);
+                trained.refresh(b, &mut self.model)?;
                 b.synchronize()?;
                 Ok(t.elapsed().as_secs_f64())
             }
@@ -133,7 +145,7 @@ impl<B: BackwardOps + TrainingKernels> Setup<B> {
     }
 }
 
-fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
+fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
     let params = FluxParams::preset(&a.shape)?;
     let side = a.res / 16;
     let shape = StepShape { batch: a.batch, img_tokens: side * side, txt_tokens: a.txt_tokens };
@@ -166,20 +178,15 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     let mut work = match a.train {
         false => Work::Sample,
         true => {
-            let trainable = LoraParams::new(&mut model, a.rank, 0)?;
-            Trainable::<B>::install(&trainable, b, &mut model)?;
+            let set = LoraParams::init(&model, a.rank, 0)?;
+            let trained = LoraParams::new(b, &mut model, &set)?;
             let n = a.batch * side * side * params.in_channels;
             let g_out = b.input(&HostTensor::from_f32(vec![a.batch, side * side, params.in_channels], vec![1.0 / n as f32; n]))?;
-            let optimizer = AdamW::new(AdamWConfig::default());
-            Work::Train { trainable, optimizer, g_out, checkpointing: a.checkpointing }
+            let optimizer = Optimizer::new(b, trained.masters(), &AdamW::new(AdamWConfig::default()))?;
+            Work::Train(Box::new(Training { trained, optimizer, g_out, checkpointing: a.checkpointing }))
         }
     };
-    let c = Conditioning {
-        txt: b.input(&inputs.txt)?,
-        pe: model.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
-        y: b.input(&inputs.y)?,
-        guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
-    };
+    let c = Conditioning::new(b, &model, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids)?;
     let mut setup = Setup { img: b.input(&inputs.img)?, model, c, batch: a.batch };
     b.synchronize()?;
     let build_s = t0.elapsed().as_secs_f64();
@@ -189,12 +196,16 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
     b.reset_memory_peak()?;
     let mut times = Vec::with_capacity(a.steps);
     let mut optimizer_s = 0.0;
+    let moved_before = b.bytes_moved();
     for i in 0..a.steps {
         let t = Instant::now();
         optimizer_s += setup.step(b, &mut work, 1.0 - i as f32 / a.steps as f32)?;
         b.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
+    let moved = b.bytes_moved();
+    let per_step = |now: u64, before: u64| (now - before) as f64 / a.steps as f64;
+    let moved = (per_step(moved.0, moved_before.0), per_step(moved.1, moved_before.1));
     let memory = b.memory_peak()?;
     // One more step with every op timed, for the breakdown; its events are kept out of the
     // timed steps above.
@@ -259,8 +270,9 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
         total / a.batch as f64
     );
     if a.train {
-        println!("optimizer   {:.1} ms per step of that (gradients to the host, AdamW, adapters back)", optimizer_s / a.steps as f64 * 1e3);
+        println!("optimizer   {:.1} ms per step of that (AdamW on the device, the adapters refreshed)", optimizer_s / a.steps as f64 * 1e3);
     }
+    println!("transfers   {} to the device and {} back per step", human_bytes(moved.0 as u64), human_bytes(moved.1 as u64));
     if let Some(ae) = &ae {
         let rate = |flops: u64, s: f64| flops as f64 / s / 1e12;
         println!(
@@ -326,6 +338,7 @@ fn bench<B: BackwardOps + TrainingKernels>(b: &B, a: &Args) -> Result<()> {
             "checkpointing": a.train.then(|| a.checkpointing.to_possible_value().map(|v| v.get_name().to_string())),
             "seconds_per_step": mean, "seconds_per_step_median": median, "seconds_per_image": total / a.batch as f64,
             "optimizer_seconds_per_step": a.train.then(|| optimizer_s / a.steps as f64),
+            "bytes_to_device_per_step": moved.0, "bytes_to_host_per_step": moved.1,
             "flops_per_step": flops.total, "flops_per_second": achieved,
             "mfu": peak.map(|p| achieved / p), "gemm_flops_per_second": gemm_rate, "fraction_of_gemm": achieved / gemm_rate,
             "memory_peak_bytes": memory.map(|m| m.allocator_high_water), "memory_driver_used_bytes": memory.map(|m| m.driver_used),

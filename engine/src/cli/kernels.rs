@@ -1,10 +1,10 @@
 //! `engine kernels`: microbenchmarks of the hand-written kernels against the roofline of the
 //! machine measured in the same run (a large copy for bandwidth, a large GEMM for compute).
 
-use super::kernels_training::TrainingBench;
+use super::kernels_training::training_rows;
 use anyhow::{ensure, Result};
-use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
+use engine::backend::training::TrainingOps;
 use engine::{Backend, Tensor};
 use half::bf16;
 use loaders::{HostData, HostTensor};
@@ -90,7 +90,7 @@ fn activation<B: Backend>(b: &B, shape: &[usize], seed: u64) -> Result<Tensor<B>
     b.input(&HostTensor::from_f32(shape.to_vec(), engine::sampler::gaussian_noise(shape.iter().product(), seed)))
 }
 
-fn bench<B: TrainingBench + BackwardOps>(b: &B, a: &Args) -> Result<()> {
+fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
     // FLUX.1-dev at 1024x1024: 4096 image + 512 text tokens, hidden 3072, 24 heads of 128.
     let (l, d, heads, hd, gemm_side) = match a.size {
         Size::Full => (4608, 3072, 24, 128, 8192),
@@ -197,7 +197,7 @@ fn bench<B: TrainingBench + BackwardOps>(b: &B, a: &Args) -> Result<()> {
     let lora_flops = 2.0 * 2.0 * (l * d * rank) as f64;
     rows.push(Row { kernel: "lora_add (r16)".into(), shape: format!("[1,{l},{d}]"), seconds: s, work: lora_flops, bound: Bound::Compute });
 
-    for (kernel, shape, seconds, bytes) in b.training_rows(a.size == Size::Full, &|f| time(b, n, f))? {
+    for (kernel, shape, seconds, bytes) in training_rows(b, a.size == Size::Full, &|f| time(b, n, f))? {
         rows.push(Row { kernel: kernel.into(), shape, seconds, work: bytes, bound: Bound::Memory });
     }
 

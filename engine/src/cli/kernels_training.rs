@@ -1,19 +1,16 @@
 //! `engine kernels`' rows for the training kernels that are not model ops: the AdamW step, the
 //! Sobolev energy and gradient, and S-DPO. All three are memory-bound; the bytes counted are the
 //! minimal traffic of the fused step (each input read once, each output written once), so the
-//! rate is comparable with the copy ceiling. On the GPU the device kernels are timed on device
-//! buffers; on the CPU the host references they answer to.
+//! rate is comparable with the copy ceiling. They run through `TrainingOps` on the backend's own
+//! buffers: the device kernels on a GPU, the host references they answer to on the CPU.
 
 use anyhow::Result;
-use engine::backend::cuda::optim::AdamWTensor;
-use engine::backend::cuda::sobolev::CudaSobolev;
-use engine::backend::cuda::CudaBackend;
-use engine::train::adamw::{AdamW, AdamWConfig};
-use engine::train::kernels::TrainingKernels;
-use engine::train::loss::{PairResiduals, DEFAULT_BETA};
-use engine::train::sobolev::{Grid, Sobolev, DEFAULT_EXPONENT};
-use engine::{Backend, CpuBackend};
-use std::collections::BTreeMap;
+use engine::backend::adamw::AdamWConfig;
+use engine::backend::losses::{PairResiduals, DEFAULT_BETA};
+use engine::backend::sobolev::{Grid, Sobolev, DEFAULT_EXPONENT};
+use engine::backend::training::{AdamWTensor, TrainingOps};
+use engine::{Backend, Tensor};
+use loaders::HostTensor;
 
 /// One timed kernel: name, shape, median seconds, bytes moved.
 pub type TrainingRow = (&'static str, String, f64, f64);
@@ -64,63 +61,36 @@ impl Sizes {
 /// Times a closure: the median seconds of `engine kernels`' repetitions.
 pub type Timer<'a> = &'a dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>;
 
-pub trait TrainingBench: Backend {
-    fn training_rows(&self, full: bool, time: Timer) -> Result<Vec<TrainingRow>>;
+fn field<B: Backend>(b: &B, shape: Vec<usize>, seed: u64) -> Result<Tensor<B>> {
+    let n = shape.iter().product();
+    b.upload(&HostTensor::from_f32(shape, engine::sampler::gaussian_noise(n, seed)))
 }
 
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    engine::sampler::gaussian_noise(n, seed)
-}
-
-impl TrainingBench for CpuBackend {
-    fn training_rows(&self, full: bool, time: Timer) -> Result<Vec<TrainingRow>> {
-        let z = Sizes::new(full);
-        let mut params: BTreeMap<String, Vec<f32>> = (0..z.tensors).map(|t| (format!("{t:04}"), noise(z.per_tensor, t as u64))).collect();
-        let grads = params.clone();
-        let mut opt = AdamW::new(AdamWConfig::default());
-        let adamw = time(&mut || self.adamw_step(&mut opt, &mut params, &grads).map(drop))?;
-        let op = Sobolev::new(z.grid, DEFAULT_EXPONENT)?;
-        let n = z.pairs * z.grid.elements();
-        let r: Vec<Vec<f32>> = (0..4).map(|k| noise(n, 100 + k)).collect();
-        let energy = time(&mut || self.sobolev_energy_grad(&op, &r[0]).map(drop))?;
-        let residuals = PairResiduals { policy_winner: &r[0], reference_winner: &r[1], policy_loser: &r[2], reference_loser: &r[3] };
-        let sdpo = time(&mut || self.sdpo_step(&op, &residuals, DEFAULT_BETA).map(drop))?;
-        Ok(rows(&z, adamw, energy, sdpo))
+/// The rows, timed through `TrainingOps` on the backend's own buffers.
+pub fn training_rows<B: TrainingOps>(b: &B, full: bool, time: Timer) -> Result<Vec<TrainingRow>> {
+    let z = Sizes::new(full);
+    let mut state = Vec::with_capacity(z.tensors);
+    for t in 0..z.tensors as u64 {
+        let zeros = HostTensor::from_f32(vec![z.per_tensor], vec![0.0; z.per_tensor]);
+        state.push([field(b, vec![z.per_tensor], t)?, b.upload(&zeros)?, b.upload(&zeros)?, field(b, vec![z.per_tensor], t)?]);
     }
-}
-
-impl TrainingBench for CudaBackend {
-    fn training_rows(&self, full: bool, time: Timer) -> Result<Vec<TrainingRow>> {
-        let z = Sizes::new(full);
-        let mut buffers = Vec::with_capacity(z.tensors);
-        for t in 0..z.tensors {
-            let values = noise(z.per_tensor, t as u64);
-            let zeros = vec![0f32; z.per_tensor];
-            buffers.push([self.upload_f32(&values)?, self.upload_f32(&zeros)?, self.upload_f32(&zeros)?, self.upload_f32(&values)?]);
-        }
-        let config = AdamWConfig::default();
-        let mut step = 0;
-        let adamw = time(&mut || {
-            step += 1;
-            let mut tensors: Vec<AdamWTensor> =
-                buffers.iter_mut().map(|[param, m, v, grad]| AdamWTensor { name: "bench", param, m, v, grad: &*grad }).collect();
-            self.adamw_step(&mut tensors, &config, step, config.lr).map(drop)
-        })?;
-        let op = CudaSobolev::new(self, &Sobolev::new(z.grid, DEFAULT_EXPONENT)?)?;
-        let n = z.pairs * z.grid.elements();
-        let r = [0, 1, 2, 3].map(|k| self.upload_f32(&noise(n, 100 + k)));
-        let [a, b, c, d] = r;
-        let r = [a?, b?, c?, d?];
-        let energy = time(&mut || op.energy_grad(self, &r[0]).map(drop))?;
-        let sdpo = time(&mut || op.sdpo(self, [&r[0], &r[1], &r[2], &r[3]], DEFAULT_BETA).map(drop))?;
-        Ok(rows(&z, adamw, energy, sdpo))
-    }
-}
-
-fn rows(z: &Sizes, adamw: f64, energy: f64, sdpo: f64) -> Vec<TrainingRow> {
-    vec![
+    let config = AdamWConfig::default();
+    let mut step = 0;
+    let adamw = time(&mut || {
+        step += 1;
+        let mut tensors: Vec<AdamWTensor<B>> =
+            state.iter_mut().map(|[param, m, v, grad]| AdamWTensor { name: "bench", param, m, v, grad: &*grad }).collect();
+        b.adamw_step(&config, step, config.lr, &mut tensors).map(drop)
+    })?;
+    let op = Sobolev::new(z.grid, DEFAULT_EXPONENT)?;
+    let shape = vec![z.pairs, z.grid.channels, z.grid.height, z.grid.width];
+    let r = (0..4).map(|k| field(b, shape.clone(), 100 + k)).collect::<Result<Vec<_>>>()?;
+    let energy = time(&mut || b.sobolev_energy_grad(&op, &r[0]).map(drop))?;
+    let residuals = PairResiduals { policy_winner: &r[0], reference_winner: &r[1], policy_loser: &r[2], reference_loser: &r[3] };
+    let sdpo = time(&mut || b.sdpo_step(&op, &residuals, DEFAULT_BETA).map(drop))?;
+    Ok(vec![
         ("adamw step", z.adamw_shape(), adamw, z.adamw_bytes()),
         ("sobolev energy_grad", z.field_shape(), energy, z.energy_bytes()),
         ("sdpo", format!("{} pairs", z.field_shape()), sdpo, z.sdpo_bytes()),
-    ]
+    ])
 }

@@ -3,16 +3,16 @@
 
 use super::{human_bytes, human_count};
 use anyhow::{bail, ensure, Context, Result};
+use engine::ae::tiled::{covers, BUDGET_SHARE};
 use engine::ae::AutoEncoderParams;
+use engine::ae::TileOptions;
 use engine::model::FluxParams;
 use engine::perf::flops::{training_step_flops, FlopCount};
 use engine::perf::plan::{MemoryPlan, ALIGNMENT, HOPPER_CUBLASLT_WORKSPACE};
-use engine::ae::tiled::{covers, BUDGET_SHARE};
-use engine::ae::TileOptions;
 use engine::perf::{ae_tile_for_budget, ae_tile_plan, trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use loaders::DType;
 
-/// Plan one transformer step for a GPU, on the CPU: model FLOPs per op class (design section 11)
+/// Plan one transformer step for a GPU, on the CPU: model FLOPs per op class (design.md section 11)
 /// and device memory (weights, the packed activation arena, the GEMM workspace), from the model's
 /// own code run on shapes only. Also FLUX's autoencoder at the output size, and with --train a
 /// training step.
@@ -34,7 +34,7 @@ pub struct Args {
     /// Storage dtype of weights and activations: bf16, f16 or f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
-    /// Unmerged LoRA of this rank on every target linear (design section 7).
+    /// Unmerged LoRA of this rank on every target linear (design.md section 7).
     #[arg(long)]
     lora_rank: Option<usize>,
     /// Also account a training step: forward + backward.
@@ -95,14 +95,21 @@ fn upscale_rows(ae: &AutoEncoderParams, a: &Args, step: &MemoryPlan, dtype: DTyp
     let context = TileOptions::default().context;
     println!();
     println!("whole upscale, {res}x{res}: LQ encode, the steps, decode (autoencoder tiles for {:.1} GB)", a.max_memory, res = a.res);
-    bytes_row("weights", step.weights + ae_weights, &format!("transformer {} + autoencoder {}", human_bytes(step.weights), human_bytes(ae_weights)));
+    bytes_row(
+        "weights",
+        step.weights + ae_weights,
+        &format!("transformer {} + autoencoder {}", human_bytes(step.weights), human_bytes(ae_weights)),
+    );
     let mut arenas = vec![step.arena];
     for (label, direction) in [("encode", AeDirection::Encode), ("decode", AeDirection::Decode)] {
         let tile = ae_tile_for_budget(ae, a.batch, direction, dtype, context, left)?;
         let (arena, note) = if covers(tile, context, a.res) {
             (trace_plan(ae, a, direction, dtype)?, "whole image".to_string())
         } else {
-            (ae_tile_plan(ae, a.batch, direction, dtype, tile, context)?.arena, format!("tiles of {tile} px, {context} px of context around each"))
+            (
+                ae_tile_plan(ae, a.batch, direction, dtype, tile, context)?.arena,
+                format!("tiles of {tile} px, {context} px of context around each"),
+            )
         };
         bytes_row(&format!("{label} arena"), arena, &note);
         arenas.push(arena);

@@ -1,10 +1,9 @@
 //! `engine selftest`: the backend against the CPU reference, op by op and whole forwards.
 
 use anyhow::{ensure, Result};
-use engine::backend::backward::BackwardOps;
 use engine::backend::device::Device;
+use engine::backend::training::TrainingOps;
 use engine::selftest::{render_table, run_all, training_checks};
-use engine::train::kernels::TrainingKernels;
 use std::time::Instant;
 
 /// Check a backend against the CPU reference: every op on fresh random inputs (outputs poisoned
@@ -27,7 +26,7 @@ pub fn run(a: Args) -> Result<()> {
     engine::on_backend!(a.device, b => selftest(b, a.seed))
 }
 
-fn selftest<B: BackwardOps + TrainingKernels>(b: &B, seed: u64) -> Result<()> {
+fn selftest<B: TrainingOps>(b: &B, seed: u64) -> Result<()> {
     println!("device  {}", b.name());
     let t0 = Instant::now();
     let mut checks = run_all(b, seed)?;

@@ -1,5 +1,5 @@
-//! `engine train`: LoRA fine-tuning of a super-resolution model on the CPU (design.md sections 5
-//! to 7), in four stages that share one run loop (`engine::train::run`).
+//! `engine train`: LoRA fine-tuning of a super-resolution model (design.md sections 5 to 7), in
+//! four stages that share one run loop (`engine::train::run`), on the CPU or a GPU.
 //!
 //! Settings come from three layers: the stage's defaults, then `--config FILE` (TOML; every key is
 //! a flag's long name, `-` or `_`), then the flags given on the command line. The result is a
@@ -158,13 +158,14 @@ pub struct Args {
     #[arg(long)]
     #[serde(default)]
     resume: bool,
-    /// JSONL log, one line per step: step, loss, grad_norm, lr, samples_per_s and the stage's
-    /// values (implicit_acc, reward_margin, ...); appended to on resume.
+    /// JSONL log, one line per step: step, loss, grad_norm, lr, samples_per_s, the bytes that
+    /// crossed between host and device (bytes_to_device, bytes_to_host) and the stage's values
+    /// (implicit_acc, reward_margin, ...); appended to on resume.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
-    /// Where to run the model's forward and backward and the optimiser: auto (a CUDA GPU when
-    /// usable, else the CPU), cpu or cuda [default: auto]. Data, losses and master weights stay on
-    /// the host.
+    /// Where to run the training step: auto (a CUDA GPU when usable, else the CPU), cpu or cuda
+    /// [default: auto]. The model, its losses, the trained tensors' master copies and the
+    /// optimiser's moments stay there; the batch goes up and logged scalars come back.
     #[arg(long)]
     device: Option<String>,
 }

@@ -1,10 +1,11 @@
 //! The FLUX transformer (BFL `flux/model.py`): embeddings, double-stream blocks over separate
 //! image and text streams, single-stream blocks over the joint sequence, and the final layer.
 
-use super::backward::Trainable;
+use super::backward::Checkpointing;
 use super::config::{FluxParams, TIME_EMBED_DIM};
 use super::layers::*;
 use super::positions::{image_ids, rope_table};
+use super::trainable::Trainable;
 use super::weights::WeightLoader;
 use crate::backend::Backend;
 use crate::tensor::Tensor;
@@ -22,9 +23,6 @@ pub struct Flux<B: Backend> {
     pub double_blocks: Vec<DoubleStreamBlock<B>>,
     pub single_blocks: Vec<SingleStreamBlock<B>>,
     pub final_layer: LastLayer<B>,
-    /// What training (`forward_train`, `backward` in `model::backward`) computes gradients for:
-    /// `Lora` as built; set `Full` to train every linear of a model without adapters.
-    pub trainable: Trainable,
 }
 
 impl<B: Backend> Flux<B> {
@@ -92,7 +90,6 @@ impl<B: Backend> Flux<B> {
                 linear: w.linear("final_layer.linear", h, p.out_channels, true)?,
             },
             params: p.clone(),
-            trainable: Trainable::Lora,
         })
     }
 
@@ -106,44 +103,152 @@ impl<B: Backend> Flux<B> {
         Ok(Positions { joint: b.concat(&[&txt, &img], 1)?, txt, img })
     }
 
-    /// One transformer evaluation: img `[B, L, in]` and timesteps `[B]` in [0, 1] (uploaded with [`scalars`]) under the
-    /// conditioning `c` -> velocity `[B, L, out]`.
-    pub fn forward(&self, b: &B, img: &Tensor<B>, timesteps: &Tensor<B>, c: &Conditioning<B>) -> Result<Tensor<B>> {
-        let embed_time = |t: &Tensor<B>| b.timestep_embedding(t, TIME_EMBED_DIM, 10_000.0, 1000.0);
-        let mut vec = self.time_in.forward(b, &embed_time(timesteps)?)?;
-        if let Some(g_in) = &self.guidance_in {
-            let g = c.guidance.as_ref().context("this model has a guidance embedding and needs a guidance value")?;
-            vec = b.add(&vec, &g_in.forward(b, &embed_time(g)?)?)?;
-        }
-        vec = b.add(&vec, &self.vector_in.forward(b, &c.y)?)?;
-        let vec_silu = b.silu(&vec)?;
+    /// One transformer evaluation: img `[B, L, in]` and timesteps `[B]` in [0, 1] (uploaded with
+    /// [`scalars`]) under the conditioning `c`, with the deltas of `tr` (`Trainable::Nothing`: the
+    /// model as loaded) -> velocity `[B, L, out]`.
+    pub fn forward(&self, b: &B, img: &Tensor<B>, timesteps: &Tensor<B>, c: &Conditioning<B>, tr: Trainable<B>) -> Result<Tensor<B>> {
+        Ok(self.run::<Inference>(b, img, timesteps, c, tr, Checkpointing::Off)?.0)
+    }
 
-        let mut img = self.img_in.forward(b, img)?;
-        let mut txt = self.txt_in.forward(b, &c.txt)?;
+    /// `forward`, keeping what `backward` needs to differentiate `tr` (every block's
+    /// activations, or with `Checkpointing::PerBlock` only each block's input). The output
+    /// equals `forward`'s.
+    pub fn forward_train(
+        &self,
+        b: &B,
+        img: &Tensor<B>,
+        timesteps: &Tensor<B>,
+        c: &Conditioning<B>,
+        tr: Trainable<B>,
+        checkpointing: Checkpointing,
+    ) -> Result<(Tensor<B>, FluxActs<B>)> {
+        tr.check(self)?;
+        self.run::<Training>(b, img, timesteps, c, tr, checkpointing)
+    }
+
+    /// The forward (BFL `Flux.forward`), for inference and training alike: `K` decides what is
+    /// kept, `checkpointing` whether the blocks keep their activations or only their inputs.
+    fn run<K: Keep>(
+        &self,
+        b: &B,
+        img: &Tensor<B>,
+        timesteps: &Tensor<B>,
+        c: &Conditioning<B>,
+        tr: Trainable<B>,
+        checkpointing: Checkpointing,
+    ) -> Result<(Tensor<B>, FluxActs<B, K>)> {
+        let embed_time = |t: &Tensor<B>| b.timestep_embedding(t, TIME_EMBED_DIM, 10_000.0, 1000.0);
+        let t_emb = embed_time(timesteps)?;
+        let (mut vec, time) = self.time_in.forward::<K>(b, &t_emb, tr)?;
+        let guidance = match &self.guidance_in {
+            Some(g_in) => {
+                let g = c.guidance.as_ref().context("this model has a guidance embedding and needs a guidance value")?;
+                let g_emb = embed_time(g)?;
+                let (out, acts) = g_in.forward::<K>(b, &g_emb, tr)?;
+                vec = b.add(&vec, &out)?;
+                Some((g_emb, acts))
+            }
+            None => None,
+        };
+        let (vector_out, vector) = self.vector_in.forward::<K>(b, &c.y, tr)?;
+        vec = b.add(&vec, &vector_out)?;
+        let vec_silu = b.silu(&vec)?;
+        let vec_acts = K::keep(tr.full().then(|| VecActs { time: (t_emb, time), guidance, vector, vec }));
+
+        let mut img = self.img_in.forward(b, img, tr)?;
+        let mut txt = self.txt_in.forward(b, &c.txt, tr)?;
+        let mut double = Vec::with_capacity(self.double_blocks.len());
         for block in &self.double_blocks {
-            (img, txt) = block.forward(b, &img, &txt, &vec_silu, &c.pe)?;
+            let (img_out, txt_out, acts) = match checkpointing {
+                Checkpointing::Off => {
+                    let (i, t, acts) = block.forward::<K>(b, &img, &txt, &vec_silu, &c.pe, tr)?;
+                    (i, t, Some(acts))
+                }
+                Checkpointing::PerBlock => {
+                    let (i, t, _) = block.forward::<Inference>(b, &img, &txt, &vec_silu, &c.pe, tr)?;
+                    (i, t, None)
+                }
+            };
+            double.push(K::keep(DoubleStep { img, txt, acts }));
+            (img, txt) = (img_out, txt_out);
         }
         let lt = txt.dim(1);
         let mut x = b.concat(&[&txt, &img], 1)?;
+        drop((img, txt));
+        let mut single = Vec::with_capacity(self.single_blocks.len());
         for block in &self.single_blocks {
-            x = block.forward(b, &x, &vec_silu, &c.pe)?;
+            let (y, acts) = match checkpointing {
+                Checkpointing::Off => {
+                    let (y, acts) = block.forward::<K>(b, &x, &vec_silu, &c.pe, tr)?;
+                    (y, Some(acts))
+                }
+                Checkpointing::PerBlock => (block.forward::<Inference>(b, &x, &vec_silu, &c.pe, tr)?.0, None),
+            };
+            single.push(K::keep(SingleStep { x, acts }));
+            x = y;
         }
-        let img = b.narrow(&x, 1, lt, x.dim(1) - lt)?;
-        self.final_layer.forward(b, &img, &vec_silu)
+        let final_in = b.narrow(&x, 1, lt, x.dim(1) - lt)?;
+        drop(x);
+        let (out, last) = self.final_layer.forward::<K>(b, &final_in, &vec_silu, tr)?;
+        let acts = FluxActs {
+            trained: K::keep(tr.kind()),
+            vec_silu: K::keep(vec_silu),
+            vec: vec_acts,
+            double,
+            single,
+            final_in: K::keep(final_in),
+            last,
+        };
+        Ok((out, acts))
     }
 
     /// Validates host inputs against the model, runs one forward, returns `out` in f32.
     pub fn forward_host(&self, b: &B, inputs: &FluxInputs) -> Result<HostTensor> {
         inputs.validate(&self.params)?;
-        let c = Conditioning {
-            txt: b.input(&inputs.txt)?,
-            pe: self.positions(b, &inputs.txt_ids, &inputs.img_ids)?,
-            y: b.input(&inputs.y)?,
-            guidance: inputs.guidance.as_ref().map(|g| scalars(b, g)).transpose()?,
-        };
-        let out = self.forward(b, &b.input(&inputs.img)?, &scalars(b, &inputs.timesteps)?, &c)?;
+        let c = Conditioning::new(b, self, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids)?;
+        let out = self.forward(b, &b.input(&inputs.img)?, &scalars(b, &inputs.timesteps)?, &c, Trainable::Nothing)?;
         b.download(&out)
     }
+}
+
+/// A double block's inputs, and its activations unless they are recomputed.
+pub(super) struct DoubleStep<B: Backend, K: Keep> {
+    pub(super) img: Tensor<B>,
+    pub(super) txt: Tensor<B>,
+    pub(super) acts: Option<DoubleStreamActs<B, K>>,
+}
+
+/// A single block's input, and its activations unless they are recomputed.
+pub(super) struct SingleStep<B: Backend, K: Keep> {
+    pub(super) x: Tensor<B>,
+    pub(super) acts: Option<SingleStreamActs<B, K>>,
+}
+
+/// Full training: the vec path's activations. vector_in's input is the conditioning's `y`, which
+/// `backward` is given again.
+pub(super) struct VecActs<B: Backend, K: Keep> {
+    /// The timesteps' sinusoidal embedding (time_in's input) and time_in's activations.
+    pub(super) time: (Tensor<B>, MlpEmbedderActs<B, K>),
+    /// The same for the guidance value and guidance_in.
+    pub(super) guidance: Option<(Tensor<B>, MlpEmbedderActs<B, K>)>,
+    pub(super) vector: MlpEmbedderActs<B, K>,
+    /// The sum of the embeddings, before SiLU.
+    pub(super) vec: Tensor<B>,
+}
+
+/// What `Flux::backward` needs beside the model's inputs, kept by `forward_train`.
+pub struct FluxActs<B: Backend, K: Keep = Training> {
+    /// The kind of trainable set the activations were kept for: `backward` checks that it is
+    /// given the same.
+    pub(super) trained: K::Kept<&'static str>,
+    pub(super) vec_silu: K::Kept<Tensor<B>>,
+    /// Full training only.
+    pub(super) vec: K::Kept<Option<VecActs<B, K>>>,
+    pub(super) double: Vec<K::Kept<DoubleStep<B, K>>>,
+    pub(super) single: Vec<K::Kept<SingleStep<B, K>>>,
+    /// The image rows of the last single block's output: the final layer's input.
+    pub(super) final_in: K::Kept<Tensor<B>>,
+    pub(super) last: LastLayerActs<B, K>,
 }
 
 /// What stays fixed over the steps of a sampling run: text tokens `[B, Lt, ctx]`, rotary
@@ -153,6 +258,31 @@ pub struct Conditioning<B: Backend> {
     pub pe: Positions<B>,
     pub y: Tensor<B>,
     pub guidance: Option<Tensor<B>>,
+}
+
+impl<B: Backend> Conditioning<B> {
+    /// The conditioning of BFL's forward arguments: `txt` `[B, Lt, ctx]`, `y` `[B, vec]`, the
+    /// guidance `[B]` of a distilled model (ignored by one without a guidance embedding), and
+    /// the position ids `txt_ids` `[B, Lt, 3]`, `img_ids` `[B, L, 3]` of the rotary tables.
+    pub fn new(
+        b: &B,
+        flux: &Flux<B>,
+        txt: &HostTensor,
+        y: &HostTensor,
+        guidance: Option<&HostTensor>,
+        txt_ids: &HostTensor,
+        img_ids: &HostTensor,
+    ) -> Result<Self> {
+        Ok(Conditioning {
+            txt: b.input(txt)?,
+            pe: flux.positions(b, txt_ids, img_ids)?,
+            y: b.input(y)?,
+            guidance: match flux.params.guidance_embed {
+                true => Some(scalars(b, guidance.context("this model has a guidance embedding and needs a guidance value")?)?),
+                false => None,
+            },
+        })
+    }
 }
 
 /// BFL's forward arguments, by name, as host tensors.

@@ -1,4 +1,4 @@
-//! Model FLOPs (design section 11) summed from an op trace, per op class and in total. The meta
+//! Model FLOPs (design.md section 11) summed from an op trace, per op class and in total. The meta
 //! backend assigns each op its FLOPs: `2 M N K` per matmul (LoRA's two included), `4 Lq Lk d` per
 //! attention head, `2 out_elems C_in kh kw` per convolution; elementwise work, layout copies and
 //! the per-sample embedding/modulation linears count 0. The closed forms at the bottom restate
@@ -31,7 +31,7 @@ impl FlopCount {
 }
 
 /// FLOPs of one training step from those of its forward: `forward + backward` with the backward
-/// counted as twice the forward (design section 11), so `3 x forward`. This is the accounting
+/// counted as twice the forward (design.md section 11), so `3 x forward`. This is the accounting
 /// rule, not a count of the backward ops.
 pub fn training_step_flops(forward: u64) -> u64 {
     3 * forward
@@ -54,7 +54,7 @@ pub(crate) mod closed_form {
     }
 
     /// LoRA's extra FLOPs for one transformer evaluation with a rank-`rank` update on every
-    /// target of design section 7: `2 rows rank (in + out)` each (down then up).
+    /// target of design.md section 7: `2 rows rank (in + out)` each (down then up).
     pub fn flux_lora(p: &FluxParams, batch: usize, img_tokens: usize, txt_tokens: usize, rank: usize) -> u64 {
         let (h, m) = (p.hidden_size, p.mlp_hidden());
         let in_plus_out = |targets: &[(usize, usize)]| targets.iter().map(|&(i, o)| i + o).sum::<usize>();

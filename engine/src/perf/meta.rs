@@ -1,6 +1,6 @@
 //! The meta backend: every op of the `Backend` trait on shapes alone. Storages hold no data, only
 //! an id, a dtype and an element count; every op checks its operands as strictly as the CPU
-//! backend, then records one event in an op trace: its name, class, model FLOPs (design section
+//! backend, then records one event in an op trace: its name, class, model FLOPs (design.md section
 //! 11), the storages it read and the storages it created. Dropping a storage records its free.
 //! Running the real model code (`Flux::forward_host`, `FluxAe::decode`) on this backend therefore
 //! yields the exact sequence of allocations, ops and frees of that code path, at any model size,
@@ -14,7 +14,7 @@
 //!   modulation vectors, rotary tables, timesteps) may be in any dtype, as there.
 //! - Per-sample linears. A linear (or LoRA update) whose input has no token dimension, rank <= 2
 //!   (`[batch, features]`, one row per sample: the timestep, guidance and vector embedders and
-//!   every adaLN modulation) is class `PerSample` and counts no FLOPs, as design section 11 says.
+//!   every adaLN modulation) is class `PerSample` and counts no FLOPs, as design.md section 11 says.
 //!   Token activations are `[batch, tokens, features]` by the trait's convention (the autoencoder's
 //!   attention runs on `[batch, h w, channels]`), so the rank tells the two apart.
 //! - Fusion. `linear_gelu` is one op with one output, as the CUDA backend's GEMM epilogue runs it
@@ -25,8 +25,8 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::shapes::{AttentionDims, ConvGeometry, GroupNormDims, QkDims};
 use crate::backend::profile::OpClass;
+use crate::backend::shapes::{AttentionDims, ConvGeometry, GroupNormDims, PoolGeometry, QkDims};
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -70,7 +70,7 @@ impl Buffer {
 pub struct OpEvent {
     pub name: &'static str,
     pub class: OpClass,
-    /// Model FLOPs by design section 11's rules (0 for classes that are not counted).
+    /// Model FLOPs by design.md section 11's rules (0 for classes that are not counted).
     pub flops: u64,
     /// Storages read (and, for `lora_add`, updated in place).
     pub inputs: Vec<StorageId>,
@@ -278,6 +278,15 @@ impl Backend for MetaBackend {
         Ok(HostTensor::from_f32(t.shape().to_vec(), vec![0.0; t.elem_count()]))
     }
 
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        Ok(self.op("zeros", OpClass::Layout, 0, &[], shape.to_vec()))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        let out = NewBuffer { shape: x.shape().to_vec(), dtype, kind: BufferKind::Activation };
+        Ok(self.record("cast", OpClass::Elementwise, 0, &[x], vec![out]).pop().expect("one output recorded"))
+    }
+
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
         self.linear_op("linear", x, w, bias)
     }
@@ -335,6 +344,39 @@ impl Backend for MetaBackend {
         Ok(self.op("attention", OpClass::Attention, flops, &[q, k, v], vec![b, lq, h * d]))
     }
 
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, _scale: f32) -> Result<T> {
+        let dims = AttentionDims::with_bias(q.shape(), k.shape(), v.shape(), bias.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+        for (what, t) in [("q", q), ("k", k), ("v", v)] {
+            self.check_activation("attention_bias", what, t)?;
+        }
+        let flops = 4 * (b * h * lq * lk * d) as u64;
+        Ok(self.op("attention_bias", OpClass::Attention, flops, &[q, k, v, bias], vec![b, lq, h * d]))
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, _eps: f32) -> Result<T> {
+        ensure!(x.rank() >= 1, "rms_norm: x has shape {:?}, expected [.., dim]", x.shape());
+        expect_shape("weight", "rms_norm", weight.shape(), &[x.dim(-1)])?;
+        self.check_activation("rms_norm", "x", x)?;
+        Ok(self.op("rms_norm", OpClass::Elementwise, 0, &[x, weight], x.shape().to_vec()))
+    }
+
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+        for (what, t) in [("q", q), ("k", k), ("v", v)] {
+            self.check_activation("attention_with_lse", what, t)?;
+        }
+        let out = NewBuffer { shape: vec![b, lq, h * d], dtype: self.activation_dtype, kind: BufferKind::Activation };
+        let lse = NewBuffer { shape: vec![b, h, lq], dtype: DType::F32, kind: BufferKind::Activation };
+        let flops = 4 * (b * h * lq * lk * d) as u64;
+        let [out, lse] = self
+            .record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two outputs recorded"));
+        Ok((out, lse))
+    }
+
     fn gelu_tanh(&self, x: &T) -> Result<T> {
         self.unary("gelu_tanh", OpClass::Elementwise, x)
     }
@@ -348,6 +390,13 @@ impl Backend for MetaBackend {
         self.check_activation("add", "a", a)?;
         self.check_activation("add", "b", b)?;
         Ok(self.op("add", OpClass::Elementwise, 0, &[a, b], a.shape().to_vec()))
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        expect_shape("b", "mul", b.shape(), a.shape())?;
+        self.check_activation("mul", "a", a)?;
+        self.check_activation("mul", "b", b)?;
+        Ok(self.op("mul", OpClass::Elementwise, 0, &[a, b], a.shape().to_vec()))
     }
 
     fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {
@@ -455,5 +504,27 @@ impl Backend for MetaBackend {
 
     fn affine(&self, x: &T, _scale: f32, _offset: f32) -> Result<T> {
         self.unary("affine", OpClass::Elementwise, x)
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        self.unary("relu", OpClass::Elementwise, x)
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        let g = PoolGeometry::max_pool(x.shape(), kernel, stride)?;
+        self.check_activation("max_pool2d", "input", x)?;
+        Ok(self.op("max_pool2d", OpClass::Elementwise, 0, &[x], g.out_shape()))
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        let g = PoolGeometry::depthwise("blur_pool2d", x.shape(), filter.shape(), stride, pad, true)?;
+        self.check_activation("blur_pool2d", "input", x)?;
+        Ok(self.op("blur_pool2d", OpClass::Elementwise, 0, &[x, filter], g.out_shape()))
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        let g = PoolGeometry::depthwise("l2_pool2d", x.shape(), filter.shape(), stride, pad, false)?;
+        self.check_activation("l2_pool2d", "input", x)?;
+        Ok(self.op("l2_pool2d", OpClass::Elementwise, 0, &[x, filter], g.out_shape()))
     }
 }

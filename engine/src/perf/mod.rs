@@ -1,4 +1,4 @@
-//! Performance accounting on the CPU, exactly and without data: model FLOPs (design section 11)
+//! Performance accounting on the CPU, exactly and without data: model FLOPs (design.md section 11)
 //! and device-memory plans for any model size, FLUX.1-dev's 12B parameters included.
 //!
 //! The model code runs unchanged on `meta::MetaBackend`, a backend that keeps shapes only and
@@ -56,7 +56,7 @@ fn step_inputs(p: &FluxParams, shape: StepShape) -> FluxInputs {
 }
 
 /// Attaches an unmerged rank-`rank` LoRA update (placeholders, scale 1) to every LoRA target of
-/// design section 7: in each double-block stream qkv, proj and both MLP linears; in each single
+/// design.md section 7: in each double-block stream qkv, proj and both MLP linears; in each single
 /// block linear1 and linear2. Each target gets one update covering all its output rows, as the
 /// fused internal (BFL) layout holds it. Returns the adapter's parameter count.
 pub fn attach_lora<B: Backend>(b: &B, model: &mut Flux<B>, rank: usize, dtype: DType) -> Result<u64> {
@@ -121,7 +121,14 @@ pub const AE_TILE_LADDER: [usize; 8] = [1024, 768, 512, 384, 256, 192, 128, 64];
 /// whose tile with `context` pixels on every side plans an activation arena of at most `budget`
 /// bytes (FLUX's autoencoder of `params`, activations stored as `dtype`, one direction); the
 /// smallest rung when none fits.
-pub fn ae_tile_for_budget(params: &AutoEncoderParams, batch: usize, direction: AeDirection, dtype: DType, context: usize, budget: u64) -> Result<usize> {
+pub fn ae_tile_for_budget(
+    params: &AutoEncoderParams,
+    batch: usize,
+    direction: AeDirection,
+    dtype: DType,
+    context: usize,
+    budget: u64,
+) -> Result<usize> {
     let rungs: Vec<usize> = AE_TILE_LADDER.into_iter().filter(|&t| t <= crate::ae::tiled::DEFAULT_MAX_TILE).collect();
     for &tile in &rungs {
         if ae_tile_plan(params, batch, direction, dtype, tile, context)?.arena <= budget {
@@ -133,7 +140,14 @@ pub fn ae_tile_for_budget(params: &AutoEncoderParams, batch: usize, direction: A
 
 /// The memory plan (no workspace) of one autoencoder pass over a `tile`-pixel tile with
 /// `context` pixels on every side: the largest tile of a tiled pass.
-pub fn ae_tile_plan(params: &AutoEncoderParams, batch: usize, direction: AeDirection, dtype: DType, tile: usize, context: usize) -> Result<plan::MemoryPlan> {
+pub fn ae_tile_plan(
+    params: &AutoEncoderParams,
+    batch: usize,
+    direction: AeDirection,
+    dtype: DType,
+    tile: usize,
+    context: usize,
+) -> Result<plan::MemoryPlan> {
     let f = params.downscale();
     let side = (tile.div_ceil(f) + 2 * context.div_ceil(f)) * f;
     Ok(plan::MemoryPlan::of(&trace_flux_ae(params, batch, side, side, dtype, direction)?, 0))
@@ -204,9 +218,9 @@ pub fn training_memory_estimate(
 mod tests {
     use super::flops::{closed_form, FlopCount};
     use super::meta::{BufferKind, Event};
-    use crate::backend::profile::OpClass;
     use super::plan::{self, MemoryPlan};
     use super::*;
+    use crate::backend::profile::OpClass;
     use crate::CpuBackend;
 
     fn step(batch: usize, img_tokens: usize, txt_tokens: usize) -> StepShape {
@@ -269,7 +283,7 @@ mod tests {
 
     #[test]
     fn flux_dev_lora_rank_8_is_28m_parameters() {
-        // The fused-layout targets give 1140 h r: 28.0M at rank 8 (design section 7 quotes about
+        // The fused-layout targets give 1140 h r: 28.0M at rank 8 (design.md section 7 quotes about
         // 29.5M for the paper's adapter, whose exact target split is not stated).
         let p = preset("flux-dev");
         let b = MetaBackend::new(DType::BF16);

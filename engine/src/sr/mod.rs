@@ -2,6 +2,8 @@
 //! and the upscale of one image.
 
 pub mod colorfix;
+pub mod conditioning;
+pub mod import;
 pub mod model_dir;
 pub mod packing;
 pub mod resample;

@@ -3,7 +3,6 @@
 //! tiles follow one trajectory (no seams) and memory is bounded by the tile size.
 
 use super::tiling::{tiles, window, Tile};
-use crate::model::positions::image_ids;
 use anyhow::{ensure, Result};
 use loaders::HostTensor;
 
@@ -26,8 +25,9 @@ impl Grid {
 }
 
 /// The model as the sampler sees it: `n` tiles' input `img` `[n, L, features + cond features]`
-/// with their tile-local `img_ids` `[n, L, 3]` at time `t` -> velocities `[n * L * features]`.
-pub type Velocity<'a> = dyn FnMut(&HostTensor, &HostTensor, f32) -> Result<Vec<f32>> + 'a;
+/// on a grid of `(rows, cols)` tokens each (`L = rows cols`) at time `t` -> velocities
+/// `[n * L * features]`.
+pub type Velocity<'a> = dyn FnMut(&HostTensor, (usize, usize), f32) -> Result<Vec<f32>> + 'a;
 
 /// Integrates each `x` of `xs` (noise, one per image, all on `grid`) along `schedule` with its
 /// LQ condition of `conds` (same rows and columns, `cond_features` each) concatenated on
@@ -55,7 +55,6 @@ pub fn euler_tiled(
     let jobs: Vec<(usize, usize)> = (0..xs.len()).flat_map(|item| (0..plan.len()).map(move |k| (item, k))).collect();
     let (th, tw) = (plan[0].0.h, plan[0].0.w);
     let l = th * tw;
-    let ids: Vec<f32> = image_ids(th, tw);
     let f = grid.features;
     let width = f + cond_features;
     for (step, pair) in schedule.windows(2).enumerate() {
@@ -76,7 +75,7 @@ pub fn euler_tiled(
             }
             let n = chunk.len();
             let img = HostTensor::from_f32(vec![n, l, width], input);
-            let v = velocity(&img, &HostTensor::from_f32(vec![n, l, 3], ids.repeat(n)), t)?;
+            let v = velocity(&img, (th, tw), t)?;
             ensure!(v.len() == n * l * f, "sampler: the model returned {} values for {n} tiles of {l} tokens x {f}", v.len());
             for (&(item, k), v) in chunk.iter().zip(v.chunks(l * f)) {
                 let (tile, win) = (&plan[k].0, &plan[k].1);
@@ -121,7 +120,7 @@ mod tests {
         // The "condition" is the target itself: the velocity reads it from the tile input.
         let target: Vec<f32> = (0..grid.len()).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();
         for (tile, overlap) in [(64, 0), (5, 2), (4, 3)] {
-            let mut v = |img: &HostTensor, _: &HostTensor, t: f32| -> Result<Vec<f32>> {
+            let mut v = |img: &HostTensor, _: (usize, usize), t: f32| -> Result<Vec<f32>> {
                 let d = img.to_f32();
                 let x: Vec<f32> = d.chunks(4).flat_map(|c| [c[0], c[1]]).collect();
                 let x0: Vec<f32> = d.chunks(4).flat_map(|c| [c[2], c[3]]).collect();
@@ -158,7 +157,7 @@ mod tests {
         let grid = Grid { rows: 24, cols: 30, features: 1 };
         let cond = vec![0f32; grid.rows * grid.cols];
         let mut calls = 0usize;
-        let mut v = |img: &HostTensor, _: &HostTensor, _t: f32| -> Result<Vec<f32>> {
+        let mut v = |img: &HostTensor, _: (usize, usize), _t: f32| -> Result<Vec<f32>> {
             calls += 1;
             let drift = if calls % 2 == 0 { 1.0 } else { -1.0 };
             Ok(vec![drift; img.shape[1]])

@@ -1,32 +1,34 @@
-//! A micro-batch as the transformer sees it, and the passes through the model that the stages
-//! are made of.
+//! A micro-batch as the flow sees it, on the device, and the passes through the model that the
+//! stages are made of.
 //!
-//! Layouts: the model reads and writes packed tokens `[n, L, F]` (FLUX's 2x2 packing of the latent
-//! grid); the losses live on the latent grid `[n, C, H, W]` (their operator maps a pixel-shuffle
-//! latent to the image grid itself). `Latent::to_grid` and `Latent::to_tokens` convert; the item
-//! count of a buffer is its length over the values per item, so one layout serves the P items of a
-//! batch and the 2P of an S-DPO pass (winners then losers).
+//! Layouts: the model reads and writes packed tokens `[n, L, F]` (FLUX's 2x2 packing of the
+//! latent grid) in the activation dtype; the flow's arithmetic and the losses run on the latent
+//! grid `[n, C, H, W]` in f32 (their operator maps a pixel-shuffle latent to the image grid
+//! itself). A pass packs x_t beside the condition on the way in and unpacks the output on the way
+//! out, so everything the stages touch is a grid field.
 //!
 //! Seeds: every random draw of micro-batch `draw` (counted over the run, `step * grad_accum +
 //! micro`) comes from [`step_seed`]`(run seed, draw, stream)`, so the state of a run is its step.
+//! The draws are made on the host (ChaCha8, the same on every machine) and go up with the batch.
 
 use super::data::Sample;
-use super::loss::LogitNormal;
-use super::sobolev::Grid as FieldGrid;
-use crate::backend::backward::BackwardOps;
+use super::stage::StepContext;
+use super::times::LogitNormal;
+use crate::backend::sobolev::Grid as FieldGrid;
+use crate::backend::training::TrainingOps;
 use crate::backend::Backend;
-use crate::model::backward::{Checkpointing, FluxActs, FluxGrads};
-use crate::model::flux::scalars;
-use crate::model::positions::image_ids;
-use crate::model::Conditioning;
+use crate::model::backward::{Checkpointing, FluxGrads};
+use crate::model::flux::{scalars, FluxActs};
+use crate::model::{Conditioning, Trainable};
 use crate::sampler::gaussian_noise;
-use crate::sr::model_dir::SrModel;
-use crate::sr::packing::{pack, unpack};
+use crate::sr::model_dir::{FlowData, Prediction, SrModel};
+use crate::sr::packing::{pack_tensor, unpack_tensor};
 use crate::sr::resample::resize;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use loaders::image::Image;
-use loaders::HostTensor;
+use loaders::{DType, HostTensor};
+use std::rc::Rc;
 
 /// The random streams of a micro-batch.
 pub mod stream {
@@ -47,13 +49,6 @@ pub fn step_seed(run_seed: u64, draw: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The flow's noise draws of one micro-batch: t per item (from `times`) and eps over `values`.
-pub fn draw_noise(times: &LogitNormal, items: usize, values: usize, run_seed: u64, draw: u64) -> (Vec<f32>, Vec<f32>) {
-    let t = times.sample(items, step_seed(run_seed, draw, stream::TIME));
-    let eps = gaussian_noise(values, step_seed(run_seed, draw, stream::NOISE));
-    (t, eps)
-}
-
 /// The latent grid of one item `[C, H, W]`, and its packed tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Latent(pub FieldGrid);
@@ -61,6 +56,11 @@ pub struct Latent(pub FieldGrid);
 impl Latent {
     pub fn grid(&self) -> FieldGrid {
         self.0
+    }
+
+    /// The packed tokens' grid, (rows, columns).
+    pub fn token_grid(&self) -> (usize, usize) {
+        (self.0.height / 2, self.0.width / 2)
     }
 
     pub fn tokens(&self) -> usize {
@@ -71,61 +71,84 @@ impl Latent {
         4 * self.0.channels
     }
 
-    fn items(&self, values: usize) -> Result<usize> {
-        let per_item = self.0.elements();
-        ensure!(values > 0 && values % per_item == 0, "{values} values are not a whole number of {} latents", self.0);
-        Ok(values / per_item)
-    }
-
-    /// Packed tokens `[n, L, F]` -> the latent grid `[n, C, H, W]`.
-    pub fn to_grid(&self, tokens: &[f32]) -> Result<Vec<f32>> {
-        let n = self.items(tokens.len())?;
-        let packed = HostTensor::from_f32(vec![n, self.tokens(), self.features()], tokens.to_vec());
-        Ok(unpack(&packed, self.0.height, self.0.width)?.to_f32())
-    }
-
-    /// The latent grid `[n, C, H, W]` -> packed tokens `[n, L, F]`.
-    pub fn to_tokens(&self, grid: &[f32]) -> Result<Vec<f32>> {
-        let n = self.items(grid.len())?;
-        let g = self.0;
-        Ok(pack(&HostTensor::from_f32(vec![n, g.channels, g.height, g.width], grid.to_vec()))?.to_f32())
+    /// The shape of `items` fields on this grid.
+    pub fn shape(&self, items: usize) -> Vec<usize> {
+        vec![items, self.0.channels, self.0.height, self.0.width]
     }
 }
 
-/// A micro-batch of samples as packed `[B, L, F]` latents.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Batch {
-    /// The HQ images as the flow's data (`x0`, `SrConfig::flow` of their latents; the winners of
-    /// a preference pair).
-    pub x0: Vec<f32>,
-    /// The encoded bicubic upsample of each LQ, on the same tokens: the model's condition.
-    pub cond: Vec<f32>,
+/// The flow's noise draws of one micro-batch: t per item (from `times`) and eps on `items`
+/// fields of `latent`, uploaded as an f32 field.
+pub fn draw_noise<B: Backend>(
+    b: &B,
+    times: &LogitNormal,
+    latent: Latent,
+    items: usize,
+    run_seed: u64,
+    draw: u64,
+) -> Result<(Vec<f32>, Tensor<B>)> {
+    let t = times.sample(items, step_seed(run_seed, draw, stream::TIME));
+    let eps = gaussian_noise(items * latent.grid().elements(), step_seed(run_seed, draw, stream::NOISE));
+    Ok((t, b.upload(&HostTensor::from_f32(latent.shape(items), eps))?))
+}
+
+/// A micro-batch of samples on the device.
+pub struct Batch<B: Backend> {
+    /// The HQ images as the flow's data (`x0`, `SrConfig::flow` of their latents; the winners of a
+    /// preference pair), on the latent grid, f32.
+    pub x0: Tensor<B>,
+    /// The condition: the encoded bicubic upsample of each LQ, packed `[n, L, F]` in the
+    /// activation dtype, as the model reads it beside x_t.
+    pub cond: Tensor<B>,
+    /// The condition's flow data (`SrConfig::flow` of the condition itself) on the latent grid,
+    /// f32: the bicubic negatives.
+    pub cond_flow: Tensor<B>,
     /// The baseline outputs as the flow's data, when the samples have them.
-    pub baseline: Option<Vec<f32>>,
-    pub items: usize,
+    pub baseline: Option<Tensor<B>>,
     pub latent: Latent,
 }
 
+impl<B: Backend> Batch<B> {
+    pub fn items(&self) -> usize {
+        self.x0.dim(0)
+    }
+}
+
 /// Encodes samples as the upscaler does: the LQ upsampled bicubically to the HQ's size, all
-/// images in [-1, 1], through the autoencoder, packed 2x2. All HQ crops must share one size, a
-/// multiple of the model's token side.
-pub fn encode_samples<B: Backend + 'static>(b: &B, model: &SrModel<B>, samples: &[Sample]) -> Result<Batch> {
+/// images in [-1, 1], through the autoencoder; the HQ's and the baselines' latents as the flow's
+/// data under the condition. All HQ crops must share one size, a multiple of the model's token
+/// side.
+pub fn encode_samples<B: TrainingOps + 'static>(b: &B, model: &SrModel<B>, samples: &[Sample]) -> Result<Batch<B>> {
     ensure!(!samples.is_empty(), "encode_samples: no samples");
     let (w, h) = (samples[0].hq.width, samples[0].hq.height);
     let upsampled: Vec<Image> = samples.iter().map(|s| resize(&s.lq.to_rgb(), w, h)).collect();
-    let (hq, latent) = encode_images(b, model, &samples.iter().map(|s| &s.hq).collect::<Vec<_>>())?;
-    let (cond, _) = encode_images(b, model, &upsampled.iter().collect::<Vec<_>>())?;
+    let cond = encode_images(b, model, &upsampled.iter().collect::<Vec<_>>())?;
+    let latent = Latent(FieldGrid::new(cond.dim(1), cond.dim(2), cond.dim(3)));
+    let cond_grid = b.cast(&cond, DType::F32)?;
     let flow = &model.config.flow;
-    let x0 = flow.to_flow(&hq, &cond);
+    let as_flow = |images: &[&Image]| -> Result<Tensor<B>> {
+        let latent = b.cast(&encode_images(b, model, images)?, DType::F32)?;
+        flow_data(b, flow, &latent, &cond_grid)
+    };
+    let x0 = as_flow(&samples.iter().map(|s| &s.hq).collect::<Vec<_>>())?;
     let baseline = match samples.iter().map(|s| s.baseline.as_ref()).collect::<Option<Vec<_>>>() {
-        Some(images) => Some(flow.to_flow(&encode_images(b, model, &images)?.0, &cond)),
+        Some(images) => Some(as_flow(&images)?),
         None => None,
     };
-    Ok(Batch { x0, cond, baseline, items: samples.len(), latent })
+    let cond_flow = flow_data(b, flow, &cond_grid, &cond_grid)?;
+    Ok(Batch { x0, cond: pack_tensor(b, &cond)?, cond_flow, baseline, latent })
 }
 
-/// Images of one size through the autoencoder, packed: `[n, L, F]` and the latent grid.
-pub fn encode_images<B: Backend + 'static>(b: &B, model: &SrModel<B>, images: &[&Image]) -> Result<(Vec<f32>, Latent)> {
+/// `FlowData::to_flow` on the device (f32 fields): the latent itself, or `scale * (latent - cond)`.
+fn flow_data<B: TrainingOps>(b: &B, flow: &FlowData, latent: &Tensor<B>, cond: &Tensor<B>) -> Result<Tensor<B>> {
+    match *flow {
+        FlowData::Latent => b.cast(latent, DType::F32),
+        FlowData::Residual { scale } => b.scale_items(&[scale], &b.axpby(&[1.0], latent, &[-1.0], cond)?),
+    }
+}
+
+/// Images of one size through the autoencoder: the latents `[n, C, H, W]` in the activation dtype.
+pub fn encode_images<B: Backend + 'static>(b: &B, model: &SrModel<B>, images: &[&Image]) -> Result<Tensor<B>> {
     let (w, h) = (images[0].width, images[0].height);
     let unit = model.token_pixels();
     ensure!(w % unit == 0 && h % unit == 0, "training crops are {w}x{h}, but the model needs multiples of {unit} pixels");
@@ -134,9 +157,7 @@ pub fn encode_images<B: Backend + 'static>(b: &B, model: &SrModel<B>, images: &[
         ensure!((img.width, img.height) == (w, h), "training crops differ in size: {w}x{h} and {}x{}", img.width, img.height);
         pixels.extend(planar(&img.to_rgb()));
     }
-    let latent = b.download(&model.ae.encode(b, &b.input(&HostTensor::from_f32(vec![images.len(), 3, h, w], pixels))?)?)?;
-    let s = &latent.shape;
-    Ok((pack(&latent)?.to_f32(), Latent(FieldGrid::new(s[1], s[2], s[3]))))
+    model.ae.encode(b, &b.input(&HostTensor::from_f32(vec![images.len(), 3, h, w], pixels))?)
 }
 
 /// HWC [0, 1] -> CHW [-1, 1].
@@ -151,109 +172,122 @@ fn planar(img: &Image) -> Vec<f32> {
     out
 }
 
-/// The transformer's conditioning for `items` copies of the model's fixed text on `latent`'s grid.
-pub fn conditioning<B: Backend + 'static>(b: &B, model: &SrModel<B>, items: usize, latent: Latent) -> Result<Conditioning<B>> {
-    let repeat = |t: &HostTensor| -> HostTensor {
-        let mut shape = t.shape.clone();
-        shape[0] = items;
-        HostTensor::from_f32(shape, t.to_f32().repeat(items))
-    };
-    let lt = model.txt.shape[1];
-    let txt_ids = HostTensor::from_f32(vec![items, lt, 3], vec![0.0; items * lt * 3]);
-    let grid = latent.grid();
-    let ids = image_ids(grid.height / 2, grid.width / 2).repeat(items);
-    let img_ids = HostTensor::from_f32(vec![items, latent.tokens(), 3], ids);
-    let guidance = HostTensor::from_f32(vec![items], vec![model.config.guidance; items]);
-    Ok(Conditioning {
-        txt: b.input(&repeat(&model.txt))?,
-        pe: model.flux.positions(b, &txt_ids, &img_ids)?,
-        y: b.input(&repeat(&model.y))?,
-        guidance: if model.flux.params.guidance_embed { Some(scalars(b, &guidance)?) } else { None },
-    })
+/// `Prediction::T_MIN`'s divisor of each item's velocity, as its reciprocal.
+fn inverse_divisors(t: &[f32]) -> Vec<f32> {
+    t.iter().map(|&t| 1.0 / t.max(Prediction::T_MIN)).collect()
 }
 
-/// The transformer's input: each token's `x_t` features followed by its LQ features.
-pub fn model_input(x_t: &[f32], cond: &[f32], features: usize) -> Vec<f32> {
-    x_t.chunks(features).zip(cond.chunks(features)).flat_map(|(x, c)| x.iter().chain(c).copied()).collect()
-}
-
-/// The model's inputs for `x_t` (packed, one time per item) conditioned on `cond`.
+/// The model's inputs for `x_t` (on the grid) at times `t` under the packed condition `cond`.
 struct Inputs<B: Backend> {
     img: Tensor<B>,
     timesteps: Tensor<B>,
-    c: Conditioning<B>,
+    c: Rc<Conditioning<B>>,
+    t: Vec<f32>,
 }
 
-fn inputs<B: Backend + 'static>(b: &B, model: &SrModel<B>, latent: Latent, x_t: &[f32], cond: &[f32], t: &[f32]) -> Result<Inputs<B>> {
-    let items = t.len();
-    let (tokens, features) = (latent.tokens(), latent.features());
-    ensure!(
-        x_t.len() == items * tokens * features && cond.len() == x_t.len(),
-        "model pass: {} x_t and {} condition values for {items} items of {tokens} x {features}",
-        x_t.len(),
-        cond.len()
-    );
-    let img = b.input(&HostTensor::from_f32(vec![items, tokens, 2 * features], model_input(x_t, cond, features)))?;
-    let timesteps = scalars(b, &HostTensor::from_f32(vec![items], t.to_vec()))?;
-    Ok(Inputs { img, timesteps, c: conditioning(b, model, items, latent)? })
-}
+impl<'a, B: TrainingOps + 'static> StepContext<'a, B> {
+    fn inputs(&self, latent: Latent, x_t: &Tensor<B>, cond: &Tensor<B>, t: &[f32]) -> Result<Inputs<B>> {
+        let b = self.b;
+        let items = t.len();
+        ensure!(
+            x_t.shape() == latent.shape(items).as_slice() && cond.shape() == [items, latent.tokens(), latent.features()],
+            "model pass: x_t {:?} and condition {:?} for {items} items of {}",
+            x_t.shape(),
+            cond.shape(),
+            latent.grid()
+        );
+        let tokens = pack_tensor(b, &b.cast(x_t, b.activation_dtype())?)?;
+        Ok(Inputs {
+            img: b.concat(&[&tokens, cond], 2)?,
+            timesteps: scalars(b, &HostTensor::from_f32(vec![items], t.to_vec()))?,
+            c: self.conditionings.get(b, self.model, items, latent.token_grid())?,
+            t: t.to_vec(),
+        })
+    }
 
-/// The model's velocity at `x_t` (packed), without keeping anything for a backward.
-pub fn velocity<B: Backend + 'static>(b: &B, model: &SrModel<B>, latent: Latent, x_t: &[f32], cond: &[f32], t: &[f32]) -> Result<Vec<f32>> {
-    let i = inputs(b, model, latent, x_t, cond, t)?;
-    let output = b.download(&model.flux.forward(b, &i.img, &i.timesteps, &i.c)?)?.to_f32();
-    Ok(model.config.prediction.velocity(output, x_t, t))
+    /// The transformer's output as the flow's velocity on the grid, f32.
+    fn velocity_of(&self, latent: Latent, output: &Tensor<B>, x_t: &Tensor<B>, t: &[f32]) -> Result<Tensor<B>> {
+        let b = self.b;
+        let grid = latent.grid();
+        let output = b.cast(&unpack_tensor(b, output, grid.height, grid.width)?, DType::F32)?;
+        match self.model.config.prediction {
+            Prediction::Velocity => Ok(output),
+            // (x_t - x0) / max(t, T_MIN).
+            Prediction::Data => b.scale_items(&inverse_divisors(t), &b.axpby(&[1.0], x_t, &[-1.0], &output)?),
+        }
+    }
+
+    /// The model's velocity at `x_t` (on the grid, f32) with the deltas of `tr`, without keeping
+    /// anything for a backward.
+    pub fn velocity(&self, tr: Trainable<B>, latent: Latent, x_t: &Tensor<B>, cond: &Tensor<B>, t: &[f32]) -> Result<Tensor<B>> {
+        let i = self.inputs(latent, x_t, cond, t)?;
+        let output = self.model.flux.forward(self.b, &i.img, &i.timesteps, &i.c, tr)?;
+        self.velocity_of(latent, &output, x_t, t)
+    }
+
+    /// [`StepContext::velocity`], keeping what the backward of `tr` needs.
+    pub fn forward_train(
+        &self,
+        tr: Trainable<'a, B>,
+        latent: Latent,
+        x_t: &Tensor<B>,
+        cond: &Tensor<B>,
+        t: &[f32],
+    ) -> Result<TrainPass<'a, B>> {
+        let inputs = self.inputs(latent, x_t, cond, t)?;
+        let (output, acts) = self.model.flux.forward_train(self.b, &inputs.img, &inputs.timesteps, &inputs.c, tr, Checkpointing::Off)?;
+        let velocity = self.velocity_of(latent, &output, x_t, t)?;
+        Ok(TrainPass { tr, inputs, acts, latent, velocity })
+    }
 }
 
 /// A forward pass kept for its backward.
-pub struct TrainPass<B: Backend> {
+pub struct TrainPass<'a, B: TrainingOps> {
+    tr: Trainable<'a, B>,
     inputs: Inputs<B>,
     acts: FluxActs<B>,
     latent: Latent,
-    t: Vec<f32>,
-    /// The velocity, packed like `x_t`.
-    pub velocity: Vec<f32>,
+    /// The velocity on the grid, f32.
+    pub velocity: Tensor<B>,
 }
 
 /// The gradients of one backward, as the trainer needs them.
 pub struct PassGrads<B: Backend> {
-    /// Everything the model's backward returns (the adapters' gradients among them).
+    /// Everything the model's backward returns (the trained tensors' gradients among them).
     pub model: FluxGrads<B>,
-    /// d loss / d x_t, packed like `x_t`: the first half of the features of each input token.
-    pub x_t: Vec<f32>,
+    /// d loss / d x_t on the grid, f32: through the model's input (the first half of each input
+    /// token's features) and, for a data prediction, the velocity's direct dependence on x_t.
+    pub x_t: Tensor<B>,
 }
 
-/// [`velocity`], keeping what the backward needs.
-pub fn forward_train<B: BackwardOps + 'static>(
-    b: &B,
-    model: &SrModel<B>,
-    latent: Latent,
-    x_t: &[f32],
-    cond: &[f32],
-    t: &[f32],
-) -> Result<TrainPass<B>> {
-    let inputs = inputs(b, model, latent, x_t, cond, t)?;
-    let (output, acts) = model.flux.forward_train(b, &inputs.img, &inputs.timesteps, &inputs.c, Checkpointing::Off)?;
-    let velocity = model.config.prediction.velocity(b.download(&output)?.to_f32(), x_t, t);
-    Ok(TrainPass { velocity, inputs, acts, latent, t: t.to_vec() })
-}
-
-impl<B: BackwardOps + 'static> TrainPass<B> {
-    /// The backward of a loss whose gradient wrt the velocity is `g_velocity` (packed). `model`
-    /// must carry the adapters the forward ran with.
-    pub fn backward(self, b: &B, model: &SrModel<B>, g_velocity: &[f32]) -> Result<PassGrads<B>> {
-        ensure!(g_velocity.len() == self.velocity.len(), "backward: {} gradient values for {}", g_velocity.len(), self.velocity.len());
-        let (tokens, features) = (self.latent.tokens(), self.latent.features());
-        let shape = vec![self.velocity.len() / (tokens * features), tokens, features];
-        let (g_output, g_x_direct) = model.config.prediction.backward(g_velocity, &self.t);
-        let g = b.input(&HostTensor::from_f32(shape, g_output))?;
-        let grads = model.flux.backward(b, &self.inputs.img, &self.inputs.c, self.acts, &g)?;
-        let g_img = b.download(&grads.img)?.to_f32();
-        let mut x_t: Vec<f32> = g_img.chunks(2 * features).flat_map(|token| token[..features].iter().copied()).collect();
-        if let Some(direct) = g_x_direct {
-            x_t.iter_mut().zip(direct).for_each(|(g, d)| *g += d);
-        }
-        Ok(PassGrads { model: grads, x_t })
+impl<B: TrainingOps + 'static> TrainPass<'_, B> {
+    /// The backward of a loss whose gradient wrt the velocity is `g_velocity` (on the grid, f32).
+    pub fn backward(self, cx: &StepContext<B>, g_velocity: &Tensor<B>) -> Result<PassGrads<B>> {
+        let b = cx.b;
+        ensure!(
+            g_velocity.shape() == self.velocity.shape(),
+            "backward: gradient {:?} for a velocity {:?}",
+            g_velocity.shape(),
+            self.velocity.shape()
+        );
+        let (g_output, g_x_direct) = match cx.model.config.prediction {
+            Prediction::Velocity => (None, None),
+            // v = (x_t - x0) / d: g_x0 = -g / d, and x_t's direct share is g / d.
+            Prediction::Data => {
+                let g_x = b.scale_items(&inverse_divisors(&self.inputs.t), g_velocity)?;
+                (Some(b.scale_items(&[-1.0], &g_x)?), Some(g_x))
+            }
+        };
+        let g_output = pack_tensor(b, &b.cast(g_output.as_ref().unwrap_or(g_velocity), b.activation_dtype())?)?;
+        let model = cx.model.flux.backward(b, &self.inputs.img, &self.inputs.c, self.tr, self.acts, &g_output)?;
+        let grid = self.latent.grid();
+        let g_tokens = b.narrow(&model.img, 2, 0, self.latent.features())?;
+        let x_t = b.cast(&unpack_tensor(b, &g_tokens, grid.height, grid.width)?, DType::F32)?;
+        let x_t = match g_x_direct {
+            Some(direct) => b.axpby(&[1.0], &x_t, &[1.0], &direct)?,
+            None => x_t,
+        };
+        Ok(PassGrads { model, x_t })
     }
 }
 
@@ -261,7 +295,11 @@ impl<B: BackwardOps + 'static> TrainPass<B> {
 mod tests {
     use super::*;
     use crate::sr::model_dir::{FlowData, Prediction};
-    use crate::train::sft::tests::{samples, tiny_sr_model, B};
+    use crate::train::sft::tests::{samples, tiny_sr_model, Fixture, B};
+
+    fn values(t: &Tensor<crate::CpuBackend>) -> Vec<f32> {
+        B.download(t).unwrap().to_f32()
+    }
 
     /// Pixel-shuffle and packing only move pixels, so a residual flow's data has the energy of
     /// `scale * (HQ - bicubic)` computed on the images themselves.
@@ -277,10 +315,10 @@ mod tests {
             let up = resize(&s.lq, s.hq.width, s.hq.height);
             want += s.hq.data.iter().zip(&up.data).map(|(h, u)| (scale as f64 * 2.0 * (h - u) as f64).powi(2)).sum::<f64>();
         }
-        let got: f64 = batch.x0.iter().map(|&x| (x as f64).powi(2)).sum();
+        let got: f64 = values(&batch.x0).iter().map(|&x| (x as f64).powi(2)).sum();
         assert!(want > 1.0 && (got - want).abs() < 1e-4 * want, "energy {got}, expected {want}");
         // The condition itself is the flow's zero.
-        assert!(FlowData::Residual { scale }.to_flow(&batch.cond, &batch.cond).iter().all(|&x| x == 0.0));
+        assert!(values(&batch.cond_flow).iter().all(|&x| x == 0.0));
     }
 
     /// d loss / d x_t of a pass agrees with central differences of `velocity` for both kinds of
@@ -291,23 +329,27 @@ mod tests {
             let mut model = tiny_sr_model(3);
             model.config.prediction = prediction;
             let batch = encode_samples(&B, &model, &samples(2)).unwrap();
+            let fixture = Fixture::new();
+            let cx = fixture.context(&model, None);
             let t = [0.7f32, 0.02];
-            let x_t = gaussian_noise(batch.x0.len(), 4);
-            let weights = gaussian_noise(batch.x0.len(), 5);
+            let shape = batch.latent.shape(2);
+            let n = batch.latent.grid().elements() * 2;
+            let field = |v: Vec<f32>| B.upload(&HostTensor::from_f32(shape.clone(), v)).unwrap();
+            let x_t = gaussian_noise(n, 4);
+            let weights = gaussian_noise(n, 5);
             let loss = |x: &[f32]| -> f64 {
-                let v = velocity(&B, &model, batch.latent, x, &batch.cond, &t).unwrap();
+                let v = values(&cx.velocity(Trainable::Nothing, batch.latent, &field(x.to_vec()), &batch.cond, &t).unwrap());
                 v.iter().zip(&weights).map(|(&v, &w)| v as f64 * w as f64).sum()
             };
-            let pass = forward_train(&B, &model, batch.latent, &x_t, &batch.cond, &t).unwrap();
-            let grads = pass.backward(&B, &model, &weights).unwrap();
+            let pass = cx.forward_train(Trainable::Nothing, batch.latent, &field(x_t.clone()), &batch.cond, &t).unwrap();
+            let grads = values(&pass.backward(&cx, &field(weights.clone())).unwrap().x_t);
             let h = 1e-2f32;
-            let half = x_t.len() / 2;
-            for i in [0, 17, half + 5, x_t.len() - 1] {
+            for i in [0, 17, n / 2 + 5, n - 1] {
                 let (mut up, mut down) = (x_t.clone(), x_t.clone());
                 up[i] += h;
                 down[i] -= h;
                 let fd = (loss(&up) - loss(&down)) / (2.0 * h as f64);
-                let got = grads.x_t[i] as f64;
+                let got = grads[i] as f64;
                 assert!((got - fd).abs() < 2e-2 * fd.abs().max(1.0), "{prediction:?} x_t[{i}]: {got} vs {fd}");
             }
         }

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
 
-use super::loss::DEFAULT_BETA;
-use super::sobolev::DEFAULT_EXPONENT;
+use crate::backend::losses::DEFAULT_BETA;
+use crate::backend::sobolev::DEFAULT_EXPONENT;
 
 /// The training stages of design.md sections 5 to 7.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -1,26 +1,23 @@
-//! What a run trains and the frozen models it trains against.
+//! What a run trains.
 //!
-//! - [`TensorSet`]: the trained parameters as named f32 master tensors with their shapes; the
-//!   optimiser and the checkpoint only ever see this.
-//! - [`Trainable`]: how such a set reaches the model (`install`), how its gradients come out of a
-//!   model backward (`gradients`) and what file a user gets (`export`). [`LoraParams`] is the
-//!   LoRA kind; a full-parameter trainer plugs into the same loop with its own implementation.
-//! - [`Models`]: the model under training (the policy, or the adversary being trained) and its
-//!   frozen variants, sharing one set of base weights. The base already has the SFT adapter merged
-//!   (`--sft-lora`), so the reference is the model with the trained adapters taken off, and the
-//!   AS-DPO adversary A_phi is the model with the adversary's adapters in their place: a variant is
-//!   a set of unmerged adapters swapped onto the token-path linears for the duration of a call.
+//! - [`TensorSet`]: the trained parameters as named f32 host tensors with their shapes: what a
+//!   checkpoint holds, and what a run starts from.
+//! - [`Masters`]: the same on the device, the f32 master copies the optimiser updates in place;
+//!   they leave the device only when a checkpoint or an export is written.
+//! - [`Trained`]: how masters reach the model (`refresh`: LoRA deltas in the activation dtype, or
+//!   the model's own weights) and the trainable set its passes get, how their gradients come out
+//!   of a model backward, and what file a user gets (`export`). [`LoraParams`] and
+//!   [`FullParams`] are the two kinds.
 
 use super::checkpoint::LORA_FILE;
-use crate::backend::backward::BackwardOps;
+use crate::backend::training::TrainingOps;
 use crate::backend::Backend;
 use crate::model::backward::FluxGrads;
-use crate::model::backward::Trainable as FluxTrainable;
 use crate::model::layers::LoraDelta;
-use crate::model::Flux;
+use crate::model::{params, Adapters, Flux, Trainable};
 use crate::sr::model_dir::{write_model_folder, SrConfig, SrModel};
+use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Context, Result};
-use loaders::lora::LoraAdapter;
 use loaders::{DType, HostTensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -28,7 +25,7 @@ use rand_distr::{Distribution, StandardNormal};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Named f32 tensors and their shapes: the trained parameters' master copies.
+/// Named f32 tensors and their shapes: the trained parameters on the host.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TensorSet {
     pub values: BTreeMap<String, Vec<f32>>,
@@ -69,18 +66,54 @@ impl TensorSet {
     }
 }
 
+/// The trained tensors' f32 master copies on the device, in the order of their names.
+pub struct Masters<B: Backend> {
+    pub names: Vec<String>,
+    pub tensors: Vec<Tensor<B>>,
+}
+
+impl<B: Backend> Masters<B> {
+    /// Uploads a host set (f32, kept exactly).
+    pub fn upload(b: &B, set: &TensorSet) -> Result<Self> {
+        let tensors = set.values.keys().map(|name| b.upload(&set.host(name)?)).collect::<Result<Vec<_>>>()?;
+        Ok(Masters { names: set.values.keys().cloned().collect(), tensors })
+    }
+
+    /// Downloads the set (for a checkpoint or an export).
+    pub fn download(&self, b: &B) -> Result<TensorSet> {
+        let mut set = TensorSet::default();
+        for (name, t) in self.names.iter().zip(&self.tensors) {
+            set.insert(name.clone(), t.shape().to_vec(), b.download(t)?.to_f32());
+        }
+        Ok(set)
+    }
+
+    /// Scalars in all tensors.
+    pub fn count(&self) -> usize {
+        self.tensors.iter().map(Tensor::elem_count).sum()
+    }
+
+    /// The master named `name`.
+    pub fn get(&self, name: &str) -> Result<&Tensor<B>> {
+        let i = self.names.binary_search_by(|n| n.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("no trained tensor '{name}'"))?;
+        Ok(&self.tensors[i])
+    }
+}
+
 /// Trained parameters as the training loop sees them.
-pub trait Trainable<B: Backend> {
-    /// The master tensors.
-    fn tensors(&self) -> &TensorSet;
-    fn tensors_mut(&mut self) -> &mut TensorSet;
-    /// Puts the master tensors into the model (after each optimiser step and on resume).
-    fn install(&self, b: &B, flux: &mut Flux<B>) -> Result<()>;
-    /// The gradients of the master tensors, by the same names, from a model backward.
-    fn gradients(&self, b: &B, grads: &FluxGrads<B>) -> Result<BTreeMap<String, Vec<f32>>>;
+pub trait Trained<B: TrainingOps> {
+    fn masters(&self) -> &Masters<B>;
+    fn masters_mut(&mut self) -> &mut Masters<B>;
+    /// Makes what the model computes with from the masters (after each optimiser step and on
+    /// resume): LoRA deltas, or the model's own weights, in the activation dtype.
+    fn refresh(&mut self, b: &B, flux: &mut Flux<B>) -> Result<()>;
+    /// The trainable set the model's passes get.
+    fn trainable(&self) -> Trainable<'_, B>;
+    /// The gradients of the masters, in their order, from a model backward.
+    fn gradients(&self, grads: FluxGrads<B>) -> Result<Vec<Tensor<B>>>;
     /// Writes what a user loads into the folder `out`: `lora.safetensors` for a LoRA, a model
     /// folder for the whole model. Returns the path to name.
-    fn export(&self, out: &Path) -> Result<PathBuf>;
+    fn export(&self, b: &B, out: &Path) -> Result<PathBuf>;
 }
 
 pub fn down_name(target: &str) -> String {
@@ -92,22 +125,23 @@ pub fn up_name(target: &str) -> String {
 }
 
 /// One LoRA delta on every token-path linear (design.md section 7's targets, plus the input and
-/// output projections): `{target}.lora_down` `[rank, in]` ~ N(0, 1/in) and `{target}.lora_up`
-/// `[out, rank]` = 0, scale 1, so that a fresh adapter leaves the model unchanged.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoraParams {
-    pub tensors: TensorSet,
+/// output projections): `{target}.lora_down` `[rank, in]` and `{target}.lora_up` `[out, rank]`,
+/// scale 1.
+pub struct LoraParams<B: Backend> {
+    masters: Masters<B>,
+    adapters: Adapters<B>,
 }
 
-impl LoraParams {
-    /// Fresh adapters of `rank` for every token-path linear of `flux` (none may carry an
-    /// unmerged adapter: the base's own adapters are merged at load), `down` drawn from `seed`.
-    pub fn new<B: BackwardOps>(flux: &mut Flux<B>, rank: usize, seed: u64) -> Result<Self> {
+impl<B: TrainingOps> LoraParams<B> {
+    /// Fresh factors of `rank` for every token-path linear of `flux` (none may carry an unmerged
+    /// adapter: the base's own adapters are merged at load): `down` ~ N(0, 1/in) drawn from
+    /// `seed`, `up` = 0, so that a fresh adapter leaves the model unchanged.
+    pub fn init(flux: &Flux<B>, rank: usize, seed: u64) -> Result<TensorSet> {
         ensure!(rank >= 1, "the LoRA rank must be at least 1");
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = TensorSet::default();
-        for (target, lin) in flux.token_path_linears_mut() {
-            ensure!(lin.lora.is_empty(), "'{target}' already carries a LoRA: training starts from a base without unmerged adapters");
+        for lin in params::token_path(flux) {
+            ensure!(lin.lora.is_empty(), "'{}' already carries a LoRA: training starts from a base without unmerged adapters", lin.name);
             let (out_f, in_f) = (lin.weight.dim(0), lin.weight.dim(1));
             let std = 1.0 / (in_f as f32).sqrt();
             let down: Vec<f32> = (0..rank * in_f)
@@ -116,70 +150,88 @@ impl LoraParams {
                     std * z
                 })
                 .collect();
-            tensors.insert(down_name(&target), vec![rank, in_f], down);
-            tensors.insert(up_name(&target), vec![out_f, rank], vec![0.0; out_f * rank]);
+            tensors.insert(down_name(&lin.name), vec![rank, in_f], down);
+            tensors.insert(up_name(&lin.name), vec![out_f, rank], vec![0.0; out_f * rank]);
         }
-        Ok(LoraParams { tensors })
+        Ok(tensors)
+    }
+
+    /// The factors `set` on the device, their deltas made for `flux`.
+    pub fn new(b: &B, flux: &mut Flux<B>, set: &TensorSet) -> Result<Self> {
+        let mut params = LoraParams { masters: Masters::upload(b, set)?, adapters: Adapters::new(flux, BTreeMap::new())? };
+        params.refresh(b, flux)?;
+        Ok(params)
     }
 }
 
-impl<B: BackwardOps> Trainable<B> for LoraParams {
-    fn tensors(&self) -> &TensorSet {
-        &self.tensors
+impl<B: TrainingOps> Trained<B> for LoraParams<B> {
+    fn masters(&self) -> &Masters<B> {
+        &self.masters
     }
 
-    fn tensors_mut(&mut self) -> &mut TensorSet {
-        &mut self.tensors
+    fn masters_mut(&mut self) -> &mut Masters<B> {
+        &mut self.masters
     }
 
-    fn install(&self, b: &B, flux: &mut Flux<B>) -> Result<()> {
-        for (target, lin) in flux.token_path_linears_mut() {
-            let down = b.input(&self.tensors.host(&down_name(&target))?)?;
-            let up = b.input(&self.tensors.host(&up_name(&target))?)?;
-            lin.lora = vec![LoraDelta { down, up, up_bias: None, scale: 1.0, offset: 0 }];
+    fn refresh(&mut self, b: &B, flux: &mut Flux<B>) -> Result<()> {
+        let dtype = b.activation_dtype();
+        let mut deltas = BTreeMap::new();
+        for name in &self.masters.names {
+            let Some(target) = name.strip_suffix(".lora_down") else { continue };
+            let (down, up) = (self.masters.get(name)?, self.masters.get(&up_name(target))?);
+            let delta = LoraDelta { down: b.cast(down, dtype)?, up: b.cast(up, dtype)?, up_bias: None, scale: 1.0, offset: 0 };
+            deltas.insert(target.to_string(), vec![delta]);
         }
+        self.adapters = Adapters::new(flux, deltas)?;
         Ok(())
     }
 
-    fn gradients(&self, b: &B, grads: &FluxGrads<B>) -> Result<BTreeMap<String, Vec<f32>>> {
-        let mut out = BTreeMap::new();
-        for (target, deltas) in &grads.lora {
-            ensure!(deltas.len() == 1, "'{target}' has {} adapters in the backward; training expects its own only", deltas.len());
-            out.insert(down_name(target), b.download(&deltas[0].down)?.to_f32());
-            out.insert(up_name(target), b.download(&deltas[0].up)?.to_f32());
-        }
-        ensure!(
-            out.len() == self.tensors.values.len(),
-            "the backward gave gradients for {} LoRA factors, {} are trained",
-            out.len(),
-            self.tensors.values.len()
-        );
-        Ok(out)
+    fn trainable(&self) -> Trainable<'_, B> {
+        Trainable::Lora(&self.adapters)
     }
 
-    fn export(&self, out: &Path) -> Result<PathBuf> {
+    fn gradients(&self, grads: FluxGrads<B>) -> Result<Vec<Tensor<B>>> {
+        let mut by_name = BTreeMap::new();
+        for (target, deltas) in grads.lora {
+            let [g]: [_; 1] = deltas.try_into().map_err(|d: Vec<_>| {
+                anyhow::anyhow!("'{target}' has {} adapters in the backward; training expects its own only", d.len())
+            })?;
+            by_name.insert(down_name(&target), g.down);
+            by_name.insert(up_name(&target), g.up);
+        }
+        ensure!(
+            by_name.keys().eq(self.masters.names.iter()),
+            "the backward gave gradients for {} LoRA factors, {} are trained",
+            by_name.len(),
+            self.masters.names.len()
+        );
+        Ok(by_name.into_values().collect())
+    }
+
+    fn export(&self, b: &B, out: &Path) -> Result<PathBuf> {
         let path = out.join(LORA_FILE);
-        write_lora(&path, &self.tensors)?;
+        write_lora(&path, &self.masters.download(b)?)?;
         Ok(path)
     }
 }
 
-/// Every weight and bias of every linear of the transformer (`Flux::base_parameters_mut`, under
-/// their BFL keys), for training a small model from scratch (`--full`). The QK-norm scales stay
-/// frozen (and at 1 in a random base); they are kept aside to write whole model folders.
-pub struct FullParams {
-    pub tensors: TensorSet,
+/// Every weight and bias of every linear of the transformer (`params::base_parameters_mut`,
+/// under their BFL keys), for training a small model from scratch (`--full`). The QK-norm scales
+/// stay frozen (and at 1 in a random base); they are kept aside to write whole model folders.
+pub struct FullParams<B: Backend> {
+    masters: Masters<B>,
     frozen: BTreeMap<String, HostTensor>,
     config: SrConfig,
 }
 
-impl FullParams {
+impl<B: TrainingOps> FullParams<B> {
     /// The model's own weights as the starting point; with `adaln_zero` (a random base) every
     /// modulation linear and the final projection start at zero, DiT's adaLN-Zero: each block is
-    /// the identity and the model's output is zero until training opens the gates.
-    pub fn new<B: BackwardOps>(b: &B, sr: &mut SrModel<B>, adaln_zero: bool) -> Result<Self> {
-        let mut frozen = sr.flux.download_weights(b)?;
-        let names: Vec<String> = sr.flux.base_parameters_mut().into_iter().map(|(name, _)| name).collect();
+    /// the identity and the model's output is zero until training opens the gates. Returns the
+    /// trained set and the frozen tensors.
+    pub fn init(b: &B, sr: &mut SrModel<B>, adaln_zero: bool) -> Result<(TensorSet, BTreeMap<String, HostTensor>)> {
+        let mut frozen = params::download_weights(b, &sr.flux)?;
+        let names: Vec<String> = params::base_parameters_mut(&mut sr.flux).into_iter().map(|(name, _)| name).collect();
         let mut tensors = TensorSet::default();
         for name in names {
             let t = frozen.remove(&name).with_context(|| format!("no weight '{name}' in the model"))?;
@@ -190,43 +242,52 @@ impl FullParams {
             }
             tensors.insert(name, t.shape.clone(), values);
         }
-        Ok(FullParams { tensors, frozen, config: sr.config.clone() })
+        Ok((tensors, frozen))
+    }
+
+    /// The weights `set` on the device, put in place in `sr`'s transformer.
+    pub fn new(b: &B, sr: &mut SrModel<B>, set: &TensorSet, frozen: BTreeMap<String, HostTensor>) -> Result<Self> {
+        let mut params = FullParams { masters: Masters::upload(b, set)?, frozen, config: sr.config.clone() };
+        params.refresh(b, &mut sr.flux)?;
+        Ok(params)
     }
 }
 
-impl<B: BackwardOps> Trainable<B> for FullParams {
-    fn tensors(&self) -> &TensorSet {
-        &self.tensors
+impl<B: TrainingOps> Trained<B> for FullParams<B> {
+    fn masters(&self) -> &Masters<B> {
+        &self.masters
     }
 
-    fn tensors_mut(&mut self) -> &mut TensorSet {
-        &mut self.tensors
+    fn masters_mut(&mut self) -> &mut Masters<B> {
+        &mut self.masters
     }
 
-    fn install(&self, b: &B, flux: &mut Flux<B>) -> Result<()> {
-        flux.trainable = FluxTrainable::Full;
-        for (name, tensor) in flux.base_parameters_mut() {
-            *tensor = b.input(&self.tensors.host(&name)?)?;
+    fn refresh(&mut self, b: &B, flux: &mut Flux<B>) -> Result<()> {
+        for (name, tensor) in params::base_parameters_mut(flux) {
+            *tensor = b.cast(self.masters.get(&name)?, b.activation_dtype())?;
         }
         Ok(())
     }
 
-    fn gradients(&self, b: &B, grads: &FluxGrads<B>) -> Result<BTreeMap<String, Vec<f32>>> {
-        let out: BTreeMap<String, Vec<f32>> =
-            grads.base.iter().map(|(name, g)| Ok((name.clone(), b.download(g)?.to_f32()))).collect::<Result<_>>()?;
-        ensure!(
-            out.len() == self.tensors.values.len(),
-            "the backward gave {} weight gradients, {} are trained",
-            out.len(),
-            self.tensors.values.len()
-        );
-        Ok(out)
+    fn trainable(&self) -> Trainable<'_, B> {
+        Trainable::Full
     }
 
-    fn export(&self, out: &Path) -> Result<PathBuf> {
+    fn gradients(&self, grads: FluxGrads<B>) -> Result<Vec<Tensor<B>>> {
+        ensure!(
+            grads.base.keys().eq(self.masters.names.iter()),
+            "the backward gave {} weight gradients, {} are trained",
+            grads.base.len(),
+            self.masters.names.len()
+        );
+        Ok(grads.base.into_values().collect())
+    }
+
+    fn export(&self, b: &B, out: &Path) -> Result<PathBuf> {
+        let trained = self.masters.download(b)?;
         let mut all: Vec<(String, HostTensor)> = self.frozen.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
-        for name in self.tensors.values.keys() {
-            all.push((name.clone(), self.tensors.host(name)?));
+        for name in trained.values.keys() {
+            all.push((name.clone(), trained.host(name)?));
         }
         let list: Vec<(&str, &HostTensor)> = all.iter().map(|(n, t)| (n.as_str(), t)).collect();
         write_model_folder(out, &self.config, &list, DType::F32, true)?;
@@ -292,93 +353,4 @@ pub fn write_lora(path: &Path, tensors: &TensorSet) -> Result<()> {
     let list: Vec<(&str, &HostTensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
     loaders::safetensors::write(path, &list, &BTreeMap::new(), true)?;
     Ok(())
-}
-
-/// Unmerged adapters by token-path linear: one model variant's difference from the shared base.
-pub struct Adapters<B: Backend>(BTreeMap<String, Vec<LoraDelta<B>>>);
-
-impl<B: BackwardOps> Adapters<B> {
-    /// No adapters: the base itself.
-    pub fn none() -> Self {
-        Adapters(BTreeMap::new())
-    }
-
-    /// A LoRA file's parts as unmerged deltas on `flux`'s token-path linears, checked against
-    /// their shapes. Only token-path linears can carry a variant's adapter (the backward holds the
-    /// modulation path constant).
-    pub fn from_adapter(b: &B, flux: &mut Flux<B>, adapter: &LoraAdapter) -> Result<Self> {
-        let name = adapter.path.display();
-        ensure!(adapter.replacements.is_empty(), "{name}: replaces base tensors, which a frozen training variant cannot");
-        let mut dims: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-        for (target, lin) in flux.token_path_linears_mut() {
-            dims.insert(target, (lin.weight.dim(0), lin.weight.dim(1)));
-        }
-        let mut deltas: BTreeMap<String, Vec<LoraDelta<B>>> = BTreeMap::new();
-        for part in &adapter.parts {
-            let Some(&(out_f, in_f)) = dims.get(&part.target) else {
-                bail!("{name}: '{}' targets '{}', which is not a token-path linear of this model", part.source, part.target)
-            };
-            let (rank, din, dout) = (part.rank(), part.down.shape[1], part.out_len());
-            ensure!(
-                din == in_f && part.up.shape == [dout, rank] && part.out_offset + dout <= out_f,
-                "{name}: '{}' (down {:?}, up {:?}, rows from {}) does not fit '{}' [{out_f}, {in_f}]",
-                part.source,
-                part.down.shape,
-                part.up.shape,
-                part.out_offset,
-                part.target
-            );
-            deltas.entry(part.target.clone()).or_default().push(LoraDelta {
-                down: b.input(&part.down)?,
-                up: b.input(&part.up)?,
-                up_bias: part.up_bias.as_ref().map(|t| b.input(t)).transpose()?,
-                scale: part.scale,
-                offset: part.out_offset,
-            });
-        }
-        Ok(Adapters(deltas))
-    }
-
-    /// Exchanges these adapters with the ones on the model's token-path linears.
-    fn swap(&mut self, flux: &mut Flux<B>) {
-        for (target, lin) in flux.token_path_linears_mut() {
-            std::mem::swap(&mut lin.lora, self.0.entry(target).or_default());
-        }
-    }
-}
-
-/// The frozen variants of the model under training.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Variant {
-    /// Base + SFT LoRA: the DPO reference (and the adversary's hardness judge).
-    Reference,
-    /// Base + SFT LoRA + the adversary's LoRA: A_phi of AS-DPO.
-    Adversary,
-}
-
-/// The model under training (its trained adapters installed) and its frozen variants.
-pub struct Models<B: Backend> {
-    pub sr: SrModel<B>,
-    variants: BTreeMap<Variant, Adapters<B>>,
-}
-
-impl<B: BackwardOps> Models<B> {
-    /// `sr` with the reference variant (no adapters beyond what its base has merged).
-    pub fn new(sr: SrModel<B>) -> Self {
-        Models { sr, variants: BTreeMap::from([(Variant::Reference, Adapters::none())]) }
-    }
-
-    pub fn add_variant(&mut self, variant: Variant, adapters: Adapters<B>) {
-        self.variants.insert(variant, adapters);
-    }
-
-    /// Runs `f` on the model as `variant`: that variant's adapters replace the trained ones for
-    /// the call, which are back in place afterwards (also when `f` fails).
-    pub fn with<R>(&mut self, variant: Variant, f: impl FnOnce(&SrModel<B>) -> Result<R>) -> Result<R> {
-        let adapters = self.variants.get_mut(&variant).with_context(|| format!("this run has no {variant:?} model"))?;
-        adapters.swap(&mut self.sr.flux);
-        let result = f(&self.sr);
-        adapters.swap(&mut self.sr.flux);
-        result
-    }
 }

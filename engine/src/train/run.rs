@@ -4,34 +4,44 @@
 //! A stage is a [`StageStep`]: the loss and the gradients of one micro-batch of samples. The loop
 //! around it is common: the data draw, gradient accumulation (`grad_accum` micro-batches per
 //! optimiser step, gradients and logged values averaged), AdamW on the trained tensors
-//! ([`Trainable`]), the JSONL log, checkpoints, resume and the stop request (Ctrl-C).
+//! ([`Trained`]), the JSONL log, checkpoints, resume and the stop request (Ctrl-C).
+//!
+//! Where things live: the model, the trained tensors' f32 masters, their gradients and the
+//! optimiser's moments stay on the backend's device for the whole run. A step sends up the batch
+//! (its images, t and noise) and brings back the logged scalars; the trained tensors come down
+//! only when a checkpoint or an export is written.
 //!
 //! Determinism: every random draw of micro-batch k (which images, where to crop, the degradation,
 //! t and eps, the negatives' sampling noise) comes from seeds derived from (seed, k), so the data
 //! position and every RNG state of a run are its step count; a checkpoint therefore holds the
 //! step, the trained tensors, the optimiser state and the config, and a resumed run is
-//! bit-identical to an uninterrupted one (`checkpoint` describes the file and its crash safety).
+//! bit-identical to an uninterrupted one on the CPU (`checkpoint` describes the file and its
+//! crash safety). On a GPU a resumed run repeats an uninterrupted one as far as its kernels are
+//! deterministic: the training kernels (AdamW, the Sobolev operator, S-DPO, the field reductions)
+//! and the attention backward's dQ pass reduce in fixed orders; cuBLASLt's GEMMs are
+//! deterministic on one GPU for fixed shapes, algorithm and workspace.
 
-use super::adamw::{AdamW, AdamWConfig};
 use super::adversary::AdversaryMimic;
 use super::batch::{step_seed, stream, Latent};
 use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
 use super::config::{Negatives, Stage, TrainConfig};
-use super::data::{Baselines, Dataset, Sample};
-use super::kernels::TrainingKernels;
-use super::loss::LogitNormal;
-use super::params::{Adapters, FullParams, LoraParams, Models, Trainable, Variant};
+use super::data::{Baselines, Dataset};
+use super::optimizer::Optimizer;
+use super::params::{FullParams, LoraParams, Trained};
 use super::preference::{Losers, Preference};
 use super::sft::{loss_operator, Sft};
-use super::sobolev::Grid as FieldGrid;
-use crate::backend::backward::BackwardOps;
+use super::stage::{MicroStep, StageStep, StepContext};
+use super::times::LogitNormal;
+use crate::backend::adamw::{AdamW, AdamWConfig};
 use crate::backend::device::Device;
+use crate::backend::sobolev::Grid as FieldGrid;
+use crate::backend::training::TrainingOps;
 use crate::model::weights::WeightLoader;
-use crate::model::{Flux, LoraMode};
+use crate::model::{Adapters, Flux, LoraMode};
+use crate::sr::conditioning::Conditionings;
 use crate::sr::model_dir::{zero_text, SrConfig, SrModel};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,34 +70,6 @@ pub enum Progress {
     Step { step: u64, max_steps: u64, loss: f64 },
 }
 
-/// What the stage's step function gets besides its samples.
-pub struct StepContext<'a, B: BackwardOps> {
-    pub b: &'a B,
-    /// The model under training, its trained tensors installed, and its frozen variants.
-    pub models: &'a mut Models<B>,
-    pub trainable: &'a dyn Trainable<B>,
-    pub run_seed: u64,
-    /// The micro-batch's index over the run, `step * grad_accum + micro`: the seed of its draws.
-    pub draw: u64,
-    /// The distribution of the flow's t.
-    pub times: LogitNormal,
-}
-
-/// One micro-batch's result.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct MicroStep {
-    pub loss: f64,
-    /// The gradients of the trained tensors, by name.
-    pub grads: BTreeMap<String, Vec<f32>>,
-    /// Stage-specific values for the log (`implicit_acc`, `reward_margin`, ...).
-    pub metrics: Vec<(&'static str, f64)>,
-}
-
-/// A stage: the loss and the gradients of one micro-batch.
-pub trait StageStep<B: BackwardOps> {
-    fn micro_step(&mut self, cx: &mut StepContext<B>, samples: &[Sample]) -> Result<MicroStep>;
-}
-
 /// Runs (or resumes) `c.stage` to `opts.max_steps` on `device`.
 pub fn train(device: Device, c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
     c.validate()?;
@@ -96,19 +78,24 @@ pub fn train(device: Device, c: &TrainConfig, opts: &RunOptions, progress: &mut 
     crate::on_backend!(device, b => train_on(b, c, opts, resumed, progress))
 }
 
-/// `train` on an opened backend: the model's forward and backward run there, the optimiser on
-/// its `TrainingKernels`; the data, the losses and the trained tensors' master copies are on the
-/// host.
-fn train_on<B: BackwardOps + TrainingKernels + 'static>(
+/// What a run trains, its starting values, and the optimiser's state to start from.
+struct Start<B: TrainingOps> {
+    trained: Box<dyn Trained<B>>,
+    step: u64,
+    optimizer: AdamW,
+}
+
+/// `train` on an opened backend: everything but the data draw runs there.
+fn train_on<B: TrainingOps + 'static>(
     b: &B,
     c: &TrainConfig,
     opts: &RunOptions,
     resumed: Option<Checkpoint>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
-    let mut models = Models::new(base_model(b, c)?);
-    let config = models.sr.config.clone();
-    let (scale, unit) = (config.scale, models.sr.token_pixels());
+    let mut model = base_model(b, c)?;
+    let config = model.config.clone();
+    let (scale, unit) = (config.scale, model.token_pixels());
     ensure!(
         c.crop % scale == 0 && c.crop % unit == 0,
         "--crop is {}px, but this model needs a multiple of its scale {scale} and of its {unit}px tokens",
@@ -124,11 +111,10 @@ fn train_on<B: BackwardOps + TrainingKernels + 'static>(
     let side = c.crop / config.ae_factor();
     let latent = Latent(FieldGrid::new(config.latent_channels(), side, side));
     let op = loss_operator(&config.autoencoder, latent.grid(), c.sobolev_s)?;
-    if let Some(path) = &c.adversary_lora {
-        let adapter = LoraAdapter::open(path, config.transformer.hidden_size)?;
-        let adversary = Adapters::from_adapter(b, &mut models.sr.flux, &adapter)?;
-        models.add_variant(Variant::Adversary, adversary);
-    }
+    let adversary = match &c.adversary_lora {
+        Some(path) => Some(Adapters::from_file(b, &model.flux, &LoraAdapter::open(path, config.transformer.hidden_size)?)?),
+        None => None,
+    };
     let mut stage: Box<dyn StageStep<B>> = match c.stage {
         Stage::Sft => Box::new(Sft { op }),
         Stage::Adversary => Box::new(AdversaryMimic { op, hardness: c.hardness, rho: c.rho }),
@@ -141,11 +127,21 @@ fn train_on<B: BackwardOps + TrainingKernels + 'static>(
             Box::new(Preference { op, beta: c.beta, losers })
         }
     };
-    let mut trainable: Box<dyn Trainable<B>> = match c.full {
-        true => Box::new(FullParams::new(b, &mut models.sr, c.base.is_none())?),
-        false => Box::new(LoraParams::new(&mut models.sr.flux, c.rank, step_seed(c.seed, 0, 0))?),
-    };
-    let optimizer = AdamW::new(AdamWConfig {
+    let start = start(b, c, &mut model, resumed, &opts.out.join(CHECKPOINT_FILE))?;
+    let data = Data { dataset, crop: c.crop, scale };
+    let run = Run { b, c, opts, adversary: adversary.as_ref(), data: &data, conditionings: Conditionings::default() };
+    run.run(&mut model, start, stage.as_mut(), progress)
+}
+
+/// The trained tensors on the device, from the checkpoint of a resumed run or fresh.
+fn start<B: TrainingOps + 'static>(
+    b: &B,
+    c: &TrainConfig,
+    model: &mut SrModel<B>,
+    resumed: Option<Checkpoint>,
+    path: &Path,
+) -> Result<Start<B>> {
+    let fresh = AdamW::new(AdamWConfig {
         lr: c.lr,
         warmup_steps: c.warmup,
         decay_steps: c.decay_steps,
@@ -153,8 +149,25 @@ fn train_on<B: BackwardOps + TrainingKernels + 'static>(
         max_grad_norm: Some(c.max_grad_norm),
         ..AdamWConfig::default()
     });
-    let data = Data { dataset, crop: c.crop, scale };
-    run_loop(b, c, opts, &mut models, trainable.as_mut(), optimizer, resumed, stage.as_mut(), &data, progress)
+    let (set, frozen) = match c.full {
+        true => {
+            let (set, frozen) = FullParams::init(b, model, c.base.is_none())?;
+            (set, Some(frozen))
+        }
+        false => (LoraParams::init(&model.flux, c.rank, step_seed(c.seed, 0, 0))?, None),
+    };
+    let (set, step, optimizer) = match resumed {
+        Some(saved) => {
+            set.ensure_same_layout(&saved.params, &path.display().to_string())?;
+            (saved.params, saved.step, saved.optimizer)
+        }
+        None => (set, 0, fresh),
+    };
+    let trained: Box<dyn Trained<B>> = match frozen {
+        Some(frozen) => Box::new(FullParams::new(b, model, &set, frozen)?),
+        None => Box::new(LoraParams::new(b, &mut model.flux, &set)?),
+    };
+    Ok(Start { trained, step, optimizer })
 }
 
 /// The checkpoint a resume continues from, refused if its config differs from `c`.
@@ -182,101 +195,113 @@ struct Data {
     scale: usize,
 }
 
-/// The common loop: resume, then steps of `grad_accum` micro-batches, logs and checkpoints.
-#[allow(clippy::too_many_arguments)]
-fn run_loop<B: BackwardOps + TrainingKernels + 'static>(
-    b: &B,
-    c: &TrainConfig,
-    opts: &RunOptions,
-    models: &mut Models<B>,
-    trainable: &mut dyn Trainable<B>,
-    mut optimizer: AdamW,
-    resumed: Option<Checkpoint>,
-    stage: &mut dyn StageStep<B>,
-    data: &Data,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<()> {
-    let out = &opts.out;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
-    checkpoint::remove_leftovers(out)?;
-    let checkpoint_path = out.join(CHECKPOINT_FILE);
-    let mut step = 0;
-    let resuming = resumed.is_some();
-    if let Some(saved) = resumed {
-        trainable.tensors().ensure_same_layout(&saved.params, &checkpoint_path.display().to_string())?;
-        *trainable.tensors_mut() = saved.params;
-        optimizer = saved.optimizer;
-        step = saved.step;
-    }
-    trainable.install(b, &mut models.sr.flux)?;
-    let mut log = open_log(opts.log.as_deref(), resuming.then_some(step))?;
-    progress(Progress::Started { device: b.name(), trained: trainable.tensors().count(), step, max_steps: opts.max_steps });
-
-    let save = |step: u64, trainable: &dyn Trainable<B>, optimizer: &AdamW| -> Result<()> {
-        trainable.export(out)?;
-        checkpoint::save(&checkpoint_path, c, step, trainable.tensors(), optimizer)
-    };
-    let accum = c.grad_accum as u64;
-    while step < opts.max_steps {
-        let started = Instant::now();
-        let mut total = MicroStep::default();
-        for micro in 0..accum {
-            let draw = step * accum + micro;
-            let samples = data.dataset.draw(c.batch, data.crop, data.scale, c.augment, step_seed(c.seed, draw, stream::DATA))?;
-            let times = LogitNormal { mean: c.t_mean, std: c.t_std, one: c.t_one };
-            let mut cx = StepContext { b, models: &mut *models, trainable: &*trainable, run_seed: c.seed, draw, times };
-            let result = stage.micro_step(&mut cx, &samples)?;
-            accumulate(&mut total, result)?;
-        }
-        let mean = |v: f64| v / accum as f64;
-        for g in total.grads.values_mut() {
-            g.iter_mut().for_each(|x| *x = (*x as f64 / accum as f64) as f32);
-        }
-        let stats = b.adamw_step(&mut optimizer, &mut trainable.tensors_mut().values, &total.grads)?;
-        trainable.install(b, &mut models.sr.flux)?;
-        step += 1;
-
-        let mut line = serde_json::Map::new();
-        line.insert("step".into(), step.into());
-        line.insert("loss".into(), mean(total.loss).into());
-        line.insert("grad_norm".into(), stats.grad_norm.into());
-        line.insert("lr".into(), stats.lr.into());
-        line.insert("samples_per_s".into(), ((c.batch as u64 * accum) as f64 / started.elapsed().as_secs_f64()).into());
-        for (key, value) in &total.metrics {
-            line.insert((*key).into(), mean(*value).into());
-        }
-        if let Some(f) = log.as_mut() {
-            writeln!(f, "{}", serde_json::Value::Object(line)).context("cannot write the log")?;
-        }
-        progress(Progress::Step { step, max_steps: opts.max_steps, loss: mean(total.loss) });
-        if opts.save_every > 0 && step % opts.save_every == 0 {
-            save(step, &*trainable, &optimizer)?;
-        }
-        if opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
-            save(step, &*trainable, &optimizer)?;
-            bail!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", out.display());
-        }
-    }
-    save(step, &*trainable, &optimizer)
+/// What stays fixed over a run's steps.
+struct Run<'a, B: TrainingOps> {
+    b: &'a B,
+    c: &'a TrainConfig,
+    opts: &'a RunOptions,
+    adversary: Option<&'a Adapters<B>>,
+    data: &'a Data,
+    conditionings: Conditionings<B>,
 }
 
-/// Adds a micro-batch's loss, gradients and metrics to the step's sums.
-fn accumulate(total: &mut MicroStep, micro: MicroStep) -> Result<()> {
+impl<B: TrainingOps + 'static> Run<'_, B> {
+    /// The common loop: steps of `grad_accum` micro-batches, logs and checkpoints, from `start`.
+    fn run(&self, model: &mut SrModel<B>, start: Start<B>, stage: &mut dyn StageStep<B>, progress: &mut dyn FnMut(Progress)) -> Result<()> {
+        let (b, c, opts) = (self.b, self.c, self.opts);
+        let out = &opts.out;
+        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+        checkpoint::remove_leftovers(out)?;
+        let checkpoint_path = out.join(CHECKPOINT_FILE);
+        let Start { mut trained, mut step, optimizer } = start;
+        let mut optimizer = Optimizer::new(b, trained.masters(), &optimizer)?;
+        let mut log = open_log(opts.log.as_deref(), opts.resume.then_some(step))?;
+        progress(Progress::Started { device: b.name(), trained: trained.masters().count(), step, max_steps: opts.max_steps });
+
+        let save = |step: u64, trained: &dyn Trained<B>, optimizer: &Optimizer<B>| -> Result<()> {
+            trained.export(b, out)?;
+            checkpoint::save(&checkpoint_path, c, step, &trained.masters().download(b)?, &optimizer.download(b, trained.masters())?)
+        };
+        let accum = c.grad_accum as u64;
+        while step < opts.max_steps {
+            let started = Instant::now();
+            let moved = b.bytes_moved();
+            let mut total: Option<MicroStep<B>> = None;
+            for micro in 0..accum {
+                let draw = step * accum + micro;
+                let d = self.data;
+                let samples = d.dataset.draw(c.batch, d.crop, d.scale, c.augment, step_seed(c.seed, draw, stream::DATA))?;
+                let times = LogitNormal { mean: c.t_mean, std: c.t_std, one: c.t_one };
+                let cx = StepContext {
+                    b,
+                    model: &*model,
+                    conditionings: &self.conditionings,
+                    trained: trained.as_ref(),
+                    adversary: self.adversary,
+                    run_seed: c.seed,
+                    draw,
+                    times,
+                };
+                let result = stage.micro_step(&cx, &samples)?;
+                total = Some(match total {
+                    None => result,
+                    Some(sum) => accumulate(b, sum, result)?,
+                });
+            }
+            let total = total.context("a step of no micro-batches")?;
+            let mean = |v: f64| v / accum as f64;
+            let grads = match accum {
+                1 => total.grads,
+                _ => total.grads.iter().map(|g| b.scale_items(&[1.0 / accum as f32], g)).collect::<Result<Vec<_>>>()?,
+            };
+            let stats = optimizer.step(b, trained.masters_mut(), &grads)?;
+            trained.refresh(b, &mut model.flux)?;
+            step += 1;
+
+            let mut line = serde_json::Map::new();
+            line.insert("step".into(), step.into());
+            line.insert("loss".into(), mean(total.loss).into());
+            line.insert("grad_norm".into(), stats.grad_norm.into());
+            line.insert("lr".into(), stats.lr.into());
+            line.insert("samples_per_s".into(), ((c.batch as u64 * accum) as f64 / started.elapsed().as_secs_f64()).into());
+            let (to_device, to_host) = b.bytes_moved();
+            line.insert("bytes_to_device".into(), (to_device - moved.0).into());
+            line.insert("bytes_to_host".into(), (to_host - moved.1).into());
+            for (key, value) in &total.metrics {
+                line.insert((*key).into(), mean(*value).into());
+            }
+            if let Some(f) = log.as_mut() {
+                writeln!(f, "{}", serde_json::Value::Object(line)).context("cannot write the log")?;
+            }
+            progress(Progress::Step { step, max_steps: opts.max_steps, loss: mean(total.loss) });
+            if opts.save_every > 0 && step % opts.save_every == 0 {
+                save(step, trained.as_ref(), &optimizer)?;
+            }
+            if opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                save(step, trained.as_ref(), &optimizer)?;
+                bail!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", out.display());
+            }
+        }
+        save(step, trained.as_ref(), &optimizer)
+    }
+}
+
+/// A micro-batch's loss, gradients and metrics added to the step's sums.
+fn accumulate<B: TrainingOps>(b: &B, mut total: MicroStep<B>, micro: MicroStep<B>) -> Result<MicroStep<B>> {
+    ensure!(
+        total.grads.len() == micro.grads.len(),
+        "micro-batches disagree on the gradients: {} and {}",
+        total.grads.len(),
+        micro.grads.len()
+    );
     total.loss += micro.loss;
-    if total.grads.is_empty() {
-        total.grads = micro.grads;
-        total.metrics = micro.metrics;
-        return Ok(());
-    }
-    for (name, g) in micro.grads {
-        let sum = total.grads.get_mut(&name).with_context(|| format!("micro-batches disagree on the gradient '{name}'"))?;
-        sum.iter_mut().zip(g).for_each(|(s, x)| *s += x);
-    }
+    total.grads = total.grads.iter().zip(&micro.grads).map(|(sum, g)| b.axpby(&[1.0], sum, &[1.0], g)).collect::<Result<Vec<_>>>()?;
+    ensure!(total.metrics.len() == micro.metrics.len(), "micro-batches disagree on the logged values");
     for ((key, sum), (other, value)) in total.metrics.iter_mut().zip(micro.metrics) {
         ensure!(*key == other, "micro-batches disagree on the logged values: '{key}' and '{other}'");
         *sum += value;
     }
-    Ok(())
+    Ok(total)
 }
 
 /// The JSONL log: truncated on a fresh start; on resume from `step`, appended to after dropping
@@ -307,7 +332,7 @@ fn open_log(path: Option<&Path>, resumed_at: Option<u64>) -> Result<Option<std::
 
 /// The base model with the SFT adapter (if any) merged: a folder, or a random one of a preset
 /// shape with the preset's pixel-shuffle autoencoder at x4 (no file at all).
-fn base_model<B: BackwardOps + 'static>(b: &B, c: &TrainConfig) -> Result<SrModel<B>> {
+fn base_model<B: TrainingOps + 'static>(b: &B, c: &TrainConfig) -> Result<SrModel<B>> {
     let loras: Vec<&Path> = c.sft_lora.iter().map(PathBuf::as_path).collect();
     if let Some(dir) = &c.base {
         return Ok(SrModel::load(b, dir, &loras, LoraMode::Merged)?.0);
@@ -326,8 +351,10 @@ fn base_model<B: BackwardOps + 'static>(b: &B, c: &TrainConfig) -> Result<SrMode
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+    use crate::backend::Backend;
     use crate::sr::resample::resize;
     use crate::train::checkpoint::{load, LORA_FILE, MODEL_FILES};
+    use crate::train::data::Sample;
     use crate::train::params::{up_name, write_lora, LoraParams};
     use crate::train::preference::tests::randomise;
     use crate::train::sft::tests::{samples, tiny_sr_model, B};
@@ -354,9 +381,9 @@ mod tests {
 
     /// A random adapter for the flux-tiny base of `init_seed` 3 (`randomise`d factors).
     fn random_lora(path: &Path, seed: u64, scale: f32) {
-        let mut params = LoraParams::new(&mut tiny_sr_model(3).flux, 2, seed).unwrap();
-        randomise(&mut params, seed + 1, scale);
-        write_lora(path, &params.tensors).unwrap();
+        let mut set = LoraParams::<CpuBackend>::init(&tiny_sr_model(3).flux, 2, seed).unwrap();
+        randomise(&mut set, seed + 1, scale);
+        write_lora(path, &set).unwrap();
     }
 
     fn config(stage: Stage, data: &Path) -> TrainConfig {
@@ -448,8 +475,8 @@ mod tests {
         let (images, _) = write_data(dir.path());
 
         let mut sr = tiny_sr_model(3);
-        let params = FullParams::new(&B, &mut sr, true).unwrap();
-        Trainable::<CpuBackend>::install(&params, &B, &mut sr.flux).unwrap();
+        let (set, frozen) = FullParams::init(&B, &mut sr, true).unwrap();
+        FullParams::new(&B, &mut sr, &set, frozen).unwrap();
         let inputs = crate::model::FluxInputs::random(&sr.flux.params, 1, (4, 4), 1, 5);
         let out = sr.flux.forward_host(&B, &inputs).unwrap().to_f32();
         assert!(out.iter().all(|&v| v == 0.0), "adaLN-Zero: the output is zero");
@@ -462,9 +489,10 @@ mod tests {
         assert!(mean(&loss[9..]) < 0.8 * mean(&loss[..3]), "{loss:?}");
 
         let (model, _) = SrModel::load(&B, &out, &[], LoraMode::Merged).unwrap();
-        let weights = model.flux.download_weights(&B).unwrap();
+        let weights = crate::model::params::download_weights(&B, &model.flux).unwrap();
         let saved = load(&out.join(CHECKPOINT_FILE)).unwrap();
-        assert_eq!(saved.params.values.len(), tiny_sr_model(3).flux.base_parameters_mut().len(), "every linear's weight and bias");
+        let every = crate::model::params::base_parameters_mut(&mut tiny_sr_model(3).flux).len();
+        assert_eq!(saved.params.values.len(), every, "every linear's weight and bias");
         for (name, values) in &saved.params.values {
             assert_eq!(&weights[name].to_f32(), values, "{name}");
         }
@@ -546,9 +574,15 @@ mod tests {
     }
 
     impl StageStep<CpuBackend> for Echo {
-        fn micro_step(&mut self, cx: &mut StepContext<CpuBackend>, samples: &[Sample]) -> Result<MicroStep> {
+        fn micro_step(&mut self, cx: &StepContext<CpuBackend>, samples: &[Sample]) -> Result<MicroStep<CpuBackend>> {
             self.draws.push((cx.draw, samples.len()));
-            let grads = cx.trainable.tensors().values.iter().map(|(n, v)| (n.clone(), vec![(cx.draw + 1) as f32; v.len()])).collect();
+            let grads = cx
+                .trained
+                .masters()
+                .tensors
+                .iter()
+                .map(|t| B.upload(&loaders::HostTensor::from_f32(t.shape().to_vec(), vec![(cx.draw + 1) as f32; t.elem_count()])))
+                .collect::<Result<Vec<_>>>()?;
             Ok(MicroStep { loss: cx.draw as f64, grads, metrics: vec![("draw", cx.draw as f64)] })
         }
     }
@@ -559,14 +593,17 @@ mod tests {
         let (images, _) = write_data(dir.path());
         let c = TrainConfig { grad_accum: 3, max_grad_norm: 1e9, ..config(Stage::Sft, &images) };
         let b = CpuBackend::new();
-        let mut models = Models::new(tiny_sr_model(3));
-        let mut params = LoraParams::new(&mut models.sr.flux, 2, 1).unwrap();
+        let mut model = tiny_sr_model(3);
+        let set = LoraParams::init(&model.flux, 2, 1).unwrap();
+        let count = (set.count() as f64).sqrt();
+        let trained: Box<dyn Trained<CpuBackend>> = Box::new(LoraParams::new(&b, &mut model.flux, &set).unwrap());
         let data = Data { dataset: Dataset::open(&images, 32, 4, Baselines::Ignore).unwrap(), crop: 32, scale: 4 };
         let mut echo = Echo { draws: Vec::new() };
         let opts = options(&dir.path().join("out"), 2, false);
-        run_loop(&b, &c, &opts, &mut models, &mut params, AdamW::new(AdamWConfig::default()), None, &mut echo, &data, &mut |_| ()).unwrap();
+        let run = Run { b: &b, c: &c, opts: &opts, adversary: None, data: &data, conditionings: Conditionings::default() };
+        let start = Start { trained, step: 0, optimizer: AdamW::new(AdamWConfig::default()) };
+        run.run(&mut model, start, &mut echo, &mut |_| ()).unwrap();
         assert_eq!(echo.draws, (0..6).map(|d| (d, 2)).collect::<Vec<_>>());
-        let count = (params.tensors.count() as f64).sqrt();
         let log = dir.path().join("out.jsonl");
         // Means over draws 0..3 and 3..6: losses 1 and 4, gradients 2 and 5 everywhere.
         assert_eq!(column(&log, "loss"), vec![1.0, 4.0]);

@@ -2,17 +2,16 @@
 //!
 //! A micro-batch: encode the samples as the upscaler does; draw t (logit-normal) and eps from the
 //! run seed and the draw index; build `x_t = (1 - t) x0 + t eps` and `u = eps - x0`; run the
-//! training forward on `x_t` concatenated with the LQ latent; take the loss `mean_b E(v - u)`
-//! and its gradient on the latent grid; run the backward.
+//! training forward on `x_t` packed beside the LQ latent; take the loss `mean_b E(v - u)` and its
+//! gradient on the latent grid; run the backward. All of it on the device.
 
-use super::batch::{draw_noise, encode_samples, forward_train, Batch};
+use super::batch::{draw_noise, encode_samples, Batch};
 use super::data::Sample;
-use super::loss::{flow_target, sft_loss};
-use super::params::Trainable;
-use super::run::{MicroStep, StageStep, StepContext};
-use super::sobolev::{Grid as FieldGrid, Sobolev};
-use crate::backend::backward::BackwardOps;
-use crate::sr::model_dir::{AeConfig, SrModel};
+use super::stage::{MicroStep, StageStep, StepContext};
+use crate::backend::sobolev::{Grid as FieldGrid, Sobolev};
+use crate::backend::training::TrainingOps;
+use crate::sr::model_dir::AeConfig;
+use crate::tensor::Tensor;
 use anyhow::Result;
 
 /// The loss operator of a model's latent grid: on the image grid for a pixel-shuffle
@@ -29,46 +28,47 @@ pub struct Sft {
     pub op: Sobolev,
 }
 
-impl<B: BackwardOps + 'static> StageStep<B> for Sft {
-    fn micro_step(&mut self, cx: &mut StepContext<B>, samples: &[Sample]) -> Result<MicroStep> {
-        let batch = encode_samples(cx.b, &cx.models.sr, samples)?;
-        let (t, eps) = draw_noise(&cx.times, batch.items, batch.x0.len(), cx.run_seed, cx.draw);
-        sft_micro_step(cx.b, &cx.models.sr, cx.trainable, &self.op, &batch, &t, &eps)
+impl<B: TrainingOps + 'static> StageStep<B> for Sft {
+    fn micro_step(&mut self, cx: &StepContext<B>, samples: &[Sample]) -> Result<MicroStep<B>> {
+        let batch = encode_samples(cx.b, cx.model, samples)?;
+        let (t, eps) = draw_noise(cx.b, &cx.times, batch.latent, batch.items(), cx.run_seed, cx.draw)?;
+        sft_micro_step(cx, &self.op, &batch, &t, &eps)
     }
 }
 
-/// The SFT loss of `batch` at times `t` and noise `eps`, and its gradients.
-pub fn sft_micro_step<B: BackwardOps + 'static>(
-    b: &B,
-    model: &SrModel<B>,
-    trainable: &dyn Trainable<B>,
+/// The SFT loss of `batch` at times `t` and noise `eps`, and the trained tensors' gradients.
+pub fn sft_micro_step<B: TrainingOps + 'static>(
+    cx: &StepContext<B>,
     op: &Sobolev,
-    batch: &Batch,
+    batch: &Batch<B>,
     t: &[f32],
-    eps: &[f32],
-) -> Result<MicroStep> {
-    let target = flow_target(&batch.x0, eps, t)?;
-    let pass = forward_train(b, model, batch.latent, &target.x_t, &batch.cond, t)?;
-    let loss = sft_loss(op, &batch.latent.to_grid(&pass.velocity)?, &batch.latent.to_grid(&target.velocity)?)?;
-    let grads = pass.backward(b, model, &batch.latent.to_tokens(&loss.grad)?)?;
-    Ok(MicroStep { loss: loss.loss, grads: trainable.gradients(b, &grads.model)?, metrics: Vec::new() })
+    eps: &Tensor<B>,
+) -> Result<MicroStep<B>> {
+    let b = cx.b;
+    let target = b.flow_target(&batch.x0, eps, t)?;
+    let pass = cx.forward_train(cx.trained.trainable(), batch.latent, &target.x_t, &batch.cond, t)?;
+    let loss = b.sft_loss(op, &pass.velocity, &target.velocity)?;
+    let grads = pass.backward(cx, &loss.grad)?;
+    Ok(MicroStep { loss: loss.loss, grads: cx.trained.gradients(grads.model)?, metrics: Vec::new() })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::ae::PixelShuffle;
+    use crate::backend::adamw::{AdamW, AdamWConfig};
     use crate::backend::cpu::CpuBackend;
     use crate::backend::Backend;
     use crate::model::flux::scalars;
     use crate::model::weights::WeightLoader;
-    use crate::model::{Flux, FluxParams};
-    use crate::sr::model_dir::{zero_text, ConditioningMode, FlowData, Prediction, SrConfig};
+    use crate::model::{Flux, FluxParams, Trainable};
+    use crate::sr::conditioning::Conditionings;
+    use crate::sr::model_dir::{zero_text, ConditioningMode, FlowData, Prediction, SrConfig, SrModel};
+    use crate::sr::packing::{pack, unpack};
     use crate::sr::resample::resize;
-    use crate::train::adamw::{AdamW, AdamWConfig};
-    use crate::train::batch::{conditioning, model_input};
-    use crate::train::loss::LogitNormal;
-    use crate::train::params::LoraParams;
+    use crate::train::optimizer::Optimizer;
+    use crate::train::params::{LoraParams, Trained};
+    use crate::train::times::LogitNormal;
     use loaders::image::Image;
     use loaders::HostTensor;
 
@@ -89,6 +89,8 @@ pub(crate) mod tests {
             average: 1,
             guidance: 3.5,
             text_tokens: 1,
+            base: None,
+            adapters: Vec::new(),
         };
         config.validate().unwrap();
         let mut w = WeightLoader::random(&B, seed);
@@ -114,42 +116,106 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// One optimiser step from a micro-step's gradients, the model refreshed.
-    pub(crate) fn apply(model: &mut SrModel<CpuBackend>, params: &mut LoraParams, optimizer: &mut AdamW, micro: &MicroStep) {
-        optimizer.step(&mut params.tensors.values, &micro.grads).unwrap();
-        Trainable::<CpuBackend>::install(params, &B, &mut model.flux).unwrap();
+    /// The trained set of a test: nothing trained (the model as loaded).
+    pub(crate) struct Untrained(crate::train::params::Masters<CpuBackend>);
+
+    impl Trained<CpuBackend> for Untrained {
+        fn masters(&self) -> &crate::train::params::Masters<CpuBackend> {
+            &self.0
+        }
+        fn masters_mut(&mut self) -> &mut crate::train::params::Masters<CpuBackend> {
+            &mut self.0
+        }
+        fn refresh(&mut self, _: &CpuBackend, _: &mut Flux<CpuBackend>) -> Result<()> {
+            Ok(())
+        }
+        fn trainable(&self) -> Trainable<'_, CpuBackend> {
+            Trainable::Nothing
+        }
+        fn gradients(&self, _: crate::model::backward::FluxGrads<CpuBackend>) -> Result<Vec<Tensor<CpuBackend>>> {
+            Ok(Vec::new())
+        }
+        fn export(&self, _: &CpuBackend, out: &std::path::Path) -> Result<std::path::PathBuf> {
+            Ok(out.to_path_buf())
+        }
+    }
+
+    /// What a step context of a test borrows beside the model.
+    pub(crate) struct Fixture {
+        conditionings: Conditionings<CpuBackend>,
+        untrained: Untrained,
+    }
+
+    impl Fixture {
+        pub(crate) fn new() -> Self {
+            Fixture {
+                conditionings: Conditionings::default(),
+                untrained: Untrained(crate::train::params::Masters { names: vec![], tensors: vec![] }),
+            }
+        }
+
+        /// A step context over `model` that trains `trained` (nothing when None), at draw 0 of
+        /// seed 9.
+        pub(crate) fn context<'a>(
+            &'a self,
+            model: &'a SrModel<CpuBackend>,
+            trained: Option<&'a dyn Trained<CpuBackend>>,
+        ) -> StepContext<'a, CpuBackend> {
+            let trained = trained.unwrap_or(&self.untrained);
+            StepContext {
+                b: &B,
+                model,
+                conditionings: &self.conditionings,
+                trained,
+                adversary: None,
+                run_seed: 9,
+                draw: 0,
+                times: LogitNormal::default(),
+            }
+        }
     }
 
     #[test]
     fn the_first_loss_is_the_base_models_velocity_mse_and_training_lowers_it() {
         let mut model = tiny_sr_model(5);
         let batch = encode_samples(&B, &model, &samples(2)).unwrap();
-        assert_eq!((batch.items, batch.latent.tokens(), batch.latent.features()), (2, 64, 48));
+        assert_eq!((batch.items(), batch.latent.tokens(), batch.latent.features()), (2, 64, 48));
         let op = loss_operator(&model.config.autoencoder, batch.latent.grid(), 0.0).unwrap();
+        let x0 = B.download(&batch.x0).unwrap();
+        let cond = B.download(&batch.cond).unwrap().to_f32();
 
-        // The base model's velocity error, by the inference forward and a plain mean of squares.
-        let (t, eps) = draw_noise(&LogitNormal::default(), 2, batch.x0.len(), 9, 0);
-        let x_t: Vec<f32> = (0..batch.x0.len())
-            .map(|i| {
-                let ti = t[i / (batch.x0.len() / 2)];
-                (1.0 - ti) * batch.x0[i] + ti * eps[i]
-            })
-            .collect();
-        let img = B.input(&HostTensor::from_f32(vec![2, 64, 96], model_input(&x_t, &batch.cond, 48))).unwrap();
-        let c = conditioning(&B, &model, 2, batch.latent).unwrap();
-        let v = model.flux.forward(&B, &img, &scalars(&B, &HostTensor::from_f32(vec![2], t)).unwrap(), &c).unwrap();
-        let v = B.download(&v).unwrap().to_f32();
-        let mse = v.iter().zip(&eps).zip(&batch.x0).map(|((&v, &e), &x)| ((v - (e - x)) as f64).powi(2)).sum::<f64>() / v.len() as f64;
+        // The base model's velocity error, by the inference forward on host-packed inputs and a
+        // plain mean of squares.
+        let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, 2, 9, 0).unwrap();
+        let eps_host = B.download(&eps).unwrap();
+        let per_item = x0.len() / 2;
+        let x_t: Vec<f32> =
+            (0..x0.len()).map(|i| (1.0 - t[i / per_item]) * x0.to_f32()[i] + t[i / per_item] * eps_host.to_f32()[i]).collect();
+        let x_t_tokens = pack(&HostTensor::from_f32(x0.shape.clone(), x_t)).unwrap().to_f32();
+        let input: Vec<f32> = x_t_tokens.chunks(48).zip(cond.chunks(48)).flat_map(|(x, c)| x.iter().chain(c).copied()).collect();
+        let img = B.input(&HostTensor::from_f32(vec![2, 64, 96], input)).unwrap();
+        let c = Conditionings::default().get(&B, &model, 2, batch.latent.token_grid()).unwrap();
+        let v =
+            model.flux.forward(&B, &img, &scalars(&B, &HostTensor::from_f32(vec![2], t.clone())).unwrap(), &c, Trainable::Nothing).unwrap();
+        let v = unpack(&B.download(&v).unwrap(), 16, 16).unwrap().to_f32();
+        let u: Vec<f32> = eps_host.to_f32().iter().zip(x0.to_f32()).map(|(e, x)| e - x).collect();
+        let mse = v.iter().zip(&u).map(|(&v, &u)| ((v - u) as f64).powi(2)).sum::<f64>() / v.len() as f64;
 
-        let mut params = LoraParams::new(&mut model.flux, 4, 1).unwrap();
-        Trainable::<CpuBackend>::install(&params, &B, &mut model.flux).unwrap();
-        let mut optimizer = AdamW::new(AdamWConfig { lr: 1e-2, warmup_steps: 0, ..AdamWConfig::default() });
+        let set = LoraParams::init(&model.flux, 4, 1).unwrap();
+        let mut params = LoraParams::new(&B, &mut model.flux, &set).unwrap();
+        let mut optimizer =
+            Optimizer::new(&B, params.masters(), &AdamW::new(AdamWConfig { lr: 1e-2, warmup_steps: 0, ..AdamWConfig::default() })).unwrap();
+        let fixture = Fixture::new();
         let mut losses = Vec::new();
         for step in 0..40 {
-            let (t, eps) = draw_noise(&LogitNormal::default(), 2, batch.x0.len(), 9, step);
-            let micro = sft_micro_step(&B, &model, &params, &op, &batch, &t, &eps).unwrap();
+            let micro = {
+                let cx = fixture.context(&model, Some(&params));
+                let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, 2, 9, step).unwrap();
+                sft_micro_step(&cx, &op, &batch, &t, &eps).unwrap()
+            };
             losses.push(micro.loss);
-            apply(&mut model, &mut params, &mut optimizer, &micro);
+            optimizer.step(&B, params.masters_mut(), &micro.grads).unwrap();
+            params.refresh(&B, &mut model.flux).unwrap();
         }
         assert!((losses[0] - mse).abs() <= 1e-5 * mse, "first loss {} vs the base model's MSE {mse}", losses[0]);
         let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;

@@ -8,9 +8,9 @@
 use super::matmul::{matmul, Rhs};
 use super::{act, dtype_of, f32_tensor, layout, per_sample_dims, spatial, timed, widen, CpuBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
-use crate::backend::shapes::QkBackwardDims;
-use crate::backend::{expect_shape, Backend};
+use crate::backend::expect_shape;
 use crate::backend::profile::OpClass;
+use crate::backend::shapes::QkBackwardDims;
 use anyhow::{bail, ensure, Result};
 use loaders::HostData;
 use rayon::prelude::*;
@@ -240,16 +240,6 @@ impl BackwardOps for CpuBackend {
         })
     }
 
-    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
-        timed(OpClass::Attention, || {
-            // The forward checks the shapes, and its output is the one inference computes.
-            let out = self.attention(q, k, v)?;
-            let (b, h, lq, lk, d) = (q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3));
-            let lse = row_log_sum_exp(act("attention_with_lse", q)?, act("attention_with_lse", k)?, b * h, lq, lk, d);
-            Ok((out, f32_tensor(lse, vec![b, h, lq])))
-        })
-    }
-
     fn attention_backward(&self, q: &T, k: &T, v: &T, out: &T, lse: &T, g_out: &T) -> Result<[T; 3]> {
         timed(OpClass::Attention, || {
             const OP: &str = "attention_backward";
@@ -387,7 +377,7 @@ fn rms_norm_backward_in_place(g: &mut [f32], x: &[f32], scale: &[f32], eps: f32)
 
 /// `ln sum_j exp(q_i . k_j / sqrt(d))` for every query row of `heads_total` heads, one query block
 /// at a time like the forward.
-fn row_log_sum_exp(q: &[f32], k: &[f32], heads_total: usize, lq: usize, lk: usize, d: usize) -> Vec<f32> {
+pub(super) fn row_log_sum_exp(q: &[f32], k: &[f32], heads_total: usize, lq: usize, lk: usize, d: usize) -> Vec<f32> {
     let scale = 1.0 / (d as f32).sqrt();
     let mut lse = vec![0f32; heads_total * lq];
     lse.par_chunks_mut(lq).enumerate().for_each(|(bh, lse_head)| {
@@ -468,6 +458,7 @@ mod tests {
     //! loss is `sum(gy * forward(x))` with random gy; the analytic gradient is in f32, the
     //! differences in f64, so agreement is expected to ~1e-5 and asserted at 1e-4.
     use super::*;
+    use crate::backend::Backend;
     use loaders::{DType, HostTensor};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;

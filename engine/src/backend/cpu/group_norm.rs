@@ -10,9 +10,8 @@ use std::ops::Range;
 /// Mean and biased variance (two passes, f64) of a group's `planes` of `width` columns over the
 /// window `rows` x `cols`, visited in memory order.
 fn moments(group: &[f32], plane: usize, width: usize, rows: &Range<usize>, cols: &Range<usize>) -> (f64, f64) {
-    let window = || {
-        group.chunks(plane).flat_map(move |p| rows.clone().flat_map(move |y| p[y * width + cols.start..y * width + cols.end].iter()))
-    };
+    let window =
+        || group.chunks(plane).flat_map(move |p| rows.clone().flat_map(move |y| p[y * width + cols.start..y * width + cols.end].iter()));
     let n = (group.len() / plane * rows.len() * cols.len()) as f64;
     let mean = window().map(|&v| v as f64).sum::<f64>() / n;
     let var = window().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
@@ -42,7 +41,14 @@ pub fn group_norm(out: &mut [f32], x: &[f32], channels: usize, spatial: usize, g
 
 /// x `[B, C, height, width]` -> `[B, groups, 2]`: each group's (mean, biased variance) over rows
 /// `rows` and columns `cols` of its channel planes.
-pub fn group_norm_stats(x: &[f32], channels: usize, (height, width): (usize, usize), groups: usize, rows: Range<usize>, cols: Range<usize>) -> Vec<f32> {
+pub fn group_norm_stats(
+    x: &[f32],
+    channels: usize,
+    (height, width): (usize, usize),
+    groups: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> Vec<f32> {
     let per_group = channels / groups * height * width;
     x.par_chunks(per_group)
         .flat_map_iter(|xg| {
@@ -55,7 +61,16 @@ pub fn group_norm_stats(x: &[f32], channels: usize, (height, width): (usize, usi
 /// x `[B, C, spatial]` with `stats` `[B, groups, 2]` of (mean, rstd): out = (x - mean) * rstd *
 /// weight[c] + bias[c].
 #[allow(clippy::too_many_arguments)]
-pub fn group_norm_apply(out: &mut [f32], x: &[f32], channels: usize, spatial: usize, groups: usize, stats: &[f32], weight: &[f32], bias: &[f32]) {
+pub fn group_norm_apply(
+    out: &mut [f32],
+    x: &[f32],
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    stats: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+) {
     let per_group = channels / groups * spatial;
     out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate().for_each(|(i, (o, xg))| {
         let (mean, rstd) = (stats[2 * i] as f64, stats[2 * i + 1] as f64);

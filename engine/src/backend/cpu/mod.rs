@@ -10,12 +10,14 @@ pub mod group_norm;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub mod pool;
 pub mod rope;
 pub mod spatial;
+mod training;
 
-use super::profile::{OpProfiler, OpTimes, WallClock};
-use super::{expect_shape, shapes, Backend};
 use super::profile::OpClass;
+use super::profile::{OpProfiler, OpTimes, TransferMeter, WallClock};
+use super::{expect_shape, shapes, Backend};
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
@@ -36,6 +38,9 @@ impl CpuBackend {
 
 /// Op timing (`Backend::start_op_timing`); process-wide, since the backend itself holds no state.
 static OP_TIMES: OpProfiler<std::time::Instant> = OpProfiler::new();
+
+/// What crosses between the host and this backend (`Backend::bytes_moved`); process-wide too.
+static TRANSFERS: TransferMeter = TransferMeter::new();
 
 /// Runs `op`, attributing its time to `class` while op timing is on.
 fn timed<R>(class: OpClass, op: impl FnOnce() -> Result<R>) -> Result<R> {
@@ -93,6 +98,14 @@ impl Backend for CpuBackend {
         dtype_of(storage)
     }
 
+    fn activation_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn bytes_moved(&self) -> (u64, u64) {
+        TRANSFERS.read()
+    }
+
     fn start_op_timing(&self) -> Result<bool> {
         OP_TIMES.start();
         Ok(true)
@@ -105,20 +118,37 @@ impl Backend for CpuBackend {
     /// `MemAvailable` of /proc/meminfo (Linux); None elsewhere.
     fn free_memory(&self) -> Result<Option<u64>> {
         let Ok(info) = std::fs::read_to_string("/proc/meminfo") else { return Ok(None) };
-        let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        let kib = info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
         Ok(kib.map(|k| k * 1024))
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
+        TRANSFERS.up(t.len() * t.dtype().size());
         timed(OpClass::Transfer, || Ok(Tensor::from_storage(t.data.clone(), t.shape.clone())))
     }
 
     fn input(&self, t: &HostTensor) -> Result<T> {
+        TRANSFERS.up(t.len() * DType::F32.size());
         timed(OpClass::Transfer, || Ok(f32_tensor(t.to_f32(), t.shape.clone())))
     }
 
     fn download(&self, t: &T) -> Result<HostTensor> {
+        TRANSFERS.down(t.elem_count() * t.dtype().size());
         timed(OpClass::Transfer, || Ok(HostTensor::from_f32(t.shape().to_vec(), widen(t).into_owned())))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        Ok(f32_tensor(vec![0.0; shape.iter().product()], shape.to_vec()))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let host = HostTensor::new(x.shape().to_vec(), x.storage().clone());
+            Ok(Tensor::from_storage(host.cast(dtype).data, x.shape().to_vec()))
+        })
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
@@ -199,8 +229,39 @@ impl Backend for CpuBackend {
         timed(OpClass::Attention, || {
             let dims = shapes::AttentionDims::new(q.shape(), k.shape(), v.shape())?;
             let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
-            let out = attention::attention(act("attention", q)?, act("attention", k)?, act("attention", v)?, b, h, lq, lk, d);
+            let out = attention::attention(act("attention", q)?, act("attention", k)?, act("attention", v)?, None, b, h, lq, lk, d);
             Ok(f32_tensor(out, vec![b, lq, h * d]))
+        })
+    }
+
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> Result<T> {
+        timed(OpClass::Attention, || {
+            let dims = shapes::AttentionDims::with_bias(q.shape(), k.shape(), v.shape(), bias.shape())?;
+            let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+            const OP: &str = "attention_bias";
+            let out = attention::attention(act(OP, q)?, act(OP, k)?, act(OP, v)?, Some((&widen(bias), scale)), b, h, lq, lk, d);
+            Ok(f32_tensor(out, vec![b, lq, h * d]))
+        })
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            ensure!(x.rank() >= 1, "rms_norm: x has shape {:?}, expected [.., dim]", x.shape());
+            let d = x.dim(-1);
+            expect_shape("weight", "rms_norm", weight.shape(), &[d])?;
+            let mut out = vec![0f32; x.elem_count()];
+            norm::rms_norm(&mut out, act("rms_norm", x)?, &widen(weight), d, eps);
+            Ok(f32_tensor(out, x.shape().to_vec()))
+        })
+    }
+
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        timed(OpClass::Attention, || {
+            // The forward checks the shapes, and its output is the one inference computes.
+            let out = self.attention(q, k, v)?;
+            let (b, h, lq, lk, d) = (q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3));
+            let lse = backward::row_log_sum_exp(act("attention_with_lse", q)?, act("attention_with_lse", k)?, b * h, lq, lk, d);
+            Ok((out, f32_tensor(lse, vec![b, h, lq])))
         })
     }
 
@@ -216,6 +277,13 @@ impl Backend for CpuBackend {
         timed(OpClass::Elementwise, || {
             expect_shape("b", "add", b.shape(), a.shape())?;
             Ok(f32_tensor(elementwise::add(act("add", a)?, act("add", b)?), a.shape().to_vec()))
+        })
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            expect_shape("b", "mul", b.shape(), a.shape())?;
+            Ok(f32_tensor(elementwise::mul(act("mul", a)?, act("mul", b)?), a.shape().to_vec()))
         })
     }
 
@@ -329,4 +397,34 @@ impl Backend for CpuBackend {
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
         timed(OpClass::Elementwise, || Ok(f32_tensor(spatial::affine(act("affine", x)?, scale, offset), x.shape().to_vec())))
     }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        timed(OpClass::Elementwise, || Ok(f32_tensor(elementwise::map(act("relu", x)?, |v| v.max(0.0)), x.shape().to_vec())))
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let g = shapes::PoolGeometry::max_pool(x.shape(), kernel, stride)?;
+            Ok(f32_tensor(pool::max_pool2d(act("max_pool2d", x)?, &g), g.out_shape()))
+        })
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        depthwise_pool(x, filter, stride, pad, pool::FilterPool::Blur)
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        depthwise_pool(x, filter, stride, pad, pool::FilterPool::L2)
+    }
+}
+
+fn depthwise_pool(x: &T, filter: &T, stride: usize, pad: [usize; 4], kind: pool::FilterPool) -> Result<T> {
+    timed(OpClass::Elementwise, || {
+        let op = match kind {
+            pool::FilterPool::Blur => "blur_pool2d",
+            pool::FilterPool::L2 => "l2_pool2d",
+        };
+        let g = shapes::PoolGeometry::depthwise(op, x.shape(), filter.shape(), stride, pad, kind == pool::FilterPool::Blur)?;
+        Ok(f32_tensor(pool::depthwise(act(op, x)?, &widen(filter), &g, kind), g.out_shape()))
+    })
 }

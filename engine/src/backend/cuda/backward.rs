@@ -47,10 +47,6 @@ impl BackwardOps for CudaBackend {
         self.timed(OpClass::Elementwise, || rope::qk_norm_rope_backward(self, x, heads, q_scale, k_scale, pe, eps, g_qkv, tail))
     }
 
-    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
-        self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
-    }
-
     fn attention_kernels(&self) -> Vec<&'static str> {
         match self.has_sm90a_attention() && attention_hopper::SM90A.allowed().unwrap_or(false) {
             true => AttentionKernel::ALL.iter().map(|k| k.name()).collect(),

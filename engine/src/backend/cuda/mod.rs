@@ -16,9 +16,11 @@ mod attention_hopper;
 mod backward;
 mod elementwise;
 mod embed;
+mod fields;
 mod gemm;
 mod layout;
 mod norm;
+mod pool;
 mod probation;
 mod rope;
 mod spatial;
@@ -29,9 +31,9 @@ pub mod sobolev;
 use attention_hopper::AttentionKernel;
 mod training;
 
-use super::profile::{Clock, OpProfiler, OpTimes};
-use super::{expect_shape, shapes, Backend, MemoryPeak};
 use super::profile::OpClass;
+use super::profile::{Clock, OpProfiler, OpTimes, TransferMeter};
+use super::{expect_shape, shapes, Backend, MemoryPeak};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
@@ -81,6 +83,10 @@ pub struct CudaBackend {
     compute_capability: (i32, i32),
     /// Op timing for benchmarks (`Backend::start_op_timing`), on CUDA events.
     op_times: OpProfiler<CudaEvent>,
+    /// What crosses between host and device (`Backend::bytes_moved`).
+    transfers: TransferMeter,
+    /// The Sobolev operators' tables on the device, uploaded once per operator (training.rs).
+    sobolev_tables: Mutex<HashMap<sobolev::OperatorKey, Arc<sobolev::CudaSobolev>>>,
     /// Whether the default attention forward uses the Hopper kernel: set at initialisation when
     /// the GPU has it, `ENGINE_ATTENTION` allows it and its start-up probe agreed with the
     /// portable kernel (attention_hopper.rs).
@@ -158,6 +164,8 @@ impl CudaBackend {
             device_name: ctx.name()?,
             compute_capability,
             op_times: OpProfiler::new(),
+            transfers: TransferMeter::new(),
+            sobolev_tables: Mutex::new(HashMap::new()),
             sm90a_attention: AtomicBool::new(false),
             mma_attention_backward: AtomicBool::new(false),
         };
@@ -361,6 +369,10 @@ impl Backend for CudaBackend {
         Ok(Some(free as u64 + reserved.saturating_sub(used)))
     }
 
+    fn bytes_moved(&self) -> (u64, u64) {
+        self.transfers.read()
+    }
+
     fn poison_outputs(&self, on: bool) {
         self.poison.store(on, Ordering::Relaxed);
     }
@@ -403,6 +415,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
+        self.transfers.up(t.len() * t.dtype().size());
         self.timed(OpClass::Transfer, || {
             let s = match &t.data {
                 HostData::F32(v) => CudaStorage::F32(self.stream.clone_htod(v)?),
@@ -414,6 +427,7 @@ impl Backend for CudaBackend {
     }
 
     fn input(&self, t: &HostTensor) -> Result<T> {
+        self.transfers.up(t.len() * DType::BF16.size());
         self.timed(OpClass::Transfer, || {
             let v: Vec<bf16> = t.to_f32().iter().map(|&x| bf16::from_f32(x)).collect();
             Ok(bf16_tensor(self.stream.clone_htod(&v)?, t.shape.clone()))
@@ -457,6 +471,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, t: &T) -> Result<HostTensor> {
+        self.transfers.down(t.elem_count() * t.dtype().size());
         self.timed(OpClass::Transfer, || {
             let data = match t.storage() {
                 CudaStorage::F32(s) => self.stream.clone_dtoh(s)?,
@@ -465,6 +480,16 @@ impl Backend for CudaBackend {
             };
             Ok(HostTensor::from_f32(t.shape().to_vec(), data))
         })
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<T> {
+        let n: usize = shape.iter().product();
+        let s = self.stream.alloc_zeros::<bf16>(n.max(1)).map_err(|e| out_of_memory(e, n * 2))?;
+        Ok(bf16_tensor(s, shape.to_vec()))
+    }
+
+    fn cast(&self, x: &T, dtype: DType) -> Result<T> {
+        self.timed(OpClass::Elementwise, || fields::cast(self, x, dtype))
     }
 
     fn linear(&self, x: &T, w: &T, bias: Option<&T>) -> Result<T> {
@@ -491,6 +516,18 @@ impl Backend for CudaBackend {
         self.timed(OpClass::Attention, || attention::forward(self, q, k, v))
     }
 
+    fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
+        self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
+    }
+
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> Result<T> {
+        self.timed(OpClass::Attention, || attention::forward_bias(self, q, k, v, bias, scale))
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> Result<T> {
+        self.timed(OpClass::Elementwise, || norm::rms_norm(self, x, weight, eps))
+    }
+
     fn gelu_tanh(&self, x: &T) -> Result<T> {
         self.timed(OpClass::Elementwise, || elementwise::unary(self, elementwise::Unary::GeluTanh, x))
     }
@@ -500,7 +537,11 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, a: &T, b: &T) -> Result<T> {
-        self.timed(OpClass::Elementwise, || elementwise::add(self, a, b))
+        self.timed(OpClass::Elementwise, || elementwise::binary(self, elementwise::Binary::Add, a, b))
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        self.timed(OpClass::Elementwise, || elementwise::binary(self, elementwise::Binary::Mul, a, b))
     }
 
     fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {
@@ -553,5 +594,21 @@ impl Backend for CudaBackend {
 
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
         self.timed(OpClass::Elementwise, || elementwise::affine(self, x, scale, offset))
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        self.timed(OpClass::Elementwise, || elementwise::relu(self, x))
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::max_pool2d(self, x, kernel, stride))
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::depthwise_pool2d(self, x, filter, stride, pad, false))
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::depthwise_pool2d(self, x, filter, stride, pad, true))
     }
 }

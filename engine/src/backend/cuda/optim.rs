@@ -1,9 +1,9 @@
 //! Launches for `cuda/optim.cu`: one AdamW step over many f32 parameter tensors with clipping on
-//! the global gradient norm, the device twin of `train::adamw::AdamW::step`. The caller keeps the
+//! the global gradient norm, the device twin of `backend::adamw::update`. The caller keeps the
 //! step count and the warmed-up learning rate (`AdamW::lr_at`); the device holds the tensors.
 
 use super::CudaBackend;
-use crate::train::adamw::AdamWConfig;
+use crate::backend::adamw::AdamWConfig;
 use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -14,7 +14,7 @@ const ADAM_FINALIZE_THREADS: u32 = 1024;
 
 /// One parameter tensor of a step: its f32 master copy, its moments and its gradient, all of
 /// one length. `name` is for error messages.
-pub struct AdamWTensor<'a> {
+pub struct AdamWSlices<'a> {
     pub name: &'a str,
     pub param: &'a mut CudaSlice<f32>,
     pub m: &'a mut CudaSlice<f32>,
@@ -80,7 +80,7 @@ impl CudaBackend {
     /// the gradients scaled by `max_grad_norm / norm` when their global norm exceeds it. Returns
     /// the device pair `[norm before clipping, clip factor]` without waiting for it; read the norm
     /// with [`CudaBackend::grad_norm`]. A non-finite norm leaves every tensor untouched.
-    pub fn adamw_step(&self, tensors: &mut [AdamWTensor<'_>], config: &AdamWConfig, step: u64, lr: f64) -> Result<CudaSlice<f64>> {
+    pub fn adamw_kernels(&self, tensors: &mut [AdamWSlices<'_>], config: &AdamWConfig, step: u64, lr: f64) -> Result<CudaSlice<f64>> {
         let scalars = AdamWScalars::new(config, step, lr)?;
         // The kernel reads a negative bound as "no clipping".
         let max_norm = config.max_grad_norm.unwrap_or(-1.0);
@@ -115,6 +115,7 @@ impl CudaBackend {
             table.push(t.v.device_ptr_mut(stream).0);
             table.push(t.grad.device_ptr(stream).0);
         }
+        self.transfers.up(8 * table.len() + 8 * sizes.len() + 4 * first32.len());
         let (table, sizes, first32) = (stream.clone_htod(&table)?, stream.clone_htod(&sizes)?, stream.clone_htod(&first32)?);
         let mut partial = self.alloc::<f64>(blocks)?;
         let mut stats = self.alloc::<f64>(2)?;
@@ -144,10 +145,11 @@ impl CudaBackend {
         Ok(stats)
     }
 
-    /// The gradient norm (before clipping) of a finished [`CudaBackend::adamw_step`]; waits for
+    /// The gradient norm (before clipping) of a finished [`CudaBackend::adamw_kernels`]; waits for
     /// it. Fails, as the CPU's step does, when the norm is not finite (the step then changed
     /// nothing).
     pub fn grad_norm(&self, stats: &CudaSlice<f64>) -> Result<f64> {
+        self.transfers.down(8);
         let norm = self.stream().clone_dtoh(stats)?[0];
         ensure!(norm.is_finite(), "AdamW: the gradient norm is {norm}: the loss diverged");
         Ok(norm)

@@ -1,10 +1,10 @@
-//! Launches for `cuda/sobolev.cu`: the Sobolev operator of a `train::sobolev::Sobolev` on device
+//! Launches for `cuda/sobolev.cu`: the Sobolev operator of a `backend::sobolev::Sobolev` on device
 //! fields (filters, energies, the energy gradient) and the fused S-DPO loss of
-//! `train::loss::sdpo_step`. [`CudaSobolev`] uploads the operator's tables once; its methods take
+//! `backend::losses::sdpo_step`. [`CudaSobolev`] uploads the operator's tables once; its methods take
 //! and return device buffers and never wait for the GPU.
 
 use super::{elementwise_config, i32_arg, CudaBackend};
-use crate::train::sobolev::{Filter, Grid, Sobolev};
+use crate::backend::sobolev::{Filter, Grid, Sobolev};
 use anyhow::{ensure, Result};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -60,6 +60,16 @@ pub struct CudaSdpo {
     pub summary: CudaSlice<f64>,
     pub policy_winner_grad: CudaSlice<f32>,
     pub policy_loser_grad: CudaSlice<f32>,
+}
+
+/// What identifies an operator's tables: its field and spectral grids, shuffle factor and
+/// exponent (the bits), from which everything else is computed.
+pub type OperatorKey = ([usize; 3], [usize; 3], usize, u64);
+
+/// The key of `op`'s tables.
+pub fn operator_key(op: &Sobolev) -> OperatorKey {
+    let dims = |g: Grid| [g.channels, g.height, g.width];
+    (dims(op.field_grid()), dims(op.spectral_grid()), op.shuffle_factor(), op.exponent().to_bits())
 }
 
 /// A [`Sobolev`] operator's tables on the device.
@@ -123,6 +133,14 @@ impl CudaSobolev {
         Ok(out)
     }
 
+    /// The energy of a batch as per-plane sums (see [`CudaSobolev::item_energies`]).
+    pub fn energy(&self, b: &CudaBackend, r: &CudaSlice<f32>) -> Result<CudaSlice<f64>> {
+        let batch = self.batch("energy", r.len())?;
+        let mut plane_energy = b.alloc::<f64>(batch * self.op.spectral_grid().channels)?;
+        self.apply(b, &[r], &mut [None], Filter::Precision, Some(&mut plane_energy), batch)?;
+        Ok(plane_energy)
+    }
+
     /// The energy of a batch as per-plane sums (see [`CudaSobolev::item_energies`]) and its
     /// gradient `(2/N) L r`.
     pub fn energy_grad(&self, b: &CudaBackend, r: &CudaSlice<f32>) -> Result<SobolevEnergy> {
@@ -136,6 +154,7 @@ impl CudaSobolev {
     /// Each item's energy `E = (sum of its planes) / N` from the plane sums of one field batch;
     /// waits for the GPU.
     pub fn item_energies(&self, b: &CudaBackend, plane_energy: &CudaSlice<f64>) -> Result<Vec<f64>> {
+        b.transfers.down(8 * plane_energy.len());
         let planes = b.stream().clone_dtoh(plane_energy)?;
         let n = self.op.field_grid().elements() as f64;
         Ok(planes.chunks(self.op.spectral_grid().channels).map(|item| item.iter().sum::<f64>() / n).collect())

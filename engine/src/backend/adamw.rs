@@ -1,4 +1,6 @@
-//! AdamW over named f32 parameter tensors (the LoRA factors), the host reference.
+//! AdamW over named f32 parameter tensors (the trained master copies): its configuration and
+//! state (what a checkpoint saves), and the host reference of one step, which is the CPU
+//! backend's `TrainingOps::adamw_step` and the reference of the device kernel.
 //!
 //! Design decisions a reader would otherwise have to reverse-engineer:
 //! - The parameters are the f32 master copies; the model's own factors are refreshed from them
@@ -48,6 +50,22 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// The learning rate of step `k` (counted from 1): linear warm-up, then constant or a cosine
+    /// decay.
+    pub fn lr_at(&self, k: u64) -> f64 {
+        let (warmup, decay) = (self.warmup_steps, self.decay_steps);
+        if k < warmup {
+            return self.lr * k as f64 / warmup as f64;
+        }
+        if decay == 0 {
+            return self.lr;
+        }
+        let progress = ((k - warmup) as f64 / decay.saturating_sub(warmup).max(1) as f64).min(1.0);
+        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
 /// The first and second moments of one parameter tensor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Moments {
@@ -78,18 +96,9 @@ impl AdamW {
         AdamW { config, step: 0, moments: BTreeMap::new() }
     }
 
-    /// The learning rate of step `k` (counted from 1): linear warm-up, then constant or a cosine
-    /// decay.
+    /// The learning rate of step `k` (counted from 1), `AdamWConfig::lr_at`.
     pub fn lr_at(&self, k: u64) -> f64 {
-        let (warmup, decay) = (self.config.warmup_steps, self.config.decay_steps);
-        if k < warmup {
-            return self.config.lr * k as f64 / warmup as f64;
-        }
-        if decay == 0 {
-            return self.config.lr;
-        }
-        let progress = ((k - warmup) as f64 / decay.saturating_sub(warmup).max(1) as f64).min(1.0);
-        self.config.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.config.lr_at(k)
     }
 
     /// One update of every parameter in `params` from the gradient of the same name in `grads`.
@@ -101,33 +110,16 @@ impl AdamW {
             params.keys().collect::<Vec<_>>(),
             grads.keys().collect::<Vec<_>>()
         );
-        let grad_norm = grads.values().flatten().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
-        ensure!(grad_norm.is_finite(), "AdamW: the gradient norm is {grad_norm}: the loss diverged");
-        let clip = match self.config.max_grad_norm {
-            Some(max) if grad_norm > max => max / grad_norm,
-            _ => 1.0,
-        };
-
+        let grad_norm = global_norm(grads.values().map(Vec::as_slice))?;
         self.step += 1;
         let k = self.step;
         let lr = self.lr_at(k);
-        let c = &self.config;
-        let (bias1, bias2) = (1.0 - c.beta1.powi(k as i32), 1.0 - c.beta2.powi(k as i32));
         for (name, p) in params.iter_mut() {
             let g = &grads[name];
             ensure!(g.len() == p.len(), "AdamW: '{name}' has {} values but its gradient {}", p.len(), g.len());
             let mom = self.moments.entry(name.clone()).or_insert_with(|| Moments { m: vec![0.0; p.len()], v: vec![0.0; p.len()] });
             ensure!(mom.m.len() == p.len(), "AdamW: '{name}' has {} values but its saved moments {}", p.len(), mom.m.len());
-            for i in 0..p.len() {
-                let gi = g[i] as f64 * clip;
-                let m = c.beta1 * mom.m[i] as f64 + (1.0 - c.beta1) * gi;
-                let v = c.beta2 * mom.v[i] as f64 + (1.0 - c.beta2) * gi * gi;
-                let (m_hat, v_hat) = (m / bias1, v / bias2);
-                let pi = p[i] as f64;
-                p[i] = (pi - lr * (m_hat / (v_hat.sqrt() + c.eps) + c.weight_decay * pi)) as f32;
-                mom.m[i] = m as f32;
-                mom.v[i] = v as f32;
-            }
+            update(&self.config, k, lr, grad_norm, p, &mut mom.m, &mut mom.v, g);
         }
         Ok(StepStats { grad_norm, lr })
     }
@@ -140,6 +132,36 @@ impl AdamW {
 
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).context("AdamW: the saved optimiser state does not parse")
+    }
+}
+
+/// The global L2 norm of all the gradients together (computed in f64), or an error when it is
+/// not finite: the loss diverged.
+pub fn global_norm<'a>(grads: impl Iterator<Item = &'a [f32]>) -> Result<f64> {
+    let grad_norm = grads.flatten().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+    ensure!(grad_norm.is_finite(), "AdamW: the gradient norm is {grad_norm}: the loss diverged");
+    Ok(grad_norm)
+}
+
+/// One parameter tensor's AdamW update at step `k` (counted from 1) and learning rate `lr`,
+/// given the global gradient norm `grad_norm` that the clip scales by: the moments `m`, `v` and
+/// the parameters `p` are updated in place from the gradient `g` (all of one length).
+#[allow(clippy::too_many_arguments)]
+pub fn update(c: &AdamWConfig, k: u64, lr: f64, grad_norm: f64, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+    let clip = match c.max_grad_norm {
+        Some(max) if grad_norm > max => max / grad_norm,
+        _ => 1.0,
+    };
+    let (bias1, bias2) = (1.0 - c.beta1.powi(k as i32), 1.0 - c.beta2.powi(k as i32));
+    for i in 0..p.len() {
+        let gi = g[i] as f64 * clip;
+        let mi = c.beta1 * m[i] as f64 + (1.0 - c.beta1) * gi;
+        let vi = c.beta2 * v[i] as f64 + (1.0 - c.beta2) * gi * gi;
+        let (m_hat, v_hat) = (mi / bias1, vi / bias2);
+        let pi = p[i] as f64;
+        p[i] = (pi - lr * (m_hat / (v_hat.sqrt() + c.eps) + c.weight_decay * pi)) as f32;
+        m[i] = mi as f32;
+        v[i] = vi as f32;
     }
 }
 

@@ -1,6 +1,8 @@
-//! The training losses on the host (design.md sections 5 and 7): flow matching (SFT), S-DPO,
-//! the AMG adversary's mimic loss, the AS-DPO loser synthesis and the timestep distribution.
-//! The GPU kernels mirror these functions and are tested against them.
+//! The training losses (design.md sections 5 and 7): flow matching (SFT), S-DPO, the AMG
+//! adversary's mimic loss and the AS-DPO loser synthesis, as host functions over slices. They are
+//! the CPU backend's implementation of `TrainingOps` and the reference every device
+//! implementation is tested against; their result types, generic over the field (`Vec<f32>`
+//! here, a device tensor there), are the trait's too.
 //!
 //! Conventions: fields are row-major f32 `[B, C, H, W]` (B items, or B preference pairs); `t` has
 //! one value per item. Every loss is a mean over the batch, and every gradient already carries
@@ -8,21 +10,18 @@
 //! differences by beta = 2000, and those differences are small against the energies.
 
 use super::sobolev::Sobolev;
-use crate::sampler::gaussian_noise;
 use anyhow::{ensure, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 /// Diffusion-DPO's beta, the S-DPO default (design.md section 7).
 pub const DEFAULT_BETA: f64 = 2000.0;
 
 /// A point on the flow-matching path and the velocity the model should predict there.
 #[derive(Clone, Debug, PartialEq)]
-pub struct FlowTarget {
+pub struct FlowTarget<F = Vec<f32>> {
     /// `x_t = (1 - t) x0 + t eps`.
-    pub x_t: Vec<f32>,
+    pub x_t: F,
     /// `u = eps - x0`.
-    pub velocity: Vec<f32>,
+    pub velocity: F,
 }
 
 /// `x_t = (1 - t) x0 + t eps` and `u = eps - x0`, with `t[b]` for item b.
@@ -50,9 +49,9 @@ pub fn clean_estimate(x_t: &[f32], v: &[f32], t: &[f32]) -> Result<Vec<f32>> {
 
 /// A batch-mean loss and its gradient wrt one input field.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LossGrad {
+pub struct LossGrad<F = Vec<f32>> {
     pub loss: f64,
-    pub grad: Vec<f32>,
+    pub grad: F,
 }
 
 /// The SFT loss `mean_b E(v_b - u_b)` and its gradient wrt v, `(1/B) (2/N) L (v - u)`.
@@ -125,24 +124,32 @@ pub fn sdpo_objective(pairs: &[PairEnergies], beta: f64) -> Result<SdpoObjective
 
 /// The residual fields `r = v(x_t) - u` of a batch of pairs, each `[P, C, H, W]` on the
 /// operator's field grid.
-#[derive(Clone, Copy, Debug)]
-pub struct PairResiduals<'a> {
-    pub policy_winner: &'a [f32],
-    pub reference_winner: &'a [f32],
-    pub policy_loser: &'a [f32],
-    pub reference_loser: &'a [f32],
+#[derive(Debug)]
+pub struct PairResiduals<'a, F: ?Sized = [f32]> {
+    pub policy_winner: &'a F,
+    pub reference_winner: &'a F,
+    pub policy_loser: &'a F,
+    pub reference_loser: &'a F,
 }
+
+impl<F: ?Sized> Clone for PairResiduals<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F: ?Sized> Copy for PairResiduals<'_, F> {}
 
 /// One S-DPO step: the objective and the gradients wrt the policy's residuals (equal to those wrt
 /// the policy's velocity, `u` being data). The reference residuals get none.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SdpoStep {
+pub struct SdpoStep<F = Vec<f32>> {
     pub energies: Vec<PairEnergies>,
     pub objective: SdpoObjective,
     /// `a_i (2/N) L r^w_theta_i` with `a_i` = `objective.winner_energy_grad[i]`.
-    pub policy_winner_grad: Vec<f32>,
+    pub policy_winner_grad: F,
     /// `-a_i (2/N) L r^l_theta_i`.
-    pub policy_loser_grad: Vec<f32>,
+    pub policy_loser_grad: F,
 }
 
 /// S-DPO on residual fields: the four energies of each pair through `op`, the objective of
@@ -180,27 +187,35 @@ pub fn sdpo_step(op: &Sobolev, residuals: &PairResiduals, beta: f64) -> Result<S
 
 /// The optional hardness term of the AMG mimic loss, `weight mean_b E(v_ref(x^l_t) - u^l)`:
 /// it favours negatives that the reference finds easy.
-#[derive(Clone, Copy, Debug)]
-pub struct Hardness<'a> {
+#[derive(Debug)]
+pub struct Hardness<'a, F: ?Sized = [f32]> {
     pub op: &'a Sobolev,
     /// `lambda_E`.
     pub weight: f64,
     /// `v_ref(x^l_t) - u^l`, `[B, C, H, W]`.
-    pub loser_residual: &'a [f32],
+    pub loser_residual: &'a F,
 }
+
+impl<F: ?Sized> Clone for Hardness<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<F: ?Sized> Copy for Hardness<'_, F> {}
 
 /// The AMG mimic loss and its parts.
 #[derive(Clone, Debug, PartialEq)]
-pub struct MimicLoss {
+pub struct MimicLoss<F = Vec<f32>> {
     /// `mimic.loss` plus `hardness.loss` when present.
     pub total: f64,
     /// `mean((A_phi(x^w_t) - (eps - x^b_0))^2)` over all values, and its gradient wrt the
     /// adversary's output, `2 (A - (eps - x^b_0)) / (B N)`.
-    pub mimic: LossGrad,
+    pub mimic: LossGrad<F>,
     /// The hardness term and its gradient wrt the loser residual, `lambda_E (2/N) L r^l / B`. The
     /// adversary reaches this term only through `x^l_t` and `u^l` (the synthesis, then the frozen
     /// reference), so the trainer carries this gradient back through `v_ref` and the synthesis.
-    pub hardness: Option<LossGrad>,
+    pub hardness: Option<LossGrad<F>>,
 }
 
 /// AMG training ("mimic", design.md section 7): `|| A_phi(x^w_t, t, c) - (eps - x^b_0) ||^2` as a
@@ -266,13 +281,13 @@ pub fn limit_sobolev_norm_backward(op: &Sobolev, d: &[f32], g: &[f32], rho: f64)
 
 /// A loser synthesised by the adversary (AS-DPO), on the winner's noise and time.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SynthesizedLoser {
+pub struct SynthesizedLoser<F = Vec<f32>> {
     /// `x^l_0 = x^w_0 + d`, with `d` limited to Sobolev norm rho.
-    pub x0: Vec<f32>,
+    pub x0: F,
     /// `x^l_t = (1 - t) x^l_0 + t eps`, the same `eps` and `t` as the winner.
-    pub x_t: Vec<f32>,
+    pub x_t: F,
     /// `u^l = eps - x^l_0`.
-    pub velocity: Vec<f32>,
+    pub velocity: F,
     /// `||x^w_t - t A - x^w_0||_H` per item, before the limit (for the training log).
     pub deviation_norm: Vec<f64>,
 }
@@ -306,42 +321,13 @@ pub fn steepest_sobolev_deviation(op: &Sobolev, g: &[f32], rho: f64) -> Result<V
     Ok(delta)
 }
 
-/// The logit-normal timestep distribution, `t = sigmoid(mean + std n)` with `n ~ N(0, 1)`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LogitNormal {
-    pub mean: f64,
-    pub std: f64,
-    /// The probability of t = 1 exactly instead (pure noise in, the posterior mean out: what
-    /// one-step sampling evaluates, and a logit-normal never draws).
-    pub one: f64,
-}
-
-impl Default for LogitNormal {
-    /// Mean 0, std 1 (design.md section 5), never exactly 1.
-    fn default() -> Self {
-        LogitNormal { mean: 0.0, std: 1.0, one: 0.0 }
-    }
-}
-
-impl LogitNormal {
-    /// `count` times in [0, 1], reproducible from `seed` on every machine.
-    pub fn sample(&self, count: usize, seed: u64) -> Vec<f32> {
-        let mut t: Vec<f32> = gaussian_noise(count, seed).into_iter().map(|n| sigmoid(self.mean + self.std * n as f64) as f32).collect();
-        if self.one > 0.0 {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6F6E_6521);
-            t.iter_mut().filter(|_| rng.random::<f64>() < self.one).for_each(|t| *t = 1.0);
-        }
-        t
-    }
-}
-
 /// `ln(1 + e^z)` without overflow: `max(z, 0) + ln(1 + e^-|z|)`.
 fn softplus(z: f64) -> f64 {
     z.max(0.0) + (-z.abs()).exp().ln_1p()
 }
 
 /// `1 / (1 + e^-z)`, exponentiating only non-positive numbers.
-fn sigmoid(z: f64) -> f64 {
+pub(crate) fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
     } else {
@@ -368,7 +354,8 @@ fn item_len(what: &str, len: usize, t: &[f32]) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::sobolev::{Grid, DEFAULT_EXPONENT};
+    use crate::backend::sobolev::{Grid, DEFAULT_EXPONENT};
+    use crate::sampler::gaussian_noise;
     use std::f64::consts::LN_2;
 
     fn random_fields(len: usize, seed: u64) -> Vec<f32> {
@@ -456,7 +443,8 @@ mod tests {
         let grid = Grid::new(3, 4, 4);
         let op = Sobolev::new(grid, DEFAULT_EXPONENT).unwrap();
         let (winner, loser) = (random_fields(2 * grid.elements(), 5), random_fields(2 * grid.elements(), 6));
-        let pairs = PairResiduals { policy_winner: &winner, reference_winner: &winner, policy_loser: &loser, reference_loser: &loser };
+        let pairs: PairResiduals =
+            PairResiduals { policy_winner: &winner, reference_winner: &winner, policy_loser: &loser, reference_loser: &loser };
         let step = sdpo_step(&op, &pairs, DEFAULT_BETA).unwrap();
         assert_eq!(step.objective.loss, LN_2);
         assert_eq!((step.objective.accuracy, step.objective.reward_margin), (0.0, 0.0));
@@ -638,7 +626,7 @@ mod tests {
 
         let residual = random_fields(n, 53);
         let euclidean = Sobolev::new(grid, 0.0).unwrap();
-        let hard = Hardness { op: &euclidean, weight: 0.3, loser_residual: &residual };
+        let hard: Hardness = Hardness { op: &euclidean, weight: 0.3, loser_residual: &residual };
         let with_mse = amg_mimic_loss(&adversary, &eps, &baseline, Some(hard)).unwrap();
         let hardness = with_mse.hardness.as_ref().unwrap().loss;
         let want = 0.3 * mean_square(residual.iter().map(|&v| v as f64));
@@ -661,36 +649,12 @@ mod tests {
     }
 
     #[test]
-    fn logit_normal_times_are_seeded_and_have_normal_logits() {
-        for (distribution, seed) in [(LogitNormal::default(), 60), (LogitNormal { mean: 1.0, std: 0.5, one: 0.0 }, 61)] {
-            let times = distribution.sample(50_000, seed);
-            assert_eq!(times, distribution.sample(50_000, seed));
-            assert_ne!(times, distribution.sample(50_000, seed + 100));
-            assert!(times.iter().all(|&t| t > 0.0 && t < 1.0));
-            let logits: Vec<f64> = times.iter().map(|&t| (t as f64 / (1.0 - t as f64)).ln()).collect();
-            let mean = logits.iter().sum::<f64>() / logits.len() as f64;
-            let std = (logits.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / logits.len() as f64).sqrt();
-            assert!((mean - distribution.mean).abs() < 0.02 && (std - distribution.std).abs() < 0.02, "mean {mean} std {std}");
-        }
-    }
-
-    /// A quarter at exactly 1, the rest the same logit-normal as without.
-    #[test]
-    fn a_fraction_of_times_is_exactly_one() {
-        let plain = LogitNormal { mean: 0.5, std: 1.0, one: 0.0 };
-        let mixed = LogitNormal { one: 0.25, ..plain };
-        let (a, b) = (plain.sample(40_000, 7), mixed.sample(40_000, 7));
-        let ones = b.iter().filter(|&&t| t == 1.0).count() as f64 / b.len() as f64;
-        assert!((ones - 0.25).abs() < 0.01, "{ones} at t = 1");
-        assert!(a.iter().zip(&b).all(|(a, b)| a == b || *b == 1.0));
-    }
-
-    #[test]
     fn mismatched_shapes_are_errors_that_name_the_inputs() {
         let grid = Grid::new(2, 3, 4);
         let op = Sobolev::new(grid, DEFAULT_EXPONENT).unwrap();
         let (full, short) = (vec![0f32; 2 * grid.elements()], vec![0f32; grid.elements()]);
-        let pairs = PairResiduals { policy_winner: &full, reference_winner: &full, policy_loser: &short, reference_loser: &full };
+        let pairs: PairResiduals =
+            PairResiduals { policy_winner: &full, reference_winner: &full, policy_loser: &short, reference_loser: &full };
         let message = sdpo_step(&op, &pairs, DEFAULT_BETA).unwrap_err().to_string();
         assert!(message.contains("policy_loser") && message.contains("24") && message.contains("48"), "{message}");
         assert!(flow_target(&full, &short, &[0.5]).is_err());
