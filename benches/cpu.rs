@@ -70,7 +70,7 @@ fn upscale_128_to_512(c: &mut Criterion) {
     let mut w = WeightLoader::random(&b, 0);
     let flux = Flux::build(&config.transformer, &mut w).unwrap();
     let (txt, y) = zero_text(&config);
-    let model = SrModel { config, flux, ae: Box::new(PixelShuffle::new(factor)), txt, y };
+    let model = SrModel { config, flux, ae: Box::new(PixelShuffle::new(factor)), ae_tiling: Default::default(), txt, y };
     let lq = Image::new(128, 128, 3, (0..128 * 128 * 3).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect());
     let mut g = c.benchmark_group("upscale_128_to_512");
     g.sample_size(10);

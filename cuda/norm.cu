@@ -30,6 +30,11 @@
 //      16-byte path needs S % 8 == 0 (then the 8 elements of a vector share one channel); the
 //      scalar path finds each element's channel by division.
 //   x is read twice (stats, apply) and written once; the scratch is 8 bytes per 8192 elements.
+//
+// The tiled autoencoder (engine/src/ae/tiled.rs) splits it: group_norm_window_stats_bf16 is
+//   launch 1 over a window of the planes (rows y0.., columns x0..; scalar loads by index
+//   arithmetic), group_norm_finalize_moments launch 2 writing (mean, variance) for the host to
+//   merge over tiles, and group_norm_apply launch 3 alone with the host's (mean, rstd).
 #include "common.cuh"
 #include "reduce.cuh"
 
@@ -226,16 +231,11 @@ __device__ __forceinline__ bool group_norm_valid(unsigned valid, int k) {
     return valid & (1u << (VEC ? k / 8 : k));
 }
 
-// Grid: groups_total * chunks blocks of 256; block = (group, chunk). partial[2 * block] = the
-// chunk's (mean, M2).
+// Writes the (mean, M2) of this block's chunk (`count` valid values among the loaded `v`) to
+// partial[2 * blockIdx.x].
 template <bool VEC>
-__device__ __forceinline__ void group_norm_stats(const __nv_bfloat16 *__restrict__ x, float *__restrict__ partial, int n, int chunks) {
+__device__ __forceinline__ void group_norm_chunk_moments(const float v[GN_PER_THREAD], unsigned valid, int count, float *__restrict__ partial) {
     __shared__ float red[32];
-    const int grp = blockIdx.x / chunks, chunk = blockIdx.x - grp * chunks;
-    float v[GN_PER_THREAD];
-    const unsigned valid = group_norm_load<VEC>(x + (size_t)grp * n, n, chunk, v);
-    const int count = min(GN_CHUNK, n - chunk * GN_CHUNK);
-
     float s = 0.0f;
 #pragma unroll
     for (int k = 0; k < GN_PER_THREAD; ++k) s += v[k];
@@ -254,6 +254,16 @@ __device__ __forceinline__ void group_norm_stats(const __nv_bfloat16 *__restrict
     }
 }
 
+// Grid: groups_total * chunks blocks of 256; block = (group, chunk). partial[2 * block] = the
+// chunk's (mean, M2).
+template <bool VEC>
+__device__ __forceinline__ void group_norm_stats(const __nv_bfloat16 *__restrict__ x, float *__restrict__ partial, int n, int chunks) {
+    const int grp = blockIdx.x / chunks, chunk = blockIdx.x - grp * chunks;
+    float v[GN_PER_THREAD];
+    const unsigned valid = group_norm_load<VEC>(x + (size_t)grp * n, n, chunk, v);
+    group_norm_chunk_moments<VEC>(v, valid, min(GN_CHUNK, n - chunk * GN_CHUNK), partial);
+}
+
 extern "C" __global__ void __launch_bounds__(GN_THREADS)
     group_norm_stats_v8_bf16(const __nv_bfloat16 *__restrict__ x, float *__restrict__ partial, int n, int chunks) {
     group_norm_stats<true>(x, partial, n, chunks);
@@ -264,10 +274,34 @@ extern "C" __global__ void __launch_bounds__(GN_THREADS)
     group_norm_stats<false>(x, partial, n, chunks);
 }
 
-// One block (any multiple of 32 threads) per group: merges the group's `chunks` partials
-// (Chan et al.) and writes stats[2 * grp] = mean, stats[2 * grp + 1] = rsqrt(M2 / n + eps).
-extern "C" __global__ void group_norm_finalize(const float *__restrict__ partial, float *__restrict__ stats, int n, int chunks,
-                                               float eps) {
+// Same grid as the stats over the window's n = cpg * rows * cols elements of a group: element e
+// is channel e / (rows * cols), row y0 + r / cols, column x0 + r % cols (r = e % (rows * cols))
+// of the group's planes, each height x width. Scalar loads: a window row is rarely aligned.
+extern "C" __global__ void __launch_bounds__(GN_THREADS)
+    group_norm_window_stats_bf16(const __nv_bfloat16 *__restrict__ x, float *__restrict__ partial, int n, int chunks, int height,
+                                 int width, int y0, int x0, int rows, int cols, int cpg) {
+    const int grp = blockIdx.x / chunks, chunk = blockIdx.x - grp * chunks;
+    const __nv_bfloat16 *xg = x + (size_t)grp * cpg * height * width;
+    const int window = rows * cols;
+    float v[GN_PER_THREAD];
+    unsigned valid = 0;
+#pragma unroll
+    for (int j = 0; j < GN_PER_THREAD; ++j) {
+        const int e = chunk * GN_CHUNK + j * GN_THREADS + (int)threadIdx.x;
+        v[j] = 0.0f;
+        if (e < n) {
+            const int c = e / window, r = e - c * window;
+            const int y = y0 + r / cols, xx = x0 + r % cols;
+            v[j] = __bfloat162float(xg[((size_t)c * height + y) * width + xx]);
+            valid |= 1u << j;
+        }
+    }
+    group_norm_chunk_moments<false>(v, valid, min(GN_CHUNK, n - chunk * GN_CHUNK), partial);
+}
+
+// Merges group blockIdx.x's `chunks` partials (Chan et al.) into its (mean, M2 / n), returned
+// to every thread of the block (any multiple of 32 threads).
+__device__ __forceinline__ float2 group_norm_merge(const float *__restrict__ partial, int n, int chunks) {
     __shared__ float red[32];
     const int grp = blockIdx.x;
     const float *p = partial + 2 * (size_t)grp * chunks;
@@ -280,9 +314,26 @@ extern "C" __global__ void group_norm_finalize(const float *__restrict__ partial
         m2 += p[2 * k + 1] + (float)min(GN_CHUNK, n - k * GN_CHUNK) * d * d;
     }
     m2 = norm_block_sum(m2, red);
+    return make_float2(mean, m2 / (float)n);
+}
+
+// One block per group: stats[2 * grp] = mean, stats[2 * grp + 1] = rsqrt(M2 / n + eps).
+extern "C" __global__ void group_norm_finalize(const float *__restrict__ partial, float *__restrict__ stats, int n, int chunks,
+                                               float eps) {
+    const float2 m = group_norm_merge(partial, n, chunks);
     if (threadIdx.x == 0) {
-        stats[2 * grp] = mean;
-        stats[2 * grp + 1] = rsqrtf(m2 / (float)n + eps);
+        stats[2 * blockIdx.x] = m.x;
+        stats[2 * blockIdx.x + 1] = rsqrtf(m.y + eps);
+    }
+}
+
+// One block per group: stats[2 * grp] = mean, stats[2 * grp + 1] = the biased variance
+// (`group_norm_stats` of a window, merged over tiles on the host).
+extern "C" __global__ void group_norm_finalize_moments(const float *__restrict__ partial, float *__restrict__ stats, int n, int chunks) {
+    const float2 m = group_norm_merge(partial, n, chunks);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = m.x;
+        stats[2 * blockIdx.x + 1] = m.y;
     }
 }
 

@@ -39,6 +39,8 @@ fn every_op_is_checked_and_exactly_the_faulty_ones_fail() {
         "timestep_embedding",
         "conv2d",
         "group_norm",
+        "group_norm_stats",
+        "group_norm_apply",
         "upsample_nearest2x",
         "transpose_last2",
         "pixel_unshuffle",

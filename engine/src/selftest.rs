@@ -306,6 +306,24 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
+    // The tiled autoencoder's split GroupNorm: statistics of a window (a strict one and whole
+    // planes, odd sizes) and the normalisation with given (mean, rstd).
+    for &(c, h, w, groups, (r0, r1), (c0, c1)) in
+        &[(32usize, 9usize, 11usize, 8usize, (2usize, 7usize), (3usize, 11usize)), (12, 8, 16, 3, (0, 8), (0, 16))]
+    {
+        let x = gaussian(&[2, c, h, w], next());
+        let desc = format!("[2,{c},{h},{w}], {groups} groups, rows {r0}..{r1}, columns {c0}..{c1}");
+        compare!(checks, dut, cpu, "group_norm_stats", desc, F32_TOLERANCE, |b| {
+            b.group_norm_stats(&b.input(&x)?, groups, r0..r1, c0..c1).map(|y| vec![y])
+        });
+        let g = gaussian(&[2, groups, 2], next()).to_f32();
+        let stats = HostTensor::from_f32(vec![2, groups, 2], g.chunks(2).flat_map(|m| [0.5 * m[0], 1.0 + 0.5 * m[1].tanh()]).collect());
+        let (wt, bi) = (weight(&[c], next(), 1.0), weight(&[c], next(), 1.0));
+        compare!(checks, dut, cpu, "group_norm_apply", format!("[2,{c},{h},{w}], {groups} groups"), tol, |b| {
+            b.group_norm_apply(&b.input(&x)?, &b.upload(&stats)?, &b.upload(&wt)?, &b.upload(&bi)?).map(|y| vec![y])
+        });
+    }
+
     {
         let x = gaussian(&[2, 32, 9, 11], next());
         compare!(checks, dut, cpu, "upsample_nearest2x", "[2,32,9,11]".into(), tol, |b| b

@@ -21,6 +21,8 @@ pub struct Hooked {
     pub gelu_skips_first_when_poisoned: bool,
     /// `attention` over more query tokens than this fails as a GPU out of memory would.
     pub attention_token_limit: usize,
+    /// `conv2d` over inputs of more pixels than this fails as a GPU out of memory would.
+    pub conv_pixel_limit: usize,
     /// Attention kernels to choose between (`BackwardOps::attention_kernels`) and the factor each
     /// multiplies its output by.
     pub attention_kernels: Vec<(&'static str, f32)>,
@@ -44,6 +46,7 @@ impl Default for Hooked {
             silu_scale: 1.0,
             gelu_skips_first_when_poisoned: false,
             attention_token_limit: usize::MAX,
+            conv_pixel_limit: usize::MAX,
             attention_kernels: Vec::new(),
             attention_backward_kernels: Vec::new(),
             sobolev_swaps_axes: false,
@@ -174,10 +177,19 @@ impl Backend for Hooked {
         self.cpu.timestep_embedding(&inner(t), dim, max_period, time_factor).map(wrap)
     }
     fn conv2d(&self, x: &T, w: &T, bias: Option<&T>, stride: usize, pad: [usize; 4]) -> anyhow::Result<T> {
+        if x.dim(2) * x.dim(3) > self.conv_pixel_limit {
+            return Err(DeviceOutOfMemory { bytes: x.elem_count() * 4 }.into());
+        }
         self.cpu.conv2d(&inner(x), &inner(w), bias.map(inner).as_ref(), stride, pad).map(wrap)
     }
     fn group_norm(&self, x: &T, groups: usize, w: &T, b: &T, eps: f32) -> anyhow::Result<T> {
         self.cpu.group_norm(&inner(x), groups, &inner(w), &inner(b), eps).map(wrap)
+    }
+    fn group_norm_stats(&self, x: &T, groups: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> anyhow::Result<T> {
+        self.cpu.group_norm_stats(&inner(x), groups, rows, cols).map(wrap)
+    }
+    fn group_norm_apply(&self, x: &T, stats: &T, w: &T, b: &T) -> anyhow::Result<T> {
+        self.cpu.group_norm_apply(&inner(x), &inner(stats), &inner(w), &inner(b)).map(wrap)
     }
     fn upsample_nearest2x(&self, x: &T) -> anyhow::Result<T> {
         self.cpu.upsample_nearest2x(&inner(x)).map(wrap)

@@ -5,19 +5,45 @@
 //! to its mean (no sampling). Field names are BFL's checkpoint keys; diffusers checkpoints are
 //! mapped onto them by `loaders::ae`.
 
-use super::{check_image_shape, check_latent_shape, Autoencoder};
+use super::{check_image_shape, check_latent_shape, AeDirection, Autoencoder, TileOptions, Tiled};
+use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::model::weights::{WeightLoader, WeightSource};
+use crate::model::weights::{tensor_rng, WeightLoader, WeightSource};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Context, Result};
 use loaders::ae::AeCheckpoint;
 use loaders::HostTensor;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// GroupNorm epsilon throughout the autoencoder.
-const EPS: f32 = 1e-6;
+pub const EPS: f32 = 1e-6;
+
+/// Where the GroupNorms of a pass take their statistics from. The whole image normalises over
+/// its own activations (`OwnStatistics`); tiles share statistics gathered over all of them
+/// (`ae::tiled`).
+pub trait Norms<B: Backend> {
+    /// `norm` applied to `x`; called once per GroupNorm of the pass, in the model's order.
+    fn group_norm(&mut self, b: &B, norm: &GroupNorm<B>, x: &Tensor<B>) -> Result<Tensor<B>>;
+}
+
+/// Each GroupNorm over its own input, as BFL's model runs.
+pub struct OwnStatistics;
+
+impl<B: Backend> Norms<B> for OwnStatistics {
+    fn group_norm(&mut self, b: &B, norm: &GroupNorm<B>, x: &Tensor<B>) -> Result<Tensor<B>> {
+        b.group_norm(x, norm.groups, &norm.weight, &norm.bias, EPS)
+    }
+}
+
+/// What one pass through the encoder or decoder needs besides its input.
+pub struct Pass<'a, B: Backend> {
+    pub norms: &'a mut dyn Norms<B>,
+    /// Whether the mid-block attention runs (`FluxAe::mid_attention`).
+    pub attention: bool,
+}
 
 /// BFL's `AutoEncoderParams`, FLUX's values as the default. `norm_num_groups` is ours (BFL
 /// hard-codes 32) so that small test models can be built.
@@ -132,6 +158,35 @@ impl AutoEncoderParams {
         Ok(())
     }
 
+    /// Seeded random weights of these shapes under BFL's names, initialised as PyTorch
+    /// initialises the modules (`Conv2d`: weight and bias uniform in +-1/sqrt(fan_in), fan_in =
+    /// input channels x kernel area; `GroupNorm`: weight 1, bias 0): an autoencoder for tests and
+    /// benchmarks, since no trained FLUX autoencoder ships with the engine.
+    pub fn random_weights(&self, seed: u64) -> Result<Vec<(String, HostTensor)>> {
+        let cpu = CpuBackend::new();
+        let mut w = WeightLoader::random(&cpu, seed).recording();
+        FluxAe::build(self, &mut w)?;
+        let named = w.take_recorded();
+        let shapes: BTreeMap<String, Vec<usize>> = named.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+        Ok(named
+            .into_iter()
+            .map(|(name, t)| {
+                let (module, kind) = name.rsplit_once('.').unwrap_or(("", &name));
+                let norm = module.rsplit('.').next().is_some_and(|m| m.starts_with("norm"));
+                let data: Vec<f32> = if norm {
+                    vec![if kind == "weight" { 1.0 } else { 0.0 }; t.len()]
+                } else {
+                    let fan_in: usize = shapes[&format!("{module}.weight")][1..].iter().product();
+                    let bound = 1.0 / (fan_in as f32).sqrt();
+                    let uniform = rand_distr::Uniform::new(-bound, bound).expect("a positive bound");
+                    let mut rng = tensor_rng(&name, seed);
+                    (0..t.len()).map(|_| rng.sample(uniform)).collect()
+                };
+                (name, HostTensor::from_f32(t.shape, data))
+            })
+            .collect())
+    }
+
     /// 2^(levels - 1): each level but the last halves the resolution.
     pub fn downscale(&self) -> usize {
         1 << (self.ch_mult.len() - 1)
@@ -184,13 +239,13 @@ impl<B: Backend> GroupNorm<B> {
         Ok(GroupNorm { weight: w.tensor(&format!("{prefix}.weight"), &[c])?, bias: w.tensor(&format!("{prefix}.bias"), &[c])?, groups })
     }
 
-    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
-        b.group_norm(x, self.groups, &self.weight, &self.bias, EPS)
+    fn forward(&self, b: &B, x: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
+        pass.norms.group_norm(b, self, x)
     }
 
     /// `silu(norm(x))`, the pre-activation every conv in the autoencoder takes.
-    fn forward_silu(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
-        b.silu(&self.forward(b, x)?)
+    fn forward_silu(&self, b: &B, x: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
+        b.silu(&self.forward(b, x, pass)?)
     }
 }
 
@@ -213,9 +268,9 @@ impl<B: Backend> ResnetBlock<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
-        let h = self.conv1.forward(b, &self.norm1.forward_silu(b, x)?)?;
-        let h = self.conv2.forward(b, &self.norm2.forward_silu(b, &h)?)?;
+    fn forward(&self, b: &B, x: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
+        let h = self.conv1.forward(b, &self.norm1.forward_silu(b, x, pass)?)?;
+        let h = self.conv2.forward(b, &self.norm2.forward_silu(b, &h, pass)?)?;
         match &self.nin_shortcut {
             Some(s) => b.add(&s.forward(b, x)?, &h),
             None => b.add(x, &h),
@@ -243,9 +298,9 @@ impl<B: Backend> AttnBlock<B> {
         Ok(AttnBlock { norm: GroupNorm::load(w, &format!("{prefix}.norm"), c, groups)?, q, k, v, proj_out })
     }
 
-    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+    fn forward(&self, b: &B, x: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
         let (n, c, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        let tokens = b.transpose_last2(&self.norm.forward(b, x)?.reshape(&[n, c, h * wd])?)?;
+        let tokens = b.transpose_last2(&self.norm.forward(b, x, pass)?.reshape(&[n, c, h * wd])?)?;
         let head = |(w, bias): &(Tensor<B>, Tensor<B>)| b.linear(&tokens, w, Some(bias))?.reshape(&[n, 1, h * wd, c]);
         let o = b.attention(&head(&self.q)?, &head(&self.k)?, &head(&self.v)?)?;
         let o = b.linear(&o, &self.proj_out.0, Some(&self.proj_out.1))?;
@@ -274,8 +329,10 @@ impl<B: Backend> Mid<B> {
         })
     }
 
-    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
-        self.block_2.forward(b, &self.attn_1.forward(b, &self.block_1.forward(b, x)?)?)
+    fn forward(&self, b: &B, x: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
+        let h = self.block_1.forward(b, x, pass)?;
+        let h = if pass.attention { self.attn_1.forward(b, &h, pass)? } else { h };
+        self.block_2.forward(b, &h, pass)
     }
 }
 
@@ -314,18 +371,18 @@ impl<B: Backend> Encoder<B> {
     }
 
     /// `[B, 3, H, W] -> [B, 2 z, H / f, W / f]` (mean, logvar).
-    fn forward(&self, b: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
+    fn forward(&self, b: &B, x: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
         let mut h = self.conv_in.forward(b, x)?;
         for level in &self.down {
             for block in &level.block {
-                h = block.forward(b, &h)?;
+                h = block.forward(b, &h, pass)?;
             }
             if let Some(conv) = &level.sample {
                 h = b.conv2d(&h, &conv.weight, Some(&conv.bias), 2, [0, 1, 0, 1])?;
             }
         }
-        let h = self.mid.forward(b, &h)?;
-        self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h)?)
+        let h = self.mid.forward(b, &h, pass)?;
+        self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h, pass)?)
     }
 }
 
@@ -364,17 +421,17 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
-    fn forward(&self, b: &B, z: &Tensor<B>) -> Result<Tensor<B>> {
-        let mut h = self.mid.forward(b, &self.conv_in.forward(b, z)?)?;
+    fn forward(&self, b: &B, z: &Tensor<B>, pass: &mut Pass<B>) -> Result<Tensor<B>> {
+        let mut h = self.mid.forward(b, &self.conv_in.forward(b, z)?, pass)?;
         for level in self.up.iter().rev() {
             for block in &level.block {
-                h = block.forward(b, &h)?;
+                h = block.forward(b, &h, pass)?;
             }
             if let Some(conv) = &level.sample {
                 h = conv.forward(b, &b.upsample_nearest2x(&h)?)?;
             }
         }
-        self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h)?)
+        self.conv_out.forward(b, &self.norm_out.forward_silu(b, &h, pass)?)
     }
 }
 
@@ -382,13 +439,16 @@ pub struct FluxAe<B: Backend> {
     pub params: AutoEncoderParams,
     pub encoder: Encoder<B>,
     pub decoder: Decoder<B>,
+    /// Runs the mid-block attention (BFL's model always does). Off, a tiled pass with shared
+    /// statistics and enough context equals the whole-image pass: how the tiling is tested.
+    pub mid_attention: bool,
 }
 
 impl<B: Backend> FluxAe<B> {
     /// Builds the model from a weight source; the caller calls `finish` on the loader.
     pub fn build(params: &AutoEncoderParams, w: &mut WeightLoader<B>) -> Result<Self> {
         params.validate()?;
-        Ok(FluxAe { params: params.clone(), encoder: Encoder::load(w, params)?, decoder: Decoder::load(w, params)? })
+        Ok(FluxAe { params: params.clone(), encoder: Encoder::load(w, params)?, decoder: Decoder::load(w, params)?, mid_attention: true })
     }
 
     /// Opens a checkpoint (BFL or diffusers layout) and loads it strictly: every tensor present with
@@ -402,20 +462,42 @@ impl<B: Backend> FluxAe<B> {
     }
 }
 
-impl<B: Backend> Autoencoder<B> for FluxAe<B> {
-    fn encode(&self, b: &B, image: &Tensor<B>) -> Result<Tensor<B>> {
+impl<B: Backend> FluxAe<B> {
+    /// `encode` with the GroupNorm statistics of `norms`.
+    pub fn encode_with(&self, b: &B, image: &Tensor<B>, norms: &mut dyn Norms<B>) -> Result<Tensor<B>> {
         check_image_shape(image.shape(), self.params.downscale())?;
-        let moments = self.encoder.forward(b, image)?;
+        let moments = self.encoder.forward(b, image, &mut Pass { norms, attention: self.mid_attention })?;
         let mean = b.narrow(&moments, 1, 0, self.params.z_channels)?;
         let (s, t) = (self.params.scale_factor, self.params.shift_factor);
         b.affine(&mean, s, -s * t)
     }
 
-    fn decode(&self, b: &B, latent: &Tensor<B>) -> Result<Tensor<B>> {
+    /// `decode` with the GroupNorm statistics of `norms`.
+    pub fn decode_with(&self, b: &B, latent: &Tensor<B>, norms: &mut dyn Norms<B>) -> Result<Tensor<B>> {
         check_latent_shape(latent.shape(), self.params.z_channels)?;
         let (s, t) = (self.params.scale_factor, self.params.shift_factor);
         let z = b.affine(latent, 1.0 / s, t)?;
-        self.decoder.forward(b, &z)
+        self.decoder.forward(b, &z, &mut Pass { norms, attention: self.mid_attention })
+    }
+}
+
+impl<B: Backend> Autoencoder<B> for FluxAe<B> {
+    fn encode(&self, b: &B, image: &Tensor<B>) -> Result<Tensor<B>> {
+        self.encode_with(b, image, &mut OwnStatistics)
+    }
+
+    fn decode(&self, b: &B, latent: &Tensor<B>) -> Result<Tensor<B>> {
+        self.decode_with(b, latent, &mut OwnStatistics)
+    }
+
+    fn encode_tiled(&self, b: &B, image: &HostTensor, opts: &TileOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Tiled> {
+        check_image_shape(&image.shape, self.params.downscale())?;
+        self.run_tiled(b, image, AeDirection::Encode, opts, progress)
+    }
+
+    fn decode_tiled(&self, b: &B, latent: &HostTensor, opts: &TileOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Tiled> {
+        check_latent_shape(&latent.shape, self.params.z_channels)?;
+        self.run_tiled(b, latent, AeDirection::Decode, opts, progress)
     }
 
     fn downscale(&self) -> usize {

@@ -23,6 +23,7 @@ pub mod training;
 use crate::tensor::Tensor;
 use anyhow::Result;
 use loaders::{DType, HostTensor};
+use std::ops::Range;
 
 pub trait Backend: Sized + Send + Sync {
     type Storage: Send + Sync;
@@ -81,6 +82,13 @@ pub trait Backend: Sized + Send + Sync {
     /// every op issued so far.
     fn take_op_times(&self) -> Result<profile::OpTimes> {
         Ok(profile::OpTimes::new())
+    }
+
+    /// Bytes that activations could still take: on a GPU its free memory plus what its pool holds
+    /// unused, on the CPU the memory the kernel reports available; None where unknown. Default
+    /// autoencoder tiles are sized from it.
+    fn free_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 
     /// Uploads host data keeping its dtype exactly (weights, position tables).
@@ -214,6 +222,16 @@ pub trait Backend: Sized + Send + Sync {
     /// normalised over its channels and all spatial positions (biased variance), then
     /// `* weight[c] + bias[c]` with weight and bias `[C]`.
     fn group_norm(&self, x: &Tensor<Self>, groups: usize, weight: &Tensor<Self>, bias: &Tensor<Self>, eps: f32) -> Result<Tensor<Self>>;
+
+    /// Per-group statistics of a window of `x` `[B, C, H, W]` (rows `rows`, columns `cols` of
+    /// every channel plane, the channels grouped as in `group_norm`): f32 `[B, groups, 2]`
+    /// holding each group's mean and biased variance over its channels and the window. Tiled
+    /// autoencoder passes merge them over tiles into whole-image statistics (`ae::tiled`).
+    fn group_norm_stats(&self, x: &Tensor<Self>, groups: usize, rows: Range<usize>, cols: Range<usize>) -> Result<Tensor<Self>>;
+
+    /// GroupNorm with given statistics: `stats` f32 `[B, groups, 2]` holds each group's mean and
+    /// reciprocal standard deviation; `out = (x - mean) * rstd * weight[c] + bias[c]`.
+    fn group_norm_apply(&self, x: &Tensor<Self>, stats: &Tensor<Self>, weight: &Tensor<Self>, bias: &Tensor<Self>) -> Result<Tensor<Self>>;
 
     /// Nearest-neighbour upsampling by 2 on both sides: `[B, C, H, W] -> [B, C, 2H, 2W]`.
     fn upsample_nearest2x(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;

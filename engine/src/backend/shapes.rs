@@ -2,6 +2,7 @@
 //! operands with the same message.
 
 use anyhow::{bail, ensure, Result};
+use std::ops::Range;
 
 /// Splits a shape around `dim` into (outer, inner) element counts: a row-major tensor is then
 /// `outer` runs of `shape[dim] * inner` contiguous elements.
@@ -86,6 +87,56 @@ impl ConvGeometry {
             oh: (ph - kh) / stride + 1,
             ow: (pw - kw) / stride + 1,
         })
+    }
+}
+
+/// The sizes of a GroupNorm over `[batch, channels, ..]`, checked: the channels split into
+/// `groups`; `spatial` is the product of the remaining dims.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupNormDims {
+    pub batch: usize,
+    pub channels: usize,
+    pub groups: usize,
+    pub spatial: usize,
+}
+
+impl GroupNormDims {
+    /// Checks the operands of `group_norm` and `group_norm_apply`: weight and bias `[channels]`.
+    pub fn new(op: &str, x: &[usize], groups: usize, weight: &[usize], bias: &[usize]) -> Result<Self> {
+        let dims = Self::of_input(op, x, groups)?;
+        super::expect_shape("weight", op, weight, &[dims.channels])?;
+        super::expect_shape("bias", op, bias, &[dims.channels])?;
+        Ok(dims)
+    }
+
+    fn of_input(op: &str, x: &[usize], groups: usize) -> Result<Self> {
+        ensure!(x.len() >= 2, "{op}: input has shape {x:?}, expected [batch, channels, ..]");
+        let c = x[1];
+        ensure!(groups > 0 && c % groups == 0, "{op}: {c} channels do not split into {groups} groups");
+        Ok(GroupNormDims { batch: x[0], channels: c, groups, spatial: x[2..].iter().product() })
+    }
+
+    /// Checks `group_norm_stats`: x `[batch, channels, height, width]` and a non-empty window
+    /// inside its planes.
+    pub fn windowed(x: &[usize], groups: usize, rows: &Range<usize>, cols: &Range<usize>) -> Result<Self> {
+        let op = "group_norm_stats";
+        ensure!(x.len() == 4, "{op}: input has shape {x:?}, expected [batch, channels, height, width]");
+        ensure!(
+            rows.start < rows.end && rows.end <= x[2] && cols.start < cols.end && cols.end <= x[3],
+            "{op}: window rows {rows:?}, columns {cols:?} is empty or outside the {}x{} plane",
+            x[2],
+            x[3]
+        );
+        Self::of_input(op, x, groups)
+    }
+
+    /// Checks `group_norm_apply`'s statistics `[batch, groups, 2]` against x, weight and bias.
+    pub fn with_stats(x: &[usize], stats: &[usize], weight: &[usize], bias: &[usize]) -> Result<Self> {
+        let op = "group_norm_apply";
+        ensure!(stats.len() == 3 && stats[2] == 2, "{op}: statistics have shape {stats:?}, expected [batch, groups, 2]");
+        let dims = Self::new(op, x, stats[1], weight, bias)?;
+        super::expect_shape("statistics", op, stats, &[dims.batch, dims.groups, 2])?;
+        Ok(dims)
     }
 }
 

@@ -4,12 +4,13 @@
 //! (what is shipped after training).
 
 use anyhow::{ensure, Result};
+use engine::ae::AutoEncoderParams;
 use engine::backend::device::Device;
 use engine::model::weights::WeightLoader;
 use engine::model::{Flux, LoraMode};
 use engine::sr;
 use engine::sr::import::{ImportOptions, TextMode};
-use engine::sr::model_dir::{load_transformer, write_model_folder, SrConfig};
+use engine::sr::model_dir::{load_transformer, write_model_folder, AeConfig, SrConfig};
 use engine::CpuBackend;
 use loaders::{DType, HostTensor};
 use std::path::{Path, PathBuf};
@@ -86,8 +87,10 @@ struct ImportArgs {
 
 /// Write a model folder (model.json + transformer.safetensors) with a randomly initialised
 /// transformer of a preset's shape, its channels fitted to the autoencoder: in = 2 x 4 x latent
-/// channels (noisy latent and LQ, packed 2x2, concatenated), out = 4 x latent channels.
-/// Untrained: its output is noise, useful only to exercise the pipeline.
+/// channels (noisy latent and LQ, packed 2x2, concatenated), out = 4 x latent channels. With
+/// `--ae flux`, also ae.safetensors: FLUX's autoencoder at its real shapes (16 latent channels,
+/// factor 8), randomly initialised as PyTorch initialises it. Untrained: the output is noise,
+/// useful only to exercise the pipeline and to measure it.
 #[derive(clap::Args)]
 struct InitArgs {
     /// Folder to create.
@@ -99,9 +102,16 @@ struct InitArgs {
     /// Seed of the random initialisation.
     #[arg(long, default_value_t = 0)]
     init_seed: u64,
+    /// Autoencoder: the weightless pixel shuffle, or FLUX's with random weights.
+    #[arg(long, value_enum, default_value = "pixel-shuffle")]
+    ae: AeKind,
+    /// With `--ae flux`: a JSON file of BFL AutoEncoderParams fields for other shapes (omitted
+    /// fields: FLUX's values).
+    #[arg(long, value_name = "JSON")]
+    ae_config: Option<PathBuf>,
     /// Pixel-shuffle factor of the (weightless) autoencoder, latent channels 3 x F^2 (default:
     /// the preset's, 6 for asasr-cpu and 2 for the others).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ae")]
     pixel_shuffle: Option<usize>,
     /// Output side / input side.
     #[arg(long, default_value_t = 4)]
@@ -142,6 +152,12 @@ struct MergeArgs {
     /// Replace files in an existing folder.
     #[arg(long)]
     overwrite: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AeKind {
+    PixelShuffle,
+    Flux,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -261,27 +277,43 @@ fn import(a: ImportArgs) -> Result<()> {
 
 fn init(a: InitArgs) -> Result<()> {
     let mut config = SrConfig::preset(&a.preset, a.pixel_shuffle)?;
+    ensure!(a.ae_config.is_none() || a.ae == AeKind::Flux, "--ae-config describes FLUX's autoencoder: pass --ae flux with it");
+    if a.ae == AeKind::Flux {
+        let params = a.ae_config.as_deref().map(AutoEncoderParams::read).transpose()?.unwrap_or_default();
+        let packed = 4 * params.z_channels;
+        config.autoencoder = AeConfig::Flux { params };
+        config.transformer.in_channels = 2 * packed;
+        config.transformer.out_channels = packed;
+    }
     config.scale = a.scale;
     config.steps = a.steps.unwrap_or(config.steps);
     config.validate()?;
-    let (json, weights) = (a.out.join("model.json"), a.out.join("transformer.safetensors"));
-    for f in [&json, &weights] {
+    let (json, weights, ae) = (a.out.join("model.json"), a.out.join("transformer.safetensors"), a.out.join("ae.safetensors"));
+    for f in [&json, &weights].into_iter().chain((a.ae == AeKind::Flux).then_some(&ae)) {
         ensure!(a.overwrite || !f.exists(), "{}: exists; pass --overwrite to replace it", f.display());
     }
     std::fs::create_dir_all(&a.out).map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", a.out.display()))?;
+    if let AeConfig::Flux { params } = &config.autoencoder {
+        let tensors = params.random_weights(a.init_seed)?;
+        let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        loaders::safetensors::write(&ae, &list, &std::collections::BTreeMap::new(), a.overwrite)?;
+    }
     let b = CpuBackend::new();
     let mut w = WeightLoader::random(&b, a.init_seed).recording();
     Flux::build(&config.transformer, &mut w)?;
     let tensors = w.take_recorded();
     let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let params = write_model_folder(&a.out, &config, &list, DType::F32, a.overwrite)?;
+    let autoencoder = match config.autoencoder {
+        AeConfig::PixelShuffle { factor } => format!("pixel-shuffle {factor} autoencoder"),
+        AeConfig::Flux { .. } => "FLUX autoencoder (random weights, ae.safetensors)".into(),
+    };
     println!(
-        "wrote {} ({} transformer, {} parameters, random init seed {}, pixel-shuffle {} autoencoder, x{})",
+        "wrote {} ({} transformer, {} parameters, random init seed {}, {autoencoder}, x{})",
         a.out.display(),
         a.preset,
         super::human_count(params),
         a.init_seed,
-        config.ae_factor(),
         a.scale
     );
     Ok(())

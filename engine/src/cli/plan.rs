@@ -3,11 +3,13 @@
 
 use super::{human_bytes, human_count};
 use anyhow::{bail, ensure, Context, Result};
+use engine::ae::tiled::{covers, BUDGET_SHARE};
 use engine::ae::AutoEncoderParams;
+use engine::ae::TileOptions;
 use engine::model::FluxParams;
 use engine::perf::flops::{training_step_flops, FlopCount};
 use engine::perf::plan::{MemoryPlan, ALIGNMENT, HOPPER_CUBLASLT_WORKSPACE};
-use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
+use engine::perf::{ae_tile_for_budget, ae_tile_plan, trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use loaders::DType;
 
 /// Plan one transformer step for a GPU, on the CPU: model FLOPs per op class (design.md section 11)
@@ -38,6 +40,10 @@ pub struct Args {
     /// Also account a training step: forward + backward.
     #[arg(long)]
     train: bool,
+    /// Device memory in GB for the whole-upscale plan: the autoencoder's tiles are chosen for
+    /// what the resident weights leave of it, as `engine upscale --max-memory` chooses them.
+    #[arg(long, value_name = "GB", default_value_t = 25.0)]
+    max_memory: f64,
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -73,6 +79,52 @@ fn flop_rows(count: &FlopCount) {
         println!("  {:<15} {:>12} {:>9.1}%", class.name(), human_flops(n), 100.0 * n as f64 / count.total as f64);
     }
     println!("  {:<15} {:>12}", "total", human_flops(count.total));
+}
+
+/// The peak of a whole upscale at `a.res`: the LQ encode, the transformer's steps and the decode
+/// run one after another beside both models' resident weights, each pass's activations freed
+/// before the next, so the peak is the weights, the largest of the three arenas and the
+/// workspace. The autoencoder runs in the tiles the upscaler's default would choose for what
+/// the weights leave of `--max-memory`.
+fn upscale_rows(ae: &AutoEncoderParams, a: &Args, step: &MemoryPlan, dtype: DType) -> Result<()> {
+    let budget = super::ae::max_memory_bytes(Some(a.max_memory))?.expect("given");
+    // Either trace builds the whole autoencoder: its weights are both halves'.
+    let ae_weights = ae_tile_plan(ae, a.batch, AeDirection::Decode, dtype, 64, 0)?.weights;
+    let resident = step.weights + ae_weights + step.workspace;
+    let left = (budget.saturating_sub(resident) as f64 * BUDGET_SHARE) as u64;
+    let context = TileOptions::default().context;
+    println!();
+    println!("whole upscale, {res}x{res}: LQ encode, the steps, decode (autoencoder tiles for {:.1} GB)", a.max_memory, res = a.res);
+    bytes_row(
+        "weights",
+        step.weights + ae_weights,
+        &format!("transformer {} + autoencoder {}", human_bytes(step.weights), human_bytes(ae_weights)),
+    );
+    let mut arenas = vec![step.arena];
+    for (label, direction) in [("encode", AeDirection::Encode), ("decode", AeDirection::Decode)] {
+        let tile = ae_tile_for_budget(ae, a.batch, direction, dtype, context, left)?;
+        let (arena, note) = if covers(tile, context, a.res) {
+            (trace_plan(ae, a, direction, dtype)?, "whole image".to_string())
+        } else {
+            (
+                ae_tile_plan(ae, a.batch, direction, dtype, tile, context)?.arena,
+                format!("tiles of {tile} px, {context} px of context around each"),
+            )
+        };
+        bytes_row(&format!("{label} arena"), arena, &note);
+        arenas.push(arena);
+    }
+    bytes_row("step arena", step.arena, "one transformer step, as above");
+    bytes_row("workspace", step.workspace, "cuBLASLt on Hopper");
+    let peak = step.weights + ae_weights + arenas.iter().max().copied().unwrap_or(0) + step.workspace;
+    let verdict = if peak <= budget { "within" } else { "OVER" };
+    bytes_row("planned peak", peak, &format!("weights + the largest arena + workspace: {verdict} {:.1} GB", a.max_memory));
+    Ok(())
+}
+
+/// The arena of a whole-image autoencoder pass at `a.res`.
+fn trace_plan(ae: &AutoEncoderParams, a: &Args, direction: AeDirection, dtype: DType) -> Result<u64> {
+    Ok(MemoryPlan::of(&trace_flux_ae(ae, a.batch, a.res, a.res, dtype, direction)?, 0).arena)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -129,6 +181,8 @@ pub fn run(a: Args) -> Result<()> {
         let flops = FlopCount::of(&trace).total;
         println!("  {label:<15} {:>12}   arena {}, weights {}", human_flops(flops), human_bytes(plan.arena), human_bytes(plan.weights));
     }
+
+    upscale_rows(&ae, &a, &plan, dtype)?;
 
     if a.train {
         let t = training_memory_estimate(&params, shape, dtype, a.lora_rank, HOPPER_CUBLASLT_WORKSPACE)?;

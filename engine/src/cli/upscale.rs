@@ -55,6 +55,15 @@ pub struct Args {
     /// runs out of memory the tile side is halved and the image retried.
     #[arg(long, default_value_t = 512)]
     tile: usize,
+    /// Image pixels per tile side of the autoencoder's passes (FLUX's; 0: whole images).
+    /// Default: the largest tile up to 384 whose planned memory fits --max-memory. A GPU out
+    /// of memory halves it.
+    #[arg(long, value_name = "PX")]
+    ae_tile: Option<usize>,
+    /// Memory budget in GB for the autoencoder's default tile (default: the GPU's free memory
+    /// once the model is loaded, or the memory the CPU has available).
+    #[arg(long, value_name = "GB")]
+    max_memory: Option<f64>,
     /// Tiles per model call: the tiles of one image, and of up to this many consecutive
     /// inputs of the same size, go through the model together (GPU throughput). Results do
     /// not depend on it.
@@ -113,7 +122,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     engine::on_backend!(a.device, b => {
         let loras: Vec<&Path> = a.lora.iter().map(|p| p.as_path()).collect();
-        let (model, warnings) = SrModel::load(b, model_dir, &loras, LoraMode::Merged)?;
+        let (mut model, warnings) = SrModel::load(b, model_dir, &loras, LoraMode::Merged)?;
+        model.ae_tiling.tile = a.ae_tile;
+        model.ae_tiling.max_memory = super::ae::max_memory_bytes(a.max_memory)?;
         for w in warnings {
             eprintln!("warning: {w}");
         }

@@ -422,10 +422,15 @@ fn merge_lora(weight: &mut HostTensor, bias: &mut Option<HostTensor>, part: &Lor
     }
 }
 
-fn random_tensor(name: &str, shape: &[usize], seed: u64) -> HostTensor {
-    // FNV-1a of the name: a stable per-tensor stream independent of load order.
+/// A random stream of its own for each tensor name (FNV-1a of the name mixed with the seed), so
+/// that random weights do not depend on the order they are made in.
+pub fn tensor_rng(name: &str, seed: u64) -> rand_chacha::ChaCha8Rng {
     let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| (h ^ c as u64).wrapping_mul(0x1000_0000_01b3));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h)
+}
+
+fn random_tensor(name: &str, shape: &[usize], seed: u64) -> HostTensor {
+    let mut rng = tensor_rng(name, seed);
     let n: usize = shape.iter().product();
     let std = if name.ends_with(".scale") {
         0.0

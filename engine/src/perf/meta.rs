@@ -26,11 +26,12 @@
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
 use crate::backend::profile::OpClass;
-use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
+use crate::backend::shapes::{AttentionDims, ConvGeometry, GroupNormDims, PoolGeometry, QkDims};
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 use loaders::{DType, HostTensor};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Names a storage within one backend's trace.
@@ -451,13 +452,23 @@ impl Backend for MetaBackend {
     }
 
     fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, _eps: f32) -> Result<T> {
-        ensure!(x.rank() >= 2, "group_norm: input has shape {:?}, expected [batch, channels, ..]", x.shape());
+        GroupNormDims::new("group_norm", x.shape(), groups, weight.shape(), bias.shape())?;
         self.check_activation("group_norm", "input", x)?;
-        let c = x.dim(1);
-        ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels do not split into {groups} groups");
-        expect_shape("weight", "group_norm", weight.shape(), &[c])?;
-        expect_shape("bias", "group_norm", bias.shape(), &[c])?;
         Ok(self.op("group_norm", OpClass::Elementwise, 0, &[x, weight, bias], x.shape().to_vec()))
+    }
+
+    fn group_norm_stats(&self, x: &T, groups: usize, rows: Range<usize>, cols: Range<usize>) -> Result<T> {
+        let d = GroupNormDims::windowed(x.shape(), groups, &rows, &cols)?;
+        self.check_activation("group_norm_stats", "input", x)?;
+        let out = NewBuffer { shape: vec![d.batch, groups, 2], dtype: DType::F32, kind: BufferKind::Activation };
+        Ok(self.record("group_norm_stats", OpClass::Elementwise, 0, &[x], vec![out]).pop().expect("one output recorded"))
+    }
+
+    fn group_norm_apply(&self, x: &T, stats: &T, weight: &T, bias: &T) -> Result<T> {
+        GroupNormDims::with_stats(x.shape(), stats.shape(), weight.shape(), bias.shape())?;
+        self.check_activation("group_norm_apply", "input", x)?;
+        ensure!(stats.dtype() == DType::F32, "group_norm_apply: statistics are stored as {} (expected F32)", stats.dtype());
+        Ok(self.op("group_norm_apply", OpClass::Elementwise, 0, &[x, stats, weight, bias], x.shape().to_vec()))
     }
 
     fn upsample_nearest2x(&self, x: &T) -> Result<T> {

@@ -17,6 +17,7 @@ pub mod flops;
 pub mod meta;
 pub mod plan;
 
+pub use crate::ae::AeDirection;
 use crate::ae::{AutoEncoderParams, Autoencoder, FluxAe};
 use crate::backend::Backend;
 use crate::model::flux::{Flux, FluxInputs};
@@ -89,15 +90,6 @@ pub fn trace_flux_step(params: &FluxParams, shape: StepShape, dtype: DType, lora
     Ok(b.take_trace())
 }
 
-/// Which half of the autoencoder to trace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AeDirection {
-    /// A `[batch, 3, height, width]` image to its latent.
-    Encode,
-    /// The latent of a `height x width` image back to the image.
-    Decode,
-}
-
 /// The trace of building FLUX's autoencoder of `params` and running one encode or decode for
 /// `height x width` images (in pixels, multiples of the downscale factor).
 pub fn trace_flux_ae(
@@ -120,6 +112,45 @@ pub fn trace_flux_ae(
         b.download(&out)?;
     }
     Ok(b.take_trace())
+}
+
+/// Tile sides (pixels) a default autoencoder tile is chosen from, largest first.
+pub const AE_TILE_LADDER: [usize; 8] = [1024, 768, 512, 384, 256, 192, 128, 64];
+
+/// The largest tile side (pixels) of `AE_TILE_LADDER`, at most `ae::tiled::DEFAULT_MAX_TILE`,
+/// whose tile with `context` pixels on every side plans an activation arena of at most `budget`
+/// bytes (FLUX's autoencoder of `params`, activations stored as `dtype`, one direction); the
+/// smallest rung when none fits.
+pub fn ae_tile_for_budget(
+    params: &AutoEncoderParams,
+    batch: usize,
+    direction: AeDirection,
+    dtype: DType,
+    context: usize,
+    budget: u64,
+) -> Result<usize> {
+    let rungs: Vec<usize> = AE_TILE_LADDER.into_iter().filter(|&t| t <= crate::ae::tiled::DEFAULT_MAX_TILE).collect();
+    for &tile in &rungs {
+        if ae_tile_plan(params, batch, direction, dtype, tile, context)?.arena <= budget {
+            return Ok(tile);
+        }
+    }
+    Ok(*rungs.last().expect("a non-empty ladder"))
+}
+
+/// The memory plan (no workspace) of one autoencoder pass over a `tile`-pixel tile with
+/// `context` pixels on every side: the largest tile of a tiled pass.
+pub fn ae_tile_plan(
+    params: &AutoEncoderParams,
+    batch: usize,
+    direction: AeDirection,
+    dtype: DType,
+    tile: usize,
+    context: usize,
+) -> Result<plan::MemoryPlan> {
+    let f = params.downscale();
+    let side = (tile.div_ceil(f) + 2 * context.div_ceil(f)) * f;
+    Ok(plan::MemoryPlan::of(&trace_flux_ae(params, batch, side, side, dtype, direction)?, 0))
 }
 
 /// Device memory of one training step, estimated from forward traces (the backward pass is not

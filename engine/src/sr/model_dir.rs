@@ -5,7 +5,7 @@
 //! keeps its 24 GB transformer and its autoencoder where they are: `model.json`'s `base` names
 //! those files with their sizes and fingerprints, checked at every load.
 
-use crate::ae::{AutoEncoderParams, Autoencoder, FluxAe, PixelShuffle};
+use crate::ae::{AutoEncoderParams, Autoencoder, FluxAe, PixelShuffle, TileOptions};
 use crate::backend::Backend;
 use crate::model::{load_flux_from, Flux, FluxParams, LoraMode, PartialFluxParams};
 use anyhow::{ensure, Context, Result};
@@ -373,6 +373,9 @@ pub struct SrModel<B: Backend> {
     pub config: SrConfig,
     pub flux: Flux<B>,
     pub ae: Box<dyn Autoencoder<B>>,
+    /// How the autoencoder's passes are cut into tiles (its defaults: the tile from the device's
+    /// free memory).
+    pub ae_tiling: TileOptions,
     /// `[1, Lt, context_in_dim]` and `[1, vec_in_dim]`.
     pub txt: HostTensor,
     pub y: HostTensor,
@@ -390,7 +393,7 @@ impl<B: Backend + 'static> SrModel<B> {
         };
         let text = dir.join("text.safetensors");
         let (txt, y) = if text.exists() { read_text(&text, &config.transformer)? } else { zero_text(&config) };
-        Ok((SrModel { config, flux, ae, txt, y }, warnings))
+        Ok((SrModel { config, flux, ae, ae_tiling: TileOptions::default(), txt, y }, warnings))
     }
 }
 

@@ -93,6 +93,14 @@ pub fn resize(img: &Image, width: usize, height: usize) -> Image {
     resize_with(img, width, height, A)
 }
 
+/// `planes` consecutive `h x w` planes (an NCHW tensor's data) resized to `h2 x w2` each, as
+/// [`resize`] resizes an image.
+pub fn resize_planes(data: &[f32], planes: usize, (h, w): (usize, usize), (h2, w2): (usize, usize)) -> Vec<f32> {
+    assert!(h2 > 0 && w2 > 0 && data.len() == planes * h * w, "cannot resize {planes} planes of {h}x{w} to {h2}x{w2}");
+    let (tx, ty) = (taps(w, w2, A), taps(h, h2, A));
+    data.chunks(h * w).flat_map(|plane| apply_separable(plane, w, h, 1, &tx, &ty)).collect()
+}
+
 /// [`resize`] with the cubic coefficient `a` (tests use -0.5, the one that reproduces ramps).
 fn resize_with(img: &Image, width: usize, height: usize, a: f64) -> Image {
     assert!(width > 0 && height > 0, "cannot resize to {width}x{height}");

@@ -103,7 +103,7 @@ impl<B: Backend + 'static> SrModel<B> {
         let mut conds = Vec::with_capacity(ups.len());
         for up in ups {
             let padded = pad_edges(up, offset, wp, hp);
-            conds.push(pack(&b.download(&self.ae.encode(b, &b.input(&to_tensor(&padded))?)?)?)?.to_f32());
+            conds.push(pack(&self.ae.encode_tiled(b, &to_tensor(&padded), &self.ae_tiling, &mut |_, _| ())?.output)?.to_f32());
         }
         let (lh, lw) = (hp / self.config.ae_factor(), wp / self.config.ae_factor());
         let features = conds[0].len() / ((lh / 2) * (lw / 2));
@@ -136,12 +136,15 @@ impl<B: Backend + 'static> SrModel<B> {
                 result => break result?,
             }
         };
+        // Each LQ latent is consumed by its own decode (the transformer's activations went with
+        // the last step); the autoencoder halves its tile on a device out of memory.
         xs.into_iter()
-            .zip(&conds)
+            .zip(conds)
             .map(|(x, cond)| {
-                let x = self.config.flow.to_latent(&x, cond);
+                let x = self.config.flow.to_latent(&x, &cond);
+                drop(cond);
                 let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
-                let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
+                let decoded = self.ae.decode_tiled(b, &latent, &self.ae_tiling, &mut |_, _| ())?.output;
                 Ok(crop(&decoded, offset, w, h))
             })
             .collect()

@@ -360,7 +360,7 @@ fn base_model<B: TrainingOps + 'static>(b: &B, c: &TrainConfig) -> Result<SrMode
     let flux = Flux::build(&config.transformer, &mut w)?;
     w.finish()?;
     let (txt, y) = zero_text(&config);
-    Ok(SrModel { config, flux, ae: Box::new(crate::ae::PixelShuffle::new(factor)), txt, y })
+    Ok(SrModel { config, flux, ae: Box::new(crate::ae::PixelShuffle::new(factor)), ae_tiling: Default::default(), txt, y })
 }
 
 #[cfg(test)]

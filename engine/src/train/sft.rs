@@ -97,7 +97,7 @@ pub(crate) mod tests {
         let flux = Flux::build(&config.transformer, &mut w).unwrap();
         w.finish().unwrap();
         let (txt, y) = zero_text(&config);
-        SrModel { config, flux, ae: Box::new(PixelShuffle::new(2)), txt, y }
+        SrModel { config, flux, ae: Box::new(PixelShuffle::new(2)), ae_tiling: Default::default(), txt, y }
     }
 
     /// Smooth 32x32 test images and their 8x8 LQ by area averaging.

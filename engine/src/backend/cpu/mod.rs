@@ -23,6 +23,7 @@ use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
 use matmul::Rhs;
 use std::borrow::Cow;
+use std::ops::Range;
 
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
@@ -112,6 +113,16 @@ impl Backend for CpuBackend {
 
     fn take_op_times(&self) -> Result<OpTimes> {
         OP_TIMES.take(&WallClock)
+    }
+
+    /// `MemAvailable` of /proc/meminfo (Linux); None elsewhere.
+    fn free_memory(&self) -> Result<Option<u64>> {
+        let Ok(info) = std::fs::read_to_string("/proc/meminfo") else { return Ok(None) };
+        let kib = info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+        Ok(kib.map(|k| k * 1024))
     }
 
     fn upload(&self, t: &HostTensor) -> Result<T> {
@@ -321,14 +332,27 @@ impl Backend for CpuBackend {
 
     fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
         timed(OpClass::Elementwise, || {
-            ensure!(x.rank() >= 2, "group_norm: input has shape {:?}, expected [batch, channels, ..]", x.shape());
-            let c = x.dim(1);
-            ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels do not split into {groups} groups");
-            expect_shape("weight", "group_norm", weight.shape(), &[c])?;
-            expect_shape("bias", "group_norm", bias.shape(), &[c])?;
-            let spatial = x.shape()[2..].iter().product();
+            let d = shapes::GroupNormDims::new("group_norm", x.shape(), groups, weight.shape(), bias.shape())?;
             let mut out = vec![0f32; x.elem_count()];
-            group_norm::group_norm(&mut out, act("group_norm", x)?, c, spatial, groups, &widen(weight), &widen(bias), eps);
+            group_norm::group_norm(&mut out, act("group_norm", x)?, d.channels, d.spatial, groups, &widen(weight), &widen(bias), eps);
+            Ok(f32_tensor(out, x.shape().to_vec()))
+        })
+    }
+
+    fn group_norm_stats(&self, x: &T, groups: usize, rows: Range<usize>, cols: Range<usize>) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let d = shapes::GroupNormDims::windowed(x.shape(), groups, &rows, &cols)?;
+            let stats = group_norm::group_norm_stats(act("group_norm_stats", x)?, d.channels, (x.dim(2), x.dim(3)), groups, rows, cols);
+            Ok(f32_tensor(stats, vec![d.batch, groups, 2]))
+        })
+    }
+
+    fn group_norm_apply(&self, x: &T, stats: &T, weight: &T, bias: &T) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let d = shapes::GroupNormDims::with_stats(x.shape(), stats.shape(), weight.shape(), bias.shape())?;
+            let mut out = vec![0f32; x.elem_count()];
+            let (w, b) = (widen(weight), widen(bias));
+            group_norm::group_norm_apply(&mut out, act("group_norm_apply", x)?, d.channels, d.spatial, d.groups, &widen(stats), &w, &b);
             Ok(f32_tensor(out, x.shape().to_vec()))
         })
     }

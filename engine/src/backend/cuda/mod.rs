@@ -44,6 +44,7 @@ use cudarc::driver::{
 use half::{bf16, f16};
 use loaders::{DType, HostData, HostTensor};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -266,6 +267,14 @@ fn default_pool(ctx: &Arc<CudaContext>) -> Result<cudarc::driver::sys::CUmemoryP
     Ok(pool)
 }
 
+/// One of the pool's memory attributes (all u64 byte counts).
+fn pool_attribute(pool: cudarc::driver::sys::CUmemoryPool, attr: CUmemPool_attribute) -> Result<u64> {
+    let mut v = 0u64;
+    // SAFETY: the pool's memory attributes are u64s.
+    unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, (&mut v) as *mut u64 as *mut _).result()? };
+    Ok(v)
+}
+
 fn keep_freed_memory_cached(ctx: &Arc<CudaContext>) -> Result<()> {
     let pool = default_pool(ctx)?;
     let mut threshold = u64::MAX;
@@ -349,6 +358,17 @@ impl Backend for CudaBackend {
         DType::BF16
     }
 
+    /// The driver's free memory plus what the pool holds reserved but unused (freed activations
+    /// stay cached there, and the next allocation reuses them).
+    fn free_memory(&self) -> Result<Option<u64>> {
+        let ctx = self.stream.context();
+        let pool = default_pool(ctx)?;
+        let reserved = pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+        let used = pool_attribute(pool, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        let (free, _) = ctx.mem_get_info()?;
+        Ok(Some(free as u64 + reserved.saturating_sub(used)))
+    }
+
     fn bytes_moved(&self) -> (u64, u64) {
         self.transfers.read()
     }
@@ -364,16 +384,7 @@ impl Backend for CudaBackend {
 
     fn memory_peak(&self) -> Result<Option<MemoryPeak>> {
         let ctx = self.stream.context();
-        let mut high = 0u64;
-        // SAFETY: the attribute is a u64.
-        unsafe {
-            cudarc::driver::sys::cuMemPoolGetAttribute(
-                default_pool(ctx)?,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut high) as *mut u64 as *mut _,
-            )
-            .result()?;
-        }
+        let high = pool_attribute(default_pool(ctx)?, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
         let (free, total) = ctx.mem_get_info()?;
         Ok(Some(MemoryPeak { allocator_high_water: high, driver_used: (total - free) as u64 }))
     }
@@ -555,6 +566,14 @@ impl Backend for CudaBackend {
 
     fn group_norm(&self, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
         self.timed(OpClass::Elementwise, || norm::group_norm(self, x, groups, weight, bias, eps))
+    }
+
+    fn group_norm_stats(&self, x: &T, groups: usize, rows: Range<usize>, cols: Range<usize>) -> Result<T> {
+        self.timed(OpClass::Elementwise, || norm::group_norm_stats(self, x, groups, rows, cols))
+    }
+
+    fn group_norm_apply(&self, x: &T, stats: &T, weight: &T, bias: &T) -> Result<T> {
+        self.timed(OpClass::Elementwise, || norm::group_norm_apply(self, x, stats, weight, bias))
     }
 
     fn upsample_nearest2x(&self, x: &T) -> Result<T> {

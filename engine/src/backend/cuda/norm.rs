@@ -1,10 +1,14 @@
-//! Launches for `cuda/norm.cu`: the modulated LayerNorm, RMSNorm and GroupNorm. Shapes are checked as
-//! strictly as the CPU backend checks them, with the same messages.
+//! Launches for `cuda/norm.cu`: the modulated LayerNorm, RMSNorm and GroupNorm (whole, or split
+//! into window statistics and a normalisation with given statistics for the tiled autoencoder).
+//! Shapes are checked as strictly as the CPU backend checks them, with the same messages.
 
 use super::elementwise::token_sum_config;
-use super::{bf16_of, bf16_tensor, expect_shape, i32_arg, CudaBackend, T};
+use super::{bf16_of, bf16_tensor, expect_shape, f32_of, i32_arg, CudaBackend, CudaStorage, T};
+use crate::backend::shapes::GroupNormDims;
+use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::ops::Range;
 
 /// Rows (warps) per 128-thread block of the LayerNorm kernels; `LN_ROWS_PER_BLOCK` in norm.cu.
 const LN_ROWS_PER_BLOCK: usize = 4;
@@ -89,57 +93,115 @@ pub(super) fn rms_norm(b: &CudaBackend, x: &T, weight: &T, eps: f32) -> Result<T
     Ok(bf16_tensor(out, x.shape().to_vec()))
 }
 
-pub(super) fn group_norm(b: &CudaBackend, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
-    let op = "group_norm";
-    ensure!(x.rank() >= 2, "{op}: input has shape {:?}, expected [batch, channels, ..]", x.shape());
-    let channels = x.dim(1);
-    ensure!(groups > 0 && channels % groups == 0, "{op}: {channels} channels do not split into {groups} groups");
-    expect_shape("weight", op, weight.shape(), &[channels])?;
-    expect_shape("bias", op, bias.shape(), &[channels])?;
-    let (xs, ws, bs) = (bf16_of(op, "input", x)?, bf16_of(op, "weight", weight)?, bf16_of(op, "bias", bias)?);
-    let spatial: usize = x.shape()[2..].iter().product();
-    let per_group = channels / groups;
-    // A (sample, group) pair is n contiguous elements: per_group whole channel planes.
-    let n = per_group * spatial;
-    let all_groups = x.dim(0) * groups;
-    let mut out = b.alloc_bf16(x.elem_count())?;
-    if n == 0 || all_groups == 0 {
-        return Ok(bf16_tensor(out, x.shape().to_vec()));
-    }
+/// The grid of the GroupNorm kernels over `all_groups` groups of `n` elements: (chunks per group,
+/// blocks), after checking that element and block indices fit the kernels' 32-bit arithmetic.
+fn group_norm_grid(op: &str, all_groups: usize, n: usize) -> Result<(usize, usize)> {
     let chunks = n.div_ceil(GN_CHUNK);
     let blocks = all_groups * chunks;
     // Element indices within a group run to n plus one chunk; block indices to `blocks`.
     i32_arg(op, n + GN_CHUNK)?;
     i32_arg(op, blocks)?;
+    Ok((chunks, blocks))
+}
+
+fn per_chunk_config(blocks: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (GN_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn per_group_config(all_groups: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (all_groups as u32, 1, 1), block_dim: (GN_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launch 3 of norm.cu: `out = (x - mean) * rstd * weight[c] + bias[c]` with `stats` (mean, rstd)
+/// per group; the 16-byte path needs whole vectors to lie in one channel plane.
+fn launch_group_norm_apply(b: &CudaBackend, x: &T, stats: &CudaSlice<f32>, weight: &T, bias: &T, d: &GroupNormDims) -> Result<T> {
+    let op = "group_norm_apply";
+    let (xs, ws, bs) = (bf16_of(op, "input", x)?, bf16_of(op, "weight", weight)?, bf16_of(op, "bias", bias)?);
+    let per_group = d.channels / d.groups;
+    let n = per_group * d.spatial;
+    let all_groups = d.batch * d.groups;
+    let mut out = b.alloc_bf16(x.elem_count())?;
+    if n == 0 || all_groups == 0 {
+        return Ok(bf16_tensor(out, x.shape().to_vec()));
+    }
+    let (chunks, blocks) = group_norm_grid(op, all_groups, n)?;
     let (n32, c32, s32, p32, g32) =
-        (i32_arg(op, n)?, i32_arg(op, chunks)?, i32_arg(op, spatial)?, i32_arg(op, per_group)?, i32_arg(op, groups)?);
+        (i32_arg(op, n)?, i32_arg(op, chunks)?, i32_arg(op, d.spatial)?, i32_arg(op, per_group)?, i32_arg(op, d.groups)?);
+    let f = b.function("norm", if d.spatial % 8 == 0 { "group_norm_apply_v8_bf16" } else { "group_norm_apply_bf16" })?;
+    let mut l = b.stream().launch_builder(&f);
+    l.arg(xs).arg(stats).arg(ws).arg(bs).arg(&mut out).arg(&n32).arg(&c32).arg(&s32).arg(&p32).arg(&g32);
+    // SAFETY: x and out hold all_groups * n elements, weight and bias `channels`, stats 2 per group.
+    unsafe { l.launch(per_chunk_config(blocks)) }?;
+    Ok(bf16_tensor(out, x.shape().to_vec()))
+}
+
+pub(super) fn group_norm(b: &CudaBackend, x: &T, groups: usize, weight: &T, bias: &T, eps: f32) -> Result<T> {
+    let op = "group_norm";
+    let d = GroupNormDims::new(op, x.shape(), groups, weight.shape(), bias.shape())?;
+    let xs = bf16_of(op, "input", x)?;
+    // A (sample, group) pair is n contiguous elements: per_group whole channel planes.
+    let n = d.channels / groups * d.spatial;
+    let all_groups = d.batch * groups;
+    if n == 0 || all_groups == 0 {
+        return Ok(bf16_tensor(b.alloc_bf16(x.elem_count())?, x.shape().to_vec()));
+    }
+    let (chunks, blocks) = group_norm_grid(op, all_groups, n)?;
+    let (n32, c32) = (i32_arg(op, n)?, i32_arg(op, chunks)?);
     let mut partial = b.alloc::<f32>(2 * blocks)?;
     let mut stats = b.alloc::<f32>(2 * all_groups)?;
-    let per_chunk = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (GN_THREADS, 1, 1), shared_mem_bytes: 0 };
 
     // 1. (mean, M2) of every chunk; the 16-byte path needs each group to start 16-byte aligned.
     let f = b.function("norm", if n % 8 == 0 { "group_norm_stats_v8_bf16" } else { "group_norm_stats_bf16" })?;
     let mut l = b.stream().launch_builder(&f);
     l.arg(xs).arg(&mut partial).arg(&n32).arg(&c32);
     // SAFETY: x holds all_groups * n elements, partial 2 per block.
-    unsafe { l.launch(per_chunk) }?;
+    unsafe { l.launch(per_chunk_config(blocks)) }?;
 
     // 2. Chunks merged into (mean, rstd) per group.
     let f = b.function("norm", "group_norm_finalize")?;
-    let cfg = LaunchConfig { grid_dim: (all_groups as u32, 1, 1), block_dim: (GN_THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut l = b.stream().launch_builder(&f);
     l.arg(&partial).arg(&mut stats).arg(&n32).arg(&c32).arg(&eps);
     // SAFETY: partial holds 2 * chunks floats per group, stats 2 per group.
-    unsafe { l.launch(cfg) }?;
+    unsafe { l.launch(per_group_config(all_groups)) }?;
 
-    // 3. Normalise and apply the per-channel affine; the 16-byte path needs whole vectors to
-    // lie in one channel plane.
-    let f = b.function("norm", if spatial % 8 == 0 { "group_norm_apply_v8_bf16" } else { "group_norm_apply_bf16" })?;
-    let mut l = b.stream().launch_builder(&f);
-    l.arg(xs).arg(&stats).arg(ws).arg(bs).arg(&mut out).arg(&n32).arg(&c32).arg(&s32).arg(&p32).arg(&g32);
-    // SAFETY: x and out hold all_groups * n elements, weight and bias `channels`, stats 2 per group.
-    unsafe { l.launch(per_chunk) }?;
-    Ok(bf16_tensor(out, x.shape().to_vec()))
+    // 3. Normalise and apply the per-channel affine.
+    launch_group_norm_apply(b, x, &stats, weight, bias, &d)
+}
+
+/// Launches 1 (over a window, by index arithmetic) and 2 (writing the variance) of the GroupNorm.
+pub(super) fn group_norm_stats(b: &CudaBackend, x: &T, groups: usize, rows: Range<usize>, cols: Range<usize>) -> Result<T> {
+    let op = "group_norm_stats";
+    let d = GroupNormDims::windowed(x.shape(), groups, &rows, &cols)?;
+    let xs = bf16_of(op, "input", x)?;
+    let (height, width) = (x.dim(2), x.dim(3));
+    let per_group = d.channels / groups;
+    let n = per_group * rows.len() * cols.len();
+    let all_groups = d.batch * groups;
+    let mut stats = b.alloc::<f32>(2 * all_groups)?;
+    if all_groups > 0 {
+        let (chunks, blocks) = group_norm_grid(op, all_groups, n)?;
+        let (n32, c32) = (i32_arg(op, n)?, i32_arg(op, chunks)?);
+        let (h32, w32, y32, x32) = (i32_arg(op, height)?, i32_arg(op, width)?, i32_arg(op, rows.start)?, i32_arg(op, cols.start)?);
+        let (r32, k32, p32) = (i32_arg(op, rows.len())?, i32_arg(op, cols.len())?, i32_arg(op, per_group)?);
+        let mut partial = b.alloc::<f32>(2 * blocks)?;
+        let f = b.function("norm", "group_norm_window_stats_bf16")?;
+        let mut l = b.stream().launch_builder(&f);
+        l.arg(xs).arg(&mut partial).arg(&n32).arg(&c32).arg(&h32).arg(&w32).arg(&y32).arg(&x32).arg(&r32).arg(&k32).arg(&p32);
+        // SAFETY: x holds all_groups * per_group * height * width elements and the window lies
+        // inside every plane (checked); partial holds 2 floats per block.
+        unsafe { l.launch(per_chunk_config(blocks)) }?;
+        let f = b.function("norm", "group_norm_finalize_moments")?;
+        let mut l = b.stream().launch_builder(&f);
+        l.arg(&partial).arg(&mut stats).arg(&n32).arg(&c32);
+        // SAFETY: partial holds 2 * chunks floats per group, stats 2 per group.
+        unsafe { l.launch(per_group_config(all_groups)) }?;
+    }
+    Ok(Tensor::from_storage(CudaStorage::F32(stats), vec![d.batch, groups, 2]))
+}
+
+pub(super) fn group_norm_apply(b: &CudaBackend, x: &T, stats: &T, weight: &T, bias: &T) -> Result<T> {
+    let d = GroupNormDims::with_stats(x.shape(), stats.shape(), weight.shape(), bias.shape())?;
+    launch_group_norm_apply(b, x, f32_of("group_norm_apply", "statistics", stats)?, weight, bias, &d)
 }
 
 /// The rows of `x` `[batch, tokens, dim]` and the checks shared by the LayerNorm backward ops.
