@@ -11,6 +11,7 @@ pub mod selftest;
 pub mod sr;
 pub mod tensor;
 pub mod train;
+pub mod world;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::Backend;
