@@ -340,12 +340,14 @@ fn end_failed_rank(world: Box<dyn World>, e: anyhow::Error) -> Result<()> {
     if world.size() == 1 {
         return Err(e);
     }
-    if e.downcast_ref::<Agreed>().is_none() {
-        eprintln!("error: rank {}: {}", world.rank(), format!("{e:#}").replace('\n', " "));
+    let agreed = e.downcast_ref::<Agreed>().is_some();
+    if !agreed {
+        super::print_error(&format!("rank {}: ", world.rank()), &e);
         world.abort(1);
     }
+    // Before any rank exits, so that the launcher's own report comes after it.
     if world.rank() == 0 {
-        return Err(e);
+        super::print_error("", &e);
     }
     drop(world);
     std::process::exit(1)

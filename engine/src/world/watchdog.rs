@@ -50,7 +50,9 @@ fn watch_over(rank: usize, limit: Duration, armed: Weak<Mutex<Option<Armed>>>) {
     while let Some(armed) = armed.upgrade() {
         if let Some(a) = armed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             if a.since.elapsed() > limit {
-                eprintln!("error: rank {rank}: {}", a.what);
+                // One write: the ranks and their launcher share the stream.
+                let line = format!("error: rank {rank}: {}\n", a.what);
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                 // SAFETY: ends the process at once; nothing of it is used afterwards.
                 unsafe { libc::_exit(1) };
             }
