@@ -170,7 +170,13 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         if a.ranks > 1 {
-            println!("  {} ranks x batch {} = global batch {} per step; every figure is per rank, each holding all of it", a.ranks, a.batch, a.ranks * a.batch);
+            println!(
+                "  {} ranks x batch {} = {} samples per micro-batch (times --grad-accum per optimiser step); every figure is per \
+                 rank, each holding all of it",
+                a.ranks,
+                a.batch,
+                a.ranks * a.batch
+            );
         }
         println!("  (not included: the backward's own temporaries, NCCL's buffers)");
     }
