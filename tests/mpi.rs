@@ -139,7 +139,8 @@ fn two_ranks_train_what_one_process_trains_with_the_double_batch() {
             assert!(err <= 1e-4, "{name}: {name_a}: relative error {err}");
         }
         // Only rank 0 wrote: one log, and no file of rank 1 beside the outputs.
-        let written: Vec<String> = std::fs::read_dir(&two).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let written: Vec<String> =
+            std::fs::read_dir(&two).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(written.len(), 2, "{name}: {written:?}");
     }
     // What ranks that each drew rank 0's share would train differs far beyond these tolerances.
@@ -311,6 +312,48 @@ fn a_hung_rank_is_named_within_the_timeout() {
     assert!(took < Duration::from_secs(40), "the run took {took:?} to end: {stderr}");
     assert!(stderr.contains("error: rank 0: rank 1 did not reach step") && stderr.contains("within 3 s"), "{stderr}");
     assert_checkpoint_resumes(dir.path(), &out);
+}
+
+/// A stop request that reaches rank 1 alone (SIGUSR1, what mpirun passes to every rank and
+/// `scancel --signal=USR1` sends) stops both ranks after the same step, with a checkpoint of that
+/// step, reported once; the run resumes from it.
+#[test]
+fn a_stop_request_on_one_rank_stops_every_rank_after_the_same_step() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let (output, took, out) = signal_rank_one(dir.path(), libc::SIGUSR1, 3, &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && took < Duration::from_secs(60), "{stderr}");
+    assert_eq!(stderr.matches("error: interrupted after step").count(), 1, "{stderr}");
+    let steps = column(&out.with_extension("jsonl"), "step");
+    let file = Checkpoint::open(&out.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(file.metadata()["step"], steps.last().unwrap().to_string(), "the checkpoint is of the last step");
+    assert!(stderr.contains(&format!("interrupted after step {}", steps.last().unwrap())), "{stderr}");
+    assert_checkpoint_resumes(dir.path(), &out);
+}
+
+/// `engine bench --train` on two CPU ranks: every rank times the steps with the gradients
+/// averaged; rank 0 alone reports, with the all-reduce's share and the scaling efficiency.
+#[test]
+fn bench_under_mpirun_reports_the_all_reduce() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let args =
+        ["bench", "--shape", "flux-tiny", "--random-weights", "--res", "64", "--steps", "2", "--train", "--rank", "4", "--device", "cpu"];
+    let out = ok(mpirun(2).arg(env!("CARGO_BIN_EXE_engine")).args(args).args(["--json", s(&json)]).output().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("device ")).count(), 1, "rank 0 alone reports: {stdout}");
+    assert!(stdout.contains("through MPI over 2 rank(s)") && stdout.contains("efficiency over 2 rank(s)"), "{stdout}");
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!((doc["ranks"].as_u64(), doc["collective"].as_str()), (Some(2), Some("MPI")));
+    let (reduce, step) = (doc["allreduce_seconds_per_step"].as_f64().unwrap(), doc["seconds_per_step"].as_f64().unwrap());
+    assert!(reduce > 0.0 && reduce < step, "{reduce} s of a {step} s step");
+    let efficiency = doc["scaling_efficiency"].as_f64().unwrap();
+    assert!((efficiency - (1.0 - reduce / step)).abs() < 1e-12);
+    // One process reduces nothing.
+    let one = ok(engine(&args));
+    assert!(!String::from_utf8_lossy(&one.stdout).contains("allreduce"));
 }
 
 /// The world's exchanges on every rank of an mpirun (this test binary, run by the next test):

@@ -3,11 +3,11 @@
 
 use engine::backend::adamw::AdamWConfig;
 use engine::backend::backward::{BackwardOps, LoraAddGrads};
+use engine::backend::cpu::CpuBackend;
+use engine::backend::error::DeviceOutOfMemory;
 use engine::backend::losses::{PairResiduals, SdpoStep};
 use engine::backend::sobolev::{Filter, Grid, Sobolev};
 use engine::backend::training::{AdamWTensor, TrainingOps};
-use engine::backend::cpu::CpuBackend;
-use engine::backend::error::DeviceOutOfMemory;
 use engine::{Backend, Tensor};
 use loaders::{DType, HostData, HostTensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -306,18 +306,23 @@ impl TrainingOps for Hooked {
         })
     }
     fn adamw_step(&self, config: &AdamWConfig, k: u64, lr: f64, tensors: &mut [AdamWTensor<'_, Self>]) -> anyhow::Result<f64> {
-        let mut state: Vec<[Tensor<CpuBackend>; 4]> = tensors.iter().map(|t| [inner(t.param), inner(t.m), inner(t.v), inner(t.grad)]).collect();
-        let mut cpu_tensors: Vec<AdamWTensor<CpuBackend>> = state
-            .iter_mut()
-            .zip(tensors.iter())
-            .map(|([p, m, v, g], t)| AdamWTensor { name: t.name, param: p, m, v, grad: &*g })
-            .collect();
+        let mut state: Vec<[Tensor<CpuBackend>; 4]> =
+            tensors.iter().map(|t| [inner(t.param), inner(t.m), inner(t.v), inner(t.grad)]).collect();
+        let mut cpu_tensors: Vec<AdamWTensor<CpuBackend>> =
+            state.iter_mut().zip(tensors.iter()).map(|([p, m, v, g], t)| AdamWTensor { name: t.name, param: p, m, v, grad: &*g }).collect();
         let before: Vec<Vec<f32>> = cpu_tensors.iter().map(|t| self.cpu.download(t.param).unwrap().to_f32()).collect();
         let norm = self.cpu.adamw_step(config, k, lr, &mut cpu_tensors)?;
         for ((t, [p, m, v, _]), old) in tensors.iter_mut().zip(state).zip(before) {
             let p = match self.adamw_short_step {
                 true => {
-                    let short: Vec<f32> = self.cpu.download(&p)?.to_f32().iter().zip(&old).map(|(new, old)| old + (new - old) * (1.0 - config.beta1 as f32)).collect();
+                    let short: Vec<f32> = self
+                        .cpu
+                        .download(&p)?
+                        .to_f32()
+                        .iter()
+                        .zip(&old)
+                        .map(|(new, old)| old + (new - old) * (1.0 - config.beta1 as f32))
+                        .collect();
                     self.cpu.upload(&HostTensor::from_f32(p.shape().to_vec(), short))?
                 }
                 false => p,

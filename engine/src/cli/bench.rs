@@ -317,13 +317,15 @@ fn bench<B: DataParallel>(b: &B, a: &Args, world: &dyn World) -> Result<()> {
         // A ring all-reduce moves 2 (n - 1) / n of the buffer through each rank's link.
         let bus = 2.0 * (ranks as f64 - 1.0) / ranks as f64 * bytes as f64 / seconds;
         println!(
-            "allreduce   {:.2} ms per step of that: {} of f32 gradients per rank through {name} over {ranks} rank(s), {:.1} GB/s bus bandwidth",
+            "allreduce   {:.2} ms per step of that: {} of f32 gradients per rank through {name} over {ranks} rank(s), \
+             {:.1} GB/s bus bandwidth",
             seconds * 1e3,
             human_bytes(bytes),
             bus / 1e9
         );
         println!(
-            "scaling     {:.1}% efficiency over {ranks} rank(s) (weak scaling: a rank's step without the all-reduce over the step with it); global batch {}",
+            "scaling     {:.1}% efficiency over {ranks} rank(s) (weak scaling: a rank's step without the all-reduce over the \
+             step with it); global batch {}",
             100.0 * efficiency,
             ranks * a.batch
         );

@@ -22,14 +22,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Set by SIGINT; the run checks it after each step.
+/// Set by SIGINT (Ctrl-C) or SIGUSR1 (which mpirun passes to every rank, and Slurm's `scancel
+/// --signal=USR1` sends); the run checks it at each step, every rank agreeing with the others.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    // Only an atomic store: all that is safe inside a signal handler. A second Ctrl-C exits
-    // at once through the default handler.
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    // Only an atomic store: all that is safe inside a signal handler. A second signal ends the
+    // process at once through the default handler.
     STOP.store(true, Ordering::SeqCst);
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    unsafe { libc::signal(signal, libc::SIG_DFL) };
 }
 
 /// Train a LoRA on a super-resolution model: sft (flow matching), adversary (the AMG artifact
@@ -157,7 +158,8 @@ pub struct Args {
     /// posterior mean that one-step sampling returns [default: 0].
     #[arg(long, value_name = "FRACTION")]
     t_one: Option<f64>,
-    /// Save a checkpoint every N steps, 0: only at the end (and on Ctrl-C) [default: 0].
+    /// Save a checkpoint every N steps, 0: only at the end (and on a stop request: Ctrl-C, or
+    /// SIGUSR1, which mpirun passes to every rank) [default: 0].
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
     /// Continue from OUT/checkpoint.safetensors; refused if any setting of the run changed.
@@ -286,9 +288,11 @@ pub fn run(a: Args) -> Result<()> {
         log: settings.log,
         stop: Some(&STOP),
     };
-    // SAFETY: the handler only stores to an atomic and resets the disposition, both
-    // async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    for signal in [libc::SIGINT, libc::SIGUSR1] {
+        // SAFETY: the handler only stores to an atomic and resets the disposition, both
+        // async-signal-safe.
+        unsafe { libc::signal(signal, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
     // Rank 0 speaks for the run.
     let speaks = world.rank() == 0;
     let bar = if speaks { ProgressBar::new(settings.max_steps) } else { ProgressBar::hidden() };

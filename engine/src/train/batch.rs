@@ -107,7 +107,14 @@ impl Share {
 /// The flow's noise draws of a share of one micro-batch: t per item (from `times`, drawn for the
 /// whole micro-batch) and eps on each item's field of `latent` (each from its own seed, so that
 /// a share costs only its own items), uploaded as an f32 field.
-pub fn draw_noise<B: Backend>(b: &B, times: &LogitNormal, latent: Latent, share: Share, run_seed: u64, draw: u64) -> Result<(Vec<f32>, Tensor<B>)> {
+pub fn draw_noise<B: Backend>(
+    b: &B,
+    times: &LogitNormal,
+    latent: Latent,
+    share: Share,
+    run_seed: u64,
+    draw: u64,
+) -> Result<(Vec<f32>, Tensor<B>)> {
     let t = times.sample(share.global, step_seed(run_seed, draw, stream::TIME))[share.range()].to_vec();
     let eps = item_noise(latent, share, step_seed(run_seed, draw, stream::NOISE));
     Ok((t, b.upload(&HostTensor::from_f32(latent.shape(share.count), eps))?))

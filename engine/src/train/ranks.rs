@@ -138,8 +138,14 @@ mod tests {
         other.resume_from = None;
         other.data[1].1 += 1;
         let size = root.data[1].1;
-        assert_eq!(other.first_difference(&root).unwrap(), format!("the data differ: sub/b.png is {} bytes here but {size} bytes on rank 0", size + 1));
+        assert_eq!(
+            other.first_difference(&root).unwrap(),
+            format!("the data differ: sub/b.png is {} bytes here but {size} bytes on rank 0", size + 1)
+        );
         other.data.remove(0);
-        assert_eq!(other.first_difference(&root).unwrap(), "the data differ: a.png is missing here but 44 bytes on rank 0".replace("44", &root.data[0].1.to_string()));
+        assert_eq!(
+            other.first_difference(&root).unwrap(),
+            "the data differ: a.png is missing here but 44 bytes on rank 0".replace("44", &root.data[0].1.to_string())
+        );
     }
 }

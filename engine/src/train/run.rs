@@ -86,7 +86,9 @@ pub enum Progress {
 /// from every rank.
 pub fn train(device: Device, world: &dyn World, c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
     // A resume is checked against its checkpoint before anything is loaded.
-    let resumed = agree(world, c.validate().and_then(|()| opts.resume.then(|| resume_point(c, &opts.out.join(CHECKPOINT_FILE), world.size())).transpose()))?;
+    let checkpoint = opts.out.join(CHECKPOINT_FILE);
+    let resumed = c.validate().and_then(|()| opts.resume.then(|| resume_point(c, &checkpoint, world.size())).transpose());
+    let resumed = agree(world, resumed)?;
     ensure_same_settings(world, &Settings::of(c, opts, device, resumed.as_ref().map(|r| r.step)))?;
     let opened = agree(world, device.open_for_rank(world))?;
     crate::on_opened!(opened, b => train_on(b, world, c, opts, resumed, progress))
@@ -111,7 +113,8 @@ fn train_on<B: DataParallel + 'static>(
     let Prepared { mut model, data, mut stage, adversary, start } = agree(world, prepare(b, c, opts, resumed))?;
     let collective = agree(world, b.collective(world))?;
     let share = Share::of_rank(world.rank(), world.size(), c.batch);
-    let run = Run { b, c, opts, adversary: adversary.as_ref(), data: &data, conditionings: Conditionings::default(), world, collective: collective.as_ref(), share };
+    let conditionings = Conditionings::default();
+    let run = Run { b, c, opts, adversary: adversary.as_ref(), data: &data, conditionings, world, collective: collective.as_ref(), share };
     run.run(&mut model, start, stage.as_mut(), progress)
 }
 
@@ -264,7 +267,8 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
             log = open_log(opts.log.as_deref(), opts.resume.then_some(step))?;
         }
         let collective = self.collective.name();
-        progress(Progress::Started { device: b.name(), trained: trained.masters().count(), step, max_steps: opts.max_steps, ranks, collective });
+        let (device, count) = (b.name(), trained.masters().count());
+        progress(Progress::Started { device, trained: count, step, max_steps: opts.max_steps, ranks, collective });
 
         // Every rank holds the same trained tensors: rank 0 writes them.
         let save = |step: u64, trained: &dyn Trained<B>, optimizer: &Optimizer<B>| -> Result<()> {
@@ -346,7 +350,8 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
             }
             if stop {
                 save(step, trained.as_ref(), &optimizer)?;
-                let message = format!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", out.display());
+                let saved = out.display();
+                let message = format!("interrupted after step {step}: the checkpoint in {saved} is saved; --resume continues from it");
                 return Err(Agreed(message).into());
             }
         }
@@ -664,7 +669,9 @@ mod tests {
         let mut echo = Echo { draws: Vec::new() };
         let opts = options(&dir.path().join("out"), 2, false);
         let (world, collective, share) = (crate::world::Solo, crate::backend::collective::Alone, Share::whole(2));
-        let run = Run { b: &b, c: &c, opts: &opts, adversary: None, data: &data, conditionings: Conditionings::default(), world: &world, collective: &collective, share };
+        let conditionings = Conditionings::default();
+        let (world, collective) = (&world, &collective);
+        let run = Run { b: &b, c: &c, opts: &opts, adversary: None, data: &data, conditionings, world, collective, share };
         let start = Start { trained, step: 0, optimizer: AdamW::new(AdamWConfig::default()) };
         run.run(&mut model, start, &mut echo, &mut |_| ()).unwrap();
         assert_eq!(echo.draws, (0..6).map(|d| (d, 2)).collect::<Vec<_>>());

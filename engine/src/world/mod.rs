@@ -228,7 +228,10 @@ mod tests {
             move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         };
         assert_eq!(launcher_tasks_in(env(&[])), None);
-        assert_eq!(launcher_tasks_in(env(&[("OMPI_COMM_WORLD_SIZE", "4")])), Some(LauncherTasks { count: 4, variable: "OMPI_COMM_WORLD_SIZE" }));
+        assert_eq!(
+            launcher_tasks_in(env(&[("OMPI_COMM_WORLD_SIZE", "4")])),
+            Some(LauncherTasks { count: 4, variable: "OMPI_COMM_WORLD_SIZE" })
+        );
         assert_eq!(launcher_tasks_in(env(&[("SLURM_STEP_NUM_TASKS", "8"), ("PMI_SIZE", "8")])).unwrap().variable, "PMI_SIZE");
         assert_eq!(launcher_tasks_in(env(&[("PMIX_RANK", "0")])).unwrap().variable, "PMIX_RANK");
         assert_eq!(launcher_tasks_in(env(&[("SLURM_STEP_NUM_TASKS", "x")])), None);

@@ -157,7 +157,10 @@ impl World for MpiWorld {
         } else {
             let root = self.comm.process_at_rank(0);
             let mut verdict = [0u64; 1];
-            let what = format!("rank 0 did not answer at step {step} within {} s: it died or hangs; stopping the run", self.patient.limit().as_secs());
+            let what = format!(
+                "rank 0 did not answer at step {step} within {} s: it died or hangs; stopping the run",
+                self.patient.limit().as_secs()
+            );
             self.patient.watch(what, || {
                 root.send_with_tag(&[step, stop as u64][..], CHECK_IN);
                 root.receive_into_with_tag(&mut verdict[..], VERDICT);

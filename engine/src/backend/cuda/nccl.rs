@@ -54,7 +54,11 @@ impl<'w> Nccl<'w> {
         let comm = watched(
             world,
             || format!("NCCL's initialisation (ncclCommInitRank, rank {rank} of {size}) did not finish: a rank died or hangs"),
-            || without_panics(|| Comm::from_rank(stream, rank, size, Id::uninit(id.map(|c| c as _))).map_err(nccl_error("ncclCommInitRank"))),
+            || {
+                without_panics(|| {
+                    Comm::from_rank(stream, rank, size, Id::uninit(id.map(|c| c as _))).map_err(nccl_error("ncclCommInitRank"))
+                })
+            },
         )?;
         Ok(Nccl { comm, world })
     }
@@ -110,7 +114,10 @@ fn ensure_nccl() -> Result<()> {
              package (libnccl-dev), or put a link libnccl.so -> libnccl.so.2 in a folder on LD_LIBRARY_PATH"
         );
     }
-    bail!("NCCL not found (libnccl.so could not be loaded): GPU ranks average their gradients through NCCL; install it (libnccl2 and libnccl-dev) or put its lib folder on LD_LIBRARY_PATH")
+    bail!(
+        "NCCL not found (libnccl.so could not be loaded): GPU ranks average their gradients through NCCL; install it \
+         (libnccl2 and libnccl-dev) or put its lib folder on LD_LIBRARY_PATH"
+    )
 }
 
 fn nccl_error(call: &'static str) -> impl Fn(NcclError) -> anyhow::Error {
