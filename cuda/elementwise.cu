@@ -1,4 +1,4 @@
-// Elementwise kernels: activations (GELU-tanh, SiLU), sums, gated residuals, affine maps.
+// Elementwise kernels: activations (GELU-tanh, SiLU, ReLU), sums, gated residuals, affine maps.
 //
 // Memory-bound by nature, so each thread moves 8 bf16 (16 bytes) per access when the tensor's
 // length allows (the Rust side checks n % 8 == 0; device allocations are 256-byte aligned), and
@@ -12,6 +12,8 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float relu(float x) { return fmaxf(x, 0.0f); }
 
 // y = f(x) for a unary f, over n elements; `vec8` selects the 16-byte path (n % 8 == 0).
 #define UNARY_KERNEL(name, f)                                                                    \
@@ -31,6 +33,7 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 UNARY_KERNEL(gelu_tanh_bf16, gelu_tanh)
 UNARY_KERNEL(silu_bf16, silu)
+UNARY_KERNEL(relu_bf16, relu)
 
 // out = a + b.
 extern "C" __global__ void add_bf16(const __nv_bfloat16 *__restrict__ a, const __nv_bfloat16 *__restrict__ b,

@@ -108,6 +108,10 @@ fi
 if "$BIN/engine" train --help | grep -q 'peer-timeout'; then
     step nccl-one-rank 120 bash tools/nccl-one-rank.sh "$BIN/engine" "$(mktemp -d)/nccl"
 fi
+# engine train itself on the GPU: its losses against the CPU's, and resume determinism.
+if "$BIN/engine" train --help | grep -q 'bytes_to_device'; then
+    step train-parity 120 bash tools/train-parity.sh "$BIN/engine" "$BIN/train"
+fi
 # The peer: the same step in PyTorch + diffusers (diffusers installed offline from bundle/) and
 # PyTorch's SDPA, printed beside the engine's JSON as ratios. A failure here stops nothing.
 if [ -f "$BUNDLE/peer-wheels.tar.xz" ]; then

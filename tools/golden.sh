@@ -9,22 +9,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 VENV=tools/.venv-golden
-REQ=tools/golden/requirements.txt
-STAMP="$VENV/.requirements.sha256"
-PYTHON="${PYTHON:-python3}"
-
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "golden: creating $VENV" >&2
-    "$PYTHON" -m venv "$VENV"
-fi
-
-want="$(sha256sum "$REQ" | cut -d' ' -f1)"
-have="$(cat "$STAMP" 2>/dev/null || true)"
-if [ "$want" != "$have" ]; then
-    echo "golden: installing pinned requirements (torch is large; this takes a few minutes)" >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
-    echo "$want" > "$STAMP"
-fi
+source tools/pinned-venv.sh
+pinned_venv "$VENV" tools/golden/requirements.txt
 
 "$VENV/bin/python" tools/golden/make_ae_goldens.py --out tests/golden/ae
 "$VENV/bin/python" tools/golden/make_goldens.py --out tests/golden "$@"

@@ -291,6 +291,33 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
             .map(|y| vec![y]));
         compare!(checks, dut, cpu, "pixel_shuffle", "[2,32,9,11], f 2".into(), tol, |b| b.pixel_shuffle(&b.input(&x)?, 2).map(|y| vec![y]));
     }
+
+    {
+        // The perceptual metrics' layers, on sides that no window or stride divides evenly.
+        let (c, h, w) = (24usize, 19usize, 23usize);
+        let x = gaussian(&[2, c, h, w], next());
+        let desc = format!("[2,{c},{h},{w}]");
+        compare!(checks, dut, cpu, "relu", desc.clone(), tol, |b| b.relu(&b.input(&x)?).map(|y| vec![y]));
+        for (k, s) in [(3usize, 2usize), (3, 1), (2, 1)] {
+            compare!(checks, dut, cpu, "max_pool2d", format!("{desc}, {k}x{k} stride {s}"), tol, |b| {
+                b.max_pool2d(&b.input(&x)?, k, s).map(|y| vec![y])
+            });
+        }
+        // Non-negative per-channel filters, as blur and L2 pooling use (a negative one could take
+        // L2 pooling's square root below zero).
+        let filter = {
+            let v = weight(&[c, 1, 3, 3], next(), 0.3).to_f32();
+            HostTensor::new(vec![c, 1, 3, 3], HostData::BF16(v.iter().map(|x| bf16::from_f32(x.abs())).collect()))
+        };
+        for (s, pad) in [(2usize, [2usize; 4]), (1, [1, 2, 0, 1])] {
+            compare!(checks, dut, cpu, "blur_pool2d", format!("{desc}, 3x3 stride {s}, reflect {pad:?}"), tol, |b| {
+                b.blur_pool2d(&b.input(&x)?, &b.upload(&filter)?, s, pad).map(|y| vec![y])
+            });
+        }
+        compare!(checks, dut, cpu, "l2_pool2d", format!("{desc}, 3x3 stride 2, zeros [1, 1, 1, 1]"), tol, |b| {
+            b.l2_pool2d(&b.input(&x)?, &b.upload(&filter)?, 2, [1; 4]).map(|y| vec![y])
+        });
+    }
     Ok(checks)
 }
 

@@ -305,6 +305,20 @@ impl Checkpoint {
         };
         Ok(HostTensor::new(info.shape.clone(), data))
     }
+
+    /// Copies one F64 or F32 tensor out as f64, with its shape: the parameters of statistical
+    /// models (NIQE's covariance, BRISQUE's support vector machine), whose digits matter. Other
+    /// dtypes are an error naming the tensor and its dtype.
+    pub fn read_f64(&self, name: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::invalid(&self.path, format!("no tensor named '{name}'")))?;
+        let bytes = &self.bytes[self.data_start + info.range.start..self.data_start + info.range.end];
+        let data = match info.dtype {
+            FileDType::F64 => decode(bytes, f64::from_le_bytes),
+            FileDType::F32 => decode(bytes, f32::from_le_bytes).into_iter().map(f64::from).collect(),
+            other => return Err(Error::invalid(&self.path, format!("tensor '{name}' has dtype {other}; expected F64 or F32"))),
+        };
+        Ok((info.shape.clone(), data))
+    }
 }
 
 fn decode<T, const N: usize>(bytes: &[u8], from: impl Fn([u8; N]) -> T) -> Vec<T> {

@@ -185,6 +185,18 @@ impl Backend for Hooked {
     fn affine(&self, x: &T, scale: f32, offset: f32) -> anyhow::Result<T> {
         self.cpu.affine(&inner(x), scale, offset).map(wrap)
     }
+    fn relu(&self, x: &T) -> anyhow::Result<T> {
+        self.cpu.relu(&inner(x)).map(wrap)
+    }
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> anyhow::Result<T> {
+        self.cpu.max_pool2d(&inner(x), kernel, stride).map(wrap)
+    }
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> anyhow::Result<T> {
+        self.cpu.blur_pool2d(&inner(x), &inner(filter), stride, pad).map(wrap)
+    }
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> anyhow::Result<T> {
+        self.cpu.l2_pool2d(&inner(x), &inner(filter), stride, pad).map(wrap)
+    }
 }
 
 /// The backward ops are the CPU's; only the choice of attention kernels (forward and backward) is

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod hooked;
+pub mod metric_weights;
 
 use loaders::safetensors::{self, Checkpoint};
 use loaders::HostTensor;

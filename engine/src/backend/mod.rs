@@ -217,6 +217,26 @@ pub trait Backend: Sized + Send + Sync {
 
     /// `x * scale + offset` elementwise (the latent's scale and shift).
     fn affine(&self, x: &Tensor<Self>, scale: f32, offset: f32) -> Result<Tensor<Self>>;
+
+    // ---- The feature networks of the perceptual metrics (AlexNet, VGG16 and their
+    // anti-aliased variants, `metrics::perceptual`): NCHW like the image ops. ----
+
+    /// `max(x, 0)` elementwise.
+    fn relu(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Max pooling over `kernel x kernel` windows `stride` apart, unpadded, rounding the output
+    /// size down (PyTorch's `MaxPool2d`): `[B, C, H, W] -> [B, C, (H - k) / s + 1, (W - k) / s + 1]`.
+    fn max_pool2d(&self, x: &Tensor<Self>, kernel: usize, stride: usize) -> Result<Tensor<Self>>;
+
+    /// Blur pooling, the anti-aliased downsampling of ST-LPIPS (`Downsample`): channel c filtered
+    /// by its own `filter[c, 0]` (`filter` `[C, 1, k, k]`, a depthwise convolution) with `stride`,
+    /// on the input padded by reflection (PyTorch's `ReflectionPad2d`; `pad` = (top, bottom, left,
+    /// right), each smaller than the side it pads).
+    fn blur_pool2d(&self, x: &Tensor<Self>, filter: &Tensor<Self>, stride: usize, pad: [usize; 4]) -> Result<Tensor<Self>>;
+
+    /// L2 pooling (DISTS): `sqrt(depthwise(x^2) + 1e-12)` with the depthwise filter as in
+    /// `blur_pool2d`, but zero padding.
+    fn l2_pool2d(&self, x: &Tensor<Self>, filter: &Tensor<Self>, stride: usize, pad: [usize; 4]) -> Result<Tensor<Self>>;
 }
 
 /// Device memory readings (see `Backend::memory_peak`).

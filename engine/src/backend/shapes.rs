@@ -89,6 +89,67 @@ impl ConvGeometry {
     }
 }
 
+/// A pooling window's geometry, checked: input `[batch, channels, h, w]`, a `kernel x kernel`
+/// window every `stride` pixels of the input padded by `pad` (top, bottom, left, right), output
+/// `[batch, channels, oh, ow]` (sizes rounded down, as PyTorch's pooling and convolutions).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolGeometry {
+    pub batch: usize,
+    pub channels: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: [usize; 4],
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeometry {
+    /// `max_pool2d`'s operands.
+    pub fn max_pool(x: &[usize], kernel: usize, stride: usize) -> Result<Self> {
+        Self::new("max_pool2d", x, kernel, stride, [0; 4])
+    }
+
+    /// The operands of a depthwise filter (`blur_pool2d`, `l2_pool2d`): `filter` `[C, 1, k, k]`;
+    /// reflection padding must be smaller than the side it pads.
+    pub fn depthwise(op: &str, x: &[usize], filter: &[usize], stride: usize, pad: [usize; 4], reflect: bool) -> Result<Self> {
+        ensure!(x.len() == 4, "{op}: input has shape {x:?}, expected [batch, channels, height, width]");
+        let k = filter.get(2).copied().unwrap_or(0);
+        super::expect_shape("filter", op, filter, &[x[1], 1, k, k])?;
+        if reflect {
+            ensure!(
+                pad[0].max(pad[1]) < x[2] && pad[2].max(pad[3]) < x[3],
+                "{op}: reflection padding {pad:?} needs an input larger than the padding, found {x:?}"
+            );
+        }
+        Self::new(op, x, k, stride, pad)
+    }
+
+    fn new(op: &str, x: &[usize], kernel: usize, stride: usize, pad: [usize; 4]) -> Result<Self> {
+        ensure!(x.len() == 4, "{op}: input has shape {x:?}, expected [batch, channels, height, width]");
+        let (ph, pw) = (x[2] + pad[0] + pad[1], x[3] + pad[2] + pad[3]);
+        if kernel == 0 || stride == 0 || ph < kernel || pw < kernel {
+            bail!("{op}: a {kernel}x{kernel} window with stride {stride} and padding {pad:?} does not fit input {x:?}");
+        }
+        Ok(PoolGeometry {
+            batch: x[0],
+            channels: x[1],
+            h: x[2],
+            w: x[3],
+            kernel,
+            stride,
+            pad,
+            oh: (ph - kernel) / stride + 1,
+            ow: (pw - kernel) / stride + 1,
+        })
+    }
+
+    pub fn out_shape(&self) -> Vec<usize> {
+        vec![self.batch, self.channels, self.oh, self.ow]
+    }
+}
+
 /// The dims of `attention(q, k, v)`, checked: q `[batch, heads, lq, head_dim]`, k and v
 /// `[batch, heads, lk, head_dim]`.
 #[derive(Debug, Clone, Copy)]

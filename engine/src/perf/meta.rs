@@ -25,7 +25,7 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::shapes::{AttentionDims, ConvGeometry, QkDims};
+use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
 use crate::backend::profile::OpClass;
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
@@ -468,5 +468,27 @@ impl Backend for MetaBackend {
 
     fn affine(&self, x: &T, _scale: f32, _offset: f32) -> Result<T> {
         self.unary("affine", OpClass::Elementwise, x)
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        self.unary("relu", OpClass::Elementwise, x)
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        let g = PoolGeometry::max_pool(x.shape(), kernel, stride)?;
+        self.check_activation("max_pool2d", "input", x)?;
+        Ok(self.op("max_pool2d", OpClass::Elementwise, 0, &[x], g.out_shape()))
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        let g = PoolGeometry::depthwise("blur_pool2d", x.shape(), filter.shape(), stride, pad, true)?;
+        self.check_activation("blur_pool2d", "input", x)?;
+        Ok(self.op("blur_pool2d", OpClass::Elementwise, 0, &[x, filter], g.out_shape()))
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        let g = PoolGeometry::depthwise("l2_pool2d", x.shape(), filter.shape(), stride, pad, false)?;
+        self.check_activation("l2_pool2d", "input", x)?;
+        Ok(self.op("l2_pool2d", OpClass::Elementwise, 0, &[x, filter], g.out_shape()))
     }
 }

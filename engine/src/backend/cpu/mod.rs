@@ -11,6 +11,7 @@ pub mod group_norm;
 pub mod layout;
 pub mod matmul;
 pub mod norm;
+pub mod pool;
 pub mod rope;
 pub mod spatial;
 mod training;
@@ -345,4 +346,34 @@ impl Backend for CpuBackend {
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
         timed(OpClass::Elementwise, || Ok(f32_tensor(spatial::affine(act("affine", x)?, scale, offset), x.shape().to_vec())))
     }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        timed(OpClass::Elementwise, || Ok(f32_tensor(elementwise::map(act("relu", x)?, |v| v.max(0.0)), x.shape().to_vec())))
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            let g = shapes::PoolGeometry::max_pool(x.shape(), kernel, stride)?;
+            Ok(f32_tensor(pool::max_pool2d(act("max_pool2d", x)?, &g), g.out_shape()))
+        })
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        depthwise_pool(x, filter, stride, pad, pool::FilterPool::Blur)
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        depthwise_pool(x, filter, stride, pad, pool::FilterPool::L2)
+    }
+}
+
+fn depthwise_pool(x: &T, filter: &T, stride: usize, pad: [usize; 4], kind: pool::FilterPool) -> Result<T> {
+    timed(OpClass::Elementwise, || {
+        let op = match kind {
+            pool::FilterPool::Blur => "blur_pool2d",
+            pool::FilterPool::L2 => "l2_pool2d",
+        };
+        let g = shapes::PoolGeometry::depthwise(op, x.shape(), filter.shape(), stride, pad, kind == pool::FilterPool::Blur)?;
+        Ok(f32_tensor(pool::depthwise(act(op, x)?, &widen(filter), &g, kind), g.out_shape()))
+    })
 }

@@ -25,6 +25,16 @@ pub(super) fn unary(b: &CudaBackend, op: Unary, x: &T) -> Result<T> {
         Unary::GeluTanh => ("gelu_tanh", "gelu_tanh_bf16"),
         Unary::Silu => ("silu", "silu_bf16"),
     };
+    map(b, name, kernel, x)
+}
+
+/// ReLU, the perceptual metrics' activation (forward only: nothing trains through it).
+pub(super) fn relu(b: &CudaBackend, x: &T) -> Result<T> {
+    map(b, "relu", "relu_bf16", x)
+}
+
+/// `y = f(x)` by the elementwise `kernel` of `cuda/elementwise.cu`.
+fn map(b: &CudaBackend, name: &'static str, kernel: &'static str, x: &T) -> Result<T> {
     let xs = bf16_of(name, "x", x)?;
     let n = x.elem_count();
     let mut y = b.alloc_bf16(n)?;

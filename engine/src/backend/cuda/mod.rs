@@ -21,6 +21,7 @@ mod gemm;
 mod layout;
 mod nccl;
 mod norm;
+mod pool;
 mod probation;
 mod rope;
 mod spatial;
@@ -571,5 +572,21 @@ impl Backend for CudaBackend {
 
     fn affine(&self, x: &T, scale: f32, offset: f32) -> Result<T> {
         self.timed(OpClass::Elementwise, || elementwise::affine(self, x, scale, offset))
+    }
+
+    fn relu(&self, x: &T) -> Result<T> {
+        self.timed(OpClass::Elementwise, || elementwise::relu(self, x))
+    }
+
+    fn max_pool2d(&self, x: &T, kernel: usize, stride: usize) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::max_pool2d(self, x, kernel, stride))
+    }
+
+    fn blur_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::depthwise_pool2d(self, x, filter, stride, pad, false))
+    }
+
+    fn l2_pool2d(&self, x: &T, filter: &T, stride: usize, pad: [usize; 4]) -> Result<T> {
+        self.timed(OpClass::Elementwise, || pool::depthwise_pool2d(self, x, filter, stride, pad, true))
     }
 }
