@@ -64,6 +64,8 @@ fn upscale_128_to_512(c: &mut Criterion) {
         average: 1,
         guidance: 3.5,
         text_tokens: 1,
+        base: None,
+        adapters: Vec::new(),
     };
     let mut w = WeightLoader::random(&b, 0);
     let flux = Flux::build(&config.transformer, &mut w).unwrap();

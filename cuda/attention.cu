@@ -1130,3 +1130,65 @@ __device__ __forceinline__ void flash_bwd(const __nv_bfloat16 *__restrict__ q, c
 // D    BN (dkdv) BN (dq)
 BWD_MMA_KERNELS(128, 32, 64)
 BWD_MMA_KERNELS(64, 64, 64)
+
+// ---- 5. Attention with an additive bias (the text encoders): attention_bias_bf16 ----------------
+//
+// softmax(scale Q K^T + bias) V with bias [H, Lq, Lk] (f32, shared by the batch): T5's
+// relative-position bias (scale 1), CLIP's causal mask as -inf (scale 1 / sqrt(D)). It runs once per model import, on 77 or 512
+// tokens, so it is the plain form rather than a flash kernel: one 128-thread CTA per (query row,
+// head, batch) keeps the row's Lk scores in shared memory, takes their max and sum with block
+// reductions, then each thread sums P V for its own output columns (coalesced V reads). Any head
+// dim; the Rust side bounds Lk + D by the shared memory.
+
+constexpr int AB_THREADS = 128;
+
+// The block-wide max (or sum) of v, returned to every thread; `red` holds one slot per warp.
+__device__ __forceinline__ float ab_block_reduce(float v, float *red, bool is_max) {
+    v = is_max ? warp_max(v) : warp_sum(v);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // red may still be read by the previous reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = red[0];
+#pragma unroll
+    for (int w = 1; w < AB_THREADS / 32; ++w) r = is_max ? fmaxf(r, red[w]) : r + red[w];
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(AB_THREADS)
+    attention_bias_bf16(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k, const __nv_bfloat16 *__restrict__ v,
+                        const float *__restrict__ bias, __nv_bfloat16 *__restrict__ out, int heads, int lq, int lk, int d, float scale) {
+    extern __shared__ float ab_smem[];  // the query row [d], then the scores [lk]
+    __shared__ float red[AB_THREADS / 32];
+    float *qs = ab_smem, *s = ab_smem + d;
+    const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const size_t pair = (size_t)b * heads + h;
+    const __nv_bfloat16 *qr = q + (pair * lq + i) * d;
+    const __nv_bfloat16 *kh = k + pair * lk * d, *vh = v + pair * lk * d;
+    const float *br = bias + ((size_t)h * lq + i) * lk;
+    for (int t = threadIdx.x; t < d; t += AB_THREADS) qs[t] = __bfloat162float(qr[t]);
+    __syncthreads();
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < lk; j += AB_THREADS) {
+        const __nv_bfloat16 *kr = kh + (size_t)j * d;
+        float acc = 0.0f;
+        for (int t = 0; t < d; ++t) acc += qs[t] * __bfloat162float(kr[t]);
+        const float score = acc * scale + br[j];
+        s[j] = score;
+        m = fmaxf(m, score);
+    }
+    m = ab_block_reduce(m, red, true);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < lk; j += AB_THREADS) {
+        const float e = expf(s[j] - m);  // a masked key: exp(-inf) = 0
+        s[j] = e;
+        sum += e;
+    }
+    const float inv = 1.0f / ab_block_reduce(sum, red, false);  // its barriers publish s
+    __nv_bfloat16 *o = out + (((size_t)b * lq + i) * heads + h) * d;
+    for (int t = threadIdx.x; t < d; t += AB_THREADS) {
+        float acc = 0.0f;
+        for (int j = 0; j < lk; ++j) acc += s[j] * __bfloat162float(vh[(size_t)j * d + t]);
+        o[t] = __float2bfloat16(acc * inv);
+    }
+}

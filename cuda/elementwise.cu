@@ -1,4 +1,4 @@
-// Elementwise kernels: activations (GELU-tanh, SiLU, ReLU), sums, gated residuals, affine maps.
+// Elementwise kernels: activations (GELU-tanh, SiLU, ReLU), sums, products, gated residuals, affine maps.
 //
 // Memory-bound by nature, so each thread moves 8 bf16 (16 bytes) per access when the tensor's
 // length allows (the Rust side checks n % 8 == 0; device allocations are 256-byte aligned), and
@@ -35,22 +35,25 @@ UNARY_KERNEL(gelu_tanh_bf16, gelu_tanh)
 UNARY_KERNEL(silu_bf16, silu)
 UNARY_KERNEL(relu_bf16, relu)
 
-// out = a + b.
-extern "C" __global__ void add_bf16(const __nv_bfloat16 *__restrict__ a, const __nv_bfloat16 *__restrict__ b,
-                                    __nv_bfloat16 *__restrict__ out, int n, int vec8) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (vec8) {
-        if (i >= n / 8) return;
-        float va[8], vb[8];
-        unpack8_bits(load16(a + 8 * (size_t)i), va);
-        unpack8_bits(load16(b + 8 * (size_t)i), vb);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) va[j] += vb[j];
-        store16(out + 8 * (size_t)i, pack8_bits(va));
-    } else if (i < n) {
-        out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+// out = a (op) b for a binary op.
+#define BINARY_KERNEL(name, op)                                                                                  \
+    extern "C" __global__ void name(const __nv_bfloat16 *__restrict__ a, const __nv_bfloat16 *__restrict__ b,     \
+                                    __nv_bfloat16 *__restrict__ out, int n, int vec8) {                           \
+        int i = blockIdx.x * blockDim.x + threadIdx.x;                                                           \
+        if (vec8) {                                                                                              \
+            if (i >= n / 8) return;                                                                              \
+            float va[8], vb[8];                                                                                  \
+            unpack8_bits(load16(a + 8 * (size_t)i), va);                                                         \
+            unpack8_bits(load16(b + 8 * (size_t)i), vb);                                                         \
+            _Pragma("unroll") for (int j = 0; j < 8; ++j) va[j] = va[j] op vb[j];                                \
+            store16(out + 8 * (size_t)i, pack8_bits(va));                                                        \
+        } else if (i < n) {                                                                                      \
+            out[i] = __float2bfloat16(__bfloat162float(a[i]) op __bfloat162float(b[i]));                         \
+        }                                                                                                        \
     }
-}
+
+BINARY_KERNEL(add_bf16, +)
+BINARY_KERNEL(mul_bf16, *)
 
 // out = x * scale + offset.
 extern "C" __global__ void affine_bf16(const __nv_bfloat16 *__restrict__ x, __nv_bfloat16 *__restrict__ out,

@@ -1,5 +1,5 @@
-// Normalisations: LayerNorm (no affine) fused with adaLN modulation, and GroupNorm (the
-// autoencoder). bf16 in and out, statistics and arithmetic in f32. The CPU twin is
+// Normalisations: LayerNorm (no affine) fused with adaLN modulation, RMSNorm (T5), and GroupNorm
+// (the autoencoder). bf16 in and out, statistics and arithmetic in f32. The CPU twin is
 // engine/src/backend/cpu/{norm.rs,group_norm.rs}; the self-test compares the two.
 //
 // layer_norm_modulate: out = (1 + scale[b]) * (x - mean) * rsqrt(var + eps) + shift[b] per row
@@ -155,6 +155,27 @@ extern "C" __global__ void __launch_bounds__(32 * LN_ROWS_PER_BLOCK)
         const float n = (__bfloat162float(xr[i]) - mean) * rstd;
         o[i] = __float2bfloat16((1.0f + __bfloat162float(scale[sample + i])) * n + __bfloat162float(shift[sample + i]));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm (T5's LayerNorm): out = x * rsqrt(mean(x^2) + eps) * weight per row of D. It normalises
+// the text encoder's tokens once per import, so it is the scalar warp-per-row form.
+
+extern "C" __global__ void __launch_bounds__(32 * LN_ROWS_PER_BLOCK)
+    rms_norm_bf16(const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ weight, __nv_bfloat16 *__restrict__ out,
+                  int rows, int dim, float eps) {
+    const int row = blockIdx.x * LN_ROWS_PER_BLOCK + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const __nv_bfloat16 *xr = x + (size_t)row * dim;
+    float sq = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+        const float v = __bfloat162float(xr[i]);
+        sq += v * v;
+    }
+    const float r = rsqrtf(warp_sum(sq) / (float)dim + eps);
+    __nv_bfloat16 *o = out + (size_t)row * dim;
+    for (int i = lane; i < dim; i += 32) o[i] = __float2bfloat16(__bfloat162float(xr[i]) * r * __bfloat162float(weight[i]));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
 
     let (_dir, model, _) = setup();
     let lq = Image::new(24, 16, 3, (0..24 * 16 * 3).map(|i| ((i * 53) % 97) as f32 / 96.0).collect());
-    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1, average: 1 };
+    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1, average: 1, shift: false };
     let cpu = CpuBackend::new();
     let (plain, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
     let want = plain.upscale(&cpu, &lq, &UpscaleOptions { tile: 32, ..opts }, &mut |_, _| {}).unwrap();
@@ -148,7 +148,8 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
     assert!(format!("{err:#}").contains("GPU out of memory"), "{err:#}");
 }
 
-/// `average: 3` is the mean of the runs with seeds s, s + 1 and s + 2 wherever no run clamps.
+/// `average: 3` on one grid is the mean of the runs with seeds s, s + 1 and s + 2 wherever no run
+/// clamps.
 #[test]
 fn averaged_samples_are_the_mean_of_their_seeds() {
     use engine::model::LoraMode;
@@ -161,7 +162,7 @@ fn averaged_samples_are_the_mean_of_their_seeds() {
     let cpu = CpuBackend::new();
     let (sr, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
     let run = |seed: u64, average: usize| {
-        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average }, &mut |_, _| {}).unwrap().data
+        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average, shift: false }, &mut |_, _| {}).unwrap().data
     };
     let (mean, runs) = (run(7, 3), [run(7, 1), run(8, 1), run(9, 1)]);
     let mut compared = 0;
@@ -222,4 +223,30 @@ fn a_merged_model_upscales_as_the_model_with_its_adapter() {
     let bf16 = run(&merged16, &[], "m16");
     let worst = with_adapter.iter().zip(&bf16).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 0.1, "bf16 weights move a pixel by {worst}");
+}
+
+/// The shipped model's token is 12 output pixels; one sample shows its grid (the grid figure of
+/// metrics/grid.rs near 2 on photographs). Its default mean of 4 samples on grids shifted by 0,
+/// 3, 6 and 9 pixels must bring the figure close to a photograph's (about 1.1), and below what
+/// the same 4 samples on one grid give.
+#[test]
+fn shifted_samples_average_the_token_grid_out() {
+    use engine::metrics::{grid_figure, y_channel};
+    use engine::sr::resample::resize;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let hq = image::read(&root.join("tests/golden/noref/photo.png")).unwrap();
+    std::fs::create_dir_all(dir.path().join("lq")).unwrap();
+    image::write_png(&dir.path().join("lq/photo.png"), &resize(&hq, 64, 64), false).unwrap();
+    let figure = |extra: &[&str]| {
+        let (lq, out) = (dir.path().join("lq"), dir.path().join(format!("out{}", extra.len())));
+        let mut args = vec!["upscale", lq.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend(extra);
+        ok(engine(&args));
+        grid_figure(&y_channel(&image::read(&out.join("photo.png")).unwrap()))
+    };
+    let (shifted, one_grid, single) = (figure(&[]), figure(&["--no-shift"]), figure(&["--average", "1", "--seed", "3"]));
+    assert!(single > 1.4, "one sample's grid figure {single}: the test image no longer shows the token grid");
+    assert!(shifted < 1.25 && shifted < one_grid - 0.2, "grid figure {shifted} shifted, {one_grid} on one grid");
 }

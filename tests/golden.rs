@@ -104,7 +104,12 @@ const GRAD_TOLERANCE: f64 = 1e-4;
 
 /// The engine's output and LoRA gradients for the golden inputs and `g_out` of `grads.{kind}`,
 /// training the adapters of `tr`.
-fn engine_lora_grads(b: &CpuBackend, flux: &Flux<CpuBackend>, tr: Trainable<CpuBackend>, kind: &str) -> (FluxGrads<CpuBackend>, Checkpoint) {
+fn engine_lora_grads(
+    b: &CpuBackend,
+    flux: &Flux<CpuBackend>,
+    tr: Trainable<CpuBackend>,
+    kind: &str,
+) -> (FluxGrads<CpuBackend>, Checkpoint) {
     let dir = golden("lora-grads");
     let inputs = FluxInputs::read(&Checkpoint::open(&dir.join("inputs.safetensors")).unwrap()).unwrap();
     inputs.validate(&flux.params).unwrap();
@@ -222,8 +227,13 @@ fn trained_lora_gradients_match_pytorch_autograd() {
     }
     let params = LoraParams::new(&b, &mut flux, &set).unwrap();
     let (grads, reference) = engine_lora_grads(&b, &flux, params.trainable(), "trainer");
-    let got: BTreeMap<String, Vec<f32>> =
-        params.masters().names.iter().cloned().zip(params.gradients(grads).unwrap().iter().map(|g| b.download(g).unwrap().to_f32())).collect();
+    let got: BTreeMap<String, Vec<f32>> = params
+        .masters()
+        .names
+        .iter()
+        .cloned()
+        .zip(params.gradients(grads).unwrap().iter().map(|g| b.download(g).unwrap().to_f32()))
+        .collect();
 
     let read = |key: String| reference.read(&key).unwrap_or_else(|e| panic!("{key}: {e}")).to_f32();
     let mut compared = Vec::new();

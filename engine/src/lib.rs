@@ -10,6 +10,7 @@ pub mod sampler;
 pub mod selftest;
 pub mod sr;
 pub mod tensor;
+pub mod text;
 pub mod train;
 pub mod world;
 

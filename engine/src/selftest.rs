@@ -222,6 +222,31 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         });
     }
 
+    // The text encoders' attention: a relative-position bias (T5, scale 1) and a causal -inf mask
+    // (CLIP, scale 1/sqrt(d)), on their head dim and token counts.
+    for &(dims, causal) in
+        &[((2usize, 3usize, 77usize, 77usize, 64usize), true), ((1, 4, 130, 130, 64), false), ((1, 2, 20, 33, 40), false)]
+    {
+        let c = AttentionCase::new(dims, &mut next);
+        let (_, heads, lq, lk, _) = dims;
+        let values = crate::sampler::gaussian_noise(heads * lq * lk, next());
+        let bias: Vec<f32> =
+            values.iter().enumerate().map(|(n, &x)| if causal && n % lk > n / lk % lq { f32::NEG_INFINITY } else { 3.0 * x }).collect();
+        let bias = HostTensor::from_f32(vec![heads, lq, lk], bias);
+        let shape = format!("{}{}", c.shape, if causal { ", causal" } else { ", bias" });
+        compare!(checks, dut, cpu, "attention_bias", shape, tol, |b| {
+            let scale = if causal { 1.0 / (dims.4 as f32).sqrt() } else { 1.0 };
+            b.attention_bias(&b.input(&c.q)?, &b.input(&c.k)?, &b.input(&c.v)?, &b.upload(&bias)?, scale).map(|y| vec![y])
+        });
+    }
+
+    for &(l, d) in &[(77usize, 4096usize), (33, 100)] {
+        let (x, w) = (gaussian(&[2, l, d], next()), weight(&[d], next(), 1.0));
+        compare!(checks, dut, cpu, "rms_norm", format!("[2,{l},{d}]"), tol, |b| {
+            b.rms_norm(&b.input(&x)?, &b.upload(&w)?, 1e-6).map(|y| vec![y])
+        });
+    }
+
     for shape in [vec![2usize, 77, 200], vec![2, 64, 256]] {
         let desc = format!("{shape:?}");
         let (x, y) = (gaussian(&shape, next()), gaussian(&shape, next()));
@@ -229,6 +254,7 @@ pub fn op_checks<D: Backend>(dut: &D, seed: u64) -> Result<Vec<Check>> {
         compare!(checks, dut, cpu, "gelu_tanh", desc.clone(), tol, |b| b.gelu_tanh(&b.input(&x)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "silu", desc.clone(), tol, |b| b.silu(&b.input(&x)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "add", desc.clone(), tol, |b| b.add(&b.input(&x)?, &b.input(&y)?).map(|y| vec![y]));
+        compare!(checks, dut, cpu, "mul", desc.clone(), tol, |b| b.mul(&b.input(&x)?, &b.input(&y)?).map(|y| vec![y]));
         compare!(checks, dut, cpu, "affine", desc.clone(), tol, |b| b.affine(&b.input(&x)?, 0.3611, -0.1159).map(|y| vec![y]));
         compare!(checks, dut, cpu, "zeros", desc.clone(), tol, |b| b.zeros(x.shape.as_slice()).map(|y| vec![y]));
         compare!(checks, dut, cpu, "gated_residual", desc.clone(), tol, |b| {

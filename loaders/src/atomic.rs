@@ -23,6 +23,35 @@ pub fn write_atomic(path: &Path, overwrite: bool, fill: impl FnOnce(&mut BufWrit
     temp.persist(path)
 }
 
+/// Copies `src` to `dst` the same way (temp file, fsync, rename), streaming, calling
+/// `progress(bytes copied so far)` along the way.
+pub fn copy_atomic(src: &Path, dst: &Path, overwrite: bool, mut progress: impl FnMut(u64)) -> Result<()> {
+    let mut from = File::open(src).map_err(|e| Error::io(src, "open", e))?;
+    let mut read_failed = None;
+    write_atomic(dst, overwrite, |out| {
+        let mut buf = vec![0u8; 8 << 20];
+        let mut done = 0u64;
+        loop {
+            let n = match std::io::Read::read(&mut from, &mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    read_failed = Some(e.to_string());
+                    return Err(e);
+                }
+            };
+            out.write_all(&buf[..n])?;
+            done += n as u64;
+            progress(done);
+        }
+    })
+    .map_err(|e| match read_failed {
+        Some(why) => Error::invalid(src, format!("cannot read: {why}")),
+        None => e,
+    })
+}
+
 /// A temp file beside the target, removed unless `persist` renames it into place.
 struct TempFile {
     path: PathBuf,

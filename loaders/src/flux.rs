@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::keymap::{self, Place};
 use crate::lora;
 use crate::safetensors::{shape_fits, Checkpoint, FileDType};
+use crate::shards::TensorFiles;
 use crate::tensor::HostTensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,19 +54,24 @@ struct Entry {
 
 #[derive(Debug, Clone)]
 pub struct FluxCheckpoint {
-    ckpt: Checkpoint,
+    ckpt: TensorFiles,
     layout: Layout,
     tensors: BTreeMap<String, Entry>,
 }
 
 impl FluxCheckpoint {
+    /// Opens a file, a sharded checkpoint's index, or a folder holding one (`TensorFiles::open`).
     pub fn open(path: &Path) -> Result<FluxCheckpoint> {
-        FluxCheckpoint::from_checkpoint(Checkpoint::open(path)?)
+        FluxCheckpoint::from_files(TensorFiles::open(path)?)
     }
 
-    /// Detects the layout and maps every tensor in the file to its internal name. Any tensor that
-    /// maps to nothing is an error: silently ignoring it could hide a file for another model.
     pub fn from_checkpoint(ckpt: Checkpoint) -> Result<FluxCheckpoint> {
+        FluxCheckpoint::from_files(TensorFiles::single(ckpt))
+    }
+
+    /// Detects the layout and maps every tensor in the files to its internal name. Any tensor that
+    /// maps to nothing is an error: silently ignoring it could hide a file for another model.
+    pub fn from_files(ckpt: TensorFiles) -> Result<FluxCheckpoint> {
         let path = ckpt.path();
         if let Some(key) = ckpt.names().find(|k| lora::is_lora_key(k)) {
             return Err(Error::invalid(path, format!("holds LoRA tensors ('{key}'), not a transformer; pass it with --lora")));
@@ -78,7 +84,7 @@ impl FluxCheckpoint {
         Ok(FluxCheckpoint { ckpt, layout, tensors })
     }
 
-    pub fn checkpoint(&self) -> &Checkpoint {
+    pub fn files(&self) -> &TensorFiles {
         &self.ckpt
     }
 
@@ -146,7 +152,7 @@ impl FluxCheckpoint {
 const BFL_MARKERS: [&str; 3] = ["double_blocks.", "single_blocks.", "img_in."];
 const DIFFUSERS_MARKERS: [&str; 3] = ["transformer_blocks.", "single_transformer_blocks.", "x_embedder."];
 
-fn detect(ckpt: &Checkpoint) -> Result<Layout> {
+fn detect(ckpt: &TensorFiles) -> Result<Layout> {
     let first_with = |markers: &[&str]| {
         ckpt.names().find(|k| {
             let k = keymap::strip_prefix(k);
@@ -171,13 +177,13 @@ fn detect(ckpt: &Checkpoint) -> Result<Layout> {
     }
 }
 
-fn unexpected(ckpt: &Checkpoint, key: &str, layout: Layout) -> Error {
+fn unexpected(ckpt: &TensorFiles, key: &str, layout: Layout) -> Error {
     Error::invalid(ckpt.path(), format!("unexpected tensor '{key}' ({layout} layout)"))
 }
 
 /// Adds `internal` once; two file keys landing on one name (say `img_in.weight` beside
 /// `model.diffusion_model.img_in.weight`) would make the choice arbitrary.
-fn insert(ckpt: &Checkpoint, map: &mut BTreeMap<String, Entry>, internal: String, entry: Entry) -> Result<()> {
+fn insert(ckpt: &TensorFiles, map: &mut BTreeMap<String, Entry>, internal: String, entry: Entry) -> Result<()> {
     if let Some(old) = map.get(&internal) {
         let keys = |e: &Entry| match &e.source {
             Source::Key(k) | Source::SwapHalves(k) => k.clone(),
@@ -189,7 +195,7 @@ fn insert(ckpt: &Checkpoint, map: &mut BTreeMap<String, Entry>, internal: String
     Ok(())
 }
 
-fn map_bfl(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
+fn map_bfl(ckpt: &TensorFiles) -> Result<BTreeMap<String, Entry>> {
     let mut map = BTreeMap::new();
     for key in ckpt.names() {
         let internal = keymap::strip_prefix(key);
@@ -213,7 +219,7 @@ struct Group {
     param: String,
 }
 
-fn map_diffusers(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
+fn map_diffusers(ckpt: &TensorFiles) -> Result<BTreeMap<String, Entry>> {
     let path = ckpt.path();
     let mut map = BTreeMap::new();
     let mut groups: BTreeMap<String, Group> = BTreeMap::new();
@@ -265,7 +271,7 @@ fn map_diffusers(ckpt: &Checkpoint) -> Result<BTreeMap<String, Entry>> {
 }
 
 /// Checks that a group's members are all present and stack: same dtype, same trailing dims.
-fn fuse(ckpt: &Checkpoint, internal: &str, group: Group) -> Result<Entry> {
+fn fuse(ckpt: &TensorFiles, internal: &str, group: Group) -> Result<Entry> {
     let path = ckpt.path();
     let present = group.keys.iter().flatten().next().expect("a group exists because one member was seen");
     let mut keys = Vec::with_capacity(group.keys.len());

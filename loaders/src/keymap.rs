@@ -211,6 +211,22 @@ pub(crate) fn diffusers_module(module: &str) -> Option<Mapped> {
     Some(Mapped { bfl, kind, place: rule.place, member: rule.diffusers })
 }
 
+/// The diffusers modules a BFL module is stored as, in row order, each with where its rows go:
+/// the inverse of `diffusers_module`, for writing files diffusers reads.
+pub(crate) fn diffusers_members(bfl: &str) -> Option<Vec<(String, Place)>> {
+    let (rules, diffusers_block, rest) = if let Some((index, rest)) = block(DOUBLE, bfl) {
+        (DOUBLE_RULES, format!("transformer_blocks.{index}."), rest)
+    } else if let Some((index, rest)) = block(SINGLE, bfl) {
+        (SINGLE_RULES, format!("single_transformer_blocks.{index}."), rest)
+    } else {
+        (TOP_RULES, String::new(), bfl)
+    };
+    bfl_module(bfl)?;
+    let members: Vec<(String, Place)> =
+        rules.iter().filter(|r| r.bfl == rest).map(|r| (format!("{diffusers_block}{}", r.diffusers), r.place)).collect();
+    (!members.is_empty()).then_some(members)
+}
+
 /// Maps a diffusers parameter name to BFL's: norms call their weight `scale`.
 pub(crate) fn bfl_param(kind: Kind, diffusers_param: &str) -> Option<&'static str> {
     match (kind, diffusers_param) {
@@ -233,6 +249,30 @@ mod tests {
                 assert!(diffusers_module(&format!("{prefix}{}", r.diffusers)).is_some(), "{}", r.diffusers);
             }
         }
+    }
+
+    #[test]
+    fn members_invert_the_diffusers_mapping() {
+        for bfl in [
+            "img_in",
+            "final_layer.adaLN_modulation.1",
+            "double_blocks.3.txt_attn.qkv",
+            "single_blocks.0.linear1",
+            "single_blocks.2.norm.key_norm",
+        ] {
+            let members = diffusers_members(bfl).unwrap();
+            for (i, (module, place)) in members.iter().enumerate() {
+                let m = diffusers_module(module).unwrap();
+                assert_eq!((m.bfl.as_str(), m.place), (bfl, *place), "{module}");
+                if let Place::Rows { index, group } = place {
+                    assert_eq!((*index, group.len()), (i, members.len()));
+                }
+            }
+        }
+        assert_eq!(diffusers_members("double_blocks.0.img_attn.qkv").unwrap().len(), 3);
+        assert_eq!(diffusers_members("single_blocks.1.linear1").unwrap()[3].0, "single_transformer_blocks.1.proj_mlp");
+        assert_eq!(diffusers_members("double_blocks.01.img_attn.qkv"), None);
+        assert_eq!(diffusers_members("img_out"), None);
     }
 
     #[test]

@@ -5,11 +5,13 @@
 pub mod ae;
 pub mod atomic;
 pub mod error;
+pub mod fingerprint;
 pub mod flux;
 pub mod image;
 mod keymap;
 pub mod lora;
 pub mod safetensors;
+pub mod shards;
 pub mod tensor;
 pub mod walk;
 

@@ -152,7 +152,7 @@ impl LoraAdapter {
     pub fn from_checkpoint(ckpt: &Checkpoint, hidden_size: usize) -> Result<LoraAdapter> {
         let path = ckpt.path();
         if !ckpt.names().any(is_lora_key) {
-            return Err(Error::invalid(path, "no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)"));
+            return LoraAdapter::replacements_only(ckpt);
         }
         let mut family: Option<(Family, &str)> = None;
         let mut others = Vec::new();
@@ -204,6 +204,25 @@ impl LoraAdapter {
         Ok(LoraAdapter { path: path.to_path_buf(), layout, parts, replacements, skipped })
     }
 
+    /// A control LoRA cut down to its QK-norm scales (any subset of a control LoRA's keys loads):
+    /// the layout is the names', BFL's `*.scale` or diffusers' `*.norm_q.weight`.
+    fn replacements_only(ckpt: &Checkpoint) -> Result<LoraAdapter> {
+        let path = ckpt.path();
+        let names: Vec<&str> = ckpt.names().collect();
+        let layout = if !names.is_empty() && names.iter().all(|k| norm_replacement(LoraLayout::Bfl, k).is_some()) {
+            LoraLayout::Bfl
+        } else if !names.is_empty() && names.iter().all(|k| norm_replacement(LoraLayout::Peft, k).is_some()) {
+            LoraLayout::Peft
+        } else {
+            return Err(Error::invalid(
+                path,
+                "no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys, or a control LoRA's QK-norm scales)",
+            ));
+        };
+        let replacements = names.into_iter().map(|key| replacement(ckpt, layout, key)).collect::<Result<Vec<_>>>()?;
+        Ok(LoraAdapter { path: path.to_path_buf(), layout, parts: Vec::new(), replacements, skipped: Vec::new() })
+    }
+
     /// The largest rank over the parts.
     pub fn rank(&self) -> usize {
         self.parts.iter().map(LoraPart::rank).max().unwrap_or(0)
@@ -215,19 +234,34 @@ impl LoraAdapter {
     }
 }
 
-/// A tensor that is not part of a low-rank pair. BFL's control LoRAs (FLUX.1-Depth/Canny-dev-lora)
-/// ship new QK-norm scales beside their pairs; anything else is a file we do not understand.
+/// A tensor that is not part of a low-rank pair. Control LoRAs ship new QK-norm scales beside
+/// their pairs: BFL's (FLUX.1-Depth/Canny-dev-lora) as `*.norm.query_norm.scale`, diffusers' form
+/// of them as `transformer.*.attn.norm_q.weight` (which `FluxLoraLoaderMixin` loads as full
+/// replacements); anything else is a file we do not understand.
 fn replacement(ckpt: &Checkpoint, layout: LoraLayout, key: &str) -> Result<(String, HostTensor)> {
-    let name = keymap::strip_prefix(key);
-    let bfl = layout == LoraLayout::Bfl;
-    if bfl && keymap::is_bfl_param(name) && name.ends_with(".scale") {
-        return Ok((name.to_string(), ckpt.read(key)?));
+    if let Some(internal) = norm_replacement(layout, key) {
+        return Ok((internal, ckpt.read(key)?));
     }
-    let norms = if bfl { ", or QK-norm scales" } else { "" };
+    let norms = if layout == LoraLayout::Kohya { "" } else { ", or QK-norm scales" };
     Err(Error::invalid(
         ckpt.path(),
         format!("unexpected tensor '{key}' in a {layout} LoRA adapter (expected *.lora_A.weight, *.lora_B.weight/bias, *.lora_down.weight, *.lora_up.weight, *.alpha{norms})"),
     ))
+}
+
+/// The internal name of a QK-norm scale as a `layout` adapter spells it.
+fn norm_replacement(layout: LoraLayout, key: &str) -> Option<String> {
+    let name = keymap::strip_prefix(key);
+    match layout {
+        LoraLayout::Bfl => (keymap::is_bfl_param(name) && name.ends_with(".scale")).then(|| name.to_string()),
+        LoraLayout::Peft => {
+            let (module, param) = name.rsplit_once('.')?;
+            let m = keymap::diffusers_module(module)?;
+            (m.kind == Kind::Norm).then_some(())?;
+            Some(format!("{}.{}", m.bfl, keymap::bfl_param(m.kind, param)?))
+        }
+        LoraLayout::Kohya => None,
+    }
 }
 
 /// lora_A/lora_B files name modules either BFL's way or diffusers' way; the names decide.
@@ -344,6 +378,91 @@ impl PartReader<'_> {
             _ => Err(Error::invalid(self.ckpt.path(), format!("'{key}' has shape {:?}; alpha must be a scalar", t.shape))),
         }
     }
+}
+
+/// One low-rank update to write: `W += up @ down` on the BFL linear `target` (scale 1), and
+/// `b += up_bias` on its bias.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterPart<'a> {
+    /// BFL linear path without `.weight`: `double_blocks.0.img_attn.qkv`, `img_in`.
+    pub target: &'a str,
+    /// A: [rank, in].
+    pub down: &'a HostTensor,
+    /// B: [out, rank], the target's rows in BFL order.
+    pub up: &'a HostTensor,
+    /// [out].
+    pub up_bias: Option<&'a HostTensor>,
+}
+
+/// The pair that stores a full update `delta` [out, in] of a linear exactly, as a rank-`in`
+/// LoRA: A = the identity [in, in], B = `delta`. BFL's control LoRAs store img_in so (rank 128
+/// over 128 inputs), and diffusers loads it like any other pair.
+pub fn full_rank_pair(delta: &HostTensor) -> (HostTensor, HostTensor) {
+    let n = delta.shape.get(1).copied().unwrap_or(0);
+    let identity = (0..n * n).map(|i| if i % (n + 1) == 0 { 1.0 } else { 0.0 }).collect();
+    (HostTensor::from_f32(vec![n, n], identity).cast(delta.dtype()), delta.clone())
+}
+
+/// Writes adapters (atomically) in the layout diffusers' `FluxLoraLoaderMixin.load_lora_weights`
+/// (FluxPipeline, FluxControlPipeline) reads, and this crate reads back as `LoraLayout::Peft`:
+/// diffusers module names under `transformer.`, `lora_A.weight` [rank, in], `lora_B.weight`
+/// [out, rank], no alpha (scale 1: `W + B A`, the convention diffusers applies to files without
+/// one, mixed ranks included).
+/// - A fused BFL linear is written as its diffusers members (q, k, v[, proj_mlp]), each with the
+///   shared A and its rows of B; `final_layer.adaLN_modulation.1` with its halves swapped.
+/// - A pair on `img_in` whose A takes more inputs than a base model's img_in (a widened model's)
+///   makes FluxControlPipeline widen `x_embedder` with zero columns before loading, as for BFL's
+///   control LoRAs; this crate's loader does the same.
+/// - Biases: peft turns on `lora_B` biases for every module of an adapter as soon as one has
+///   one, and leaves those absent from the file unset (meta tensors, diffusers 0.42.1); so when
+///   any part has a bias, every module gets one, zeros where the part has none.
+pub fn write_peft(path: &Path, parts: &[AdapterPart], overwrite: bool) -> Result<()> {
+    let fail = |reason: String| Error::invalid(path, reason);
+    let with_bias = parts.iter().any(|p| p.up_bias.is_some());
+    let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for part in parts {
+        let (rank, inputs, out) = match (&part.down.shape[..], &part.up.shape[..]) {
+            (&[r, i], &[o, r2]) if r == r2 && r > 0 => (r, i, o),
+            (down, up) => return Err(fail(format!("'{}': down {down:?} and up {up:?} are not [rank, in] and [out, rank]", part.target))),
+        };
+        if let Some(b) = part.up_bias.filter(|b| b.shape != [out]) {
+            return Err(fail(format!("'{}': bias {:?} does not match up [{out}, {rank}]", part.target, b.shape)));
+        }
+        let members = keymap::diffusers_members(part.target)
+            .filter(|_| keymap::bfl_module(part.target) == Some(Kind::Linear))
+            .ok_or_else(|| fail(format!("'{}' is not a linear layer of FLUX", part.target)))?;
+        let up = part.up.to_f32();
+        let bias = part.up_bias.map_or_else(|| vec![0.0; out], HostTensor::to_f32);
+        for (i, (module, place)) in members.iter().enumerate() {
+            // Every member of a fused linear has `hidden` (= its input width) rows but the
+            // last, which takes the rest (proj_mlp).
+            let rows = match place {
+                Place::Rows { .. } if i + 1 < members.len() => i * inputs..(i + 1) * inputs,
+                Place::Rows { .. } => i * inputs..out,
+                Place::Whole | Place::SwapHalves => 0..out,
+            };
+            if rows.is_empty() || rows.end > out {
+                return Err(fail(format!("'{}' has {out} rows, too few to split into {} members of {inputs}", part.target, members.len())));
+            }
+            let mut b_rows = HostTensor::from_f32(vec![rows.len(), rank], up[rows.start * rank..rows.end * rank].to_vec());
+            let mut b_bias = HostTensor::from_f32(vec![rows.len()], bias[rows.clone()].to_vec());
+            if *place == Place::SwapHalves && !(b_rows.swap_row_halves() && b_bias.swap_row_halves()) {
+                return Err(fail(format!("'{}' has {out} rows; they must split into (shift, scale) halves", part.target)));
+            }
+            let dtype = part.up.dtype();
+            let key = |suffix: &str| format!("transformer.{module}.{suffix}");
+            let duplicate = tensors.insert(key("lora_A.weight"), part.down.clone()).is_some();
+            tensors.insert(key("lora_B.weight"), b_rows.cast(dtype));
+            if with_bias {
+                tensors.insert(key("lora_B.bias"), b_bias.cast(dtype));
+            }
+            if duplicate {
+                return Err(fail(format!("'{}' is given twice", part.target)));
+            }
+        }
+    }
+    let list: Vec<(&str, &HostTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    crate::safetensors::write(path, &list, &BTreeMap::new(), overwrite)
 }
 
 /// The peft `LoraConfig` fields that decide the scale, from diffusers' `lora_adapter_metadata`.

@@ -297,12 +297,22 @@ impl Checkpoint {
         let dtype = info.dtype.stored().ok_or_else(|| {
             Error::invalid(&self.path, format!("tensor '{name}' has dtype {}; only F32, F16 and BF16 can be loaded", info.dtype))
         })?;
-        let bytes = &self.bytes[self.data_start + info.range.start..self.data_start + info.range.end];
+        let range = self.data_start + info.range.start..self.data_start + info.range.end;
+        let bytes = &self.bytes[range.clone()];
         let data = match dtype {
             DType::F32 => HostData::F32(decode(bytes, f32::from_le_bytes)),
             DType::F16 => HostData::F16(decode(bytes, |b| f16::from_bits(u16::from_le_bytes(b)))),
             DType::BF16 => HostData::BF16(decode(bytes, |b| bf16::from_bits(u16::from_le_bytes(b)))),
         };
+        #[cfg(unix)]
+        if let Bytes::Mapped(map) = &self.bytes {
+            // The copy is all the caller keeps: handing the file's pages back makes a load that
+            // streams a checkpoint one tensor at a time hold one tensor, not the whole file, in
+            // resident memory. A failed advice only costs memory.
+            // SAFETY: the map is read-only and never written, so a page dropped here (or one it
+            // shares with a neighbouring tensor) refaults with the file's unchanged bytes.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len()) };
+        }
         Ok(HostTensor::new(info.shape.clone(), data))
     }
 

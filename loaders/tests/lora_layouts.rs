@@ -238,20 +238,30 @@ fn malformed_adapters_are_errors_naming_the_key() {
 }
 
 #[test]
-fn only_bfl_adapters_may_replace_norm_scales() {
+fn only_control_lora_layouts_may_replace_norm_scales() {
+    let msg = err(&[
+        ("lora_unet_img_in.lora_down.weight", &[1, 3], &[0.0; 3]),
+        ("lora_unet_img_in.lora_up.weight", &[3, 1], &[0.0; 3]),
+        ("double_blocks.0.img_attn.norm.query_norm.scale", &[3], &[0.0; 3]),
+    ]);
+    let expected = "unexpected tensor 'double_blocks.0.img_attn.norm.query_norm.scale' in a kohya LoRA adapter";
+    assert!(msg.contains(expected), "{msg}");
+    // In diffusers' layout a norm is replaced through its diffusers name only.
     let msg = err(&[
         ("x_embedder.lora_A.weight", &[1, 3], &[0.0; 3]),
         ("x_embedder.lora_B.weight", &[3, 1], &[0.0; 3]),
-        ("transformer_blocks.0.attn.norm_q.weight", &[3], &[0.0; 3]),
+        ("transformer_blocks.0.attn.norm_q.scale", &[3], &[0.0; 3]),
     ]);
-    let expected = "unexpected tensor 'transformer_blocks.0.attn.norm_q.weight' in a diffusers/peft LoRA adapter";
-    assert!(msg.contains(expected), "{msg}");
+    assert!(msg.contains("unexpected tensor 'transformer_blocks.0.attn.norm_q.scale' in a diffusers/peft LoRA adapter"), "{msg}");
 }
 
 #[test]
 fn a_file_without_lora_keys_says_so() {
     let msg = err(&[("img_in.weight", &[1], &[0.0])]);
-    assert_eq!(msg, "a.safetensors: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys)");
+    assert_eq!(
+        msg,
+        "a.safetensors: no LoRA tensors found (expected lora_A/lora_B or lora_down/lora_up keys, or a control LoRA's QK-norm scales)"
+    );
 }
 
 #[test]
@@ -280,4 +290,79 @@ fn kohya_text_encoder_parts_are_skipped_and_listed() {
     assert_eq!(a.skipped, vec!["lora_te1_text_model_encoder_layers_0_mlp_fc1".to_string()]);
     assert_eq!(a.parts.len(), 1);
     assert_eq!(a.parts[0].target, "double_blocks.0.img_attn.proj");
+}
+
+#[test]
+fn control_lora_norm_scales_load_alone_or_beside_pairs_in_both_namings() {
+    // A BFL control LoRA cut down to its norm scales (any subset of its keys loads).
+    let a = adapter(&[("double_blocks.0.img_attn.norm.query_norm.scale", &[4], &iota(4, 1.0))], &[]).unwrap();
+    assert_eq!((a.layout, a.parts.len()), (LoraLayout::Bfl, 0));
+    assert_eq!(a.replacements[0].0, "double_blocks.0.img_attn.norm.query_norm.scale");
+    // diffusers' form: peft pairs, x_embedder on the widened input, norms as full weights.
+    let a = adapter(
+        &[
+            ("transformer.x_embedder.lora_A.weight", &[1, 8], &iota(8, 0.0)),
+            ("transformer.x_embedder.lora_B.weight", &[4, 1], &iota(4, 0.0)),
+            ("transformer.single_transformer_blocks.1.attn.norm_k.weight", &[4], &iota(4, 2.0)),
+            ("transformer.transformer_blocks.0.attn.norm_added_q.weight", &[4], &iota(4, 3.0)),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(a.layout, LoraLayout::Peft);
+    let img_in = part(&a, "transformer.x_embedder");
+    assert_eq!((img_in.target.as_str(), img_in.down.shape.as_slice()), ("img_in", &[1, 8][..]));
+    let replaced: std::collections::BTreeMap<&str, Vec<f32>> = a.replacements.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
+    assert_eq!(replaced["double_blocks.0.txt_attn.norm.query_norm.scale"], iota(4, 3.0));
+    assert_eq!(replaced["single_blocks.1.norm.key_norm.scale"], iota(4, 2.0));
+    assert_eq!(replaced.len(), 2);
+    let a = adapter(&[("transformer.transformer_blocks.0.attn.norm_q.weight", &[4], &iota(4, 1.0))], &[]).unwrap();
+    assert_eq!((a.layout, a.replacements[0].0.as_str()), (LoraLayout::Peft, "double_blocks.0.img_attn.norm.query_norm.scale"));
+    // A lone tensor that is no norm scale is still no adapter.
+    assert!(err(&[("double_blocks.0.img_attn.qkv.weight", &[4], &iota(4, 1.0))]).contains("no LoRA tensors found"));
+}
+
+#[test]
+fn the_peft_writer_splits_fused_targets_and_adds_biases_everywhere_once_one_has_one() {
+    use loaders::lora::{full_rank_pair, write_peft, AdapterPart};
+    use loaders::HostTensor;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let t = |shape: &[usize], base: f32| HostTensor::from_f32(shape.to_vec(), iota(shape.iter().product(), base));
+    // linear1 of hidden 4, MLP 8: rows q 0..4, k 4..8, v 8..12, mlp 12..20.
+    let (down, up) = (t(&[2, 4], 0.0), t(&[20, 2], 100.0));
+    let (identity, delta) = full_rank_pair(&t(&[4, 3], 0.0));
+    assert_eq!(identity.to_f32(), [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+    let bias = t(&[4], 7.0);
+    let (mod_down, mod_up) = (t(&[1, 4], 0.0), t(&[8, 1], 0.0));
+    let parts = [
+        AdapterPart { target: "single_blocks.3.linear1", down: &down, up: &up, up_bias: None },
+        AdapterPart { target: "img_in", down: &identity, up: &delta, up_bias: Some(&bias) },
+        AdapterPart { target: "final_layer.adaLN_modulation.1", down: &mod_down, up: &mod_up, up_bias: None },
+    ];
+    write_peft(&path, &parts, false).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let read = |k: &str| ckpt.read(k).unwrap().to_f32();
+    let s = "transformer.single_transformer_blocks.3.";
+    for (i, m) in ["attn.to_q", "attn.to_k", "attn.to_v"].iter().enumerate() {
+        assert_eq!(read(&format!("{s}{m}.lora_A.weight")), iota(8, 0.0), "{m} shares A");
+        assert_eq!(read(&format!("{s}{m}.lora_B.weight")), iota(8, 100.0 + 8.0 * i as f32), "{m} rows");
+        assert_eq!(read(&format!("{s}{m}.lora_B.bias")), [0.0; 4], "{m} zero bias");
+    }
+    assert_eq!(read(&format!("{s}proj_mlp.lora_B.weight")), iota(16, 124.0));
+    assert_eq!(read("transformer.x_embedder.lora_B.bias"), iota(4, 7.0));
+    // diffusers' norm_out is (scale, shift): B's row halves swapped.
+    assert_eq!(read("transformer.norm_out.linear.lora_B.weight"), [4.0, 5.0, 6.0, 7.0, 0.0, 1.0, 2.0, 3.0]);
+    // Read back, the parts are the ones written (scale 1, fused rows at their offsets).
+    let back = LoraAdapter::from_checkpoint(&ckpt, 4).unwrap();
+    let v = part(&back, "transformer.single_transformer_blocks.3.attn.to_v");
+    assert_eq!((v.target.as_str(), v.out_offset, v.scale, v.up.to_f32()), ("single_blocks.3.linear1", 8, 1.0, iota(8, 116.0)));
+    let img_in = part(&back, "transformer.x_embedder");
+    assert_eq!((img_in.up.to_f32(), img_in.up_bias.as_ref().unwrap().to_f32()), (iota(12, 0.0), iota(4, 7.0)));
+    let norm_out = part(&back, "transformer.norm_out.linear");
+    assert_eq!(norm_out.up.to_f32(), iota(8, 0.0), "swapped back");
+    // Without any bias, none is written.
+    write_peft(&path, &parts[..1], true).unwrap();
+    assert!(Checkpoint::open(&path).unwrap().names().all(|n| !n.ends_with(".bias")));
+    assert!(write_peft(&path, &parts[..1], false).unwrap_err().to_string().contains("already exists"));
 }

@@ -137,6 +137,15 @@ impl Backend for Hooked {
         }
         self.cpu.attention(&inner(q), &inner(k), &inner(v)).map(wrap)
     }
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> anyhow::Result<T> {
+        self.cpu.attention_bias(&inner(q), &inner(k), &inner(v), &inner(bias), scale).map(wrap)
+    }
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> anyhow::Result<T> {
+        self.cpu.rms_norm(&inner(x), &inner(weight), eps).map(wrap)
+    }
+    fn mul(&self, a: &T, b: &T) -> anyhow::Result<T> {
+        self.cpu.mul(&inner(a), &inner(b)).map(wrap)
+    }
     fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> anyhow::Result<(T, T)> {
         let (out, lse) = self.cpu.attention_with_lse(&inner(q), &inner(k), &inner(v))?;
         Ok((wrap(out), wrap(lse)))

@@ -62,6 +62,56 @@ impl AutoEncoderParams {
         Ok(p)
     }
 
+    /// From diffusers' `AutoencoderKL` config (a pipeline's `vae/config.json`): channels from
+    /// `block_out_channels`, the latent's scale and shift from `scaling_factor` and `shift_factor`.
+    /// A VAE without FLUX's traits (a shift, no quant convs, attention in the middle) is refused.
+    pub fn from_diffusers_config(path: &Path) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Vae {
+            in_channels: usize,
+            out_channels: usize,
+            block_out_channels: Vec<usize>,
+            layers_per_block: usize,
+            latent_channels: usize,
+            norm_num_groups: usize,
+            sample_size: usize,
+            scaling_factor: f32,
+            shift_factor: Option<f32>,
+            #[serde(default = "yes")]
+            use_quant_conv: bool,
+            #[serde(default = "yes")]
+            mid_block_add_attention: bool,
+        }
+        fn yes() -> bool {
+            true
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let v: Vae = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not an AutoencoderKL config: {e}", path.display()))?;
+        let fail = |why: &str| anyhow::anyhow!("{}: not FLUX's autoencoder: {why}", path.display());
+        let shift_factor = v.shift_factor.ok_or_else(|| fail("no shift_factor"))?;
+        if v.use_quant_conv || !v.mid_block_add_attention {
+            return Err(fail("it has quant convs or no attention in its middle block"));
+        }
+        let ch = *v.block_out_channels.first().ok_or_else(|| fail("no block_out_channels"))?;
+        if ch == 0 || v.block_out_channels.iter().any(|c| c % ch != 0) {
+            return Err(fail("block_out_channels are not multiples of the first"));
+        }
+        let p = AutoEncoderParams {
+            resolution: v.sample_size,
+            in_channels: v.in_channels,
+            ch,
+            out_ch: v.out_channels,
+            ch_mult: v.block_out_channels.iter().map(|c| c / ch).collect(),
+            num_res_blocks: v.layers_per_block,
+            z_channels: v.latent_channels,
+            scale_factor: v.scaling_factor,
+            shift_factor,
+            norm_num_groups: v.norm_num_groups,
+        };
+        p.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(p)
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.ch_mult.is_empty() && self.ch_mult.iter().all(|&m| m > 0), "ch_mult must be non-empty and positive");
         ensure!(

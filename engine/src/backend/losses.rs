@@ -443,7 +443,8 @@ mod tests {
         let grid = Grid::new(3, 4, 4);
         let op = Sobolev::new(grid, DEFAULT_EXPONENT).unwrap();
         let (winner, loser) = (random_fields(2 * grid.elements(), 5), random_fields(2 * grid.elements(), 6));
-        let pairs: PairResiduals = PairResiduals { policy_winner: &winner, reference_winner: &winner, policy_loser: &loser, reference_loser: &loser };
+        let pairs: PairResiduals =
+            PairResiduals { policy_winner: &winner, reference_winner: &winner, policy_loser: &loser, reference_loser: &loser };
         let step = sdpo_step(&op, &pairs, DEFAULT_BETA).unwrap();
         assert_eq!(step.objective.loss, LN_2);
         assert_eq!((step.objective.accuracy, step.objective.reward_margin), (0.0, 0.0));
@@ -652,7 +653,8 @@ mod tests {
         let grid = Grid::new(2, 3, 4);
         let op = Sobolev::new(grid, DEFAULT_EXPONENT).unwrap();
         let (full, short) = (vec![0f32; 2 * grid.elements()], vec![0f32; grid.elements()]);
-        let pairs: PairResiduals = PairResiduals { policy_winner: &full, reference_winner: &full, policy_loser: &short, reference_loser: &full };
+        let pairs: PairResiduals =
+            PairResiduals { policy_winner: &full, reference_winner: &full, policy_loser: &short, reference_loser: &full };
         let message = sdpo_step(&op, &pairs, DEFAULT_BETA).unwrap_err().to_string();
         assert!(message.contains("policy_loser") && message.contains("24") && message.contains("48"), "{message}");
         assert!(flow_target(&full, &short, &[0.5]).is_err());

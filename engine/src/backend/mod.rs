@@ -161,6 +161,17 @@ pub trait Backend: Sized + Send + Sync {
     /// `attention`'s, so that a training forward computes what inference does.
     fn attention_with_lse(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>) -> Result<(Tensor<Self>, Tensor<Self>)>;
 
+    /// Attention with a score scale and an additive bias, `softmax(scale q k^T + bias) v`, shapes
+    /// as `attention`'s: bias `[H, Lq, Lk]` in f32, shared by the batch; `-inf` masks a key out
+    /// (every row must keep one finite entry). The text encoders' attention: T5's relative-position
+    /// bias (scale 1), CLIP's causal mask (scale `1/sqrt(head_dim)`).
+    fn attention_bias(&self, q: &Tensor<Self>, k: &Tensor<Self>, v: &Tensor<Self>, bias: &Tensor<Self>, scale: f32)
+        -> Result<Tensor<Self>>;
+
+    /// `x * rsqrt(mean(x^2) + eps) * weight` over the last dimension, statistics in f32 or wider:
+    /// x `[.., D]`, weight `[D]` (T5's LayerNorm, which has no mean and no bias).
+    fn rms_norm(&self, x: &Tensor<Self>, weight: &Tensor<Self>, eps: f32) -> Result<Tensor<Self>>;
+
     /// GELU, tanh approximation.
     fn gelu_tanh(&self, x: &Tensor<Self>) -> Result<Tensor<Self>>;
 
@@ -168,6 +179,9 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Elementwise sum of two tensors of the same shape.
     fn add(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
+
+    /// Elementwise product of two tensors of the same shape (T5's gated GELU).
+    fn mul(&self, a: &Tensor<Self>, b: &Tensor<Self>) -> Result<Tensor<Self>>;
 
     /// `x + gate * y` with x, y `[B, L, D]` and gate `[B, D]`.
     fn gated_residual(&self, x: &Tensor<Self>, gate: &Tensor<Self>, y: &Tensor<Self>) -> Result<Tensor<Self>>;

@@ -171,6 +171,13 @@ impl AttentionDims {
         super::expect_shape("v", "attention", v, &[batch, heads, lk, head_dim])?;
         Ok(AttentionDims { batch, heads, lq, lk, head_dim })
     }
+
+    /// The dims of `attention_bias(q, k, v, bias)`: those of `attention` and bias `[H, Lq, Lk]`.
+    pub fn with_bias(q: &[usize], k: &[usize], v: &[usize], bias: &[usize]) -> Result<Self> {
+        let dims = AttentionDims::new(q, k, v)?;
+        super::expect_shape("bias", "attention_bias", bias, &[dims.heads, dims.lq, dims.lk])?;
+        Ok(dims)
+    }
 }
 
 /// The dims of `qk_norm_rope(x, heads, q_scale, k_scale, pe)`, checked: x `[batch, tokens,

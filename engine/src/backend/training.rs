@@ -157,7 +157,8 @@ pub trait TrainingOps: BackwardOps {
     fn steepest_sobolev_deviation(&self, op: &Sobolev, g: &Tensor<Self>, rho: f64) -> Result<Tensor<Self>> {
         ensure!(rho.is_finite() && rho >= 0.0, "steepest_sobolev_deviation: rho must be finite and non-negative, got {rho}");
         let delta = self.sobolev_filter(op, g, Filter::Covariance)?;
-        let factors: Vec<f32> = norms(self, op, &delta)?.into_iter().map(|norm| if norm > 0.0 { (-rho / norm) as f32 } else { 0.0 }).collect();
+        let factors: Vec<f32> =
+            norms(self, op, &delta)?.into_iter().map(|norm| if norm > 0.0 { (-rho / norm) as f32 } else { 0.0 }).collect();
         self.scale_items(&factors, &delta)
     }
 }

@@ -53,8 +53,17 @@ enum Metric {
 impl Metric {
     /// What runs without `--metrics`, when their weights are found (the VGG variants of the
     /// LPIPS family only when asked: they cost several times the AlexNet ones).
-    const DEFAULT: [Metric; 9] =
-        [Metric::Psnr, Metric::Ssim, Metric::Lsd, Metric::StLpips, Metric::Lpips, Metric::Dists, Metric::Niqe, Metric::Brisque, Metric::Grid];
+    const DEFAULT: [Metric; 9] = [
+        Metric::Psnr,
+        Metric::Ssim,
+        Metric::Lsd,
+        Metric::StLpips,
+        Metric::Lpips,
+        Metric::Dists,
+        Metric::Niqe,
+        Metric::Brisque,
+        Metric::Grid,
+    ];
 
     fn column(self) -> &'static str {
         match self {

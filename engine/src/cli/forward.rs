@@ -1,8 +1,9 @@
 //! `engine forward`: one transformer evaluation from BFL's forward arguments in a file.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use engine::backend::device::Device;
 use engine::model::{load_flux, FluxInputs, FluxParams, LoraMode};
+use engine::sr::model_dir::{load_transformer, SrConfig};
 use engine::Backend;
 use loaders::safetensors::{self, Checkpoint};
 use std::collections::BTreeMap;
@@ -18,7 +19,9 @@ use std::time::Instant;
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Transformer checkpoint (.safetensors, BFL or diffusers key layout).
+    /// Transformer checkpoint (BFL or diffusers key layout): a .safetensors file, a sharded
+    /// checkpoint's *.safetensors.index.json or a folder holding one (diffusers' transformer/),
+    /// or a super-resolution model folder (model.json; `engine model import` makes them).
     #[arg(long)]
     model: PathBuf,
     /// JSON config with BFL FluxParams field names; fields it omits are inferred from the checkpoint.
@@ -46,16 +49,24 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     if a.out.exists() && !a.overwrite {
-        anyhow::bail!("{}: output exists; pass --overwrite to replace it", a.out.display());
+        bail!("{}: output exists; pass --overwrite to replace it", a.out.display());
     }
     engine::on_backend!(a.device, b => forward(b, &a))
 }
 
 fn forward<B: Backend>(b: &B, a: &Args) -> Result<()> {
     let t0 = Instant::now();
-    let given = a.config.as_deref().map(FluxParams::read_partial).transpose()?.unwrap_or_default();
     let loras: Vec<&std::path::Path> = a.lora.iter().map(|p| p.as_path()).collect();
-    let (model, warnings) = load_flux(b, &a.model, &given, &loras, a.lora_mode)?;
+    let (model, warnings) = if a.model.join("model.json").is_file() {
+        if let Some(config) = &a.config {
+            bail!("--config {}: {} is a model folder, whose model.json gives the config", config.display(), a.model.display());
+        }
+        let config = SrConfig::read(&a.model.join("model.json"))?;
+        load_transformer(b, &a.model, &config, &loras, a.lora_mode)?
+    } else {
+        let given = a.config.as_deref().map(FluxParams::read_partial).transpose()?.unwrap_or_default();
+        load_flux(b, &a.model, &given, &loras, a.lora_mode)?
+    };
     for w in warnings {
         eprintln!("warning: {w}");
     }

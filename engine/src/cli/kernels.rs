@@ -3,8 +3,8 @@
 
 use super::kernels_training::training_rows;
 use anyhow::{ensure, Result};
-use engine::backend::training::TrainingOps;
 use engine::backend::device::Device;
+use engine::backend::training::TrainingOps;
 use engine::{Backend, Tensor};
 use half::bf16;
 use loaders::{HostData, HostTensor};

@@ -1,11 +1,15 @@
-//! `engine model init|merge`: writes model folders (design.md section 4): around a randomly
-//! initialised transformer of a named shape (tests, benchmarks, the start of training), or a
-//! model with LoRA adapters merged into its weights (what is shipped after training).
+//! `engine model import|init|merge`: writes model folders (design.md section 4): from a
+//! pretrained FLUX.1, around a randomly initialised transformer of a named shape (tests,
+//! benchmarks, the start of training), or a model with LoRA adapters merged into its weights
+//! (what is shipped after training).
 
 use anyhow::{ensure, Result};
+use engine::backend::device::Device;
 use engine::model::weights::WeightLoader;
-use engine::model::{load_flux, Flux, LoraMode, PartialFluxParams};
-use engine::sr::model_dir::{write_model_folder, SrConfig};
+use engine::model::{Flux, LoraMode};
+use engine::sr;
+use engine::sr::import::{ImportOptions, TextMode};
+use engine::sr::model_dir::{load_transformer, write_model_folder, SrConfig};
 use engine::CpuBackend;
 use loaders::{DType, HostTensor};
 use std::path::{Path, PathBuf};
@@ -19,8 +23,65 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum Command {
+    Import(ImportArgs),
     Init(InitArgs),
     Merge(MergeArgs),
+}
+
+/// Turn a pretrained FLUX.1 (dev or schnell) into a super-resolution model folder.
+///
+/// The folder's model.json refers to the base transformer and autoencoder where they are (path,
+/// size and a fingerprint, checked at every load) instead of copying 24 GB; --copy copies them
+/// in. img_in is widened for the LQ latent concatenated on channels (64 -> 128 inputs for
+/// FLUX.1), the new columns zero, so the imported model's output is the base model's whatever
+/// the LQ. text.safetensors holds the empty prompt's embedding as FLUX pipelines compute it (T5
+/// on [eos, pad, ...] without mask, CLIP's pooled output), streamed one layer at a time.
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// A diffusers FLUX pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
+    /// text_encoder_2/), or one transformer checkpoint (BFL's flux1-dev.safetensors, ComfyUI's,
+    /// a diffusers file or sharded transformer/ folder) with --ae, --t5 and --clip.
+    source: PathBuf,
+    /// Folder to create.
+    #[arg(long)]
+    out: PathBuf,
+    /// The autoencoder: FLUX's ae.safetensors or a diffusers vae/ folder [default: the
+    /// pipeline's vae/].
+    #[arg(long)]
+    ae: Option<PathBuf>,
+    /// CLIP-L's text model: a file or a transformers folder [default: the pipeline's text_encoder/].
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// T5-XXL's encoder: a file, a sharded index or a transformers folder [default: the
+    /// pipeline's text_encoder_2/].
+    #[arg(long)]
+    t5: Option<PathBuf>,
+    /// The fixed text embedding: the empty prompt, or zeros (no text encoders needed).
+    #[arg(long, value_enum, default_value = "empty")]
+    text: TextMode,
+    /// T5 tokens of the embedding (FLUX.1-dev's pipeline uses 512, schnell's 256).
+    #[arg(long, default_value_t = 512)]
+    text_tokens: usize,
+    /// Output side / input side.
+    #[arg(long, default_value_t = 4)]
+    scale: usize,
+    /// Default sampling steps recorded in model.json.
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    /// The guidance value fed to a guidance-distilled transformer (FLUX.1-dev), in training and
+    /// sampling alike; unused by schnell.
+    #[arg(long, default_value_t = 3.5)]
+    guidance: f32,
+    /// Copy the base transformer and autoencoder into the folder (self-contained, 24 GB for
+    /// FLUX.1-dev) instead of referring to them.
+    #[arg(long)]
+    copy: bool,
+    /// Where the text encoders run: auto (a CUDA GPU when usable, else the CPU), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// Replace files in an existing folder.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// Write a model folder (model.json + transformer.safetensors) with a randomly initialised
@@ -91,6 +152,7 @@ enum WeightDtype {
 
 pub fn run(a: Args) -> Result<()> {
     match a.command {
+        Command::Import(a) => import(a),
         Command::Init(a) => init(a),
         Command::Merge(a) => merge(a),
     }
@@ -102,7 +164,15 @@ fn merge(a: MergeArgs) -> Result<()> {
         "--out {}: is the model folder itself; write the merged model to a new folder",
         a.out.display()
     );
-    let mut config = SrConfig::read(&a.model.join("model.json"))?;
+    let source = SrConfig::read(&a.model.join("model.json"))?;
+    // The merged model is a folder of its own: the transformer and the adapters are written into
+    // it, what stays outside (an imported model's autoencoder) is referred to by absolute path.
+    let mut config = source.relocated(&a.model)?;
+    config.adapters.clear();
+    if let Some(base) = &mut config.base {
+        base.transformer.clear();
+    }
+    config.base = config.base.filter(|b| b.autoencoder.is_some());
     if let Some(steps) = a.steps {
         ensure!(steps >= 1, "--steps {steps}: must be at least 1");
         config.steps = steps;
@@ -113,8 +183,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     }
     let b = CpuBackend::new();
     let loras: Vec<&Path> = a.lora.iter().map(PathBuf::as_path).collect();
-    let given = PartialFluxParams::from(&config.transformer);
-    let (flux, warnings) = load_flux(&b, &a.model.join("transformer.safetensors"), &given, &loras, LoraMode::Merged)?;
+    let (flux, warnings) = load_transformer(&b, &a.model, &source, &loras, LoraMode::Merged)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
@@ -145,6 +214,48 @@ fn merge(a: MergeArgs) -> Result<()> {
         a.lora.len(),
         if matches!(dtype, DType::BF16) { "bf16" } else { "f32" }
     );
+    Ok(())
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let options = ImportOptions {
+        source: a.source,
+        out: a.out,
+        ae: a.ae,
+        clip: a.clip,
+        t5: a.t5,
+        text: a.text,
+        text_tokens: a.text_tokens,
+        scale: a.scale,
+        steps: a.steps,
+        guidance: a.guidance,
+        copy: a.copy,
+        overwrite: a.overwrite,
+    };
+    // The device matters only to the text encoders: do not open a GPU to write zeros.
+    let done = if options.text == TextMode::Zeros {
+        sr::import::import(&CpuBackend::new(), &options)?
+    } else {
+        engine::on_backend!(a.device, b => sr::import::import(b, &options)?)
+    };
+    let (c, t) = (&done.config, &done.config.transformer);
+    println!(
+        "wrote {}: FLUX.1 transformer ({} double + {} single blocks, {}guidance) {} ({} file(s), {}), img_in widened {} -> {} inputs, x{}",
+        options.out.display(),
+        t.depth,
+        t.depth_single_blocks,
+        if t.guidance_embed { "" } else { "no " },
+        if options.copy { "copied" } else { "by reference" },
+        done.base_files,
+        super::human_bytes(done.base_bytes),
+        done.base.in_channels,
+        t.in_channels,
+        c.scale
+    );
+    match options.text {
+        TextMode::Empty => println!("text: the empty prompt, {} T5 tokens -> text.safetensors", c.text_tokens),
+        TextMode::Zeros => println!("text: zeros, {} tokens", c.text_tokens),
+    }
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 
 use anyhow::{ensure, Result};
 use engine::backend::device::Device;
-use engine::selftest::{render_table, run_all, training_checks};
 use engine::backend::training::TrainingOps;
+use engine::selftest::{render_table, run_all, training_checks};
 use std::time::Instant;
 
 /// Check a backend against the CPU reference: every op on fresh random inputs (outputs poisoned

@@ -47,6 +47,10 @@ pub struct Args {
     /// (higher PSNR, less invented texture), N times the work (default: the model's).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     average: Option<u32>,
+    /// Average the samples on one token grid instead of grids shifted by fractions of a token
+    /// (by default sample k of N is shifted k/N of a token, so token borders average out).
+    #[arg(long)]
+    no_shift: bool,
     /// Tile side in output pixels; larger images run in overlapping, blended tiles. When the GPU
     /// runs out of memory the tile side is halved and the image retried.
     #[arg(long, default_value_t = 512)]
@@ -147,7 +151,7 @@ fn upscale_all<B: Backend + 'static>(b: &B, upscaler: &Upscaler<'_, B>, inputs: 
         Upscaler::Model(m) => (a.steps.unwrap_or(m.config.steps), a.average.map_or(m.config.average, |n| n as usize)),
         Upscaler::Bicubic => (1, 1),
     };
-    let opts = UpscaleOptions { steps, seed: a.seed, tile: a.tile, batch: a.batch as usize, average };
+    let opts = UpscaleOptions { steps, seed: a.seed, tile: a.tile, batch: a.batch as usize, average, shift: !a.no_shift };
     ensure!(opts.steps >= 1, "--steps must be at least 1");
 
     let bar = ProgressBar::new(inputs.len() as u64);

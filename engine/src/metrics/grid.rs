@@ -53,7 +53,8 @@ mod tests {
 
     /// A smooth ramp with a step of `jump` added at every line of a `period` grid.
     fn gridded(w: usize, h: usize, period: usize, jump: f64) -> Plane {
-        let data = (0..h).flat_map(|r| (0..w).map(move |x| x as f64 + 2.0 * r as f64 + jump * ((x / period + r / period) as f64))).collect();
+        let data =
+            (0..h).flat_map(|r| (0..w).map(move |x| x as f64 + 2.0 * r as f64 + jump * ((x / period + r / period) as f64))).collect();
         Plane::new(w, h, data)
     }
 

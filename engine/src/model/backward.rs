@@ -85,7 +85,13 @@ impl<'a, B: Backend> GradCollector<'a, B> {
 /// Backward of `Linear::forward` at input x: returns the input gradient and records the gradient
 /// of each trained delta under the linear's name, and in full training those of its weight and
 /// bias.
-fn linear_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, x: &Tensor<B>, gy: &Tensor<B>, grads: &mut GradCollector<B>) -> Result<Tensor<B>> {
+fn linear_backward<B: BackwardOps>(
+    b: &B,
+    lin: &Linear<B>,
+    x: &Tensor<B>,
+    gy: &Tensor<B>,
+    grads: &mut GradCollector<B>,
+) -> Result<Tensor<B>> {
     linear_params_backward(b, lin, x, gy, grads)?;
     let name = &lin.name;
     let mut gx = b.linear_backward_input(gy, &lin.weight).with_context(|| format!("backward of '{name}'"))?;
@@ -110,7 +116,13 @@ fn linear_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, x: &Tensor<B>, gy: &T
 /// Full training: records the gradients of a linear's weight and bias as `{name}.weight` and
 /// `{name}.bias`. Nothing otherwise. For the linears whose input is data, this is their whole
 /// backward.
-fn linear_params_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, x: &Tensor<B>, gy: &Tensor<B>, grads: &mut GradCollector<B>) -> Result<()> {
+fn linear_params_backward<B: BackwardOps>(
+    b: &B,
+    lin: &Linear<B>,
+    x: &Tensor<B>,
+    gy: &Tensor<B>,
+    grads: &mut GradCollector<B>,
+) -> Result<()> {
     if !grads.full() {
         return Ok(());
     }
@@ -127,7 +139,13 @@ fn linear_params_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, x: &Tensor<B>,
 /// output's chunks in the order it is cut (`Modulation::forward`: shift, scale, gate per triple;
 /// the final layer: shift, scale). Records lin's gradients and adds the gradient wrt `vec_silu`
 /// to the collector's sum.
-fn modulation_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, vec_silu: &Tensor<B>, chunks: &[&Tensor<B>], grads: &mut GradCollector<B>) -> Result<()> {
+fn modulation_backward<B: BackwardOps>(
+    b: &B,
+    lin: &Linear<B>,
+    vec_silu: &Tensor<B>,
+    chunks: &[&Tensor<B>],
+    grads: &mut GradCollector<B>,
+) -> Result<()> {
     let g_m = b.concat(chunks, 1)?;
     let g = linear_backward(b, lin, vec_silu, &g_m, grads)?;
     grads.vec_silu = Some(match grads.vec_silu.take() {
@@ -140,7 +158,14 @@ fn modulation_backward<B: BackwardOps>(b: &B, lin: &Linear<B>, vec_silu: &Tensor
 impl<B: BackwardOps> MlpEmbedder<B> {
     /// Full training: records the embedder's parameter gradients from its output gradient. Its
     /// input is data: no gradient.
-    fn backward(&self, b: &B, x: &Tensor<B>, acts: &MlpEmbedderActs<B, Training>, g_out: &Tensor<B>, grads: &mut GradCollector<B>) -> Result<()> {
+    fn backward(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        acts: &MlpEmbedderActs<B, Training>,
+        g_out: &Tensor<B>,
+        grads: &mut GradCollector<B>,
+    ) -> Result<()> {
         let g_act = linear_backward(b, &self.out_layer, &b.silu(&acts.hidden)?, g_out, grads)?;
         let g_hidden = b.silu_backward(&acts.hidden, &g_act)?;
         linear_params_backward(b, &self.in_layer, x, &g_hidden, grads)
@@ -156,7 +181,8 @@ struct StreamOutputGrads<B: Backend> {
     modulation: Option<[Tensor<B>; 4]>,
 }
 
-const NO_BRANCHES: &str = "full training needs the gated branches, which this forward did not keep (run forward_train with Trainable::Full)";
+const NO_BRANCHES: &str =
+    "full training needs the gated branches, which this forward did not keep (run forward_train with Trainable::Full)";
 
 impl<B: BackwardOps> Stream<B> {
     /// Backward of `attention_outputs`, from the gradient of the stream's output.
@@ -502,7 +528,12 @@ mod tests {
             dot(&self.g_out, &values(&model.forward(&B, img, &self.timesteps, &self.c, tr).unwrap()))
         }
 
-        fn grads(&self, model: &Flux<CpuBackend>, tr: Trainable<CpuBackend>, checkpointing: Checkpointing) -> (Vec<f32>, FluxGrads<CpuBackend>) {
+        fn grads(
+            &self,
+            model: &Flux<CpuBackend>,
+            tr: Trainable<CpuBackend>,
+            checkpointing: Checkpointing,
+        ) -> (Vec<f32>, FluxGrads<CpuBackend>) {
             let (out, acts) = model.forward_train(&B, &self.img, &self.timesteps, &self.c, tr, checkpointing).unwrap();
             let g_out = B.input(&HostTensor::from_f32(out.shape().to_vec(), self.g_out.clone())).unwrap();
             (values(&out), model.backward(&B, &self.img, &self.c, tr, acts, &g_out).unwrap())

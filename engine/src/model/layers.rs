@@ -397,7 +397,13 @@ pub struct LastLayerActs<B: Backend, K: Keep> {
 }
 
 impl<B: Backend> LastLayer<B> {
-    pub fn forward<K: Keep>(&self, b: &B, x: &Tensor<B>, vec_silu: &Tensor<B>, tr: Trainable<B>) -> Result<(Tensor<B>, LastLayerActs<B, K>)> {
+    pub fn forward<K: Keep>(
+        &self,
+        b: &B,
+        x: &Tensor<B>,
+        vec_silu: &Tensor<B>,
+        tr: Trainable<B>,
+    ) -> Result<(Tensor<B>, LastLayerActs<B, K>)> {
         let m = self.ada_ln_modulation.forward(b, vec_silu, tr)?;
         let hidden = x.dim(2);
         let shift = b.narrow(&m, 1, 0, hidden)?;

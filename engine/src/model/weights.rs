@@ -8,6 +8,7 @@ use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::flux::FluxCheckpoint;
 use loaders::lora::{LoraAdapter, LoraPart};
+use loaders::shards::TensorFiles;
 use loaders::{DType, HostData, HostTensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -25,7 +26,7 @@ pub trait WeightSource {
 
 impl WeightSource for FluxCheckpoint {
     fn origin(&self) -> String {
-        format!("{} ({} layout)", self.checkpoint().path().display(), self.layout())
+        format!("{} ({} layout)", self.files().path().display(), self.layout())
     }
 
     fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
@@ -38,6 +39,80 @@ impl WeightSource for FluxCheckpoint {
 
     fn describe(&self, name: &str) -> String {
         self.source(name).unwrap_or_else(|| name.to_string())
+    }
+}
+
+/// A transformer whose `img_in` takes `in_channels` inputs where the source stores fewer: the
+/// new columns are zero (BFL's `optionally_expand_state_dict`, diffusers'
+/// `_maybe_expand_transformer_param_shape_or_error_`), so that the widened model's output is the
+/// source's whatever the extra channels hold: an imported FLUX.1 takes the LQ latent by channel
+/// concatenation before any training has taught it to use it.
+pub struct WidenedInput<'a> {
+    pub source: &'a dyn WeightSource,
+    pub in_channels: usize,
+}
+
+const IMG_IN: &str = "img_in.weight";
+
+impl WeightSource for WidenedInput<'_> {
+    fn origin(&self) -> String {
+        format!("{} (img_in widened to {} inputs)", self.source.origin(), self.in_channels)
+    }
+
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        let mut shapes = self.source.shapes();
+        if let Some([_, inputs]) = shapes.get_mut(IMG_IN).map(Vec::as_mut_slice) {
+            *inputs = self.in_channels;
+        }
+        shapes
+    }
+
+    fn load(&self, name: &str) -> Result<HostTensor> {
+        let t = self.source.load(name)?;
+        if name != IMG_IN {
+            return Ok(t);
+        }
+        let &[out, stored] = t.shape.as_slice() else { bail!("{}: '{IMG_IN}' has shape {:?}, expected a matrix", self.origin(), t.shape) };
+        ensure!(stored <= self.in_channels, "{}: '{IMG_IN}' already takes {stored} inputs", self.origin());
+        Ok(pad_columns(&t, out, stored, self.in_channels))
+    }
+
+    fn describe(&self, name: &str) -> String {
+        self.source.describe(name)
+    }
+}
+
+/// `[rows, stored]` -> `[rows, width]` with zeros on the right, in `t`'s dtype.
+fn pad_columns(t: &HostTensor, rows: usize, stored: usize, width: usize) -> HostTensor {
+    let v = t.to_f32();
+    let mut out = vec![0f32; rows * width];
+    for (o, i) in out.chunks_mut(width).zip(v.chunks(stored)) {
+        o[..stored].copy_from_slice(i);
+    }
+    HostTensor::from_f32(vec![rows, width], out).cast(t.dtype())
+}
+
+/// The input width `img_in` must have for `adapters`: a control LoRA's img_in pair takes the
+/// widened input (128 for FLUX.1's Canny/Depth LoRAs) that the base (64) lacks.
+pub fn adapter_input_width(adapters: &[LoraAdapter]) -> Option<usize> {
+    adapters.iter().flat_map(|a| &a.parts).filter(|p| p.target == "img_in").filter_map(|p| p.down.shape.get(1).copied()).max()
+}
+
+impl WeightSource for TensorFiles {
+    fn origin(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.names().filter_map(|n| Some((n.to_string(), self.info(n)?.shape.clone()))).collect()
+    }
+
+    fn load(&self, name: &str) -> Result<HostTensor> {
+        Ok(self.read(name)?)
+    }
+
+    fn describe(&self, name: &str) -> String {
+        name.to_string()
     }
 }
 
@@ -56,9 +131,11 @@ enum Source<'a> {
     Random {
         seed: u64,
     },
-    /// No data at all: the backend's placeholders of the right shapes, stored as `dtype`.
+    /// No data at all: the backend's placeholders of the right shapes, stored as `dtype`; with
+    /// `against`, each name and shape is checked against that source's headers.
     ShapesOnly {
         dtype: DType,
+        against: Option<&'a dyn WeightSource>,
     },
 }
 
@@ -101,7 +178,15 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// (`with_dtype`, the backend's `weight_dtype`) overrides it as for any source. LoRA adapters
     /// are not applied (attach `LoraDelta`s of placeholders to the built model).
     pub fn shapes_only(backend: &'a B, dtype: DType) -> Self {
-        Self::with_source(backend, Source::ShapesOnly { dtype }, BTreeMap::new())
+        Self::with_source(backend, Source::ShapesOnly { dtype, against: None }, BTreeMap::new())
+    }
+
+    /// `shapes_only`, checking every tensor the model asks for against `source`'s names and
+    /// shapes (and, at `finish`, that it holds nothing else) without reading any data: a
+    /// 24 GB checkpoint verified from its headers.
+    pub fn headers_of(backend: &'a B, source: &'a dyn WeightSource) -> Self {
+        let shapes = source.shapes();
+        Self::with_source(backend, Source::ShapesOnly { dtype: DType::BF16, against: Some(source) }, shapes)
     }
 
     fn with_source(backend: &'a B, source: Source<'a>, shapes: BTreeMap<String, Vec<usize>>) -> Self {
@@ -151,12 +236,17 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         self
     }
 
+    /// Errors unless `src` holds `name` with exactly `shape`.
+    fn check(&self, src: &dyn WeightSource, name: &str, shape: &[usize]) -> Result<()> {
+        let found = self.shapes.get(name).ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{}'", src.origin(), src.describe(name)))?;
+        ensure!(found == shape, "{}: tensor '{}' has shape {found:?}, expected {shape:?}", src.origin(), src.describe(name));
+        Ok(())
+    }
+
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let t = match &self.source {
             Source::Weights(src) => {
-                let found =
-                    self.shapes.get(name).ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{}'", src.origin(), src.describe(name)))?;
-                ensure!(found == shape, "{}: tensor '{}' has shape {found:?}, expected {shape:?}", src.origin(), src.describe(name));
+                self.check(*src, name, shape)?;
                 src.load(name)?
             }
             Source::Random { seed } => random_tensor(name, shape, *seed),
@@ -182,9 +272,26 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         }
     }
 
+    /// A named tensor of exactly `shape`, kept on the host (an embedding table to gather rows of).
+    pub fn host_tensor(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let t = self.host(name, shape)?;
+        self.record(name, &t);
+        Ok(t)
+    }
+
+    /// Counts `name` as used without reading it: a tensor the model has no use for that a file
+    /// may legitimately hold (a tied copy of an embedding, an integer position buffer).
+    pub fn skip(&mut self, name: &str) {
+        self.used.insert(name.to_string());
+    }
+
     /// A named tensor of exactly `shape`.
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B>> {
-        if let Source::ShapesOnly { dtype } = self.source {
+        if let Source::ShapesOnly { dtype, against } = self.source {
+            if let Some(src) = against {
+                self.check(src, name, shape)?;
+                self.used.insert(name.to_string());
+            }
             return self.backend.placeholder(shape, self.dtype.unwrap_or(dtype));
         }
         let t = self.host(name, shape)?;
@@ -202,8 +309,15 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         }
         let mut weight = self.host(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let mut bias = if bias { Some(self.host(&format!("{prefix}.bias"), &[out_features])?) } else { None };
-        let parts = self.lora.remove(prefix).unwrap_or_default();
-        for p in &parts {
+        let mut parts = self.lora.remove(prefix).unwrap_or_default();
+        for p in &mut parts {
+            let narrower = p.part.down.shape.get(1).is_some_and(|&din| din < in_features);
+            if prefix == "img_in" && narrower && p.part.down.shape.len() == 2 {
+                // An adapter trained on the unwidened base: its A sees only the base's inputs
+                // (diffusers' `_maybe_expand_lora_state_dict` pads it the same way).
+                let (rank, din) = (p.part.down.shape[0], p.part.down.shape[1]);
+                p.part.down = pad_columns(&p.part.down, rank, din, in_features);
+            }
             check_lora_fits(p, prefix, in_features, out_features)?;
         }
         let mut lora = Vec::new();
@@ -237,7 +351,7 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
     /// Errors on anything the model did not consume: checkpoint tensors the config does not use,
     /// and LoRA parts aimed at layers the model does not have.
     pub fn finish(self) -> Result<()> {
-        if let Source::Weights(src) = &self.source {
+        if let Source::Weights(src) | Source::ShapesOnly { against: Some(src), .. } = &self.source {
             if let Some(name) = self.shapes.keys().find(|n| !self.used.contains(*n)) {
                 let extra = self.shapes.keys().filter(|n| !self.used.contains(*n)).count();
                 bail!(

@@ -25,8 +25,8 @@
 //!   matrix), GEMMs use the planner's fixed workspace.
 //! - `download` returns zeros of the right shape (there is no data to copy).
 
-use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
 use crate::backend::profile::OpClass;
+use crate::backend::shapes::{AttentionDims, ConvGeometry, PoolGeometry, QkDims};
 use crate::backend::{expect_shape, Backend};
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -343,6 +343,23 @@ impl Backend for MetaBackend {
         Ok(self.op("attention", OpClass::Attention, flops, &[q, k, v], vec![b, lq, h * d]))
     }
 
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, _scale: f32) -> Result<T> {
+        let dims = AttentionDims::with_bias(q.shape(), k.shape(), v.shape(), bias.shape())?;
+        let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+        for (what, t) in [("q", q), ("k", k), ("v", v)] {
+            self.check_activation("attention_bias", what, t)?;
+        }
+        let flops = 4 * (b * h * lq * lk * d) as u64;
+        Ok(self.op("attention_bias", OpClass::Attention, flops, &[q, k, v, bias], vec![b, lq, h * d]))
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, _eps: f32) -> Result<T> {
+        ensure!(x.rank() >= 1, "rms_norm: x has shape {:?}, expected [.., dim]", x.shape());
+        expect_shape("weight", "rms_norm", weight.shape(), &[x.dim(-1)])?;
+        self.check_activation("rms_norm", "x", x)?;
+        Ok(self.op("rms_norm", OpClass::Elementwise, 0, &[x, weight], x.shape().to_vec()))
+    }
+
     fn attention_with_lse(&self, q: &T, k: &T, v: &T) -> Result<(T, T)> {
         let dims = AttentionDims::new(q.shape(), k.shape(), v.shape())?;
         let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
@@ -352,7 +369,8 @@ impl Backend for MetaBackend {
         let out = NewBuffer { shape: vec![b, lq, h * d], dtype: self.activation_dtype, kind: BufferKind::Activation };
         let lse = NewBuffer { shape: vec![b, h, lq], dtype: DType::F32, kind: BufferKind::Activation };
         let flops = 4 * (b * h * lq * lk * d) as u64;
-        let [out, lse] = self.record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
+        let [out, lse] = self
+            .record("attention_with_lse", OpClass::Attention, flops, &[q, k, v], vec![out, lse])
             .try_into()
             .unwrap_or_else(|_| unreachable!("two outputs recorded"));
         Ok((out, lse))
@@ -371,6 +389,13 @@ impl Backend for MetaBackend {
         self.check_activation("add", "a", a)?;
         self.check_activation("add", "b", b)?;
         Ok(self.op("add", OpClass::Elementwise, 0, &[a, b], a.shape().to_vec()))
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        expect_shape("b", "mul", b.shape(), a.shape())?;
+        self.check_activation("mul", "a", a)?;
+        self.check_activation("mul", "b", b)?;
+        Ok(self.op("mul", OpClass::Elementwise, 0, &[a, b], a.shape().to_vec()))
     }
 
     fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {

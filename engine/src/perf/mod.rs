@@ -187,9 +187,9 @@ pub fn training_memory_estimate(
 mod tests {
     use super::flops::{closed_form, FlopCount};
     use super::meta::{BufferKind, Event};
-    use crate::backend::profile::OpClass;
     use super::plan::{self, MemoryPlan};
     use super::*;
+    use crate::backend::profile::OpClass;
     use crate::CpuBackend;
 
     fn step(batch: usize, img_tokens: usize, txt_tokens: usize) -> StepShape {

@@ -222,7 +222,12 @@ fn mimic_losses<B: TrainingOps>(b: &B, op: &Sobolev, [a, e, r]: [&Field; 3], wei
 /// Three AdamW steps (the moments carried over, bias correction and warm-up all move) of f32
 /// tensors on `b`; returns the parameters, first and second moments (all tensors concatenated)
 /// and the norms.
-fn adamw_steps<B: TrainingOps>(b: &B, config: &AdamWConfig, params: &[Vec<f32>], grads: &[Vec<Vec<f32>>]) -> Result<([Vec<f32>; 3], Vec<f64>)> {
+fn adamw_steps<B: TrainingOps>(
+    b: &B,
+    config: &AdamWConfig,
+    params: &[Vec<f32>],
+    grads: &[Vec<Vec<f32>>],
+) -> Result<([Vec<f32>; 3], Vec<f64>)> {
     let up = |v: &[f32]| b.upload(&HostTensor::from_f32(vec![v.len()], v.to_vec()));
     let mut p = params.iter().map(|v| up(v)).collect::<Result<Vec<_>>>()?;
     let mut m = params.iter().map(|v| up(&vec![0.0; v.len()])).collect::<Result<Vec<_>>>()?;
@@ -240,7 +245,9 @@ fn adamw_steps<B: TrainingOps>(b: &B, config: &AdamWConfig, params: &[Vec<f32>],
         let lr = config.lr * ((k + 1) as f64 / config.warmup_steps.max(1) as f64).min(1.0);
         norms.push(b.adamw_step(config, k as u64 + 1, lr, &mut tensors)?);
     }
-    let all = |ts: &[Tensor<B>]| -> Result<Vec<f32>> { Ok(ts.iter().map(|t| b.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?.concat()) };
+    let all = |ts: &[Tensor<B>]| -> Result<Vec<f32>> {
+        Ok(ts.iter().map(|t| b.download(t).map(|h| h.to_f32())).collect::<Result<Vec<_>>>()?.concat())
+    };
     Ok(([all(&p)?, all(&m)?, all(&v)?], norms))
 }
 

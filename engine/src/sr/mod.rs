@@ -3,6 +3,7 @@
 
 pub mod colorfix;
 pub mod conditioning;
+pub mod import;
 pub mod model_dir;
 pub mod packing;
 pub mod resample;

@@ -1,16 +1,21 @@
 //! A super-resolution model is a folder (design.md section 4): `model.json` names everything an
 //! upscale needs, beside `transformer.safetensors` (BFL or diffusers layout), `ae.safetensors`
-//! when the autoencoder has weights, and `text.safetensors` with the fixed `txt`/`y` embedding
-//! when it is not zeros.
+//! when the autoencoder has weights, `text.safetensors` with the fixed `txt`/`y` embedding when
+//! it is not zeros, and LoRA adapters merged at load. An imported FLUX.1 (`engine model import`)
+//! keeps its 24 GB transformer and its autoencoder where they are: `model.json`'s `base` names
+//! those files with their sizes and fingerprints, checked at every load.
 
 use crate::ae::{AutoEncoderParams, Autoencoder, FluxAe, PixelShuffle};
 use crate::backend::Backend;
-use crate::model::{load_flux, Flux, FluxParams, LoraMode, PartialFluxParams};
+use crate::model::{load_flux_from, Flux, FluxParams, LoraMode, PartialFluxParams};
 use anyhow::{ensure, Context, Result};
+use loaders::fingerprint::FileStamp;
+use loaders::flux::FluxCheckpoint;
 use loaders::safetensors::Checkpoint;
+use loaders::shards::TensorFiles;
 use loaders::{DType, HostTensor};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +44,53 @@ pub struct SrConfig {
     /// Length of the all-zero text embedding used when the folder has no `text.safetensors`.
     #[serde(default = "default_text_tokens")]
     pub text_tokens: usize,
+    /// Weights kept outside the folder, used instead of its `transformer.safetensors` /
+    /// `ae.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseFiles>,
+    /// LoRA adapters (paths relative to the folder) merged into the transformer at load, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<PathBuf>,
+}
+
+/// Files of a pretrained model that a folder refers to rather than copies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseFiles {
+    /// The transformer: one file, or the shards of a sharded checkpoint, read as one (none: the
+    /// folder's own `transformer.safetensors`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transformer: Vec<FileRef>,
+    /// The autoencoder's weights, when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoencoder: Option<FileRef>,
+}
+
+/// A file by path (relative to the model folder, or absolute), with the size and fingerprint it
+/// had when the folder was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    pub path: PathBuf,
+    pub size: u64,
+    pub fingerprint: String,
+}
+
+impl FileRef {
+    /// Records `path` as it is now; `path` is stored as given.
+    pub fn record(path: &Path) -> Result<FileRef> {
+        let stamp = FileStamp::of(path)?;
+        Ok(FileRef { path: path.to_path_buf(), size: stamp.size, fingerprint: stamp.fingerprint })
+    }
+
+    /// The file's path, checked to be the file that was recorded.
+    pub fn resolve(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(&self.path);
+        FileStamp { size: self.size, fingerprint: self.fingerprint.clone() }
+            .check(&path)
+            .with_context(|| format!("{}: base file of the model", dir.join("model.json").display()))?;
+        Ok(path)
+    }
 }
 
 impl SrConfig {
@@ -63,9 +115,55 @@ impl SrConfig {
             average: default_average(),
             guidance: default_guidance(),
             text_tokens: default_text_tokens(),
+            base: None,
+            adapters: Vec::new(),
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Writes `dir/model.json` atomically.
+    pub fn write(&self, dir: &Path, overwrite: bool) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        loaders::atomic::write_atomic(&dir.join("model.json"), overwrite, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+        Ok(())
+    }
+
+    /// The transformer's weights: the base files (each checked against its record), else the
+    /// folder's `transformer.safetensors`.
+    pub fn open_transformer(&self, dir: &Path) -> Result<FluxCheckpoint> {
+        match self.base.as_ref().filter(|b| !b.transformer.is_empty()) {
+            Some(base) => {
+                let files = base.transformer.iter().map(|f| f.resolve(dir)).collect::<Result<Vec<_>>>()?;
+                let label = dir.join("model.json");
+                Ok(FluxCheckpoint::from_files(TensorFiles::from_files(&label, &files)?)?)
+            }
+            None => Ok(FluxCheckpoint::open(&dir.join("transformer.safetensors"))?),
+        }
+    }
+
+    /// The autoencoder's weights file: the base's, else the folder's `ae.safetensors`.
+    pub fn autoencoder_file(&self, dir: &Path) -> Result<PathBuf> {
+        match self.base.as_ref().and_then(|b| b.autoencoder.as_ref()) {
+            Some(f) => f.resolve(dir),
+            None => Ok(dir.join("ae.safetensors")),
+        }
+    }
+
+    /// The same model seen from another folder: relative paths of base files and adapters made
+    /// absolute, so that a model written elsewhere (`engine model merge`) still finds them.
+    pub fn relocated(&self, dir: &Path) -> Result<SrConfig> {
+        let absolute = |p: &Path| -> Result<PathBuf> {
+            dir.join(p).canonicalize().with_context(|| format!("{}: cannot resolve '{}'", dir.join("model.json").display(), p.display()))
+        };
+        let mut c = self.clone();
+        if let Some(base) = &mut c.base {
+            for f in base.transformer.iter_mut().chain(base.autoencoder.as_mut()) {
+                f.path = absolute(&f.path)?;
+            }
+        }
+        c.adapters = c.adapters.iter().map(|p| absolute(p)).collect::<Result<_>>()?;
+        Ok(c)
     }
 }
 
@@ -75,8 +173,7 @@ pub fn write_model_folder(dir: &Path, config: &SrConfig, tensors: &[(&str, &Host
     let cast: Vec<HostTensor> = tensors.iter().map(|(_, t)| t.cast(dtype)).collect();
     let list: Vec<(&str, &HostTensor)> = tensors.iter().zip(&cast).map(|((n, _), t)| (*n, t)).collect();
     loaders::safetensors::write(&dir.join("transformer.safetensors"), &list, &std::collections::BTreeMap::new(), overwrite)?;
-    let text = serde_json::to_string_pretty(config)? + "\n";
-    loaders::atomic::write_atomic(&dir.join("model.json"), overwrite, |f| std::io::Write::write_all(f, text.as_bytes()))?;
+    config.write(dir, overwrite)?;
     Ok(tensors.iter().map(|(_, t)| t.len()).sum())
 }
 
@@ -286,16 +383,30 @@ impl<B: Backend + 'static> SrModel<B> {
     pub fn load(b: &B, dir: &Path, loras: &[&Path], mode: LoraMode) -> Result<(Self, Vec<String>)> {
         ensure!(dir.is_dir(), "{}: not a model folder (expected model.json and transformer.safetensors inside)", dir.display());
         let config = SrConfig::read(&dir.join("model.json"))?;
-        let given = PartialFluxParams::from(&config.transformer);
-        let (flux, warnings) = load_flux(b, &dir.join("transformer.safetensors"), &given, loras, mode)?;
+        let (flux, warnings) = load_transformer(b, dir, &config, loras, mode)?;
         let ae: Box<dyn Autoencoder<B>> = match &config.autoencoder {
             AeConfig::PixelShuffle { factor } => Box::new(PixelShuffle::new(*factor)),
-            AeConfig::Flux { params } => Box::new(FluxAe::load(b, &dir.join("ae.safetensors"), params)?),
+            AeConfig::Flux { params } => Box::new(FluxAe::load(b, &config.autoencoder_file(dir)?, params)?),
         };
         let text = dir.join("text.safetensors");
         let (txt, y) = if text.exists() { read_text(&text, &config.transformer)? } else { zero_text(&config) };
         Ok((SrModel { config, flux, ae, txt, y }, warnings))
     }
+}
+
+/// The transformer of the model folder `dir` (read by `config`), with the folder's adapters and
+/// then `loras` on it; img_in is widened when the base stores fewer inputs than the config says.
+pub fn load_transformer<B: Backend>(
+    b: &B,
+    dir: &Path,
+    config: &SrConfig,
+    loras: &[&Path],
+    mode: LoraMode,
+) -> Result<(Flux<B>, Vec<String>)> {
+    let source = config.open_transformer(dir)?;
+    let own: Vec<PathBuf> = config.adapters.iter().map(|p| dir.join(p)).collect();
+    let all: Vec<&Path> = own.iter().map(PathBuf::as_path).chain(loras.iter().copied()).collect();
+    load_flux_from(b, &source, &PartialFluxParams::from(&config.transformer), &all, mode)
 }
 
 /// The all-zero text conditioning of `config.text_tokens` tokens.

@@ -26,6 +26,8 @@ pub struct UpscaleOptions {
     /// Samples averaged per image, from seeds `seed`, `seed + 1`, ...: with more than one, an
     /// estimate of the posterior mean instead of one sample.
     pub average: usize,
+    /// Averaged samples sit on token grids shifted by fractions of a token (`upscale_batch`).
+    pub shift: bool,
 }
 
 impl<B: Backend + 'static> SrModel<B> {
@@ -42,6 +44,11 @@ impl<B: Backend + 'static> SrModel<B> {
     /// Upscales images of one size together: the tiles of all of them go through the model
     /// `opts.batch` at a time. Each image gets the noise of `opts.seed`, so its result does not
     /// depend on the batch it ran in. Calls `progress(step, steps)`.
+    ///
+    /// With `opts.average` samples, sample `k` (seed `opts.seed + k`) runs on a token grid
+    /// shifted by `k / average` of a token along both axes when `opts.shift` is set, and the
+    /// samples are averaged in image space: each token's border then falls on a different
+    /// pixel in each sample, so the token grid averages out instead of adding up.
     pub fn upscale_batch(
         &self,
         b: &B,
@@ -51,24 +58,57 @@ impl<B: Backend + 'static> SrModel<B> {
     ) -> Result<Vec<Image>> {
         ensure!(opts.steps >= 1, "steps must be at least 1");
         ensure!(!lqs.is_empty(), "upscale_batch: no images");
-        let (lw0, lh0) = (lqs[0].width, lqs[0].height);
-        ensure!(lqs.iter().all(|lq| (lq.width, lq.height) == (lw0, lh0)), "upscale_batch: the images differ in size");
-        let scale = self.config.scale;
-        let (w, h) = (lw0 * scale, lh0 * scale);
+        let (lw, lh) = (lqs[0].width, lqs[0].height);
+        ensure!(lqs.iter().all(|lq| (lq.width, lq.height) == (lw, lh)), "upscale_batch: the images differ in size");
+        let (w, h) = (lw * self.config.scale, lh * self.config.scale);
+        // The model sees the bicubic upsample.
+        let ups: Vec<Image> = lqs.iter().map(|lq| resize(&lq.to_rgb(), w, h)).collect();
+        let samples = opts.average.max(1);
+        let conditionings = Conditionings::default();
+        // A GPU too small for a tile gets tiles of half the side, for the rest of the run.
+        let mut tile = opts.tile.div_ceil(self.token_pixels()).max(1);
+        let mut sums = vec![vec![0f32; 3 * w * h]; lqs.len()];
+        for k in 0..samples {
+            let offset = if opts.shift { k * self.token_pixels() / samples } else { 0 };
+            let seed = opts.seed.wrapping_add(k as u64);
+            let sample = self.sample_shifted(b, &ups, offset, seed, opts, &mut tile, &conditionings, &mut |s| {
+                progress(k * opts.steps + s, samples * opts.steps)
+            })?;
+            for (sum, image) in sums.iter_mut().zip(sample) {
+                sum.iter_mut().zip(image.data).for_each(|(s, x)| *s += x / samples as f32);
+            }
+        }
+        Ok(sums.into_iter().map(|data| Image::new(w, h, 3, data)).collect())
+    }
+
+    /// One sample of each upsampled image `ups` with the token grid starting `offset` pixels
+    /// above and left of the image: the image is padded by edge replication, by `offset` at the
+    /// top and left and to whole tokens at the bottom and right, and the padding is cropped off
+    /// the result.
+    #[allow(clippy::too_many_arguments)]
+    fn sample_shifted(
+        &self,
+        b: &B,
+        ups: &[Image],
+        offset: usize,
+        seed: u64,
+        opts: &UpscaleOptions,
+        tile: &mut usize,
+        conditionings: &Conditionings<B>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Image>> {
         let unit = self.token_pixels();
-        let (wp, hp) = (w.div_ceil(unit) * unit, h.div_ceil(unit) * unit);
-        // The model sees the bicubic upsample; sides are padded by edge replication to whole
-        // latent tokens, and the padding is cropped off the result.
-        let mut conds = Vec::with_capacity(lqs.len());
-        for lq in lqs {
-            let up = pad_edges(&resize(&lq.to_rgb(), w, h), wp, hp);
-            conds.push(pack(&b.download(&self.ae.encode(b, &b.input(&to_tensor(&up))?)?)?)?.to_f32());
+        let (w, h) = (ups[0].width, ups[0].height);
+        let (wp, hp) = ((offset + w).div_ceil(unit) * unit, (offset + h).div_ceil(unit) * unit);
+        let mut conds = Vec::with_capacity(ups.len());
+        for up in ups {
+            let padded = pad_edges(up, offset, wp, hp);
+            conds.push(pack(&b.download(&self.ae.encode(b, &b.input(&to_tensor(&padded))?)?)?)?.to_f32());
         }
         let (lh, lw) = (hp / self.config.ae_factor(), wp / self.config.ae_factor());
         let features = conds[0].len() / ((lh / 2) * (lw / 2));
         let grid = Grid { rows: lh / 2, cols: lw / 2, features };
 
-        let conditionings = Conditionings::default();
         let mut velocity = |img: &HostTensor, tile: (usize, usize), t: f32| -> Result<Vec<f32>> {
             let n = img.shape[0];
             let c = conditionings.get(b, self, n, tile)?;
@@ -78,43 +118,31 @@ impl<B: Backend + 'static> SrModel<B> {
             Ok(self.config.prediction.velocity(b.download(&output)?.to_f32(), &x_t, &vec![t; n]))
         };
         let cond_refs: Vec<&[f32]> = conds.iter().map(|c| c.as_slice()).collect();
-        // Whole tokens covering the tile side (a 512-pixel tile takes a 512-pixel output in one
-        // piece whatever the token size); a GPU too small for it gets tiles of half the side.
-        let mut tile = opts.tile.div_ceil(unit).max(1);
-        let total = opts.steps * opts.average.max(1);
-        let mut xs = vec![vec![0f32; grid.len()]; lqs.len()];
-        for k in 0..opts.average.max(1) {
-            let seed = opts.seed.wrapping_add(k as u64);
-            let sample = loop {
-                let times = schedule(opts.steps, grid.rows.min(tile) * grid.cols.min(tile));
-                let attempt = euler_tiled(
-                    vec![gaussian_noise(grid.len(), seed); lqs.len()],
-                    &cond_refs,
-                    grid,
-                    grid.features,
-                    &times,
-                    (tile, (tile / 4).max(1)),
-                    opts.batch,
-                    &mut velocity,
-                    &mut |s| progress(k * opts.steps + s, total),
-                );
-                match attempt {
-                    Err(e) if tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => tile /= 2,
-                    result => break result?,
-                }
-            };
-            let weight = 1.0 / opts.average.max(1) as f32;
-            for (sum, x) in xs.iter_mut().zip(sample) {
-                sum.iter_mut().zip(x).for_each(|(s, x)| *s += weight * x);
+        let xs = loop {
+            let times = schedule(opts.steps, grid.rows.min(*tile) * grid.cols.min(*tile));
+            let attempt = euler_tiled(
+                vec![gaussian_noise(grid.len(), seed); ups.len()],
+                &cond_refs,
+                grid,
+                grid.features,
+                &times,
+                (*tile, (*tile / 4).max(1)),
+                opts.batch,
+                &mut velocity,
+                progress,
+            );
+            match attempt {
+                Err(e) if *tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => *tile /= 2,
+                result => break result?,
             }
-        }
+        };
         xs.into_iter()
             .zip(&conds)
             .map(|(x, cond)| {
                 let x = self.config.flow.to_latent(&x, cond);
                 let latent = unpack(&HostTensor::from_f32(vec![1, grid.rows * grid.cols, grid.features], x), lh, lw)?;
                 let decoded = b.download(&self.ae.decode(b, &b.input(&latent)?)?)?;
-                Ok(from_tensor(&decoded, w, h))
+                Ok(crop(&decoded, offset, w, h))
             })
             .collect()
     }
@@ -132,13 +160,13 @@ fn to_tensor(img: &Image) -> HostTensor {
     HostTensor::from_f32(vec![1, 3, h, w], out)
 }
 
-/// `[1, 3, Hp, Wp]` in [-1, 1] -> the top-left `w x h` as HWC [0, 1].
-fn from_tensor(t: &HostTensor, w: usize, h: usize) -> Image {
+/// `[1, 3, Hp, Wp]` in [-1, 1] -> the `w x h` pixels from (`offset`, `offset`) on, as HWC [0, 1].
+fn crop(t: &HostTensor, offset: usize, w: usize, h: usize) -> Image {
     let (hp, wp) = (t.shape[2], t.shape[3]);
     let v = t.to_f32();
     let mut data = Vec::with_capacity(w * h * 3);
-    for y in 0..h {
-        for x in 0..w {
+    for y in offset..offset + h {
+        for x in offset..offset + w {
             for c in 0..3 {
                 data.push((v[(c * hp + y) * wp + x].clamp(-1.0, 1.0) + 1.0) / 2.0);
             }
@@ -147,14 +175,15 @@ fn from_tensor(t: &HostTensor, w: usize, h: usize) -> Image {
     Image::new(w, h, 3, data)
 }
 
-/// Extends an image to `w x h` by repeating its last row and column.
-fn pad_edges(img: &Image, w: usize, h: usize) -> Image {
+/// The `w x h` image holding `img` at (`offset`, `offset`), its first and last rows and columns
+/// repeated into the margins.
+fn pad_edges(img: &Image, offset: usize, w: usize, h: usize) -> Image {
     let c = img.channels;
     let mut data = Vec::with_capacity(w * h * c);
     for y in 0..h {
-        let sy = y.min(img.height - 1);
+        let sy = y.saturating_sub(offset).min(img.height - 1);
         for x in 0..w {
-            let sx = x.min(img.width - 1);
+            let sx = x.saturating_sub(offset).min(img.width - 1);
             data.extend_from_slice(&img.data[(sy * img.width + sx) * c..(sy * img.width + sx + 1) * c]);
         }
     }

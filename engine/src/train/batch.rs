@@ -297,7 +297,12 @@ impl<B: TrainingOps + 'static> TrainPass<'_, B> {
     /// The backward of a loss whose gradient wrt the velocity is `g_velocity` (on the grid, f32).
     pub fn backward(self, cx: &StepContext<B>, g_velocity: &Tensor<B>) -> Result<PassGrads<B>> {
         let b = cx.b;
-        ensure!(g_velocity.shape() == self.velocity.shape(), "backward: gradient {:?} for a velocity {:?}", g_velocity.shape(), self.velocity.shape());
+        ensure!(
+            g_velocity.shape() == self.velocity.shape(),
+            "backward: gradient {:?} for a velocity {:?}",
+            g_velocity.shape(),
+            self.velocity.shape()
+        );
         let (g_output, g_x_direct) = match cx.model.config.prediction {
             Prediction::Velocity => (None, None),
             // v = (x_t - x0) / d: g_x0 = -g / d, and x_t's direct share is g / d.

@@ -12,9 +12,9 @@
 //! previous complete checkpoint to resume from (a newer or missing `lora.safetensors` is rewritten
 //! by the next save). Leftover temporary files of an interrupted save are removed at the next start.
 
-use crate::backend::adamw::{AdamW, Moments};
 use super::config::TrainConfig;
 use super::params::TensorSet;
+use crate::backend::adamw::{AdamW, Moments};
 use anyhow::{ensure, Context, Result};
 use loaders::safetensors::Checkpoint as File;
 use loaders::HostTensor;

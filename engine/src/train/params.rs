@@ -354,4 +354,3 @@ pub fn write_lora(path: &Path, tensors: &TensorSet) -> Result<()> {
     loaders::safetensors::write(path, &list, &BTreeMap::new(), true)?;
     Ok(())
 }
-

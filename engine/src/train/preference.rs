@@ -12,6 +12,7 @@
 //! fields, and one backward of the policy, all on the device.
 
 use super::batch::{draw_noise, encode_samples, item_noise, step_seed, stream, Batch, Latent};
+use super::config::Negatives;
 use super::data::Sample;
 use super::stage::{MicroStep, StageStep, StepContext};
 use crate::backend::losses::{FlowTarget, PairResiduals};
@@ -20,7 +21,6 @@ use crate::backend::training::TrainingOps;
 use crate::model::Trainable;
 use crate::sampler::schedule;
 use crate::tensor::Tensor;
-use super::config::Negatives;
 use anyhow::{Context, Result};
 use loaders::HostTensor;
 
@@ -53,7 +53,9 @@ impl<B: TrainingOps + 'static> StageStep<B> for Preference {
         let mut metrics = Vec::new();
         let made: Tensor<B>;
         let loser_x0 = match self.losers {
-            Losers::Fixed { negatives: Negatives::Triples, .. } => batch.baseline.as_ref().context("--negatives triples: the samples have no baseline")?,
+            Losers::Fixed { negatives: Negatives::Triples, .. } => {
+                batch.baseline.as_ref().context("--negatives triples: the samples have no baseline")?
+            }
             Losers::Fixed { negatives: Negatives::Bicubic, .. } => &batch.cond_flow,
             Losers::Fixed { negatives: Negatives::Reference, steps } => {
                 made = reference_samples(cx, &batch, steps, step_seed(cx.run_seed, cx.draw, stream::NEGATIVES))?;

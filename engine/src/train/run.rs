@@ -169,7 +169,13 @@ fn prepare<B: TrainingOps + 'static>(b: &B, c: &TrainConfig, opts: &RunOptions, 
 }
 
 /// The trained tensors on the device, from the checkpoint of a resumed run or fresh.
-fn start<B: TrainingOps + 'static>(b: &B, c: &TrainConfig, model: &mut SrModel<B>, resumed: Option<Checkpoint>, path: &Path) -> Result<Start<B>> {
+fn start<B: TrainingOps + 'static>(
+    b: &B,
+    c: &TrainConfig,
+    model: &mut SrModel<B>,
+    resumed: Option<Checkpoint>,
+    path: &Path,
+) -> Result<Start<B>> {
     let fresh = AdamW::new(AdamWConfig {
         lr: c.lr,
         warmup_steps: c.warmup,
@@ -361,7 +367,12 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
 
 /// A micro-batch's loss, gradients and metrics added to the step's sums.
 fn accumulate<B: TrainingOps>(b: &B, mut total: MicroStep<B>, micro: MicroStep<B>) -> Result<MicroStep<B>> {
-    ensure!(total.grads.len() == micro.grads.len(), "micro-batches disagree on the gradients: {} and {}", total.grads.len(), micro.grads.len());
+    ensure!(
+        total.grads.len() == micro.grads.len(),
+        "micro-batches disagree on the gradients: {} and {}",
+        total.grads.len(),
+        micro.grads.len()
+    );
     total.loss += micro.loss;
     total.grads = total.grads.iter().zip(&micro.grads).map(|(sum, g)| b.axpby(&[1.0], sum, &[1.0], g)).collect::<Result<Vec<_>>>()?;
     ensure!(total.metrics.len() == micro.metrics.len(), "micro-batches disagree on the logged values");

@@ -90,6 +90,8 @@ pub(crate) mod tests {
             average: 1,
             guidance: 3.5,
             text_tokens: 1,
+            base: None,
+            adapters: Vec::new(),
         };
         config.validate().unwrap();
         let mut w = WeightLoader::random(&B, seed);
@@ -147,12 +149,19 @@ pub(crate) mod tests {
 
     impl Fixture {
         pub(crate) fn new() -> Self {
-            Fixture { conditionings: Conditionings::default(), untrained: Untrained(crate::train::params::Masters { names: vec![], tensors: vec![] }) }
+            Fixture {
+                conditionings: Conditionings::default(),
+                untrained: Untrained(crate::train::params::Masters { names: vec![], tensors: vec![] }),
+            }
         }
 
         /// A step context over `model` that trains `trained` (nothing when None), at draw 0 of
         /// seed 9, of one process drawing micro-batches of two samples.
-        pub(crate) fn context<'a>(&'a self, model: &'a SrModel<CpuBackend>, trained: Option<&'a dyn Trained<CpuBackend>>) -> StepContext<'a, CpuBackend> {
+        pub(crate) fn context<'a>(
+            &'a self,
+            model: &'a SrModel<CpuBackend>,
+            trained: Option<&'a dyn Trained<CpuBackend>>,
+        ) -> StepContext<'a, CpuBackend> {
             let trained = trained.unwrap_or(&self.untrained);
             let (run_seed, draw, share, times) = (9, 0, Share::whole(2), LogitNormal::default());
             StepContext { b: &B, model, conditionings: &self.conditionings, trained, adversary: None, run_seed, draw, share, times }
@@ -173,19 +182,22 @@ pub(crate) mod tests {
         let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, Share::whole(2), 9, 0).unwrap();
         let eps_host = B.download(&eps).unwrap();
         let per_item = x0.len() / 2;
-        let x_t: Vec<f32> = (0..x0.len()).map(|i| (1.0 - t[i / per_item]) * x0.to_f32()[i] + t[i / per_item] * eps_host.to_f32()[i]).collect();
+        let x_t: Vec<f32> =
+            (0..x0.len()).map(|i| (1.0 - t[i / per_item]) * x0.to_f32()[i] + t[i / per_item] * eps_host.to_f32()[i]).collect();
         let x_t_tokens = pack(&HostTensor::from_f32(x0.shape.clone(), x_t)).unwrap().to_f32();
         let input: Vec<f32> = x_t_tokens.chunks(48).zip(cond.chunks(48)).flat_map(|(x, c)| x.iter().chain(c).copied()).collect();
         let img = B.input(&HostTensor::from_f32(vec![2, 64, 96], input)).unwrap();
         let c = Conditionings::default().get(&B, &model, 2, batch.latent.token_grid()).unwrap();
-        let v = model.flux.forward(&B, &img, &scalars(&B, &HostTensor::from_f32(vec![2], t.clone())).unwrap(), &c, Trainable::Nothing).unwrap();
+        let v =
+            model.flux.forward(&B, &img, &scalars(&B, &HostTensor::from_f32(vec![2], t.clone())).unwrap(), &c, Trainable::Nothing).unwrap();
         let v = unpack(&B.download(&v).unwrap(), 16, 16).unwrap().to_f32();
         let u: Vec<f32> = eps_host.to_f32().iter().zip(x0.to_f32()).map(|(e, x)| e - x).collect();
         let mse = v.iter().zip(&u).map(|(&v, &u)| ((v - u) as f64).powi(2)).sum::<f64>() / v.len() as f64;
 
         let set = LoraParams::init(&model.flux, 4, 1).unwrap();
         let mut params = LoraParams::new(&B, &mut model.flux, &set).unwrap();
-        let mut optimizer = Optimizer::new(&B, params.masters(), &AdamW::new(AdamWConfig { lr: 1e-2, warmup_steps: 0, ..AdamWConfig::default() })).unwrap();
+        let mut optimizer =
+            Optimizer::new(&B, params.masters(), &AdamW::new(AdamWConfig { lr: 1e-2, warmup_steps: 0, ..AdamWConfig::default() })).unwrap();
         let fixture = Fixture::new();
         let mut losses = Vec::new();
         for step in 0..40 {

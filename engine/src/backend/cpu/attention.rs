@@ -7,11 +7,23 @@ use rayon::prelude::*;
 
 const QUERY_BLOCK: usize = 64;
 
-/// q `[B, H, Lq, D]`, k and v `[B, H, Lk, D]` -> `[B, Lq, H * D]`.
+/// q `[B, H, Lq, D]`, k and v `[B, H, Lk, D]` -> `[B, Lq, H * D]`: scores scaled by
+/// `1/sqrt(D)`, or, when `biased` gives (bias `[H, Lq, Lk]` shared by the batch, scale), by that
+/// scale with the bias added.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, heads: usize, lq: usize, lk: usize, d: usize) -> Vec<f32> {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    biased: Option<(&[f32], f32)>,
+    batch: usize,
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+) -> Vec<f32> {
     let blocks = lq.div_ceil(QUERY_BLOCK);
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = biased.map_or(1.0 / (d as f32).sqrt(), |(_, s)| s);
     let results: Vec<(usize, usize, usize, Vec<f32>)> = (0..batch * heads * blocks)
         .into_par_iter()
         .map(|task| {
@@ -23,11 +35,16 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, heads: usize, lq
             let vh = &v[bh * lk * d..(bh + 1) * lk * d];
             let mut scores = vec![0f32; rows * lk];
             matmul(&mut scores, qb, kh, rows, lk, d, Rhs::Transposed, false, false);
-            for row in scores.chunks_mut(lk) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+            for (i, row) in scores.chunks_mut(lk).enumerate() {
+                row.iter_mut().for_each(|s| *s *= scale);
+                if let Some((bias, _)) = biased {
+                    let at = ((bh % heads) * lq + r0 + i) * lk;
+                    row.iter_mut().zip(&bias[at..at + lk]).for_each(|(s, b)| *s += b);
+                }
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let mut sum = 0f64;
                 for s in row.iter_mut() {
-                    *s = (*s * scale - max).exp();
+                    *s = (*s - max).exp();
                     sum += *s as f64;
                 }
                 let inv = (1.0 / sum) as f32;
@@ -52,9 +69,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], batch: usize, heads: usize, lq
 mod tests {
     use super::*;
 
-    /// Textbook attention in f64 with the full score matrix.
+    /// Textbook attention in f64 with the full score matrix, plus `bias` [H, Lq, Lk].
     #[allow(clippy::too_many_arguments)]
-    fn naive(q: &[f32], k: &[f32], v: &[f32], b: usize, h: usize, lq: usize, lk: usize, d: usize) -> Vec<f64> {
+    fn naive(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], b: usize, h: usize, lq: usize, lk: usize, d: usize) -> Vec<f64> {
         let mut out = vec![0f64; b * lq * h * d];
         for bi in 0..b {
             for hi in 0..h {
@@ -64,6 +81,7 @@ mod tests {
                     let s: Vec<f64> = (0..lk)
                         .map(|j| {
                             (0..d).map(|t| q[base_q + i * d + t] as f64 * k[base_k + j * d + t] as f64).sum::<f64>() / (d as f64).sqrt()
+                                + bias[(hi * lq + i) * lk + j] as f64
                         })
                         .collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -79,7 +97,7 @@ mod tests {
     }
 
     #[test]
-    fn matches_naive_attention_across_block_tails() {
+    fn matches_naive_attention_with_and_without_bias_across_block_tails() {
         let (b, h, d) = (2, 3, 16);
         for &(lq, lk) in &[(1, 1), (5, 9), (64, 64), (130, 70)] {
             let gen = |n: usize, seed: usize| -> Vec<f32> {
@@ -88,10 +106,17 @@ mod tests {
             let q = gen(b * h * lq * d, 1);
             let k = gen(b * h * lk * d, 2);
             let v = gen(b * h * lk * d, 3);
-            let got = attention(&q, &k, &v, b, h, lq, lk, d);
-            let want = naive(&q, &k, &v, b, h, lq, lk, d);
+            let got = attention(&q, &k, &v, None, b, h, lq, lk, d);
+            let want = naive(&q, &k, &v, &vec![0.0; h * lq * lk], b, h, lq, lk, d);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()), "lq {lq} lk {lk} at {i}: {g} vs {w}");
+            }
+            // A bias per head and position, with a causal -inf mask where the keys reach that far.
+            let bias: Vec<f32> = (0..h * lq * lk).map(|n| if n % lk > n / lk % lq { f32::NEG_INFINITY } else { gen(1, n)[0] }).collect();
+            let got = attention(&q, &k, &v, Some((&bias, 1.0 / (d as f32).sqrt())), b, h, lq, lk, d);
+            let want = naive(&q, &k, &v, &bias, b, h, lq, lk, d);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()), "biased, lq {lq} lk {lk} at {i}: {g} vs {w}");
             }
         }
     }

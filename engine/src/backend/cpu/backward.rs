@@ -8,9 +8,9 @@
 use super::matmul::{matmul, Rhs};
 use super::{act, dtype_of, f32_tensor, layout, per_sample_dims, spatial, timed, widen, CpuBackend, T};
 use crate::backend::backward::{BackwardOps, LoraAddGrads};
-use crate::backend::shapes::QkBackwardDims;
 use crate::backend::expect_shape;
 use crate::backend::profile::OpClass;
+use crate::backend::shapes::QkBackwardDims;
 use anyhow::{bail, ensure, Result};
 use loaders::HostData;
 use rayon::prelude::*;

@@ -1,4 +1,4 @@
-//! Pointwise ops: activations, sums and the gated residual.
+//! Pointwise ops: activations, sums, products and the gated residual.
 
 use rayon::prelude::*;
 
@@ -27,6 +27,10 @@ pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+pub fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x * y).collect()
 }
 
 /// `x + gate[b] * y` for x, y `[B, L, D]`, gate `[B, D]`.

@@ -16,9 +16,9 @@ pub mod rope;
 pub mod spatial;
 mod training;
 
+use super::profile::OpClass;
 use super::profile::{OpProfiler, OpTimes, TransferMeter, WallClock};
 use super::{expect_shape, shapes, Backend};
-use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
@@ -219,8 +219,29 @@ impl Backend for CpuBackend {
         timed(OpClass::Attention, || {
             let dims = shapes::AttentionDims::new(q.shape(), k.shape(), v.shape())?;
             let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
-            let out = attention::attention(act("attention", q)?, act("attention", k)?, act("attention", v)?, b, h, lq, lk, d);
+            let out = attention::attention(act("attention", q)?, act("attention", k)?, act("attention", v)?, None, b, h, lq, lk, d);
             Ok(f32_tensor(out, vec![b, lq, h * d]))
+        })
+    }
+
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> Result<T> {
+        timed(OpClass::Attention, || {
+            let dims = shapes::AttentionDims::with_bias(q.shape(), k.shape(), v.shape(), bias.shape())?;
+            let (b, h, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+            const OP: &str = "attention_bias";
+            let out = attention::attention(act(OP, q)?, act(OP, k)?, act(OP, v)?, Some((&widen(bias), scale)), b, h, lq, lk, d);
+            Ok(f32_tensor(out, vec![b, lq, h * d]))
+        })
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            ensure!(x.rank() >= 1, "rms_norm: x has shape {:?}, expected [.., dim]", x.shape());
+            let d = x.dim(-1);
+            expect_shape("weight", "rms_norm", weight.shape(), &[d])?;
+            let mut out = vec![0f32; x.elem_count()];
+            norm::rms_norm(&mut out, act("rms_norm", x)?, &widen(weight), d, eps);
+            Ok(f32_tensor(out, x.shape().to_vec()))
         })
     }
 
@@ -246,6 +267,13 @@ impl Backend for CpuBackend {
         timed(OpClass::Elementwise, || {
             expect_shape("b", "add", b.shape(), a.shape())?;
             Ok(f32_tensor(elementwise::add(act("add", a)?, act("add", b)?), a.shape().to_vec()))
+        })
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        timed(OpClass::Elementwise, || {
+            expect_shape("b", "mul", b.shape(), a.shape())?;
+            Ok(f32_tensor(elementwise::mul(act("mul", a)?, act("mul", b)?), a.shape().to_vec()))
         })
     }
 

@@ -1,5 +1,5 @@
-//! Normalisations: LayerNorm (no affine) fused with adaLN modulation, and the per-head RMSNorm
-//! used on queries and keys. Statistics accumulate in f64 so that the reference is not the
+//! Normalisations: LayerNorm (no affine) fused with adaLN modulation, and RMSNorm (per head on
+//! queries and keys, per token in T5). Statistics accumulate in f64 so that the reference is not the
 //! limiting factor when other backends are compared with it.
 
 use rayon::prelude::*;
@@ -16,6 +16,14 @@ pub fn layer_norm_modulate(out: &mut [f32], x: &[f32], shift: &[f32], scale: &[f
             let n = ((xr[i] as f64 - mean) * inv) as f32;
             o[i] = (1.0 + sc[i]) * n + sh[i];
         }
+    });
+}
+
+/// `out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight` for rows of `dim`.
+pub fn rms_norm(out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
+        o.copy_from_slice(xr);
+        rms_norm_in_place(o, weight, eps);
     });
 }
 

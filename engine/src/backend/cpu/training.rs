@@ -77,7 +77,11 @@ impl TrainingOps for CpuBackend {
             let (xv, yv) = (act(OP, x)?, act(OP, y)?);
             let per_item = xv.len() / x.dim(0);
             scalars_down(x.dim(0));
-            Ok(xv.chunks(per_item.max(1)).zip(yv.chunks(per_item.max(1))).map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()).collect())
+            Ok(xv
+                .chunks(per_item.max(1))
+                .zip(yv.chunks(per_item.max(1)))
+                .map(|(a, b)| a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum())
+                .collect())
         })
     }
 
@@ -181,7 +185,11 @@ impl TrainingOps for CpuBackend {
             let m = losses::amg_mimic_loss(act(OP, adversary)?, act(OP, eps)?, act(OP, baseline_x0)?, host_hardness)?;
             scalars_down(2);
             let hardness_grad = m.hardness.map(|h| LossGrad { loss: h.loss, grad: like(h.grad, adversary) });
-            Ok(MimicLoss { total: m.total, mimic: LossGrad { loss: m.mimic.loss, grad: like(m.mimic.grad, adversary) }, hardness: hardness_grad })
+            Ok(MimicLoss {
+                total: m.total,
+                mimic: LossGrad { loss: m.mimic.loss, grad: like(m.mimic.grad, adversary) },
+                hardness: hardness_grad,
+            })
         })
     }
 

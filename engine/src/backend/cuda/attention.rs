@@ -131,6 +131,44 @@ pub(super) fn forward_using(b: &CudaBackend, q: &T, k: &T, v: &T, kernel: FlashK
     Ok(run(b, q, k, v, Route::Flash(kernel), false)?.0)
 }
 
+/// Threads of `attention_bias_bf16`'s CTAs (`AB_THREADS` in attention.cu).
+const AB_THREADS: u32 = 128;
+
+/// Shared memory `attention_bias_bf16` may take for its query row and score row: the portable
+/// 48 KiB, so that no opt-in is needed (Lk + D up to 12,288: T5's 512 and CLIP's 77 tokens).
+const AB_MAX_SHARED: usize = 48 << 10;
+
+/// `softmax(scale q k^T + bias) v` with bias `[H, Lq, Lk]` (f32): the text encoders' attention,
+/// through the plain one-row-per-CTA kernel (attention.cu part 5).
+pub(super) fn forward_bias(b: &CudaBackend, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> Result<T> {
+    const OP: &str = "attention_bias";
+    let dims = AttentionDims::with_bias(q.shape(), k.shape(), v.shape(), bias.shape())?;
+    let (batch, heads, lq, lk, d) = (dims.batch, dims.heads, dims.lq, dims.lk, dims.head_dim);
+    let (qs, ks, vs) = (bf16_of(OP, "q", q)?, bf16_of(OP, "k", k)?, bf16_of(OP, "v", v)?);
+    let bs = f32_of(OP, "bias", bias)?;
+    let mut out = b.alloc_bf16(batch * lq * heads * d)?;
+    if batch * heads * lq * d == 0 {
+        return Ok(bf16_tensor(out, vec![batch, lq, heads * d]));
+    }
+    ensure!(lk > 0, "{OP}: no keys to attend to");
+    let smem = (lk + d) * 4;
+    ensure!(smem <= AB_MAX_SHARED, "{OP}: {lk} keys of head dim {d} exceed the kernel's {AB_MAX_SHARED} bytes of shared memory");
+    for n in [q.elem_count(), k.elem_count(), bias.elem_count()] {
+        i32_arg(OP, n)?;
+    }
+    ensure!(heads <= 65_535 && batch <= 65_535, "{OP}: {heads} heads or batch {batch} exceed one launch's grid");
+    let (h32, lq32, lk32, d32) = (i32_arg(OP, heads)?, i32_arg(OP, lq)?, i32_arg(OP, lk)?, i32_arg(OP, d)?);
+    let f = b.function("attention", "attention_bias_bf16")?;
+    let cfg =
+        LaunchConfig { grid_dim: (lq32 as u32, h32 as u32, batch as u32), block_dim: (AB_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut l = b.stream().launch_builder(&f);
+    l.arg(qs).arg(ks).arg(vs).arg(bs).arg(&mut out).arg(&h32).arg(&lq32).arg(&lk32).arg(&d32).arg(&scale);
+    // SAFETY: q is [B, H, Lq, D], k and v [B, H, Lk, D], bias [H, Lq, Lk], out [B, Lq, H, D]
+    // (shapes checked above); each CTA writes the D outputs of its (row, head, batch) once.
+    unsafe { l.launch(cfg) }?;
+    Ok(bf16_tensor(out, vec![batch, lq, heads * d]))
+}
+
 fn aligned16(b: &CudaBackend, s: &CudaSlice<bf16>) -> bool {
     let (ptr, _sync) = s.device_ptr(b.stream());
     ptr % 16 == 0

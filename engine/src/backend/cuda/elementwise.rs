@@ -48,14 +48,25 @@ fn map(b: &CudaBackend, name: &'static str, kernel: &'static str, x: &T) -> Resu
     Ok(bf16_tensor(y, x.shape().to_vec()))
 }
 
-pub(super) fn add(b: &CudaBackend, x: &T, y: &T) -> Result<T> {
-    expect_shape("b", "add", y.shape(), x.shape())?;
-    let (xs, ys) = (bf16_of("add", "a", x)?, bf16_of("add", "b", y)?);
+#[derive(Clone, Copy)]
+pub(super) enum Binary {
+    Add,
+    Mul,
+}
+
+/// `a + b` or `a * b` elementwise over two tensors of one shape.
+pub(super) fn binary(b: &CudaBackend, op: Binary, x: &T, y: &T) -> Result<T> {
+    let (name, kernel) = match op {
+        Binary::Add => ("add", "add_bf16"),
+        Binary::Mul => ("mul", "mul_bf16"),
+    };
+    expect_shape("b", name, y.shape(), x.shape())?;
+    let (xs, ys) = (bf16_of(name, "a", x)?, bf16_of(name, "b", y)?);
     let n = x.elem_count();
     let mut out = b.alloc_bf16(n)?;
     let (cfg, vec8) = vectorised(n);
-    let f = b.function("elementwise", "add_bf16")?;
-    let n32 = i32_arg("add", n)?;
+    let f = b.function("elementwise", kernel)?;
+    let n32 = i32_arg(name, n)?;
     let mut l = b.stream().launch_builder(&f);
     l.arg(xs).arg(ys).arg(&mut out).arg(&n32).arg(&vec8);
     // SAFETY: all three buffers hold n elements.

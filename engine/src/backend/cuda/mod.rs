@@ -32,9 +32,9 @@ pub mod sobolev;
 use attention_hopper::AttentionKernel;
 mod training;
 
+use super::profile::OpClass;
 use super::profile::{Clock, OpProfiler, OpTimes, TransferMeter};
 use super::{expect_shape, shapes, Backend, MemoryPeak};
-use super::profile::OpClass;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublaslt::CudaBlasLT;
@@ -518,6 +518,14 @@ impl Backend for CudaBackend {
         self.timed(OpClass::Attention, || attention::forward_with_lse(self, q, k, v))
     }
 
+    fn attention_bias(&self, q: &T, k: &T, v: &T, bias: &T, scale: f32) -> Result<T> {
+        self.timed(OpClass::Attention, || attention::forward_bias(self, q, k, v, bias, scale))
+    }
+
+    fn rms_norm(&self, x: &T, weight: &T, eps: f32) -> Result<T> {
+        self.timed(OpClass::Elementwise, || norm::rms_norm(self, x, weight, eps))
+    }
+
     fn gelu_tanh(&self, x: &T) -> Result<T> {
         self.timed(OpClass::Elementwise, || elementwise::unary(self, elementwise::Unary::GeluTanh, x))
     }
@@ -527,7 +535,11 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, a: &T, b: &T) -> Result<T> {
-        self.timed(OpClass::Elementwise, || elementwise::add(self, a, b))
+        self.timed(OpClass::Elementwise, || elementwise::binary(self, elementwise::Binary::Add, a, b))
+    }
+
+    fn mul(&self, a: &T, b: &T) -> Result<T> {
+        self.timed(OpClass::Elementwise, || elementwise::binary(self, elementwise::Binary::Mul, a, b))
     }
 
     fn gated_residual(&self, x: &T, gate: &T, y: &T) -> Result<T> {

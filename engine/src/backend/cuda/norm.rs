@@ -1,4 +1,4 @@
-//! Launches for `cuda/norm.cu`: the modulated LayerNorm and GroupNorm. Shapes are checked as
+//! Launches for `cuda/norm.cu`: the modulated LayerNorm, RMSNorm and GroupNorm. Shapes are checked as
 //! strictly as the CPU backend checks them, with the same messages.
 
 use super::elementwise::token_sum_config;
@@ -58,6 +58,33 @@ pub(super) fn layer_norm_modulate(b: &CudaBackend, x: &T, shift: &T, scale: &T, 
     l.arg(xs).arg(shs).arg(scs).arg(&mut out).arg(&r32).arg(&t32).arg(&d32).arg(&eps);
     // SAFETY: x and out hold rows * dim elements, shift and scale batch * dim; every buffer is a
     // whole allocation (256-byte aligned), so with dim % 8 == 0 each row starts 16-byte aligned.
+    unsafe { l.launch(cfg) }?;
+    Ok(bf16_tensor(out, x.shape().to_vec()))
+}
+
+pub(super) fn rms_norm(b: &CudaBackend, x: &T, weight: &T, eps: f32) -> Result<T> {
+    let op = "rms_norm";
+    ensure!(x.rank() >= 1, "{op}: x has shape {:?}, expected [.., dim]", x.shape());
+    let dim = x.dim(-1);
+    expect_shape("weight", op, weight.shape(), &[dim])?;
+    let (xs, ws) = (bf16_of(op, "x", x)?, bf16_of(op, "weight", weight)?);
+    let rows = x.elem_count().checked_div(dim).unwrap_or(0);
+    let mut out = b.alloc_bf16(x.elem_count())?;
+    if rows == 0 {
+        return Ok(bf16_tensor(out, x.shape().to_vec()));
+    }
+    // The kernel indexes rows (plus the last block's spare warps) and columns in 32 bits.
+    i32_arg(op, rows + LN_ROWS_PER_BLOCK)?;
+    let (r32, d32) = (i32_arg(op, rows)?, i32_arg(op, dim)?);
+    let f = b.function("norm", "rms_norm_bf16")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(LN_ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: (32 * LN_ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = b.stream().launch_builder(&f);
+    l.arg(xs).arg(ws).arg(&mut out).arg(&r32).arg(&d32).arg(&eps);
+    // SAFETY: x and out hold rows * dim elements, weight dim; one warp writes each row once.
     unsafe { l.launch(cfg) }?;
     Ok(bf16_tensor(out, x.shape().to_vec()))
 }

@@ -14,9 +14,9 @@ use super::optim::AdamWSlices;
 use super::sobolev::{operator_key, CudaSobolev, SOBOLEV_MAX_SIDE};
 use super::{f32_of, fields, CudaBackend, CudaStorage, T};
 use crate::backend::adamw::AdamWConfig;
-use crate::backend::losses::{PairEnergies, PairResiduals, SdpoObjective, SdpoStep};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::expect_shape;
+use crate::backend::losses::{PairEnergies, PairResiduals, SdpoObjective, SdpoStep};
 use crate::backend::profile::OpClass;
 use crate::backend::sobolev::{Filter, Sobolev};
 use crate::backend::training::{AdamWTensor, TrainingOps};
@@ -61,7 +61,8 @@ impl CudaBackend {
         let on_cpu = |t: &T| -> Result<Tensor<CpuBackend>> { cpu.upload(&self.download(t)?.cast(DType::F32)) };
         let [pw, rw, pl, rl] = [r.policy_winner, r.reference_winner, r.policy_loser, r.reference_loser].map(on_cpu);
         let (pw, rw, pl, rl) = (pw?, rw?, pl?, rl?);
-        let step = cpu.sdpo_step(op, &PairResiduals { policy_winner: &pw, reference_winner: &rw, policy_loser: &pl, reference_loser: &rl }, beta)?;
+        let step =
+            cpu.sdpo_step(op, &PairResiduals { policy_winner: &pw, reference_winner: &rw, policy_loser: &pl, reference_loser: &rl }, beta)?;
         let up = |t: &Tensor<CpuBackend>| -> Result<T> { self.upload(&cpu.download(t)?) };
         Ok(SdpoStep {
             policy_winner_grad: up(&step.policy_winner_grad)?,
@@ -141,7 +142,9 @@ impl TrainingOps for CudaBackend {
         self.timed(OpClass::Training, || {
             const OP: &str = "sdpo_step";
             let r = residuals;
-            for (name, t) in [("reference_winner", r.reference_winner), ("policy_loser", r.policy_loser), ("reference_loser", r.reference_loser)] {
+            for (name, t) in
+                [("reference_winner", r.reference_winner), ("policy_loser", r.policy_loser), ("reference_loser", r.reference_loser)]
+            {
                 expect_shape(name, OP, t.shape(), r.policy_winner.shape())?;
             }
             let fields = [
@@ -178,13 +181,7 @@ impl TrainingOps for CudaBackend {
             let mut slices = Vec::with_capacity(tensors.len());
             for t in tensors.iter_mut() {
                 let grad = f32_of(OP, t.name, t.grad)?;
-                slices.push(AdamWSlices {
-                    name: t.name,
-                    param: f32_mut(OP, t.param)?,
-                    m: f32_mut(OP, t.m)?,
-                    v: f32_mut(OP, t.v)?,
-                    grad,
-                });
+                slices.push(AdamWSlices { name: t.name, param: f32_mut(OP, t.param)?, m: f32_mut(OP, t.m)?, v: f32_mut(OP, t.v)?, grad });
             }
             let stats = self.adamw_kernels(&mut slices, config, k, lr)?;
             self.grad_norm(&stats)
