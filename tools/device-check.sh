@@ -2,7 +2,8 @@
 # Run on a GPU machine (H100/H200: nvcc and PyTorch present, no Rust, no network) from the
 # repository root, with bundle/ made beforehand by tools/device-bundle.sh. Prints the machine's
 # facts, runs the ignored GPU tests and `engine selftest`, then the kernel and model benchmarks
-# when the binary has them, then the PyTorch + diffusers baseline on the same shapes
+# when the binary has them, a one-rank training run through NCCL against the plain one
+# (tools/nccl-one-rank.sh), then the PyTorch + diffusers baseline on the same shapes
 # (tools/peer-bench, when bundle/ has its wheels; PEER_COMPILE=1 adds its torch.compile variant);
 # logs go to $OUT (default ./device-out); a short table comes last. Every step has its own time
 # limit so the whole run ends within 16 minutes (21 with PEER_COMPILE=1); most finish far sooner.
@@ -102,6 +103,10 @@ if "$BIN/engine" --help | grep -q '^  bench'; then
     step bench-512 45 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 10
     step bench-b4 60 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --batch 4 --steps 4
     step bench-train 90 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 3 --train
+fi
+# Data-parallel training's NCCL path on this one GPU: the adapter equals the plain run's.
+if "$BIN/engine" train --help | grep -q 'peer-timeout'; then
+    step nccl-one-rank 120 bash tools/nccl-one-rank.sh "$BIN/engine" "$(mktemp -d)/nccl"
 fi
 # engine train itself on the GPU: its losses against the CPU's, and resume determinism.
 if "$BIN/engine" train --help | grep -q 'bytes_to_device'; then

@@ -12,6 +12,7 @@ pub mod sr;
 pub mod tensor;
 pub mod text;
 pub mod train;
+pub mod world;
 
 pub use backend::cpu::CpuBackend;
 pub use backend::Backend;

@@ -10,9 +10,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the context chain on one line: "outer: inner: root cause".
-            let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("error: {msg}");
+            cli::print_error("", &e);
             ExitCode::FAILURE
         }
     }

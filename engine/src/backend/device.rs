@@ -3,7 +3,8 @@
 //! model or command code ever asks which one it runs on.
 
 use super::cpu::CpuBackend;
-use super::cuda::CudaBackend;
+use super::cuda::{gpu_count, CudaBackend};
+use crate::world::{gpu_of, World};
 use anyhow::{Context, Result};
 
 /// Where to run.
@@ -25,10 +26,26 @@ pub enum Opened {
 
 impl Device {
     pub fn open(self) -> Result<Opened> {
+        self.open_gpu(0)
+    }
+
+    /// `open` for a rank of `world`: a GPU takes the GPU of the rank's place on its node.
+    pub fn open_for_rank(self, world: &dyn World) -> Result<Opened> {
+        if self == Device::Cpu || world.size() == 1 {
+            return self.open();
+        }
+        let gpus = gpu_count();
+        if gpus > 0 && world.local_size() > gpus && world.local_rank() == 0 {
+            eprintln!("warning: {} ranks on this node share its {gpus} GPU(s)", world.local_size());
+        }
+        self.open_gpu(gpu_of(world.local_rank(), gpus))
+    }
+
+    fn open_gpu(self, ordinal: usize) -> Result<Opened> {
         match self {
             Device::Cpu => Ok(Opened::Cpu(CpuBackend::new())),
-            Device::Cuda => Ok(Opened::Cuda(Box::new(CudaBackend::new(0).context("--device cuda")?))),
-            Device::Auto => Ok(match CudaBackend::new(0) {
+            Device::Cuda => Ok(Opened::Cuda(Box::new(CudaBackend::new(ordinal).context("--device cuda")?))),
+            Device::Auto => Ok(match CudaBackend::new(ordinal) {
                 Ok(b) => Opened::Cuda(Box::new(b)),
                 Err(e) => {
                     // Without a driver the CPU is expected; with one, a GPU that cannot be used
@@ -48,7 +65,15 @@ impl Device {
 #[macro_export]
 macro_rules! on_backend {
     ($device:expr, $b:ident => $body:expr) => {
-        match $crate::backend::device::Device::open($device)? {
+        $crate::on_opened!($crate::backend::device::Device::open($device)?, $b => $body)
+    };
+}
+
+/// `on_opened!(opened, b => expr)`: `on_backend!` for a backend already opened.
+#[macro_export]
+macro_rules! on_opened {
+    ($opened:expr, $b:ident => $body:expr) => {
+        match $opened {
             $crate::backend::device::Opened::Cpu(backend) => {
                 let $b = &backend;
                 $body

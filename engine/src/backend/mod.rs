@@ -10,6 +10,7 @@
 
 pub mod adamw;
 pub mod backward;
+pub mod collective;
 pub mod cpu;
 pub mod cuda;
 pub mod device;

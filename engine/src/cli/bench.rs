@@ -1,12 +1,15 @@
 //! `engine bench`: the transformer's sampling steps (or LoRA training steps) timed at a given
 //! shape, with model FLOPs (the meta backend's count, design.md section 11), TFLOP/s, MFU, peak
-//! memory and the time per op class.
+//! memory and the time per op class. Under `mpirun` (a build with the `mpi` feature) every rank
+//! times training steps on its own GPU with the gradients averaged over the ranks: rank 0 reports
+//! the all-reduce's time and the scaling efficiency.
 
 use super::human_bytes;
 use anyhow::{ensure, Result};
 use clap::ValueEnum;
 use engine::ae::{AutoEncoderParams, Autoencoder, FluxAe};
 use engine::backend::adamw::{AdamW, AdamWConfig};
+use engine::backend::collective::{Collective, DataParallel};
 use engine::backend::device::Device;
 use engine::backend::profile::OpClass;
 use engine::backend::profile::OpTimes;
@@ -22,6 +25,7 @@ use engine::perf::plan::{MemoryPlan, HOPPER_CUBLASLT_WORKSPACE};
 use engine::perf::{trace_flux_ae, trace_flux_step, training_memory_estimate, AeDirection, StepShape};
 use engine::train::optimizer::Optimizer;
 use engine::train::params::{LoraParams, Trained};
+use engine::world::{self, agree, World};
 use engine::Tensor;
 use loaders::{DType, HostTensor};
 use std::collections::BTreeMap;
@@ -34,7 +38,10 @@ use std::time::Instant;
 /// and the FLOPs and time per op class (from one more step with every op timed). The autoencoder
 /// is not included. With --train, LoRA training steps as `engine train` runs them: forward keeping
 /// activations, backward, AdamW on the device-resident masters and moments, the adapters
-/// refreshed; the bytes that cross between host and device per step are reported.
+/// refreshed; the bytes that cross between host and device per step are reported. Under mpirun
+/// (a build with --features mpi), each rank times --train steps on the GPU of its rank on its
+/// node, the gradients averaged over the ranks (NCCL) before AdamW; rank 0 reports the
+/// all-reduce's time per step and the scaling efficiency.
 #[derive(clap::Args)]
 pub struct Args {
     /// Model shape: flux-dev, flux-small or flux-tiny.
@@ -91,21 +98,35 @@ pub fn run(a: Args) -> Result<()> {
     ensure!(a.batch >= 1, "--batch must be at least 1");
     ensure!(a.rank >= 1, "--rank must be at least 1");
     ensure!(a.random_weights, "pass --random-weights: only random weights of the shape's real sizes are benchmarked for now");
-    engine::on_backend!(a.device, b => bench(b, &a))
+    let world = world::open(world::DEFAULT_TIMEOUT)?;
+    ensure!(a.train || world.size() == 1, "{} ranks: only training steps (--train) are timed over several ranks", world.size());
+    let opened = agree(world.as_ref(), a.device.open_for_rank(world.as_ref()))?;
+    engine::on_opened!(opened, b => bench(b, &a, world.as_ref()))
 }
 
 /// What one timed step runs: a sampling step, or a LoRA training step.
-enum Work<B: TrainingOps> {
+enum Work<'w, B: TrainingOps> {
     Sample,
-    Train(Box<Training<B>>),
+    Train(Box<Training<'w, B>>),
 }
 
 /// A LoRA training step's state.
-struct Training<B: TrainingOps> {
+struct Training<'w, B: TrainingOps> {
     trained: LoraParams<B>,
     optimizer: Optimizer<B>,
     g_out: Tensor<B>,
     checkpointing: Checkpointing,
+    /// How the ranks average the gradients (nothing for one rank).
+    collective: Box<dyn Collective<B> + 'w>,
+}
+
+/// Where a step's time went besides the model's passes, measured after syncs.
+#[derive(Clone, Copy, Default)]
+struct StepParts {
+    /// AdamW and the adapters' refresh.
+    optimizer_s: f64,
+    /// The gradients' average over the ranks.
+    allreduce_s: f64,
 }
 
 /// The model and its inputs at the benchmark's shape.
@@ -117,35 +138,38 @@ struct Setup<B: TrainingOps> {
 }
 
 impl<B: TrainingOps> Setup<B> {
-    /// One step at time `t`; for training, returns the seconds spent in the optimiser (AdamW
-    /// and the adapters' refresh), measured after a sync.
-    fn step(&mut self, b: &B, work: &mut Work<B>, t: f32) -> Result<f64> {
+    /// One step at time `t`; for training, where its time went besides the passes.
+    fn step(&mut self, b: &B, work: &mut Work<B>, t: f32) -> Result<StepParts> {
         let timesteps = scalars(b, &HostTensor::from_f32(vec![self.batch], vec![t; self.batch]))?;
         match work {
             Work::Sample => {
                 drop(self.model.forward(b, &self.img, &timesteps, &self.c, Trainable::Nothing)?);
-                Ok(0.0)
+                Ok(StepParts::default())
             }
             Work::Train(training) => {
-                let Training { trained, optimizer, g_out, checkpointing } = training.as_mut();
+                let Training { trained, optimizer, g_out, checkpointing, collective } = training.as_mut();
                 let tr = trained.trainable();
                 let (out, acts) = self.model.forward_train(b, &self.img, &timesteps, &self.c, tr, *checkpointing)?;
                 drop(out);
                 let grads = self.model.backward(b, &self.img, &self.c, tr, acts, g_out)?;
+                let mut g = trained.gradients(grads)?;
                 b.synchronize()?;
                 let t = Instant::now();
-                let g = trained.gradients(grads)?;
+                collective.average(b, &mut g)?;
+                b.synchronize()?;
+                let allreduce_s = t.elapsed().as_secs_f64();
+                let t = Instant::now();
                 optimizer.step(b, trained.masters_mut(), &g)?;
                 drop(g);
                 trained.refresh(b, &mut self.model)?;
                 b.synchronize()?;
-                Ok(t.elapsed().as_secs_f64())
+                Ok(StepParts { optimizer_s: t.elapsed().as_secs_f64(), allreduce_s })
             }
         }
     }
 }
 
-fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
+fn bench<B: DataParallel>(b: &B, a: &Args, world: &dyn World) -> Result<()> {
     let params = FluxParams::preset(&a.shape)?;
     let side = a.res / 16;
     let shape = StepShape { batch: a.batch, img_tokens: side * side, txt_tokens: a.txt_tokens };
@@ -183,7 +207,8 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
             let n = a.batch * side * side * params.in_channels;
             let g_out = b.input(&HostTensor::from_f32(vec![a.batch, side * side, params.in_channels], vec![1.0 / n as f32; n]))?;
             let optimizer = Optimizer::new(b, trained.masters(), &AdamW::new(AdamWConfig::default()))?;
-            Work::Train(Box::new(Training { trained, optimizer, g_out, checkpointing: a.checkpointing }))
+            let collective = agree(world, b.collective(world))?;
+            Work::Train(Box::new(Training { trained, optimizer, g_out, checkpointing: a.checkpointing, collective }))
         }
     };
     let c = Conditioning::new(b, &model, &inputs.txt, &inputs.y, inputs.guidance.as_ref(), &inputs.txt_ids, &inputs.img_ids)?;
@@ -195,14 +220,24 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
     b.synchronize()?;
     b.reset_memory_peak()?;
     let mut times = Vec::with_capacity(a.steps);
-    let mut optimizer_s = 0.0;
+    let (mut optimizer_s, mut allreduce_s) = (0.0, 0.0);
     let moved_before = b.bytes_moved();
     for i in 0..a.steps {
         let t = Instant::now();
-        optimizer_s += setup.step(b, &mut work, 1.0 - i as f32 / a.steps as f32)?;
+        let parts = setup.step(b, &mut work, 1.0 - i as f32 / a.steps as f32)?;
+        (optimizer_s, allreduce_s) = (optimizer_s + parts.optimizer_s, allreduce_s + parts.allreduce_s);
         b.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
+    // The ranks' all-reduce: its name, the bytes each rank reduces per step, and the share of
+    // the step it takes.
+    let reduced = match &work {
+        Work::Train(t) if t.collective.name() != "none" => {
+            let bytes = 4 * t.trained.masters().count() as u64;
+            Some((t.collective.name(), bytes, allreduce_s / a.steps as f64))
+        }
+        _ => None,
+    };
     let moved = b.bytes_moved();
     let per_step = |now: u64, before: u64| (now - before) as f64 / a.steps as f64;
     let moved = (per_step(moved.0, moved_before.0), per_step(moved.1, moved_before.1));
@@ -246,6 +281,9 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
     b.synchronize()?;
     let gemm_rate = 2.0 * (n as f64).powi(3) * reps as f64 / t.elapsed().as_secs_f64();
 
+    if world.rank() != 0 {
+        return Ok(());
+    }
     let device = b.name();
     let peak = peak_bf16_flops(&device);
     println!("device      {device}");
@@ -271,6 +309,26 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
     );
     if a.train {
         println!("optimizer   {:.1} ms per step of that (AdamW on the device, the adapters refreshed)", optimizer_s / a.steps as f64 * 1e3);
+    }
+    let ranks = world.size();
+    // Weak scaling: each rank's step is one process's step plus the all-reduce.
+    let efficiency = reduced.map(|(_, _, s)| 1.0 - s / mean);
+    if let (Some((name, bytes, seconds)), Some(efficiency)) = (reduced, efficiency) {
+        // A ring all-reduce moves 2 (n - 1) / n of the buffer through each rank's link.
+        let bus = 2.0 * (ranks as f64 - 1.0) / ranks as f64 * bytes as f64 / seconds;
+        println!(
+            "allreduce   {:.2} ms per step of that: {} of f32 gradients per rank through {name} over {ranks} rank(s), \
+             {:.1} GB/s bus bandwidth",
+            seconds * 1e3,
+            human_bytes(bytes),
+            bus / 1e9
+        );
+        println!(
+            "scaling     {:.1}% efficiency over {ranks} rank(s) (weak scaling: a rank's step without the all-reduce over the \
+             step with it); global batch {}",
+            100.0 * efficiency,
+            ranks * a.batch
+        );
     }
     println!("transfers   {} to the device and {} back per step", human_bytes(moved.0 as u64), human_bytes(moved.1 as u64));
     if let Some(ae) = &ae {
@@ -338,6 +396,9 @@ fn bench<B: TrainingOps>(b: &B, a: &Args) -> Result<()> {
             "checkpointing": a.train.then(|| a.checkpointing.to_possible_value().map(|v| v.get_name().to_string())),
             "seconds_per_step": mean, "seconds_per_step_median": median, "seconds_per_image": total / a.batch as f64,
             "optimizer_seconds_per_step": a.train.then(|| optimizer_s / a.steps as f64),
+            "ranks": ranks, "collective": reduced.map(|r| r.0),
+            "allreduce_seconds_per_step": reduced.map(|r| r.2), "allreduce_bytes_per_rank": reduced.map(|r| r.1),
+            "scaling_efficiency": efficiency,
             "bytes_to_device_per_step": moved.0, "bytes_to_host_per_step": moved.1,
             "flops_per_step": flops.total, "flops_per_second": achieved,
             "mfu": peak.map(|p| achieved / p), "gemm_flops_per_second": gemm_rate, "fraction_of_gemm": achieved / gemm_rate,

@@ -60,6 +60,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Prints `e` as one line on stderr, `error: ` and `prefix` first, in one write (several ranks
+/// and their launcher share the stream).
+pub fn print_error(prefix: &str, e: &anyhow::Error) {
+    // `{:#}` joins the context chain on one line: "outer: inner: root cause".
+    let line = format!("error: {prefix}{}\n", format!("{e:#}").replace('\n', " "));
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+}
+
 /// Bytes as a human-readable size.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -44,6 +44,10 @@ pub struct Args {
     /// what the resident weights leave of it, as `engine upscale --max-memory` chooses them.
     #[arg(long, value_name = "GB", default_value_t = 25.0)]
     max_memory: f64,
+    /// With --train: data-parallel ranks (mpirun -np N), each with --batch images; every figure
+    /// is per rank, each holding the whole model.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -139,6 +143,7 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(rank) = a.lora_rank {
         ensure!(rank > 0, "--lora-rank 0: a LoRA rank must be positive");
     }
+    ensure!(a.ranks > 0, "--ranks 0: a run has at least one rank");
     let grid = a.res / 16;
     let shape = StepShape { batch: a.batch, img_tokens: grid * grid, txt_tokens: a.txt_tokens };
     let trace = trace_flux_step(&params, shape, dtype, a.lora_rank)?;
@@ -154,11 +159,12 @@ pub fn run(a: Args) -> Result<()> {
         l = 2 * grid
     );
     let parameters = trace.parameters();
-    let lora_parameters = match a.lora_rank {
+    let lora_count = match a.lora_rank {
         // The adapter's share: the same model traced without it.
-        Some(_) => format!(", LoRA {}", human_count((parameters - trace_flux_step(&params, shape, dtype, None)?.parameters()) as usize)),
-        None => String::new(),
+        Some(_) => Some((parameters - trace_flux_step(&params, shape, dtype, None)?.parameters()) as usize),
+        None => None,
     };
+    let lora_parameters = lora_count.map_or(String::new(), |n| format!(", LoRA {}", human_count(n)));
     println!("parameters    {} ({parameters}{lora_parameters})", human_count(parameters as usize));
     println!();
     println!("memory, one transformer step (inference)");
@@ -208,7 +214,25 @@ pub fn run(a: Args) -> Result<()> {
                 human_bytes(t.one_block_arena)
             ),
         );
-        println!("  (not included: the backward's own temporaries, gradients, optimizer state)");
+        if let Some(n) = lora_count {
+            // An f32 master, gradient and two AdamW moments per trained value.
+            let state = 16 * n as u64;
+            bytes_row("trained state", state, &format!("{} LoRA values: f32 masters, gradients, AdamW m and v", human_count(n)));
+            if a.ranks > 1 {
+                let sharded = 8 * n as u64 * (a.ranks as u64 - 1) / a.ranks as u64;
+                println!("  ZeRO-1 (AdamW's moments sharded over the ranks) would save {} per rank", human_bytes(sharded));
+            }
+        }
+        if a.ranks > 1 {
+            println!(
+                "  {} ranks x batch {} = {} samples per micro-batch (times --grad-accum per optimiser step); every figure is per \
+                 rank, each holding all of it",
+                a.ranks,
+                a.batch,
+                a.ranks * a.batch
+            );
+        }
+        println!("  (not included: the backward's own temporaries, NCCL's buffers)");
     }
     Ok(())
 }

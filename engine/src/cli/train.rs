@@ -5,26 +5,32 @@
 //! a flag's long name, `-` or `_`), then the flags given on the command line. The result is a
 //! `TrainConfig` (what a resume must keep) and the run options (what it may change). Errors name
 //! the flag, or the file and the key the bad value came from.
+//!
+//! Under `mpirun -np N` or `srun` (a build with `--features mpi`) each process is one rank of
+//! the run: rank 0 prints and writes; a failure on one rank ends all of them.
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use engine::backend::device::Device;
 use engine::train::config::{flag, Negatives, Stage, TrainConfig};
 use engine::train::run::{train, Progress, RunOptions};
+use engine::world::{self, Agreed, World};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-/// Set by SIGINT; the run checks it after each step.
+/// Set by SIGINT (Ctrl-C) or SIGUSR1 (which mpirun passes to every rank, and Slurm's `scancel
+/// --signal=USR1` sends); the run checks it at each step, every rank agreeing with the others.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    // Only an atomic store: all that is safe inside a signal handler. A second Ctrl-C exits
-    // at once through the default handler.
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    // Only an atomic store: all that is safe inside a signal handler. A second signal ends the
+    // process at once through the default handler.
     STOP.store(true, Ordering::SeqCst);
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    unsafe { libc::signal(signal, libc::SIG_DFL) };
 }
 
 /// Train a LoRA on a super-resolution model: sft (flow matching), adversary (the AMG artifact
@@ -72,7 +78,8 @@ pub struct Args {
     /// Optimiser steps to run to [default: 1000].
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Samples per micro-batch (preference pairs for dpo and asdpo) [default: 4].
+    /// Samples per micro-batch (preference pairs for dpo and asdpo), per rank: N ranks (mpirun -np
+    /// N) train with a global batch of N x batch x grad-accum [default: 4].
     #[arg(long)]
     batch: Option<usize>,
     /// Micro-batches per optimiser step, gradients averaged [default: 1].
@@ -159,7 +166,8 @@ pub struct Args {
     /// posterior mean that one-step sampling returns [default: 0].
     #[arg(long, value_name = "FRACTION")]
     t_one: Option<f64>,
-    /// Save a checkpoint every N steps, 0: only at the end (and on Ctrl-C) [default: 0].
+    /// Save a checkpoint every N steps, 0: only at the end (and on a stop request: Ctrl-C, or
+    /// SIGUSR1, which mpirun passes to every rank) [default: 0].
     #[arg(long, value_name = "N")]
     save_every: Option<u64>,
     /// Continue from OUT/checkpoint.safetensors; refused if any setting of the run changed.
@@ -173,9 +181,15 @@ pub struct Args {
     log: Option<PathBuf>,
     /// Where to run the training step: auto (a CUDA GPU when usable, else the CPU), cpu or cuda
     /// [default: auto]. The model, its losses, the trained tensors' master copies and the
-    /// optimiser's moments stay there; the batch goes up and logged scalars come back.
+    /// optimiser's moments stay there; the batch goes up and logged scalars come back. Each rank
+    /// of an mpirun/srun launch takes the GPU of its rank on its node.
     #[arg(long)]
     device: Option<String>,
+    /// Several ranks: how long a rank waits for the others (at a step, or for rank 0's
+    /// checkpoint) before the run stops with an error naming the rank that did not arrive
+    /// [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    peer_timeout: Option<u64>,
 }
 
 /// The run options' keys beside the `TrainConfig` ones, with their defaults.
@@ -188,11 +202,13 @@ struct RunSettings {
     resume: bool,
     log: Option<PathBuf>,
     device: String,
+    peer_timeout: u64,
 }
 
 impl Default for RunSettings {
     fn default() -> Self {
-        RunSettings { out: None, max_steps: 1000, save_every: 0, resume: false, log: None, device: "auto".into() }
+        let peer_timeout = world::DEFAULT_TIMEOUT.as_secs();
+        RunSettings { out: None, max_steps: 1000, save_every: 0, resume: false, log: None, device: "auto".into(), peer_timeout }
     }
 }
 
@@ -268,6 +284,10 @@ pub fn run(a: Args) -> Result<()> {
     let device = Device::from_str(&settings.device, true)
         .map_err(|_| anyhow::anyhow!("--device {}: expected auto, cpu or cuda", settings.device))?;
     let out = settings.out.context("--out: no output folder given (the flag, or 'out' in the config file)")?;
+    if settings.peer_timeout == 0 {
+        bail!("--peer-timeout 0: a rank must be given time to reach a step");
+    }
+    let world = world::open(Duration::from_secs(settings.peer_timeout))?;
     let opts = RunOptions {
         out: out.clone(),
         max_steps: settings.max_steps,
@@ -276,31 +296,71 @@ pub fn run(a: Args) -> Result<()> {
         log: settings.log,
         stop: Some(&STOP),
     };
-    // SAFETY: the handler only stores to an atomic and resets the disposition, both
-    // async-signal-safe.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t) };
-    let bar = ProgressBar::new(settings.max_steps);
+    for signal in [libc::SIGINT, libc::SIGUSR1] {
+        // SAFETY: the handler only stores to an atomic and resets the disposition, both
+        // async-signal-safe.
+        unsafe { libc::signal(signal, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+    // Rank 0 speaks for the run.
+    let speaks = world.rank() == 0;
+    let bar = if speaks { ProgressBar::new(settings.max_steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]").unwrap_or(ProgressStyle::default_bar()),
     );
-    train(device, &config, &opts, &mut |p| match p {
-        Progress::Started { device, trained, step, .. } => {
+    let trained = train(device, world.as_ref(), &config, &opts, &mut |p| match p {
+        Progress::Started { device, trained, step, ranks, collective, .. } => {
             let kind = if config.full { "" } else { "LoRA " };
-            let what = format!(
+            let mut what = format!(
                 "--stage {}: training {} {kind}parameters on {device}, from step {step}",
                 config.stage,
                 super::human_count(trained)
             );
-            bar.suspend(|| println!("{what}"));
+            if ranks > 1 || collective != "none" {
+                what += &format!(
+                    "; {ranks} ranks ({}), gradients averaged through {collective}: global batch {ranks} ranks x {} x {} accumulated = {}",
+                    world.describe(),
+                    config.batch,
+                    config.grad_accum,
+                    ranks * config.batch * config.grad_accum
+                );
+            }
+            if speaks {
+                bar.suspend(|| println!("{what}"));
+            }
             bar.set_position(step);
         }
         Progress::Step { step, loss, .. } => {
             bar.set_position(step);
             bar.set_message(format!("loss {loss:.4}"));
         }
-    })?;
+    });
+    if let Err(e) = trained {
+        return end_failed_rank(world, e);
+    }
     bar.finish();
-    let product = if config.full { out.clone() } else { out.join("lora.safetensors") };
-    println!("wrote {}", product.display());
+    if speaks {
+        let product = if config.full { out.clone() } else { out.join("lora.safetensors") };
+        println!("wrote {}", product.display());
+    }
     Ok(())
+}
+
+/// A failed run, on one of several ranks: a failure every rank agreed on is reported by rank 0
+/// and the ranks end in order; any other is reported by the rank that met it, which ends the run
+/// on every rank at once (the others may be waiting for it).
+fn end_failed_rank(world: Box<dyn World>, e: anyhow::Error) -> Result<()> {
+    if world.size() == 1 {
+        return Err(e);
+    }
+    let agreed = e.downcast_ref::<Agreed>().is_some();
+    if !agreed {
+        super::print_error(&format!("rank {}: ", world.rank()), &e);
+        world.abort(1);
+    }
+    // Before any rank exits, so that the launcher's own report comes after it.
+    if world.rank() == 0 {
+        super::print_error("", &e);
+    }
+    drop(world);
+    std::process::exit(1)
 }

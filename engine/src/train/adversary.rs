@@ -34,7 +34,7 @@ impl<B: TrainingOps + 'static> StageStep<B> for AdversaryMimic {
         let batch = encode_samples(b, cx.model, samples)?;
         let latent = batch.latent;
         let baseline = batch.baseline.as_ref().context("--stage adversary: the samples have no baseline")?;
-        let (t, eps) = draw_noise(b, &cx.times, latent, batch.items(), cx.run_seed, cx.draw)?;
+        let (t, eps) = draw_noise(b, &cx.times, latent, cx.share, cx.run_seed, cx.draw)?;
         let winner = b.flow_target(&batch.x0, &eps, &t)?;
         let pass = cx.forward_train(cx.trained.trainable(), latent, &winner.x_t, &batch.cond, &t)?;
         let adversary = &pass.velocity;

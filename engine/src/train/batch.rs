@@ -77,19 +77,52 @@ impl Latent {
     }
 }
 
-/// The flow's noise draws of one micro-batch: t per item (from `times`) and eps on `items`
-/// fields of `latent`, uploaded as an f32 field.
+/// The part of a micro-batch's draws that one rank takes: items `first..first + count` of the
+/// `global` items that one process would draw (rank r of N ranks with a batch of b each: `r b ..
+/// (r + 1) b` of `N b`). Every per-item draw is a function of the item's global index, so N ranks
+/// train on exactly the samples, t and noise of one process with the N-times batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub first: usize,
+    pub count: usize,
+    pub global: usize,
+}
+
+impl Share {
+    /// A whole draw of `count` items: one process.
+    pub fn whole(count: usize) -> Self {
+        Share { first: 0, count, global: count }
+    }
+
+    /// Rank `rank`'s share of `ranks` ranks with `batch` items each.
+    pub fn of_rank(rank: usize, ranks: usize, batch: usize) -> Self {
+        Share { first: rank * batch, count: batch, global: ranks * batch }
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.count
+    }
+}
+
+/// The flow's noise draws of a share of one micro-batch: t per item (from `times`, drawn for the
+/// whole micro-batch) and eps on each item's field of `latent` (each from its own seed, so that
+/// a share costs only its own items), uploaded as an f32 field.
 pub fn draw_noise<B: Backend>(
     b: &B,
     times: &LogitNormal,
     latent: Latent,
-    items: usize,
+    share: Share,
     run_seed: u64,
     draw: u64,
 ) -> Result<(Vec<f32>, Tensor<B>)> {
-    let t = times.sample(items, step_seed(run_seed, draw, stream::TIME));
-    let eps = gaussian_noise(items * latent.grid().elements(), step_seed(run_seed, draw, stream::NOISE));
-    Ok((t, b.upload(&HostTensor::from_f32(latent.shape(items), eps))?))
+    let t = times.sample(share.global, step_seed(run_seed, draw, stream::TIME))[share.range()].to_vec();
+    let eps = item_noise(latent, share, step_seed(run_seed, draw, stream::NOISE));
+    Ok((t, b.upload(&HostTensor::from_f32(latent.shape(share.count), eps))?))
+}
+
+/// Standard normal fields on `latent` for the items of `share`, item i's from `(seed, i)`.
+pub fn item_noise(latent: Latent, share: Share, seed: u64) -> Vec<f32> {
+    share.range().flat_map(|i| gaussian_noise(latent.grid().elements(), step_seed(seed, i as u64, 0))).collect()
 }
 
 /// A micro-batch of samples on the device.
@@ -299,6 +332,22 @@ mod tests {
 
     fn values(t: &Tensor<crate::CpuBackend>) -> Vec<f32> {
         B.download(t).unwrap().to_f32()
+    }
+
+    /// A rank's t and eps are its slice of one process's draws of the whole micro-batch.
+    #[test]
+    fn a_share_of_the_noise_is_its_slice_of_the_whole() {
+        let latent = Latent(FieldGrid::new(3, 4, 4));
+        let n = latent.grid().elements();
+        let times = LogitNormal { one: 0.3, ..LogitNormal::default() };
+        let (t, eps) = draw_noise(&B, &times, latent, Share::whole(6), 5, 2).unwrap();
+        let eps = values(&eps);
+        for rank in 0..3 {
+            let (t_share, eps_share) = draw_noise(&B, &times, latent, Share::of_rank(rank, 3, 2), 5, 2).unwrap();
+            assert_eq!(t_share, t[2 * rank..2 * rank + 2], "rank {rank}");
+            assert_eq!(values(&eps_share), eps[2 * rank * n..(2 * rank + 2) * n], "rank {rank}");
+        }
+        assert_ne!(eps[..n], eps[n..2 * n]);
     }
 
     /// Pixel-shuffle and packing only move pixels, so a residual flow's data has the energy of

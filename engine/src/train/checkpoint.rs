@@ -34,12 +34,14 @@ const FORMAT: &str = "asasr-train-checkpoint/1";
 pub struct Checkpoint {
     pub config: TrainConfig,
     pub step: u64,
+    /// The data-parallel ranks of the run: its global batch is `ranks * batch * grad_accum`.
+    pub ranks: usize,
     pub params: TensorSet,
     pub optimizer: AdamW,
 }
 
 /// Writes `path` atomically.
-pub fn save(path: &Path, config: &TrainConfig, step: u64, params: &TensorSet, optimizer: &AdamW) -> Result<()> {
+pub fn save(path: &Path, config: &TrainConfig, step: u64, ranks: usize, params: &TensorSet, optimizer: &AdamW) -> Result<()> {
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     for (name, values) in &params.values {
         let shape = params.shapes[name].clone();
@@ -53,6 +55,7 @@ pub fn save(path: &Path, config: &TrainConfig, step: u64, params: &TensorSet, op
     let metadata = BTreeMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("step".to_string(), step.to_string()),
+        ("ranks".to_string(), ranks.to_string()),
         ("config".to_string(), serde_json::to_string(config)?),
         ("optimizer".to_string(), scalars.to_json()?),
     ]);
@@ -69,6 +72,10 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let get = |key: &str| meta.get(key).with_context(|| format!("{what}: not a training checkpoint (no '{key}' in its metadata)"));
     ensure!(get("format")? == FORMAT, "{what}: checkpoint format '{}', this engine reads '{FORMAT}'", get("format")?);
     let step: u64 = get("step")?.parse().with_context(|| format!("{what}: bad step"))?;
+    let ranks: usize = match meta.get("ranks") {
+        Some(r) => r.parse().ok().filter(|&r| r > 0).with_context(|| format!("{what}: bad rank count '{r}'"))?,
+        None => 1,
+    };
     let config: TrainConfig = serde_json::from_str(get("config")?).with_context(|| format!("{what}: bad config"))?;
     let mut optimizer = AdamW::from_json(get("optimizer")?).with_context(|| format!("{what}: bad optimizer state"))?;
     let mut params = TensorSet::default();
@@ -90,7 +97,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         optimizer.moments.insert(name, Moments { m, v });
     }
     ensure!(v.is_empty(), "{what}: 'adam_v' without 'adam_m' moments");
-    Ok(Checkpoint { config, step, params, optimizer })
+    Ok(Checkpoint { config, step, ranks, params, optimizer })
 }
 
 /// Removes the temporary files that an interrupted save of `CHECKPOINT_FILE` or an export
@@ -128,9 +135,9 @@ mod tests {
         optimizer.step(&mut params.values, &grads).unwrap();
         let config = TrainConfig { data: "d".into(), ..TrainConfig::defaults(Stage::Sft) };
         let path = dir.path().join(CHECKPOINT_FILE);
-        save(&path, &config, 17, &params, &optimizer).unwrap();
+        save(&path, &config, 17, 3, &params, &optimizer).unwrap();
         let back = load(&path).unwrap();
-        assert_eq!(back, Checkpoint { config, step: 17, params, optimizer });
+        assert_eq!(back, Checkpoint { config, step: 17, ranks: 3, params, optimizer });
 
         std::fs::write(dir.path().join(".checkpoint.safetensors.1.0.tmp"), b"half").unwrap();
         std::fs::write(dir.path().join(".other.tmp"), b"not ours").unwrap();

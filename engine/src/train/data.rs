@@ -12,6 +12,7 @@
 //!
 //! Every draw comes from a seed, so a run's data are a function of (seed, draw index).
 
+use super::batch::Share;
 use crate::degrade::{crop, degrade, resize, Rgb};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::image::Image;
@@ -156,44 +157,79 @@ impl Dataset {
         matches!(self, Dataset::Prepared { items } if items[0].baseline.is_some())
     }
 
-    /// `count` samples from `seed`: an image, a crop position and (HQ folders) a degradation
-    /// seed per sample.
+    /// The samples `share` takes of a draw of `share.global` from `seed`: per sample an image, a
+    /// crop position and (HQ folders) a degradation seed, all drawn for the whole draw, so that a
+    /// rank's slice is exactly that part of one process's draw, and only the slice is cropped
+    /// and degraded.
     /// With `augment`, an HQ folder's crops also come from a region up to twice the side, reduced
     /// to it by area averaging, in one of the 8 orientations of the square.
-    pub fn draw(&self, count: usize, crop_side: usize, scale: usize, augment: bool, seed: u64) -> Result<Vec<Sample>> {
+    pub fn draw(&self, share: Share, crop_side: usize, scale: usize, augment: bool, seed: u64) -> Result<Vec<Sample>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        (0..count)
-            .map(|_| match self {
-                Dataset::Degraded { images } => {
-                    let img = &images[rng.random_range(0..images.len())];
-                    let region = match augment {
-                        true => rng.random_range(crop_side..=(2 * crop_side).min(img.width).min(img.height)),
-                        false => crop_side,
-                    };
-                    let (x, y) = (rng.random_range(0..=img.width - region), rng.random_range(0..=img.height - region));
-                    let mut hq = crop(img, x, y, region, region);
-                    if augment {
-                        let reduced = resize::resize(&Rgb::from_image(&hq), crop_side, crop_side, resize::Mode::Area, None);
-                        hq = orient(&reduced.into_image(), rng.random_range(0..8));
-                    }
-                    let lq = degrade(&hq, scale, rng.random())?;
-                    Ok(Sample { hq, lq, baseline: None })
-                }
-                Dataset::Prepared { items } => {
-                    let item = &items[rng.random_range(0..items.len())];
-                    // The corner on the scale's grid, so that the LQ crop is exactly 1/scale.
-                    let x = scale * rng.random_range(0..=(item.hq.width - crop_side) / scale);
-                    let y = scale * rng.random_range(0..=(item.hq.height - crop_side) / scale);
-                    let side = crop_side / scale;
-                    Ok(Sample {
-                        hq: crop(&item.hq, x, y, crop_side, crop_side),
-                        lq: crop(&item.lq, x / scale, y / scale, side, side),
-                        baseline: item.baseline.as_ref().map(|b| crop(b, x, y, crop_side, crop_side)),
-                    })
-                }
-            })
-            .collect()
+        let picks: Vec<Pick> = (0..share.global).map(|_| self.pick(&mut rng, crop_side, scale, augment)).collect();
+        picks[share.range()].iter().map(|pick| self.sample(pick, crop_side, scale)).collect()
     }
+
+    /// One sample's random choices, in the order the draw has always made them.
+    fn pick(&self, rng: &mut ChaCha8Rng, crop_side: usize, scale: usize, augment: bool) -> Pick {
+        match self {
+            Dataset::Degraded { images } => {
+                let image = rng.random_range(0..images.len());
+                let img = &images[image];
+                let region = match augment {
+                    true => rng.random_range(crop_side..=(2 * crop_side).min(img.width).min(img.height)),
+                    false => crop_side,
+                };
+                let (x, y) = (rng.random_range(0..=img.width - region), rng.random_range(0..=img.height - region));
+                let orientation = augment.then(|| rng.random_range(0..8));
+                Pick { item: image, x, y, region, orientation, degradation: rng.random() }
+            }
+            Dataset::Prepared { items } => {
+                let item = rng.random_range(0..items.len());
+                let hq = &items[item].hq;
+                // The corner on the scale's grid, so that the LQ crop is exactly 1/scale.
+                let x = scale * rng.random_range(0..=(hq.width - crop_side) / scale);
+                let y = scale * rng.random_range(0..=(hq.height - crop_side) / scale);
+                Pick { item, x, y, region: crop_side, orientation: None, degradation: 0 }
+            }
+        }
+    }
+
+    /// The sample a pick describes: cropped, and degraded or cut from the prepared members.
+    fn sample(&self, pick: &Pick, crop_side: usize, scale: usize) -> Result<Sample> {
+        let Pick { item, x, y, region, orientation, degradation } = *pick;
+        match self {
+            Dataset::Degraded { images } => {
+                let mut hq = crop(&images[item], x, y, region, region);
+                if let Some(k) = orientation {
+                    let reduced = resize::resize(&Rgb::from_image(&hq), crop_side, crop_side, resize::Mode::Area, None);
+                    hq = orient(&reduced.into_image(), k);
+                }
+                let lq = degrade(&hq, scale, degradation)?;
+                Ok(Sample { hq, lq, baseline: None })
+            }
+            Dataset::Prepared { items } => {
+                let item = &items[item];
+                let side = crop_side / scale;
+                Ok(Sample {
+                    hq: crop(&item.hq, x, y, crop_side, crop_side),
+                    lq: crop(&item.lq, x / scale, y / scale, side, side),
+                    baseline: item.baseline.as_ref().map(|b| crop(b, x, y, crop_side, crop_side)),
+                })
+            }
+        }
+    }
+}
+
+/// A sample's random choices: which image or item, the crop's corner and region side, and for
+/// HQ folders the orientation (with `augment`) and the degradation's seed.
+#[derive(Clone, Copy, Debug)]
+struct Pick {
+    item: usize,
+    x: usize,
+    y: usize,
+    region: usize,
+    orientation: Option<u32>,
+    degradation: u64,
 }
 
 /// A square image in orientation `k` of 8: `k & 1` mirrors left-right, `k & 2` mirrors
@@ -270,7 +306,7 @@ mod tests {
 
         let data = Dataset::open(d, 16, 4, Baselines::Required("the adversary")).unwrap();
         assert!(data.has_baselines());
-        for s in data.draw(6, 16, 4, false, 3).unwrap() {
+        for s in data.draw(Share::whole(6), 16, 4, false, 3).unwrap() {
             let b = s.baseline.as_ref().unwrap();
             // Find the crop's corner from the HQ, then check the LQ and the baseline against it.
             let corner =
@@ -279,7 +315,7 @@ mod tests {
             assert_eq!(s.lq, crop(&lq, x / 4, y / 4, 4, 4));
             assert_eq!(*b, crop(&baseline, x, y, 16, 16));
         }
-        assert_eq!(data.draw(3, 16, 4, false, 9).unwrap(), data.draw(3, 16, 4, false, 9).unwrap());
+        assert_eq!(data.draw(Share::whole(3), 16, 4, false, 9).unwrap(), data.draw(Share::whole(3), 16, 4, false, 9).unwrap());
         assert!(!Dataset::open(d, 16, 4, Baselines::Ignore).unwrap().has_baselines());
 
         write(&d.join("hq/b.png"), &image(48, 40, 3));
@@ -301,6 +337,28 @@ mod tests {
         assert!(err.contains("hq/b.png") && err.contains("64px"), "{err}");
     }
 
+    /// A rank's share of a draw is exactly its slice of the whole draw, augmented or not, from
+    /// HQ folders and prepared pairs alike.
+    #[test]
+    fn a_share_is_its_slice_of_the_whole_draw() {
+        let dir = tempfile::tempdir().unwrap();
+        let hq = image(48, 40, 1);
+        write(&dir.path().join("hq/a.png"), &hq);
+        write(&dir.path().join("lq/a.png"), &image(12, 10, 2));
+        write(&dir.path().join("hq/b.png"), &image(32, 36, 3));
+        write(&dir.path().join("lq/b.png"), &image(8, 9, 4));
+        let prepared = Dataset::open(dir.path(), 16, 4, Baselines::Ignore).unwrap();
+        let degraded = Dataset::Degraded { images: vec![hq, image(40, 36, 5)] };
+        for (data, augment) in [(&degraded, false), (&degraded, true), (&prepared, false)] {
+            let whole = data.draw(Share::whole(6), 16, 4, augment, 5).unwrap();
+            for rank in 0..3 {
+                let share = Share::of_rank(rank, 3, 2);
+                assert_eq!(data.draw(share, 16, 4, augment, 5).unwrap(), whole[2 * rank..2 * rank + 2], "rank {rank}, augment {augment}");
+            }
+            assert_ne!(whole[0], whole[1]);
+        }
+    }
+
     /// The 8 orientations of an image whose pixels are all distinct are 8 different images, each
     /// a permutation of the same pixels; an augmented draw keeps the crop's size.
     #[test]
@@ -317,7 +375,7 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 8);
         let data = Dataset::Degraded { images: vec![image(40, 36, 1)] };
-        for s in data.draw(5, 16, 4, true, 2).unwrap() {
+        for s in data.draw(Share::whole(5), 16, 4, true, 2).unwrap() {
             assert_eq!((s.hq.width, s.hq.height, s.lq.width), (16, 16, 4));
         }
     }

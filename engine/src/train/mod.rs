@@ -9,7 +9,8 @@
 //!   them; `checkpoint`: the checkpoint file.
 //! - `stage`: what a stage's step gets and gives; `sft`, `adversary`, `preference` (dpo and
 //!   asdpo): each stage's step function.
-//! - `run`: the common loop around them.
+//! - `run`: the common loop around them; `ranks`: what the ranks of a data-parallel run must
+//!   agree on.
 
 pub mod adversary;
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod data;
 pub mod optimizer;
 pub mod params;
 pub mod preference;
+pub mod ranks;
 pub mod run;
 pub mod sft;
 pub mod stage;

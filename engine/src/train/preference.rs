@@ -11,7 +11,7 @@
 //! reference's inference forward on the same points, the fused S-DPO step on the four residual
 //! fields, and one backward of the policy, all on the device.
 
-use super::batch::{draw_noise, encode_samples, step_seed, stream, Batch, Latent};
+use super::batch::{draw_noise, encode_samples, item_noise, step_seed, stream, Batch, Latent};
 use super::config::Negatives;
 use super::data::Sample;
 use super::stage::{MicroStep, StageStep, StepContext};
@@ -19,7 +19,7 @@ use crate::backend::losses::{FlowTarget, PairResiduals};
 use crate::backend::sobolev::Sobolev;
 use crate::backend::training::TrainingOps;
 use crate::model::Trainable;
-use crate::sampler::{gaussian_noise, schedule};
+use crate::sampler::schedule;
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 use loaders::HostTensor;
@@ -48,7 +48,7 @@ impl<B: TrainingOps + 'static> StageStep<B> for Preference {
         let (b, op) = (cx.b, &self.op);
         let batch = encode_samples(b, cx.model, samples)?;
         let latent = batch.latent;
-        let (t, eps) = draw_noise(b, &cx.times, latent, batch.items(), cx.run_seed, cx.draw)?;
+        let (t, eps) = draw_noise(b, &cx.times, latent, cx.share, cx.run_seed, cx.draw)?;
         let winner = b.flow_target(&batch.x0, &eps, &t)?;
         let mut metrics = Vec::new();
         let made: Tensor<B>;
@@ -93,9 +93,7 @@ pub(super) fn mean(values: &[f64]) -> f64 {
 /// data, integrated on the device from noise seeded by `(seed, i)` for item i.
 fn reference_samples<B: TrainingOps + 'static>(cx: &StepContext<B>, batch: &Batch<B>, steps: usize, seed: u64) -> Result<Tensor<B>> {
     let (b, latent, items) = (cx.b, batch.latent, batch.items());
-    let per_item = latent.grid().elements();
-    let noise: Vec<f32> = (0..items).flat_map(|i| gaussian_noise(per_item, step_seed(seed, i as u64, 0))).collect();
-    let mut x = b.upload(&HostTensor::from_f32(latent.shape(items), noise))?;
+    let mut x = b.upload(&HostTensor::from_f32(latent.shape(items), item_noise(latent, cx.share, seed)))?;
     for pair in schedule(steps, latent.tokens()).windows(2) {
         let v = cx.velocity(Trainable::Nothing, latent, &x, &batch.cond, &vec![pair[0]; items])?;
         x = b.axpby(&[1.0], &x, &[pair[1] - pair[0]], &v)?;
@@ -165,6 +163,7 @@ pub(crate) mod tests {
     use crate::backend::losses::DEFAULT_BETA;
     use crate::backend::sobolev::DEFAULT_EXPONENT;
     use crate::backend::Backend;
+    use crate::sampler::gaussian_noise;
     use crate::train::params::{LoraParams, TensorSet, Trained};
     use crate::train::sft::loss_operator;
     use crate::train::sft::tests::{samples, tiny_sr_model, Fixture, B};

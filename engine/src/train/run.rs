@@ -11,6 +11,14 @@
 //! (its images, t and noise) and brings back the logged scalars; the trained tensors come down
 //! only when a checkpoint or an export is written.
 //!
+//! Ranks: under `mpirun -np N` (or `srun`) N processes run one training run (`world`). Micro-batch
+//! k's draws are those of one process with an N-times batch, each rank taking its contiguous
+//! share (`batch::Share`); every step the ranks check in (agreeing on a stop request), average
+//! their gradients through the backend's collective (NCCL on GPUs, MPI on CPUs) and their logged
+//! values through the world, and take the same AdamW step. Rank 0 alone writes the log, the
+//! adapter and the checkpoints. So N ranks train the model one process with the N-times batch
+//! trains, up to the order of floating-point sums.
+//!
 //! Determinism: every random draw of micro-batch k (which images, where to crop, the degradation,
 //! t and eps, the negatives' sampling noise) comes from seeds derived from (seed, k), so the data
 //! position and every RNG state of a run are its step count; a checkpoint therefore holds the
@@ -22,17 +30,19 @@
 //! deterministic on one GPU for fixed shapes, algorithm and workspace.
 
 use super::adversary::AdversaryMimic;
-use super::batch::{step_seed, stream, Latent};
+use super::batch::{step_seed, stream, Latent, Share};
 use super::checkpoint::{self, Checkpoint, CHECKPOINT_FILE};
 use super::config::{Negatives, Stage, TrainConfig};
 use super::data::{Baselines, Dataset};
 use super::optimizer::Optimizer;
 use super::params::{FullParams, LoraParams, Trained};
 use super::preference::{Losers, Preference};
+use super::ranks::{ensure_same_settings, Settings};
 use super::sft::{loss_operator, Sft};
 use super::stage::{MicroStep, StageStep, StepContext};
 use super::times::LogitNormal;
 use crate::backend::adamw::{AdamW, AdamWConfig};
+use crate::backend::collective::{Collective, DataParallel};
 use crate::backend::device::Device;
 use crate::backend::sobolev::Grid as FieldGrid;
 use crate::backend::training::TrainingOps;
@@ -40,6 +50,7 @@ use crate::model::weights::WeightLoader;
 use crate::model::{Adapters, Flux, LoraMode};
 use crate::sr::conditioning::Conditionings;
 use crate::sr::model_dir::{zero_text, SrConfig, SrModel};
+use crate::world::{agree, Agreed, World};
 use anyhow::{bail, ensure, Context, Result};
 use loaders::lora::LoraAdapter;
 use std::collections::BTreeSet;
@@ -65,18 +76,23 @@ pub struct RunOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Progress {
     /// The model is loaded on `device` (the backend's name): `trained` parameters, starting at
-    /// `step` (not 0 on resume).
-    Started { device: String, trained: usize, step: u64, max_steps: u64 },
+    /// `step` (not 0 on resume), on `ranks` ranks averaging their gradients through `collective`.
+    Started { device: String, trained: usize, step: u64, max_steps: u64, ranks: usize, collective: &'static str },
     /// An optimiser step is done.
     Step { step: u64, max_steps: u64, loss: f64 },
 }
 
-/// Runs (or resumes) `c.stage` to `opts.max_steps` on `device`.
-pub fn train(device: Device, c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
-    c.validate()?;
+/// Runs (or resumes) `c.stage` to `opts.max_steps` on `device`, as this process's rank of
+/// `world`. The start-up's failures are agreed by every rank ([`Agreed`]); `progress` hears
+/// from every rank.
+pub fn train(device: Device, world: &dyn World, c: &TrainConfig, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<()> {
     // A resume is checked against its checkpoint before anything is loaded.
-    let resumed = if opts.resume { Some(resume_point(c, &opts.out.join(CHECKPOINT_FILE))?) } else { None };
-    crate::on_backend!(device, b => train_on(b, c, opts, resumed, progress))
+    let checkpoint = opts.out.join(CHECKPOINT_FILE);
+    let resumed = c.validate().and_then(|()| opts.resume.then(|| resume_point(c, &checkpoint, world.size())).transpose());
+    let resumed = agree(world, resumed)?;
+    ensure_same_settings(world, &Settings::of(c, opts, device, resumed.as_ref().map(|r| r.step)))?;
+    let opened = agree(world, device.open_for_rank(world))?;
+    crate::on_opened!(opened, b => train_on(b, world, c, opts, resumed, progress))
 }
 
 /// What a run trains, its starting values, and the optimiser's state to start from.
@@ -87,13 +103,33 @@ struct Start<B: TrainingOps> {
 }
 
 /// `train` on an opened backend: everything but the data draw runs there.
-fn train_on<B: TrainingOps + 'static>(
+fn train_on<B: DataParallel + 'static>(
     b: &B,
+    world: &dyn World,
     c: &TrainConfig,
     opts: &RunOptions,
     resumed: Option<Checkpoint>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
+    let Prepared { mut model, data, mut stage, adversary, start } = agree(world, prepare(b, c, opts, resumed))?;
+    let collective = agree(world, b.collective(world))?;
+    let share = Share::of_rank(world.rank(), world.size(), c.batch);
+    let conditionings = Conditionings::default();
+    let run = Run { b, c, opts, adversary: adversary.as_ref(), data: &data, conditionings, world, collective: collective.as_ref(), share };
+    run.run(&mut model, start, stage.as_mut(), progress)
+}
+
+/// What a run needs before its first step.
+struct Prepared<B: TrainingOps> {
+    model: SrModel<B>,
+    data: Data,
+    stage: Box<dyn StageStep<B>>,
+    adversary: Option<Adapters<B>>,
+    start: Start<B>,
+}
+
+/// The model, the data, the stage and the trained tensors of a run, loaded.
+fn prepare<B: TrainingOps + 'static>(b: &B, c: &TrainConfig, opts: &RunOptions, resumed: Option<Checkpoint>) -> Result<Prepared<B>> {
     let mut model = base_model(b, c)?;
     let config = model.config.clone();
     let (scale, unit) = (config.scale, model.token_pixels());
@@ -116,7 +152,7 @@ fn train_on<B: TrainingOps + 'static>(
         Some(path) => Some(Adapters::from_file(b, &model.flux, &LoraAdapter::open(path, config.transformer.hidden_size)?)?),
         None => None,
     };
-    let mut stage: Box<dyn StageStep<B>> = match c.stage {
+    let stage: Box<dyn StageStep<B>> = match c.stage {
         Stage::Sft => Box::new(Sft { op }),
         Stage::Adversary => Box::new(AdversaryMimic { op, hardness: c.hardness, rho: c.rho }),
         Stage::Dpo => {
@@ -130,8 +166,7 @@ fn train_on<B: TrainingOps + 'static>(
     };
     let start = start(b, c, &mut model, resumed, &opts.out.join(CHECKPOINT_FILE))?;
     let data = Data { dataset, crop: c.crop, scale };
-    let run = Run { b, c, opts, adversary: adversary.as_ref(), data: &data, conditionings: Conditionings::default() };
-    run.run(&mut model, start, stage.as_mut(), progress)
+    Ok(Prepared { model, data, stage, adversary, start })
 }
 
 /// The trained tensors on the device, from the checkpoint of a resumed run or fresh.
@@ -186,8 +221,9 @@ fn own_trained(c: &TrainConfig, config: &SrConfig) -> Result<BTreeSet<String>> {
     })
 }
 
-/// The checkpoint a resume continues from, refused if its config differs from `c`.
-fn resume_point(c: &TrainConfig, path: &Path) -> Result<Checkpoint> {
+/// The checkpoint a resume continues from, refused if its config or its rank count differs from
+/// this run's.
+fn resume_point(c: &TrainConfig, path: &Path, ranks: usize) -> Result<Checkpoint> {
     if !path.exists() {
         let old = path.with_file_name("checkpoint.json");
         let hint = if old.exists() {
@@ -200,6 +236,17 @@ fn resume_point(c: &TrainConfig, path: &Path) -> Result<Checkpoint> {
     let saved = checkpoint::load(path).with_context(|| format!("--resume: cannot read {}", path.display()))?;
     if let Some((key, was, now)) = saved.config.first_difference(c) {
         bail!("--resume: '{key}' was {was} in {} but is {now} now; resume with the same value", path.display());
+    }
+    if saved.ranks != ranks {
+        let name = |n: usize| if n == 1 { "1 rank (one process)".to_string() } else { format!("{n} ranks") };
+        bail!(
+            "--resume: {} was written by a run of {} (global batch {}), this run has {}; resume with {}",
+            path.display(),
+            name(saved.ranks),
+            saved.ranks * c.batch * c.grad_accum,
+            name(ranks),
+            name(saved.ranks)
+        );
     }
     Ok(saved)
 }
@@ -219,24 +266,39 @@ struct Run<'a, B: TrainingOps> {
     adversary: Option<&'a Adapters<B>>,
     data: &'a Data,
     conditionings: Conditionings<B>,
+    /// The run's ranks, and how they average gradients.
+    world: &'a dyn World,
+    collective: &'a dyn Collective<B>,
+    /// This rank's part of every micro-batch.
+    share: Share,
 }
 
 impl<B: TrainingOps + 'static> Run<'_, B> {
     /// The common loop: steps of `grad_accum` micro-batches, logs and checkpoints, from `start`.
     fn run(&self, model: &mut SrModel<B>, start: Start<B>, stage: &mut dyn StageStep<B>, progress: &mut dyn FnMut(Progress)) -> Result<()> {
-        let (b, c, opts) = (self.b, self.c, self.opts);
+        let (b, c, opts, world) = (self.b, self.c, self.opts, self.world);
+        let (ranks, writes) = (world.size(), world.rank() == 0);
         let out = &opts.out;
-        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
-        checkpoint::remove_leftovers(out)?;
         let checkpoint_path = out.join(CHECKPOINT_FILE);
         let Start { mut trained, mut step, optimizer } = start;
         let mut optimizer = Optimizer::new(b, trained.masters(), &optimizer)?;
-        let mut log = open_log(opts.log.as_deref(), opts.resume.then_some(step))?;
-        progress(Progress::Started { device: b.name(), trained: trained.masters().count(), step, max_steps: opts.max_steps });
+        let mut log = None;
+        if writes {
+            std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create folder", out.display()))?;
+            checkpoint::remove_leftovers(out)?;
+            log = open_log(opts.log.as_deref(), opts.resume.then_some(step))?;
+        }
+        let collective = self.collective.name();
+        let (device, count) = (b.name(), trained.masters().count());
+        progress(Progress::Started { device, trained: count, step, max_steps: opts.max_steps, ranks, collective });
 
+        // Every rank holds the same trained tensors: rank 0 writes them.
         let save = |step: u64, trained: &dyn Trained<B>, optimizer: &Optimizer<B>| -> Result<()> {
+            if !writes {
+                return Ok(());
+            }
             trained.export(b, out)?;
-            checkpoint::save(&checkpoint_path, c, step, &trained.masters().download(b)?, &optimizer.download(b, trained.masters())?)
+            checkpoint::save(&checkpoint_path, c, step, ranks, &trained.masters().download(b)?, &optimizer.download(b, trained.masters())?)
         };
         let accum = c.grad_accum as u64;
         while step < opts.max_steps {
@@ -246,7 +308,7 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
             for micro in 0..accum {
                 let draw = step * accum + micro;
                 let d = self.data;
-                let samples = d.dataset.draw(c.batch, d.crop, d.scale, c.augment, step_seed(c.seed, draw, stream::DATA))?;
+                let samples = d.dataset.draw(self.share, d.crop, d.scale, c.augment, step_seed(c.seed, draw, stream::DATA))?;
                 let times = LogitNormal { mean: c.t_mean, std: c.t_std, one: c.t_one };
                 let cx = StepContext {
                     b,
@@ -256,6 +318,7 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
                     adversary: self.adversary,
                     run_seed: c.seed,
                     draw,
+                    share: self.share,
                     times,
                 };
                 let result = stage.micro_step(&cx, &samples)?;
@@ -265,37 +328,53 @@ impl<B: TrainingOps + 'static> Run<'_, B> {
                 });
             }
             let total = total.context("a step of no micro-batches")?;
-            let mean = |v: f64| v / accum as f64;
-            let grads = match accum {
+            let mut grads = match accum {
                 1 => total.grads,
                 _ => total.grads.iter().map(|g| b.scale_items(&[1.0 / accum as f32], g)).collect::<Result<Vec<_>>>()?,
             };
+            // The ranks meet (and agree whether to stop after this step), then average.
+            let stop = world.check_in(step, opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)))?;
+            let reducing = Instant::now();
+            self.collective.average(b, &mut grads)?;
+            let mut logged: Vec<f64> = std::iter::once(total.loss).chain(total.metrics.iter().map(|(_, v)| *v)).collect();
+            world.sum_f64(&mut logged)?;
+            let reduce_s = reducing.elapsed().as_secs_f64();
+            // Means over the ranks and the micro-batches.
+            let mean = |v: f64| v / (ranks * accum as usize) as f64;
             let stats = optimizer.step(b, trained.masters_mut(), &grads)?;
             trained.refresh(b, &mut model.flux)?;
             step += 1;
 
             let mut line = serde_json::Map::new();
             line.insert("step".into(), step.into());
-            line.insert("loss".into(), mean(total.loss).into());
+            line.insert("loss".into(), mean(logged[0]).into());
             line.insert("grad_norm".into(), stats.grad_norm.into());
             line.insert("lr".into(), stats.lr.into());
-            line.insert("samples_per_s".into(), ((c.batch as u64 * accum) as f64 / started.elapsed().as_secs_f64()).into());
+            let global_batch = ranks * c.batch * c.grad_accum;
+            line.insert("samples_per_s".into(), (global_batch as f64 / started.elapsed().as_secs_f64()).into());
+            line.insert("global_batch".into(), global_batch.into());
+            if ranks > 1 {
+                line.insert("ranks".into(), ranks.into());
+                line.insert("allreduce_s".into(), reduce_s.into());
+            }
             let (to_device, to_host) = b.bytes_moved();
             line.insert("bytes_to_device".into(), (to_device - moved.0).into());
             line.insert("bytes_to_host".into(), (to_host - moved.1).into());
-            for (key, value) in &total.metrics {
+            for ((key, _), value) in total.metrics.iter().zip(&logged[1..]) {
                 line.insert((*key).into(), mean(*value).into());
             }
             if let Some(f) = log.as_mut() {
                 writeln!(f, "{}", serde_json::Value::Object(line)).context("cannot write the log")?;
             }
-            progress(Progress::Step { step, max_steps: opts.max_steps, loss: mean(total.loss) });
+            progress(Progress::Step { step, max_steps: opts.max_steps, loss: mean(logged[0]) });
             if opts.save_every > 0 && step % opts.save_every == 0 {
                 save(step, trained.as_ref(), &optimizer)?;
             }
-            if opts.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            if stop {
                 save(step, trained.as_ref(), &optimizer)?;
-                bail!("interrupted after step {step}: the checkpoint in {} is saved; --resume continues from it", out.display());
+                let saved = out.display();
+                let message = format!("interrupted after step {step}: the checkpoint in {saved} is saved; --resume continues from it");
+                return Err(Agreed(message).into());
             }
         }
         save(step, trained.as_ref(), &optimizer)
@@ -423,7 +502,7 @@ mod tests {
     }
 
     fn run(c: &TrainConfig, opts: &RunOptions) -> Result<()> {
-        train(Device::Cpu, c, opts, &mut |_| ())
+        train(Device::Cpu, &crate::world::Solo, c, opts, &mut |_| ())
     }
 
     fn log_lines(log: &Path) -> Vec<serde_json::Value> {
@@ -616,7 +695,10 @@ mod tests {
         let data = Data { dataset: Dataset::open(&images, 32, 4, Baselines::Ignore).unwrap(), crop: 32, scale: 4 };
         let mut echo = Echo { draws: Vec::new() };
         let opts = options(&dir.path().join("out"), 2, false);
-        let run = Run { b: &b, c: &c, opts: &opts, adversary: None, data: &data, conditionings: Conditionings::default() };
+        let (world, collective, share) = (crate::world::Solo, crate::backend::collective::Alone, Share::whole(2));
+        let conditionings = Conditionings::default();
+        let (world, collective) = (&world, &collective);
+        let run = Run { b: &b, c: &c, opts: &opts, adversary: None, data: &data, conditionings, world, collective, share };
         let start = Start { trained, step: 0, optimizer: AdamW::new(AdamWConfig::default()) };
         run.run(&mut model, start, &mut echo, &mut |_| ()).unwrap();
         assert_eq!(echo.draws, (0..6).map(|d| (d, 2)).collect::<Vec<_>>());

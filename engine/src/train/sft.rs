@@ -31,7 +31,7 @@ pub struct Sft {
 impl<B: TrainingOps + 'static> StageStep<B> for Sft {
     fn micro_step(&mut self, cx: &StepContext<B>, samples: &[Sample]) -> Result<MicroStep<B>> {
         let batch = encode_samples(cx.b, cx.model, samples)?;
-        let (t, eps) = draw_noise(cx.b, &cx.times, batch.latent, batch.items(), cx.run_seed, cx.draw)?;
+        let (t, eps) = draw_noise(cx.b, &cx.times, batch.latent, cx.share, cx.run_seed, cx.draw)?;
         sft_micro_step(cx, &self.op, &batch, &t, &eps)
     }
 }
@@ -66,6 +66,7 @@ pub(crate) mod tests {
     use crate::sr::model_dir::{zero_text, ConditioningMode, FlowData, Prediction, SrConfig, SrModel};
     use crate::sr::packing::{pack, unpack};
     use crate::sr::resample::resize;
+    use crate::train::batch::Share;
     use crate::train::optimizer::Optimizer;
     use crate::train::params::{LoraParams, Trained};
     use crate::train::times::LogitNormal;
@@ -155,23 +156,15 @@ pub(crate) mod tests {
         }
 
         /// A step context over `model` that trains `trained` (nothing when None), at draw 0 of
-        /// seed 9.
+        /// seed 9, of one process drawing micro-batches of two samples.
         pub(crate) fn context<'a>(
             &'a self,
             model: &'a SrModel<CpuBackend>,
             trained: Option<&'a dyn Trained<CpuBackend>>,
         ) -> StepContext<'a, CpuBackend> {
             let trained = trained.unwrap_or(&self.untrained);
-            StepContext {
-                b: &B,
-                model,
-                conditionings: &self.conditionings,
-                trained,
-                adversary: None,
-                run_seed: 9,
-                draw: 0,
-                times: LogitNormal::default(),
-            }
+            let (run_seed, draw, share, times) = (9, 0, Share::whole(2), LogitNormal::default());
+            StepContext { b: &B, model, conditionings: &self.conditionings, trained, adversary: None, run_seed, draw, share, times }
         }
     }
 
@@ -186,7 +179,7 @@ pub(crate) mod tests {
 
         // The base model's velocity error, by the inference forward on host-packed inputs and a
         // plain mean of squares.
-        let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, 2, 9, 0).unwrap();
+        let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, Share::whole(2), 9, 0).unwrap();
         let eps_host = B.download(&eps).unwrap();
         let per_item = x0.len() / 2;
         let x_t: Vec<f32> =
@@ -210,7 +203,7 @@ pub(crate) mod tests {
         for step in 0..40 {
             let micro = {
                 let cx = fixture.context(&model, Some(&params));
-                let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, 2, 9, step).unwrap();
+                let (t, eps) = draw_noise(&B, &LogitNormal::default(), batch.latent, Share::whole(2), 9, step).unwrap();
                 sft_micro_step(&cx, &op, &batch, &t, &eps).unwrap()
             };
             losses.push(micro.loss);

@@ -1,6 +1,7 @@
 //! The run loop's interface to the stages: what a stage's step is given ([`StepContext`]) and
 //! what it returns ([`MicroStep`]), and the model passes a step is made of (`batch.rs`).
 
+use super::batch::Share;
 use super::data::Sample;
 use super::params::Trained;
 use super::times::LogitNormal;
@@ -29,6 +30,8 @@ pub struct StepContext<'a, B: TrainingOps> {
     pub run_seed: u64,
     /// The micro-batch's index over the run, `step * grad_accum + micro`: the seed of its draws.
     pub draw: u64,
+    /// Which items of the micro-batch's draws this rank takes (all of them for one process).
+    pub share: Share,
     /// The distribution of the flow's t.
     pub times: LogitNormal,
 }

@@ -3,6 +3,7 @@
 
 pub mod attention;
 mod backward;
+mod collective;
 pub mod conv;
 pub mod elementwise;
 pub mod embed;

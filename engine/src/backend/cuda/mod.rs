@@ -19,6 +19,7 @@ mod embed;
 mod fields;
 mod gemm;
 mod layout;
+mod nccl;
 mod norm;
 mod pool;
 mod probation;
@@ -103,6 +104,14 @@ type T = Tensor<CudaBackend>;
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library by its known names.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The GPUs the driver shows this process (CUDA_VISIBLE_DEVICES applied); 0 without a driver.
+pub fn gpu_count() -> usize {
+    if !driver_present() {
+        return 0;
+    }
+    without_panics(|| Ok(CudaContext::device_count()?)).map_or(0, |n| n.max(0) as usize)
 }
 
 impl CudaBackend {
