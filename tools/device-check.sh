@@ -6,7 +6,9 @@
 # (tools/nccl-one-rank.sh), then the PyTorch + diffusers baseline on the same shapes
 # (tools/peer-bench, when bundle/ has its wheels; PEER_COMPILE=1 adds its torch.compile variant);
 # logs go to $OUT (default ./device-out); a short table comes last. Every step has its own time
-# limit so the whole run ends within 16 minutes (21 with PEER_COMPILE=1); most finish far sooner.
+# limit, cut to what is left of BUDGET seconds for the whole run (default 540: the device tool's
+# calls end at 600 s, and a session has 15 minutes of device time in all); a step that would get
+# under 20 s is skipped and says so. Correctness comes first, then the timings, then the peer.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -42,9 +44,16 @@ fi
 export LD_LIBRARY_PATH
 
 declare -a SUMMARY
+BUDGET="${BUDGET:-540}"
 step() { # name, limit in seconds, command... (returns the command's exit status)
     local name="$1" limit="$2"
     shift 2
+    local left=$((BUDGET - SECONDS - 10))
+    if [ $left -lt 20 ]; then
+        SUMMARY+=("$(printf '%-14s %-22s' "$name" "SKIPPED (budget)")")
+        return 1
+    fi
+    [ $limit -gt $left ] && limit=$left
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
@@ -94,6 +103,14 @@ if "$BIN/engine" --help | grep -q '^  kernels'; then
 fi
 step gpu-tests 150 "$BIN/gpu-tests" --ignored --test-threads=1
 step selftest 90 "$BIN/engine" selftest --device cuda
+# Data-parallel training's NCCL path on this one GPU: the adapter equals the plain run's.
+if "$BIN/engine" train --help | grep -q 'peer-timeout'; then
+    step nccl-one-rank 120 bash tools/nccl-one-rank.sh "$BIN/engine" "$(mktemp -d)/nccl"
+fi
+# engine train itself on the GPU: its losses against the CPU's, and resume determinism.
+if "$BIN/engine" train --help | grep -q 'bytes_to_device'; then
+    step train-parity 120 bash tools/train-parity.sh "$BIN/engine" "$BIN/train"
+fi
 if "$BIN/engine" --help | grep -q '^  kernels'; then
     step kernels 90 "$BIN/engine" kernels --json "$OUT/kernels.json"
 fi
@@ -103,14 +120,6 @@ if "$BIN/engine" --help | grep -q '^  bench'; then
     step bench-512 45 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 10
     step bench-b4 60 "$BIN/engine" bench --shape flux-dev --random-weights --res 1024 --batch 4 --steps 4
     step bench-train 90 "$BIN/engine" bench --shape flux-dev --random-weights --res 512 --steps 3 --train
-fi
-# Data-parallel training's NCCL path on this one GPU: the adapter equals the plain run's.
-if "$BIN/engine" train --help | grep -q 'peer-timeout'; then
-    step nccl-one-rank 120 bash tools/nccl-one-rank.sh "$BIN/engine" "$(mktemp -d)/nccl"
-fi
-# engine train itself on the GPU: its losses against the CPU's, and resume determinism.
-if "$BIN/engine" train --help | grep -q 'bytes_to_device'; then
-    step train-parity 120 bash tools/train-parity.sh "$BIN/engine" "$BIN/train"
 fi
 # The peer: the same step in PyTorch + diffusers (diffusers installed offline from bundle/) and
 # PyTorch's SDPA, printed beside the engine's JSON as ratios. A failure here stops nothing.
