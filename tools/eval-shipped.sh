@@ -67,14 +67,14 @@ fi
 # The peers (issue 18): on the independent test set (data/test: ukui artwork, never trained on, 64 -> 256)
 # and on the validation split (128 -> 512): bicubic, the shipped model at its defaults, the same 4 samples
 # on one token grid (--no-shift), 4-step samples, and Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in
-# its pinned venv), with the grid figure (metrics/grid.rs) and the wall time of the whole folder in one call,
-# the median of 3 runs alternating the shipped model and the peer (both use every core).
+# its pinned venv), with the grid figure (metrics/grid.rs) and, on the test set, the wall time of the whole
+# folder in one call, the median of 3 runs alternating the shipped model and the peer (both use every core).
 source tools/pinned-venv.sh
 pinned_venv tools/.venv-realesrgan tools/realesrgan-requirements.txt
 PEER=(tools/.venv-realesrgan/bin/python tools/realesrgan.py)
 peer_row() { awk -F, '$1 == "mean" { printf "%.2f | %.4f | %.2f | %.3f | %.2f", $2, $3, $4, $5, $6 }' "$1"; }
 wall() { /usr/bin/time -f %e -o "$OUT/time" "$@" > /dev/null 2>&1; cat "$OUT/time"; }
-median() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
+median() { printf '%s\n' "$@" | grep -v '^-$' | sort -g | sed -n 2p | grep . || echo -; }
 for split in test val; do
   n=$(ls data/$split/lq | wc -l)
   echo
@@ -93,12 +93,12 @@ for split in test val; do
   run one-grid up --no-shift
   run steps4 up --steps 4 --average 1
   run realesrgan "${PEER[@]}"
-  times_model=() times_peer=()
-  for _ in 1 2 3; do
+  times_model=(-) times_peer=(-)
+  for _ in $([ $split = test ] && echo 1 2 3); do
     times_model+=("$(wall $E upscale data/$split/lq -o "$OUT/$split-shipped" --overwrite)")
     times_peer+=("$(wall "${PEER[@]}" data/$split/lq "$OUT/$split-realesrgan")")
   done
-  per() { awk -v t="$1" -v n="$n" 'BEGIN { printf "%.2f", t / n }'; }
+  per() { [ "$1" = - ] && echo - || awk -v t="$1" -v n="$n" 'BEGIN { printf "%.2f", t / n }'; }
   echo "| bicubic | $(peer_row "$OUT/$split-bicubic.csv") | - |"
   echo "| shipped, default (1 step, mean of 4 on shifted grids) | $(peer_row "$OUT/$split-shipped.csv") | $(per "$(median "${times_model[@]}")") |"
   echo "| shipped, the same 4 samples on one grid (--no-shift) | $(peer_row "$OUT/$split-one-grid.csv") | - |"
