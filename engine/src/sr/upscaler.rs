@@ -46,9 +46,10 @@ impl<B: Backend + 'static> SrModel<B> {
     /// depend on the batch it ran in. Calls `progress(step, steps)`.
     ///
     /// With `opts.average` samples, sample `k` (seed `opts.seed + k`) runs on a token grid
-    /// shifted by `k / average` of a token along both axes when `opts.shift` is set, and the
-    /// samples are averaged in image space: each token's border then falls on a different
-    /// pixel in each sample, so the token grid averages out instead of adding up.
+    /// shifted by `k / average` of a token along both axes when `opts.shift` is set. Samples on
+    /// one grid are averaged in the flow's space and decoded once; the grids' decodes are
+    /// averaged in image space: each token's border then falls on a different pixel in each
+    /// sample, so the token grid averages out instead of adding up.
     pub fn upscale_batch(
         &self,
         b: &B,
@@ -64,34 +65,46 @@ impl<B: Backend + 'static> SrModel<B> {
         // The model sees the bicubic upsample.
         let ups: Vec<Image> = lqs.iter().map(|lq| resize(&lq.to_rgb(), w, h)).collect();
         let samples = opts.average.max(1);
+        // The seeds of each grid offset, in the order of their first sample.
+        let mut grids: Vec<(usize, Vec<u64>)> = Vec::new();
+        for k in 0..samples {
+            let offset = if opts.shift { k * self.token_pixels() / samples } else { 0 };
+            let seed = opts.seed.wrapping_add(k as u64);
+            match grids.iter_mut().find(|(o, _)| *o == offset) {
+                Some((_, seeds)) => seeds.push(seed),
+                None => grids.push((offset, vec![seed])),
+            }
+        }
         let conditionings = Conditionings::default();
         // A GPU too small for a tile gets tiles of half the side, for the rest of the run.
         let mut tile = opts.tile.div_ceil(self.token_pixels()).max(1);
         let mut sums = vec![vec![0f32; 3 * w * h]; lqs.len()];
-        for k in 0..samples {
-            let offset = if opts.shift { k * self.token_pixels() / samples } else { 0 };
-            let seed = opts.seed.wrapping_add(k as u64);
-            let sample = self.sample_shifted(b, &ups, offset, seed, opts, &mut tile, &conditionings, &mut |s| {
-                progress(k * opts.steps + s, samples * opts.steps)
+        let mut done = 0;
+        for (offset, seeds) in &grids {
+            let images = self.sample_shifted(b, &ups, *offset, seeds, opts, &mut tile, &conditionings, &mut |s| {
+                progress(done + s, samples * opts.steps)
             })?;
-            for (sum, image) in sums.iter_mut().zip(sample) {
-                sum.iter_mut().zip(image.data).for_each(|(s, x)| *s += x / samples as f32);
+            done += seeds.len() * opts.steps;
+            let weight = seeds.len() as f32 / samples as f32;
+            for (sum, image) in sums.iter_mut().zip(images) {
+                sum.iter_mut().zip(image.data).for_each(|(s, x)| *s += weight * x);
             }
         }
         Ok(sums.into_iter().map(|data| Image::new(w, h, 3, data)).collect())
     }
 
-    /// One sample of each upsampled image `ups` with the token grid starting `offset` pixels
-    /// above and left of the image: the image is padded by edge replication, by `offset` at the
-    /// top and left and to whole tokens at the bottom and right, and the padding is cropped off
-    /// the result.
+    /// The mean of the samples from `seeds` of each upsampled image `ups`, with the token grid
+    /// starting `offset` pixels above and left of the image: the image is padded by edge
+    /// replication, by `offset` at the top and left and to whole tokens at the bottom and right,
+    /// encoded once, and the padding is cropped off the decoded mean. Calls `progress(step)`
+    /// counting the steps of all seeds.
     #[allow(clippy::too_many_arguments)]
     fn sample_shifted(
         &self,
         b: &B,
         ups: &[Image],
         offset: usize,
-        seed: u64,
+        seeds: &[u64],
         opts: &UpscaleOptions,
         tile: &mut usize,
         conditionings: &Conditionings<B>,
@@ -118,24 +131,32 @@ impl<B: Backend + 'static> SrModel<B> {
             Ok(self.config.prediction.velocity(b.download(&output)?.to_f32(), &x_t, &vec![t; n]))
         };
         let cond_refs: Vec<&[f32]> = conds.iter().map(|c| c.as_slice()).collect();
-        let xs = loop {
-            let times = schedule(opts.steps, grid.rows.min(*tile) * grid.cols.min(*tile));
-            let attempt = euler_tiled(
-                vec![gaussian_noise(grid.len(), seed); ups.len()],
-                &cond_refs,
-                grid,
-                grid.features,
-                &times,
-                (*tile, (*tile / 4).max(1)),
-                opts.batch,
-                &mut velocity,
-                progress,
-            );
-            match attempt {
-                Err(e) if *tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => *tile /= 2,
-                result => break result?,
+        let mut xs = vec![vec![0f32; grid.len()]; ups.len()];
+        for (i, &seed) in seeds.iter().enumerate() {
+            let sample = loop {
+                let times = schedule(opts.steps, grid.rows.min(*tile) * grid.cols.min(*tile));
+                let attempt = euler_tiled(
+                    vec![gaussian_noise(grid.len(), seed); ups.len()],
+                    &cond_refs,
+                    grid,
+                    grid.features,
+                    &times,
+                    (*tile, (*tile / 4).max(1)),
+                    opts.batch,
+                    &mut velocity,
+                    &mut |s| progress(i * opts.steps + s),
+                );
+                match attempt {
+                    Err(e) if *tile > 1 && e.chain().any(|c| c.is::<DeviceOutOfMemory>()) => *tile /= 2,
+                    result => break result?,
+                }
+            };
+            // The flow's data end is linear in the latent: the mean sample is the mean latent's.
+            let weight = 1.0 / seeds.len() as f32;
+            for (sum, x) in xs.iter_mut().zip(sample) {
+                sum.iter_mut().zip(x).for_each(|(s, x)| *s += weight * x);
             }
-        };
+        }
         // Each LQ latent is consumed by its own decode (the transformer's activations went with
         // the last step); the autoencoder halves its tile on a device out of memory.
         xs.into_iter()
