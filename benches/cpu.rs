@@ -75,7 +75,7 @@ fn upscale_128_to_512(c: &mut Criterion) {
     let mut g = c.benchmark_group("upscale_128_to_512");
     g.sample_size(10);
     for steps in [1, 4] {
-        let opts = UpscaleOptions { steps, seed: 0, tile: 512, batch: 1, average: 1, shift: false };
+        let opts = UpscaleOptions { steps, seed: 0, tile: 512, batch: 1, average: 1, shift: false, detail: 1.0 };
         g.bench_function(format!("{steps}_steps"), |bch| bch.iter(|| model.upscale(&b, black_box(&lq), &opts, &mut |_, _| ()).unwrap()));
     }
     g.finish();

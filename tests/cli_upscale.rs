@@ -110,6 +110,19 @@ fn existing_outputs_shards_and_bad_files() {
     assert!(!bad.status.success() && stderr.contains("broken.png") && !stderr.contains("panicked"), "{stderr}");
     assert!(dir.path().join("out2/rgba16.png").exists(), "the good images are still written");
 
+    // A negative detail gain, given or in model.json, is refused and named.
+    let bad = upscale(&model, &inputs, &dir.path().join("out3"), &["--detail", "-1"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--detail"));
+    let config = std::fs::read_to_string(model.join("model.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["detail"] = serde_json::json!(-1.0);
+    std::fs::write(model.join("model.json"), config.to_string()).unwrap();
+    let bad = upscale(&model, &inputs, &dir.path().join("out3"), &[]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("detail") && !stderr.contains("panicked"), "{stderr}");
+    config["detail"] = serde_json::json!(1.0);
+    std::fs::write(model.join("model.json"), config.to_string()).unwrap();
+
     // Without --model: the shipped model, found from the test binary's target folder.
     let shipped = dir.path().join("shipped");
     let run = ok(engine(&["upscale", inputs.join("sub").to_str().unwrap(), "-o", shipped.to_str().unwrap(), "--steps", "1"]));
@@ -128,7 +141,7 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
 
     let (_dir, model, _) = setup();
     let lq = Image::new(24, 16, 3, (0..24 * 16 * 3).map(|i| ((i * 53) % 97) as f32 / 96.0).collect());
-    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1, average: 1, shift: false };
+    let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1, average: 1, shift: false, detail: 1.0 };
     let cpu = CpuBackend::new();
     let (plain, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
     let want = plain.upscale(&cpu, &lq, &UpscaleOptions { tile: 32, ..opts }, &mut |_, _| {}).unwrap();
@@ -162,7 +175,7 @@ fn averaged_samples_are_the_mean_of_their_seeds() {
     let cpu = CpuBackend::new();
     let (sr, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
     let run = |seed: u64, average: usize| {
-        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average, shift: false }, &mut |_, _| {}).unwrap().data
+        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average, shift: false, detail: 1.0 }, &mut |_, _| {}).unwrap().data
     };
     let (mean, runs) = (run(7, 3), [run(7, 1), run(8, 1), run(9, 1)]);
     let mut compared = 0;

@@ -66,10 +66,10 @@ else
 fi
 
 # The peers (issue 18): on the independent test set (data/test: ukui artwork, never trained on, 64 -> 256)
-# and on the validation split (128 -> 512): bicubic, the shipped model at its defaults, the same 4 samples
-# on one token grid (--no-shift), 4-step samples, Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in
-# its pinned venv) and UpscalerJS ESRGAN-thick x4 (tools/esrgan-thick/upscale.mjs: tfjs on the wasm
-# backend, one thread under node), with the grid figure (metrics/grid.rs) and, on the test set, the wall
+# and on the validation split (128 -> 512): bicubic, the shipped model at its defaults and at other gains
+# on the mean's fine detail (--detail), the same 4 samples on one token grid (--no-shift), 4-step samples,
+# Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in its pinned venv) and UpscalerJS ESRGAN-thick x4
+# (tools/esrgan-thick/upscale.mjs: tfjs on the wasm backend, one thread under node), with the grid figure (metrics/grid.rs) and, on the test set, the wall
 # time of the whole folder in one call, the median of 3 runs alternating the shipped model and the peers
 # (the shipped model and Real-ESRGAN use every core).
 source tools/pinned-venv.sh
@@ -96,6 +96,7 @@ for split in test val; do
   up() { $E upscale "${@: -2:1}" -o "${@: -1}" --overwrite "${@:1:$#-2}"; }
   run bicubic up --bicubic
   run shipped up
+  for gain in 1 1.5 2; do run detail-$gain up --detail $gain; done
   run one-grid up --no-shift
   run steps4 up --steps 4 --average 1
   run realesrgan "${PEER[@]}"
@@ -108,7 +109,10 @@ for split in test val; do
   done
   per() { [ "$1" = - ] && echo - || awk -v t="$1" -v n="$n" 'BEGIN { printf "%.2f", t / n }'; }
   echo "| bicubic | $(peer_row "$OUT/$split-bicubic.csv") | - |"
-  echo "| shipped, default (1 step, mean of 4 on shifted grids) | $(peer_row "$OUT/$split-shipped.csv") | $(per "$(median "${times_model[@]}")") |"
+  echo "| shipped, default (1 step, mean of 4 on shifted grids, detail gain 2.5) | $(peer_row "$OUT/$split-shipped.csv") | $(per "$(median "${times_model[@]}")") |"
+  for gain in 1 1.5 2; do
+    echo "| shipped, detail gain $gain (--detail $gain) | $(peer_row "$OUT/$split-detail-$gain.csv") | - |"
+  done
   echo "| shipped, the same 4 samples on one grid (--no-shift) | $(peer_row "$OUT/$split-one-grid.csv") | - |"
   echo "| shipped, 4 steps, 1 sample | $(peer_row "$OUT/$split-steps4.csv") | - |"
   echo "| Real-ESRGAN x4plus (ncnn, CPU) | $(peer_row "$OUT/$split-realesrgan.csv") | $(per "$(median "${times_peer[@]}")") |"

@@ -149,6 +149,10 @@ struct MergeArgs {
     /// (`engine upscale --average`) [default: the model's].
     #[arg(long, value_name = "N")]
     average: Option<usize>,
+    /// The default gain on the averaged result's fine detail written to the new model.json
+    /// (`engine upscale --detail`) [default: the model's].
+    #[arg(long, value_name = "GAIN", value_parser = super::upscale::parse_gain, allow_negative_numbers = true)]
+    detail: Option<f32>,
     /// Replace files in an existing folder.
     #[arg(long)]
     overwrite: bool,
@@ -196,6 +200,9 @@ fn merge(a: MergeArgs) -> Result<()> {
     if let Some(average) = a.average {
         ensure!(average >= 1, "--average {average}: must be at least 1");
         config.average = average;
+    }
+    if let Some(detail) = a.detail {
+        config.detail = detail;
     }
     let b = CpuBackend::new();
     let loras: Vec<&Path> = a.lora.iter().map(PathBuf::as_path).collect();

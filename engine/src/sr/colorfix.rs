@@ -117,7 +117,7 @@ fn blur(p: &[f32], w: usize, h: usize, r: usize) -> Vec<f32> {
 }
 
 /// The low band after `levels` passes at dilations 1, 2, 4, ...
-fn low_band(mut p: Vec<f32>, w: usize, h: usize, levels: usize) -> Vec<f32> {
+pub fn low_band(mut p: Vec<f32>, w: usize, h: usize, levels: usize) -> Vec<f32> {
     for i in 0..levels {
         p = blur(&p, w, h, 1 << i);
     }

@@ -179,6 +179,7 @@ pub fn import<B: Backend>(b: &B, o: &ImportOptions) -> Result<Imported> {
         transformer: FluxParams { in_channels: 2 * packed, ..base.clone() },
         steps: o.steps,
         average: 1,
+        detail: 1.0,
         guidance: o.guidance,
         text_tokens: o.text_tokens,
         base: base_files,

@@ -38,6 +38,10 @@ pub struct SrConfig {
     /// Samples averaged per image when the user gives no number (`engine upscale --average`).
     #[serde(default = "default_average")]
     pub average: usize,
+    /// Gain on the fine detail of the averaged result when the user gives none (`engine upscale
+    /// --detail`, `sr::upscaler::amplify_detail`).
+    #[serde(default = "default_detail")]
+    pub detail: f32,
     /// The guidance value fed to guidance-distilled backbones, the same in training and sampling.
     #[serde(default = "default_guidance")]
     pub guidance: f32,
@@ -113,6 +117,7 @@ impl SrConfig {
             transformer: FluxParams { in_channels: 8 * latent, out_channels: 4 * latent, ..transformer },
             steps: if name == "asasr-cpu" { 1 } else { default_steps() },
             average: default_average(),
+            detail: default_detail(),
             guidance: default_guidance(),
             text_tokens: default_text_tokens(),
             base: None,
@@ -210,6 +215,10 @@ fn default_text_tokens() -> usize {
 
 fn default_average() -> usize {
     1
+}
+
+fn default_detail() -> f32 {
+    1.0
 }
 
 /// How the low-quality image reaches the transformer.
@@ -347,6 +356,7 @@ impl SrConfig {
         ensure!(self.scale >= 1, "scale must be at least 1");
         ensure!(self.steps >= 1, "steps must be at least 1");
         ensure!(self.average >= 1, "average must be at least 1");
+        ensure!(self.detail.is_finite() && self.detail >= 0.0, "detail must be a gain of 0 or more, not {}", self.detail);
         ensure!(self.text_tokens >= 1, "text_tokens must be at least 1");
         if let AeConfig::PixelShuffle { factor } = self.autoencoder {
             ensure!(factor >= 1, "autoencoder factor must be at least 1");

@@ -88,6 +88,7 @@ pub(crate) mod tests {
             transformer,
             steps: 4,
             average: 1,
+            detail: 1.0,
             guidance: 3.5,
             text_tokens: 1,
             base: None,
