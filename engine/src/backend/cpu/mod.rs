@@ -23,6 +23,7 @@ use crate::tensor::Tensor;
 use anyhow::{bail, ensure, Result};
 use loaders::{DType, HostData, HostTensor};
 use matmul::Rhs;
+use rayon::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -60,8 +61,8 @@ fn act<'a>(op: &str, t: &'a T) -> Result<&'a [f32]> {
 fn widen(t: &T) -> Cow<'_, [f32]> {
     match t.storage() {
         HostData::F32(v) => Cow::Borrowed(v.as_slice()),
-        HostData::F16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-        HostData::BF16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        HostData::F16(v) => Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect()),
+        HostData::BF16(v) => Cow::Owned(v.par_iter().map(|x| x.to_f32()).collect()),
     }
 }
 
