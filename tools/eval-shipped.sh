@@ -70,7 +70,7 @@ fi
 # on the mean's fine detail (--detail), the same 4 samples on one token grid (--no-shift), 4-step samples,
 # Real-ESRGAN x4plus on the CPU (tools/realesrgan.py in its pinned venv) and UpscalerJS ESRGAN-thick x4
 # (tools/esrgan-thick/upscale.mjs: tfjs on the wasm backend, one thread under node), with the grid figure (metrics/grid.rs) and, on the test set, the wall
-# time of the whole folder in one call, the median of 3 runs alternating the shipped model and the peers
+# time of the whole folder in one call, the median of 5 runs alternating the shipped model and the peers
 # (the shipped model and Real-ESRGAN use every core).
 source tools/pinned-venv.sh
 source tools/pinned-node.sh
@@ -80,7 +80,7 @@ PEER=(tools/.venv-realesrgan/bin/python tools/realesrgan.py)
 THICK=(node tools/esrgan-thick/upscale.mjs)
 peer_row() { awk -F, '$1 == "mean" { printf "%.2f | %.4f | %.2f | %.3f | %.2f", $2, $3, $4, $5, $6 }' "$1"; }
 wall() { /usr/bin/time -f %e -o "$OUT/time" "$@" > /dev/null 2>&1; cat "$OUT/time"; }
-median() { printf '%s\n' "$@" | grep -v '^-$' | sort -g | sed -n 2p | grep . || echo -; }
+median() { printf '%s\n' "$@" | grep -v '^-$' | sort -g | sed -n 3p | grep . || echo -; }
 for split in test val; do
   n=$(ls data/$split/lq | wc -l)
   echo
@@ -102,7 +102,7 @@ for split in test val; do
   run realesrgan "${PEER[@]}"
   run esrgan-thick "${THICK[@]}"
   times_model=(-) times_peer=(-) times_thick=(-)
-  for _ in $([ $split = test ] && echo 1 2 3); do
+  for _ in $([ $split = test ] && echo 1 2 3 4 5); do
     times_model+=("$(wall $E upscale data/$split/lq -o "$OUT/$split-shipped" --overwrite)")
     times_peer+=("$(wall "${PEER[@]}" data/$split/lq "$OUT/$split-realesrgan")")
     times_thick+=("$(wall "${THICK[@]}" data/$split/lq "$OUT/$split-esrgan-thick")")
