@@ -5,10 +5,13 @@ use rayon::prelude::*;
 /// Rows per rayon task for cheap pointwise work: enough to amortise scheduling.
 const GRAIN: usize = 1 << 14;
 
+/// PyTorch's GELU(approximate="tanh"), `x (1 + tanh(u)) / 2`, written as `x sigmoid(2u)` (the same
+/// function): one `exp` instead of libm's `tanhf`, which costs an `expm1f` and a division and was
+/// a tenth of the CPU time of an upscale.
 pub fn gelu_tanh(x: f32) -> f32 {
-    // sqrt(2 / pi), as in PyTorch's GELU(approximate="tanh").
-    const K: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (K * (x + 0.044715 * x * x * x)).tanh())
+    // 2 sqrt(2 / pi): u = sqrt(2 / pi) (x + 0.044715 x^3).
+    const TWO_K: f32 = 1.595_769_2;
+    x / (1.0 + (-TWO_K * (x + 0.044715 * x * x * x)).exp())
 }
 
 pub fn silu(x: f32) -> f32 {
@@ -16,21 +19,15 @@ pub fn silu(x: f32) -> f32 {
 }
 
 pub fn map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(o, i)| {
-        for (o, &i) in o.iter_mut().zip(i) {
-            *o = f(i);
-        }
-    });
-    out
+    x.par_iter().with_min_len(GRAIN).map(|&v| f(v)).collect()
 }
 
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().zip(b).map(|(x, y)| x + y).collect()
+    a.par_iter().with_min_len(GRAIN).zip(b).map(|(x, y)| x + y).collect()
 }
 
 pub fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().zip(b).map(|(x, y)| x * y).collect()
+    a.par_iter().with_min_len(GRAIN).zip(b).map(|(x, y)| x * y).collect()
 }
 
 /// `x + gate[b] * y` for x, y `[B, L, D]`, gate `[B, D]`.
