@@ -4,7 +4,7 @@ use anyhow::{ensure, Result};
 use engine::backend::device::Device;
 use engine::model::LoraMode;
 use engine::sr::colorfix::ColorFix;
-use engine::sr::model_dir::{shipped_model_dir, SrModel};
+use engine::sr::model_dir::{shipped_model_dir, SrConfig, SrModel};
 use engine::sr::resample::resize;
 use engine::sr::upscaler::UpscaleOptions;
 use engine::{Backend, CpuBackend};
@@ -122,7 +122,7 @@ pub fn run(a: Args) -> Result<()> {
     let model_dir = &match &a.model {
         Some(dir) => dir.clone(),
         None => {
-            eprintln!("note: the shipped model is small and trained on the CPU: by default it returns the mean of 4 one-step estimates, a little above bicubic on PSNR and SSIM and far closer to the HQ spectrum; --steps 4 --average 1 gives sharper but less faithful samples (README, *Shipped model*)");
+            eprintln!("note: the shipped model is small and trained on the CPU: by default it returns the mean of 4 one-step estimates with its finest detail amplified (--detail 2.5), above bicubic on every measure and far below Real-ESRGAN x4plus; --detail 1 gives the plain mean (a little more PSNR), --steps 4 --average 1 sharper but less faithful samples (README, *Shipped model*)");
             shipped_model_dir()?
         }
     };
@@ -134,9 +134,10 @@ pub fn run(a: Args) -> Result<()> {
         for w in warnings {
             eprintln!("warning: {w}");
         }
-        let average = a.average.map_or(model.config.average, |n| n as usize);
+        let (steps, average, detail) = sampling(&a, &model.config);
         let samples = if average > 1 { format!(", mean of {average} samples") } else { String::new() };
-        eprintln!("model {} on {}, {} steps{samples}, x{}", model_dir.display(), b.name(), a.steps.unwrap_or(model.config.steps), model.config.scale);
+        let detail = if detail != 1.0 { format!(", detail gain {detail}") } else { String::new() };
+        eprintln!("model {} on {}, {steps} steps{samples}{detail}, x{}", model_dir.display(), b.name(), model.config.scale);
         upscale_all(b, &Upscaler::Model(&model), &inputs, &a)
     })
 }
@@ -165,12 +166,7 @@ impl<B: Backend + 'static> Upscaler<'_, B> {
 
 fn upscale_all<B: Backend + 'static>(b: &B, upscaler: &Upscaler<'_, B>, inputs: &[Input], a: &Args) -> Result<()> {
     let (steps, average, detail) = match upscaler {
-        Upscaler::Model(m) => {
-            let average = a.average.map_or(m.config.average, |n| n as usize);
-            // The model's gain makes up for what averaging takes; one sample keeps its detail.
-            let detail = a.detail.unwrap_or(if average > 1 { m.config.detail } else { 1.0 });
-            (a.steps.unwrap_or(m.config.steps), average, detail)
-        }
+        Upscaler::Model(m) => sampling(a, &m.config),
         Upscaler::Bicubic => (1, 1, 1.0),
     };
     let opts = UpscaleOptions {
@@ -310,6 +306,14 @@ fn restore_mode(lq: &Image, sr: Image, w: usize, h: usize) -> Image {
     img.sixteen_bit = lq.sixteen_bit;
     img.icc = lq.icc.clone();
     img
+}
+
+/// Steps, samples averaged and detail gain: the user's, else the model's.
+fn sampling(a: &Args, config: &SrConfig) -> (usize, usize, f32) {
+    let average = a.average.map_or(config.average, |n| n as usize);
+    // The model's gain makes up for what averaging takes; one sample keeps its detail.
+    let detail = a.detail.unwrap_or(if average > 1 { config.detail } else { 1.0 });
+    (a.steps.unwrap_or(config.steps), average, detail)
 }
 
 pub(crate) fn parse_gain(s: &str) -> Result<f32, String> {
