@@ -263,3 +263,25 @@ fn shifted_samples_average_the_token_grid_out() {
     assert!(single > 1.4, "one sample's grid figure {single}: the test image no longer shows the token grid");
     assert!(shifted < 1.25 && shifted < one_grid - 0.2, "grid figure {shifted} shifted, {one_grid} on one grid");
 }
+
+/// An image that fits one tile stays one tile on every shifted grid, although the shift pads it
+/// by up to a token: a larger tile changes nothing.
+#[test]
+fn shifted_grids_of_an_image_of_one_tile_are_not_tiled() {
+    use engine::model::LoraMode;
+    use engine::sr::model_dir::SrModel;
+    use engine::sr::upscaler::UpscaleOptions;
+    use engine::CpuBackend;
+
+    let (_dir, model, _) = setup();
+    let lq = Image::new(16, 16, 3, (0..16 * 16 * 3).map(|i| ((i * 29) % 83) as f32 / 82.0).collect());
+    let cpu = CpuBackend::new();
+    let (sr, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
+    let run = |tile: usize| {
+        let opts = UpscaleOptions { steps: 2, seed: 1, tile, batch: 1, average: 4, shift: true, detail: 1.0 };
+        sr.upscale(&cpu, &lq, &opts, &mut |_, _| {}).unwrap().data
+    };
+    // 64 output pixels are 16 tokens of 4; the grids shifted by 1, 2 and 3 pixels need 17.
+    assert_eq!(run(64), run(256));
+    assert_ne!(run(32), run(256), "a tile of half the image must change the result (the test would see no tiling)");
+}

@@ -143,14 +143,17 @@ impl<B: Backend + 'static> SrModel<B> {
         let mut xs = vec![vec![0f32; grid.len()]; ups.len()];
         for (i, &seed) in seeds.iter().enumerate() {
             let sample = loop {
-                let times = schedule(opts.steps, grid.rows.min(*tile) * grid.cols.min(*tile));
+                // A shifted grid's padding adds up to a token along each axis: it must not split
+                // an image that fits one tile into four.
+                let side = *tile + usize::from(offset > 0);
+                let times = schedule(opts.steps, grid.rows.min(side) * grid.cols.min(side));
                 let attempt = euler_tiled(
                     vec![gaussian_noise(grid.len(), seed); ups.len()],
                     &cond_refs,
                     grid,
                     grid.features,
                     &times,
-                    (*tile, (*tile / 4).max(1)),
+                    (side, (side / 4).max(1)),
                     opts.batch,
                     &mut velocity,
                     &mut |s| progress(i * opts.steps + s),
