@@ -72,6 +72,13 @@ fn no_progress() -> impl FnMut(usize, usize) {
     |_, _| ()
 }
 
+/// The untiled reference: `x` encoded and its latent decoded, each as one whole image.
+fn whole_round_trip(b: &CpuBackend, ae: &FluxAe<CpuBackend>, x: &HostTensor) -> (HostTensor, HostTensor) {
+    let latent = ae.encode_tiled(b, x, &whole(), &mut no_progress()).unwrap().output;
+    let decoded = ae.decode_tiled(b, &latent, &whole(), &mut no_progress()).unwrap().output;
+    (latent, decoded)
+}
+
 #[test]
 fn tiles_equal_the_whole_image_with_exact_statistics_no_attention_and_the_receptive_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -80,8 +87,7 @@ fn tiles_equal_the_whole_image_with_exact_statistics_no_attention_and_the_recept
     // 4 pixels per latent cell; 64 x 48 cells, so that interior tiles see only part of the image
     // even with a context of the whole receptive field (13 cells for the decoder).
     let x = image(256, 192);
-    let reference_latent = ae.encode_tiled(&b, &x, &whole(), &mut no_progress()).unwrap().output;
-    let reference = ae.decode_tiled(&b, &reference_latent, &whole(), &mut no_progress()).unwrap().output;
+    let (reference_latent, reference) = whole_round_trip(&b, &ae, &x);
     let latent_scale = reference_latent.to_f32().iter().fold(0f32, |m, v| m.max(v.abs()));
 
     let exact = |direction| TileOptions {
@@ -139,8 +145,7 @@ fn matched_statistics_keep_the_tiles_level_within_the_image() {
         }
     }
     let x = HostTensor::from_f32(vec![1, 3, 256, 192], x);
-    let latent = ae.encode_tiled(&b, &x, &whole(), &mut no_progress()).unwrap().output;
-    let reference = ae.decode_tiled(&b, &latent, &whole(), &mut no_progress()).unwrap().output;
+    let (latent, reference) = whole_round_trip(&b, &ae, &x);
     let opts = |statistics| TileOptions {
         tile: Some(64),
         overlap: 8,
@@ -161,8 +166,7 @@ fn blending_hides_the_seams_of_tiles_that_disagree() {
     let b = CpuBackend::new();
     let ae = model(&b, dir.path(), true);
     let x = image(192, 160);
-    let latent = ae.encode_tiled(&b, &x, &whole(), &mut no_progress()).unwrap().output;
-    let reference = ae.decode_tiled(&b, &latent, &whole(), &mut no_progress()).unwrap().output;
+    let (latent, reference) = whole_round_trip(&b, &ae, &x);
     // Tiles made to disagree: each normalised over itself, two latent cells of context, the
     // mid-block attention per tile; blended over the default overlap (half the tile here). With
     // no context at all both sides of a cut would be pulled alike by the zero padding, and a

@@ -4,6 +4,10 @@
 mod common;
 use common::engine;
 
+use engine::model::LoraMode;
+use engine::sr::model_dir::SrModel;
+use engine::sr::upscaler::UpscaleOptions;
+use engine::CpuBackend;
 use loaders::image::{self, Image};
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -26,6 +30,16 @@ fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
     image::write_png(&inputs.join("rgba16.png"), &rgba16, false).unwrap();
     image::write_png(&inputs.join("sub/gray.png"), &Image::new(9, 6, 1, pattern(9, 6, 1)), false).unwrap();
     (dir, model, inputs)
+}
+
+/// The model folder loaded on `b`, adapters none.
+fn load<B: engine::Backend + 'static>(b: &B, model: &Path) -> SrModel<B> {
+    SrModel::load(b, model, &[], LoraMode::Merged).unwrap().0
+}
+
+/// A `w x h` RGB test image whose value `i` is `(i * step % modulo) / (modulo - 1)`.
+fn pattern_lq(w: usize, h: usize, step: usize, modulo: usize) -> Image {
+    Image::new(w, h, 3, (0..w * h * 3).map(|i| ((i * step) % modulo) as f32 / (modulo - 1) as f32).collect())
 }
 
 fn upscale(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -134,29 +148,25 @@ fn existing_outputs_shards_and_bad_files() {
 #[test]
 fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
     use common::hooked::Hooked;
-    use engine::model::LoraMode;
-    use engine::sr::model_dir::SrModel;
-    use engine::sr::upscaler::UpscaleOptions;
-    use engine::CpuBackend;
 
     let (_dir, model, _) = setup();
-    let lq = Image::new(24, 16, 3, (0..24 * 16 * 3).map(|i| ((i * 53) % 97) as f32 / 96.0).collect());
+    let lq = pattern_lq(24, 16, 53, 97);
     let opts = UpscaleOptions { steps: 2, seed: 5, tile: 64, batch: 1, average: 1, shift: false, detail: 1.0 };
     let cpu = CpuBackend::new();
-    let (plain, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
+    let plain = load(&cpu, &model);
     let want = plain.upscale(&cpu, &lq, &UpscaleOptions { tile: 32, ..opts }, &mut |_, _| {}).unwrap();
 
     // A "GPU" whose attention fits 32-pixel tiles but not 64-pixel ones.
     let unit = plain.token_pixels();
     let limit = (32 / unit) * (32 / unit) + plain.txt.shape[1];
     let small_gpu = Hooked { attention_token_limit: limit, ..Hooked::default() };
-    let (model_on_small, _) = SrModel::load(&small_gpu, &model, &[], LoraMode::Merged).unwrap();
+    let model_on_small = load(&small_gpu, &model);
     let got = model_on_small.upscale(&small_gpu, &lq, &opts, &mut |_, _| {}).unwrap();
     assert_eq!(got.data, want.data, "the retry must be the run with half the tile");
 
     // Nothing fits: the out-of-memory error comes back once the tile cannot shrink further.
     let no_gpu = Hooked { attention_token_limit: 0, ..Hooked::default() };
-    let (model_on_none, _) = SrModel::load(&no_gpu, &model, &[], LoraMode::Merged).unwrap();
+    let model_on_none = load(&no_gpu, &model);
     let err = model_on_none.upscale(&no_gpu, &lq, &opts, &mut |_, _| {}).unwrap_err();
     assert!(format!("{err:#}").contains("GPU out of memory"), "{err:#}");
 }
@@ -165,17 +175,14 @@ fn a_gpu_out_of_memory_halves_the_tile_until_it_fits() {
 /// clamps.
 #[test]
 fn averaged_samples_are_the_mean_of_their_seeds() {
-    use engine::model::LoraMode;
-    use engine::sr::model_dir::SrModel;
-    use engine::sr::upscaler::UpscaleOptions;
-    use engine::CpuBackend;
-
     let (_dir, model, _) = setup();
-    let lq = Image::new(12, 8, 3, (0..12 * 8 * 3).map(|i| ((i * 31) % 89) as f32 / 88.0).collect());
+    let lq = pattern_lq(12, 8, 31, 89);
     let cpu = CpuBackend::new();
-    let (sr, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
+    let sr = load(&cpu, &model);
     let run = |seed: u64, average: usize| {
-        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average, shift: false, detail: 1.0 }, &mut |_, _| {}).unwrap().data
+        sr.upscale(&cpu, &lq, &UpscaleOptions { steps: 2, seed, tile: 64, batch: 1, average, shift: false, detail: 1.0 }, &mut |_, _| {})
+            .unwrap()
+            .data
     };
     let (mean, runs) = (run(7, 3), [run(7, 1), run(8, 1), run(9, 1)]);
     let mut compared = 0;
@@ -268,15 +275,10 @@ fn shifted_samples_average_the_token_grid_out() {
 /// by up to a token: a larger tile changes nothing.
 #[test]
 fn shifted_grids_of_an_image_of_one_tile_are_not_tiled() {
-    use engine::model::LoraMode;
-    use engine::sr::model_dir::SrModel;
-    use engine::sr::upscaler::UpscaleOptions;
-    use engine::CpuBackend;
-
     let (_dir, model, _) = setup();
-    let lq = Image::new(16, 16, 3, (0..16 * 16 * 3).map(|i| ((i * 29) % 83) as f32 / 82.0).collect());
+    let lq = pattern_lq(16, 16, 29, 83);
     let cpu = CpuBackend::new();
-    let (sr, _) = SrModel::load(&cpu, &model, &[], LoraMode::Merged).unwrap();
+    let sr = load(&cpu, &model);
     let run = |tile: usize| {
         let opts = UpscaleOptions { steps: 2, seed: 1, tile, batch: 1, average: 4, shift: true, detail: 1.0 };
         sr.upscale(&cpu, &lq, &opts, &mut |_, _| {}).unwrap().data
