@@ -169,15 +169,7 @@ fn upscale_all<B: Backend + 'static>(b: &B, upscaler: &Upscaler<'_, B>, inputs: 
         Upscaler::Model(m) => sampling(a, &m.config),
         Upscaler::Bicubic => (1, 1, 1.0),
     };
-    let opts = UpscaleOptions {
-        steps,
-        seed: a.seed,
-        tile: a.tile,
-        batch: a.batch as usize,
-        average,
-        shift: !a.no_shift,
-        detail,
-    };
+    let opts = UpscaleOptions { steps, seed: a.seed, tile: a.tile, batch: a.batch as usize, average, shift: !a.no_shift, detail };
     ensure!(opts.steps >= 1, "--steps must be at least 1");
 
     let bar = ProgressBar::new(inputs.len() as u64);

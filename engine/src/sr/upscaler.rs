@@ -1,12 +1,12 @@
 //! One image through a super-resolution model: bicubic upsampling of the LQ to the output size,
 //! encoding, tiled flow sampling conditioned on the encoded LQ, decoding (design.md section 4).
 
+use super::colorfix::low_band;
 use super::conditioning::Conditionings;
 use super::model_dir::SrModel;
 use super::packing::{pack, unpack};
 use super::resample::resize;
 use super::sample::{euler_tiled, Grid};
-use super::colorfix::low_band;
 use crate::backend::error::DeviceOutOfMemory;
 use crate::backend::Backend;
 use crate::model::flux::scalars;
@@ -95,11 +95,7 @@ impl<B: Backend + 'static> SrModel<B> {
                 sum.iter_mut().zip(image.data).for_each(|(s, x)| *s += weight * x);
             }
         }
-        Ok(sums
-            .into_iter()
-            .zip(&ups)
-            .map(|(data, up)| amplify_detail(&Image::new(w, h, 3, data), up, opts.detail))
-            .collect())
+        Ok(sums.into_iter().zip(&ups).map(|(data, up)| amplify_detail(Image::new(w, h, 3, data), up, opts.detail)).collect())
     }
 
     /// The mean of the samples from `seeds` of each upsampled image `ups`, with the token grid
@@ -194,20 +190,19 @@ pub const DETAIL_LEVELS: usize = 2;
 /// samples' agreement only); a gain above 1 gives back some of the amplitude the averaging took,
 /// at a small cost in PSNR (the README's table). Like guidance, it extrapolates from the
 /// unconditional answer, here the bicubic upsample, towards the model's.
-pub fn amplify_detail(sr: &Image, up: &Image, gain: f32) -> Image {
+pub fn amplify_detail(mut sr: Image, up: &Image, gain: f32) -> Image {
     if gain == 1.0 {
-        return sr.clone();
+        return sr;
     }
     let (w, h, c) = (sr.width, sr.height, sr.channels);
-    let mut out = sr.clone();
     for k in 0..c {
         let r: Vec<f32> = sr.data.iter().zip(&up.data).skip(k).step_by(c).map(|(s, u)| s - u).collect();
         let low = low_band(r.clone(), w, h, DETAIL_LEVELS);
-        for (i, v) in out.data.iter_mut().skip(k).step_by(c).enumerate() {
+        for (i, v) in sr.data.iter_mut().skip(k).step_by(c).enumerate() {
             *v = (up.data[i * c + k] + low[i] + gain * (r[i] - low[i])).clamp(0.0, 1.0);
         }
     }
-    out
+    sr
 }
 
 /// HWC [0, 1] -> `[1, 3, H, W]` in [-1, 1].
@@ -268,7 +263,7 @@ mod tests {
         // The checkerboard is the Nyquist frequency, which [1, 2, 1] / 4 removes entirely: away
         // from the replicated borders the low band of the residual is 0 and the gain applies whole.
         let checker = image(|x, y| if (x + y) % 2 == 0 { 0.1 } else { -0.1 });
-        let sharpened = amplify_detail(&checker, &up, 2.5);
+        let sharpened = amplify_detail(checker.clone(), &up, 2.5);
         for y in 3..13 {
             for x in 3..13 {
                 let (got, want) = (sharpened.data[(y * 16 + x) * 3], 0.5 + 2.5 * (checker.data[(y * 16 + x) * 3] - 0.5));
@@ -278,10 +273,10 @@ mod tests {
         // A constant residual is all low band: no gain changes it.
         let offset = image(|_, _| 0.2);
         for gain in [0.0, 2.5] {
-            assert!(amplify_detail(&offset, &up, gain).data.iter().zip(&offset.data).all(|(a, b)| (a - b).abs() < 1e-6));
+            assert!(amplify_detail(offset.clone(), &up, gain).data.iter().zip(&offset.data).all(|(a, b)| (a - b).abs() < 1e-6));
         }
         // Gain 1 is the identity, and the result stays in [0, 1].
-        assert_eq!(amplify_detail(&checker, &up, 1.0).data, checker.data);
-        assert!(amplify_detail(&checker, &up, 9.0).data.iter().all(|v| (0.0..=1.0).contains(v)));
+        assert_eq!(amplify_detail(checker.clone(), &up, 1.0).data, checker.data);
+        assert!(amplify_detail(checker.clone(), &up, 9.0).data.iter().all(|v| (0.0..=1.0).contains(v)));
     }
 }
