@@ -62,6 +62,7 @@ fn upscale_128_to_512(c: &mut Criterion) {
         transformer,
         steps: 28,
         average: 1,
+        detail: 1.0,
         guidance: 3.5,
         text_tokens: 1,
         base: None,
