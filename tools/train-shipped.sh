@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe of the shipped model (models/asasr-cpu), on the CPU, from nothing but the Debian
 # photographs: the paper's three stages and the ablation's variants, then the validation table
-# and the spectral figure. About an hour on 2 cores. Each stage resumes if rerun
+# and the spectral figure. On 2 cores about 70 minutes of training, then half an hour of tables
+# (2026-12-06). Each stage resumes if rerun
 # (`--resume` when its checkpoint exists), so the script can be stopped and started again.
 #
 #   bash tools/train-shipped.sh            # everything, into data/runs
@@ -58,8 +59,9 @@ $E train --stage sft --full --base $RUNS/sft-aug --data data/photos/train --out 
 
 # 1e. Every sample at t = 1 (--t-one 1): the one-step estimate that the default sampling returns is
 #    then the whole objective, plain regression of the HQ residual by MSE, and a fresh half cosine
-#    from 1e-4 brings it down to 0. On the validation split this took the mean of 4 shifted grids
-#    from 27.88 to 28.05 dB (2026-12-06; 600 steps on 35 photographs); 4-step samples improved too.
+#    from 1e-4 brings it down to 0. On the validation split 600 such steps took the previous
+#    shipped model's mean of 4 shifted grids from 27.88 to 28.05 dB (2026-12-06); 4-step samples
+#    improved too. This whole recipe, run from nothing, gives the shipped model (28.08 dB).
 $E train --stage sft --full --base $RUNS/sft-one --data data/photos/train --out $RUNS/sft-reg --augment \
   --crop 192 --batch 4 --lr 1e-4 --warmup 20 --decay-steps "$SFT4_STEPS" --t-one 1 --seed 7 \
   --max-steps "$SFT4_STEPS" --save-every 100 --log $RUNS/sft-reg.jsonl $(resume $RUNS/sft-reg)
