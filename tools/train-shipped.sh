@@ -2,8 +2,8 @@
 # The recipe of the shipped model (models/asasr-cpu), on the CPU, from nothing but the Debian
 # photographs: the paper's three stages and the ablation's variants, then the validation table
 # and the spectral figure. On 2 cores about 70 minutes of training, then half an hour of tables
-# (2026-12-06). Each stage resumes if rerun
-# (`--resume` when its checkpoint exists), so the script can be stopped and started again.
+# (2026-12-06). Each stage resumes if rerun (`--resume` when its checkpoint exists), so the
+# script can be stopped and started again.
 #
 #   bash tools/train-shipped.sh            # everything, into data/runs
 #   SFT_STEPS=200 SFT1_STEPS=50 SFT2_STEPS=50 SFT3_STEPS=50 SFT4_STEPS=50 bash tools/train-shipped.sh   # a shorter run
