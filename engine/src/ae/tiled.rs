@@ -249,6 +249,13 @@ struct TileNorms<'a, B: Backend> {
     layer: usize,
 }
 
+impl<'a, B: Backend> TileNorms<'a, B> {
+    /// `job`'s normalisation, gathering and recording nothing.
+    fn new(job: &Job, normalise: Normalise<'a, B>) -> Self {
+        TileNorms { normalise, gather: None, own_stats: None, region: (job.region.h, job.region.w), own: job.own, layer: 0 }
+    }
+}
+
 /// `1 / sqrt(variance + eps)`.
 fn rstd(variance: f32) -> f32 {
     1.0 / (variance + EPS).sqrt()
@@ -444,20 +451,10 @@ impl<B: Backend> FluxAe<B> {
     }
 
     /// One pass over a tile's region with the given statistics, gathering into `gather`.
-    fn tile_pass(
-        &self,
-        b: &B,
-        input: &HostTensor,
-        direction: AeDirection,
-        job: &Job,
-        normalise: Normalise<B>,
-        gather: Option<&mut Vec<Moments>>,
-        own_stats: Option<&mut Vec<Vec<f32>>>,
-    ) -> Result<HostTensor> {
+    fn tile_pass(&self, b: &B, input: &HostTensor, direction: AeDirection, job: &Job, mut norms: TileNorms<B>) -> Result<HostTensor> {
         let s = if direction == AeDirection::Encode { self.params.downscale() } else { 1 };
         let r = &job.region;
         let x = b.input(&crop(input, r.y * s..(r.y + r.h) * s, r.x * s..(r.x + r.w) * s))?;
-        let mut norms = TileNorms { normalise, gather, own_stats, region: (r.h, r.w), own: job.own, layer: 0 };
         b.download(&match direction {
             AeDirection::Encode => self.encode_with(b, &x, &mut norms)?,
             AeDirection::Decode => self.decode_with(b, &x, &mut norms)?,
@@ -475,7 +472,8 @@ impl<B: Backend> FluxAe<B> {
         let small = HostTensor::from_f32(vec![n, c, h * s, w * s], small);
         let mut gathered = Vec::new();
         let all = Job { core: Tile { y: 0, x: 0, h, w }, region: Tile { y: 0, x: 0, h, w }, own: Tile { y: 0, x: 0, h, w } };
-        self.tile_pass(b, &small, direction, &all, Normalise::Own, Some(&mut gathered), None)?;
+        let norms = TileNorms { gather: Some(&mut gathered), ..TileNorms::new(&all, Normalise::Own) };
+        self.tile_pass(b, &small, direction, &all, norms)?;
         Ok(gathered)
     }
 
@@ -518,7 +516,8 @@ impl<B: Backend> FluxAe<B> {
                 let normalise = uploaded.as_deref().map_or(Normalise::Own, Normalise::Fixed);
                 let mut own = Vec::new();
                 let record = (statistics == Statistics::Matched).then_some(&mut own);
-                self.tile_pass(b, input, direction, job, normalise, Some(&mut gathered), record)?;
+                let norms = TileNorms { gather: Some(&mut gathered), own_stats: record, ..TileNorms::new(job, normalise) };
+                self.tile_pass(b, input, direction, job, norms)?;
                 if statistics == Statistics::Matched {
                     own_stats.push(own);
                 }
@@ -546,7 +545,7 @@ impl<B: Backend> FluxAe<B> {
                 (None, Some(matched)) => Normalise::Matched(matched),
                 (None, None) => Normalise::Own,
             };
-            let out = self.tile_pass(b, input, direction, job, normalise, None, None)?;
+            let out = self.tile_pass(b, input, direction, job, TileNorms::new(job, normalise))?;
             let (core, region) = (job.core, job.region);
             let out = crop(
                 &out,
